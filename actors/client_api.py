@@ -1,0 +1,236 @@
+"""ClientApiActor: the endpoint where clients submit jobs to this node.
+
+The ROUTER lives on this actor's :class:`SocketLoop`. On the job path the loop thread
+decodes a submission and ``tell``s the job queue (or the relay client) directly, with a
+reply callable that hands the result back to the loop: no extra actor hop per job.
+Requests that need answers from several actors (``status``) come to the actor itself,
+which may wait without holding up the socket.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+import structlog
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from actors.messages import CancelJob, Drain, QueryPeers, RunHere, RunThere
+from actors.socket_loop import SocketLoop
+from meshnet.endpoints import is_local_endpoint
+from meshnet.errors import ConfigError, ProtocolError
+from meshnet.identity import Identity, curve_public_z85
+from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.protocol import (
+    CLIENT_TO_NODE,
+    Cancel,
+    Error,
+    PeersReply,
+    PeersRequest,
+    Result,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    decode,
+    encode,
+)
+
+log = structlog.get_logger("meshnet.api")
+
+HEADER_SLACK = 64 * 1024
+RECV_BATCH = 256
+
+
+class _AllowClients:
+    def __init__(self, keys: set[bytes]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key not in self.keys:
+            log.warning("client_refused", reason="key not in api.allowed_clients", curve_key=key.decode())
+            return False
+        return True
+
+
+class ClientApiActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        endpoint: str,
+        allowed_clients: list[str],
+        queue: pykka.ActorRef,
+        relay: pykka.ActorRef | None,
+        status: Callable[[], dict[str, Any]],
+        default_timeout: float,
+        max_timeout: float,
+        max_payload: int,
+        context: zmq.Context,
+    ):
+        super().__init__()
+        if not is_local_endpoint(endpoint) and not allowed_clients:
+            raise ConfigError(
+                f"api.endpoint = {endpoint!r} is reachable from other machines: set api.allowed_clients "
+                "to the peer ids of the clients that may submit jobs (they connect with CurveZMQ)"
+            )
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.requested_endpoint = endpoint
+        self.allowed_clients = allowed_clients
+        self.queue = queue
+        self.relay = relay
+        self.gather_status = status
+        self.default_timeout = default_timeout
+        self.max_timeout = max_timeout
+        self.max_payload = max_payload
+        self.context = context
+        self.loop = SocketLoop("client-api")
+        self.endpoint = ""
+        self.draining = False
+        self._auth: ThreadAuthenticator | None = None
+        self._router: zmq.Socket | None = None
+        self.log = log.bind(peer_id=self.peer_id)
+
+    def open(self) -> str:
+        """Bind the endpoint; raise ``ConfigError`` (to the asker) if it cannot be."""
+        if self.allowed_clients:
+            self._auth = ThreadAuthenticator(self.context)
+            self._auth.start()
+            keys = {curve_public_z85(p) for p in self.allowed_clients}
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowClients(keys))
+        self.loop.start()
+        ready: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self.loop.call_soon(self._io_open, ready)
+        try:
+            self.endpoint = ready.result(timeout=10)
+        except ConfigError:
+            self.loop.stop()
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
+            raise
+        self.log.info("api_listening", endpoint=self.endpoint, curve=bool(self.allowed_clients))
+        return self.endpoint
+
+    def on_stop(self) -> None:
+        self.loop.call_soon(self._io_close)
+        self.loop.stop()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Drain):
+            self.draining = True
+        elif isinstance(message, tuple) and message[0] == "status":
+            _, conn = message
+            info = self.gather_status()
+            self.loop.call_soon(self._io_send, conn, encode(StatusReply(info=info)))
+
+    # -- loop thread --
+
+    def _io_open(self, ready: concurrent.futures.Future[str]) -> None:
+        try:
+            router = self.context.socket(zmq.ROUTER)
+            if self.allowed_clients:
+                public, secret = self.identity.zmq_curve_keys()
+                router.curve_server = True
+                router.curve_publickey = public
+                router.curve_secretkey = secret
+            router.setsockopt(zmq.LINGER, 1000)
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_payload + HEADER_SLACK)
+            router.bind(self.requested_endpoint)
+        except zmq.ZMQError as exc:
+            ready.set_exception(ConfigError(f"api.endpoint = {self.requested_endpoint!r} cannot be bound: {exc}"))
+            return
+        self._router = router
+        self.loop.add_reader(router, self._io_readable)
+        ready.set_result(router.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _io_close(self) -> None:
+        if self._router is not None:
+            self.loop.remove_reader(self._router)
+            self._router.close(linger=1000)
+            self._router = None
+
+    def _io_send(self, conn: bytes, frames: list[Any]) -> None:
+        if self._router is None:
+            return
+        try:
+            self._router.send_multipart([conn, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # the client went away or stopped reading
+            self.log.warning("client_send_failed", error=str(exc))
+
+    def _io_readable(self) -> None:
+        router = self._router
+        for _ in range(RECV_BATCH):
+            if router is None:
+                return
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            conn = frames[0].bytes
+            try:
+                message = decode(
+                    [frames[1].bytes, *frames[2:]] if len(frames) > 1 else [], CLIENT_TO_NODE,
+                    max_body=self.max_payload,
+                )
+            except ProtocolError as exc:
+                self.log.warning("client_message_rejected", error=str(exc))
+                self._io_send(conn, encode(Error(code=exc.code, message=str(exc))))
+                continue
+            self._io_dispatch(conn, message)
+
+    def _io_dispatch(self, conn: bytes, message: Any) -> None:
+        if isinstance(message, Submit):
+            self._io_submit(conn, message)
+        elif isinstance(message, Cancel):
+            self.queue.tell(CancelJob(message.id))
+            if self.relay is not None:
+                self.relay.tell(CancelJob(message.id))
+        elif isinstance(message, StatusRequest):
+            self.actor_ref.tell(("status", conn))
+        elif isinstance(message, PeersRequest):
+            self._io_peers(conn)
+
+    def _io_submit(self, conn: bytes, message: Submit) -> None:
+        loop = self.loop
+        send = self._io_send
+        job_id = message.id
+        peer = message.to if message.to != self.peer_id else None
+
+        def reply(outcome: Outcome) -> None:
+            result = Result(id=job_id, status=outcome.status, error=outcome.error, body=outcome.result, peer=peer)
+            loop.call_soon(send, conn, encode(result))
+
+        timeout = message.timeout or self.default_timeout
+        job = JobSpec(id=job_id, kind=message.kind, payload=message.body, timeout=timeout, reply=reply)
+        if self.draining:
+            reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+        elif timeout > self.max_timeout:
+            reply(Outcome.refused("invalid", f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"))
+        elif peer is None:
+            self.queue.tell(RunHere(job))
+        elif self.relay is None:
+            reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
+        else:
+            self.relay.tell(RunThere(job, peer))
+
+    def _io_peers(self, conn: bytes) -> None:
+        loop = self.loop
+        send = self._io_send
+
+        def reply(peers: list[dict[str, Any]] | None, error: str) -> None:
+            if peers is None:
+                loop.call_soon(send, conn, encode(Error(code="no_relay", message=error)))
+            else:
+                loop.call_soon(send, conn, encode(PeersReply(peers=peers)))
+
+        if self.relay is None:
+            reply(None, "this node has no relay configured")
+        else:
+            self.relay.tell(QueryPeers(reply))

@@ -1,0 +1,99 @@
+"""ExecutorActor: owns the process pool that runs jobs.
+
+pebble's ``ProcessPool`` kills a job past its timeout and replaces its worker, and
+replaces a worker that a job crashed; measured here it also ran no-op tasks faster than
+``concurrent.futures.ProcessPoolExecutor``. Workers are started by a ``forkserver``:
+forking the node itself, which runs threads holding locks (pykka, ZeroMQ), could
+deadlock a child.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+from typing import Any
+
+import pebble
+import pykka
+import structlog
+
+from actors.messages import Abort, Execute, Executed, KillJob
+from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.jobs.worker import init_worker, run_job
+
+log = structlog.get_logger("meshnet.executor")
+
+
+def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: str) -> Outcome:
+    """The terminal outcome a finished pool future stands for."""
+    if future.cancelled():
+        return Outcome("cancelled", error_type="Cancelled", message=cancel_reason)
+    exc = future.exception()
+    if exc is None:
+        status, result, error_type, message = future.result()
+        return Outcome(status, result=result, error_type=error_type, message=message)
+    if isinstance(exc, concurrent.futures.TimeoutError):
+        return Outcome(
+            "timed_out", error_type="TimedOut", message=f"job ran past its timeout of {job.timeout:g} s and was killed"
+        )
+    if isinstance(exc, pebble.ProcessExpired):
+        return Outcome(
+            "failed", error_type="WorkerCrashed", message=f"the worker running the job died (exit code {exc.exitcode})"
+        )
+    return Outcome("failed", error_type=type(exc).__name__, message=str(exc))
+
+
+class ExecutorActor(pykka.ThreadingActor):
+    def __init__(self, *, workers: int, enabled: list[str], queue: pykka.ActorRef | None = None):
+        super().__init__()
+        self.workers = workers
+        self.enabled = list(enabled)
+        self.queue = queue
+        self.pool: pebble.ProcessPool | None = None
+        self.futures: dict[bytes, concurrent.futures.Future] = {}
+        self.cancel_reasons: dict[bytes, str] = {}
+
+    def on_start(self) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["meshnet.jobs.worker"])
+        self.pool = pebble.ProcessPool(
+            max_workers=self.workers, initializer=init_worker, initargs=(self.enabled,), context=context
+        )
+        log.info("executors_started", workers=self.workers, kinds=self.enabled)
+
+    def attach(self, queue: pykka.ActorRef) -> None:
+        self.queue = queue
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Execute):
+            self._execute(message.job)
+        elif isinstance(message, KillJob):
+            future = self.futures.get(message.job_id)
+            if future is not None:
+                self.cancel_reasons[message.job_id] = "cancelled by its submitter"
+                future.cancel()
+        elif isinstance(message, Abort):
+            for job_id, future in list(self.futures.items()):
+                self.cancel_reasons[job_id] = message.reason
+                future.cancel()
+
+    def _execute(self, job: JobSpec) -> None:
+        assert self.pool is not None and self.queue is not None
+        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=job.timeout)
+        self.futures[job.id] = future
+        queue = self.queue
+
+        def done(f: concurrent.futures.Future) -> None:
+            # Runs on pebble's thread: hand the outcome over, touch no actor state.
+            reason = self.cancel_reasons.pop(job.id, "cancelled")
+            self.futures.pop(job.id, None)
+            queue.tell(Executed(job.id, outcome_of(f, job, reason)))
+
+        future.add_done_callback(done)
+        log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+
+    def on_stop(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool.join(timeout=10)
+            log.info("executors_stopped")

@@ -1,0 +1,123 @@
+"""JobQueueActor: admits jobs into the bounded queue and feeds the executors.
+
+It drives :class:`meshnet.jobs.queue.JobQueue`, which decides admission and guarantees
+one terminal status per job; every job's terminal status is logged here, once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pykka
+import structlog
+
+from actors.messages import Abort, CancelJob, Drain, Execute, Executed, KillJob, RunHere
+from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.jobs.queue import JobQueue
+
+log = structlog.get_logger("meshnet.jobs")
+
+
+class JobQueueActor(pykka.ThreadingActor):
+    def __init__(self, *, executor: pykka.ActorRef, slots: int, capacity: int, enabled: list[str], max_payload: int):
+        super().__init__()
+        self.executor = executor
+        self.queue = JobQueue(slots=slots, capacity=capacity)
+        self.enabled = frozenset(enabled)
+        self.max_payload = max_payload
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, RunHere):
+            self._admit(message.job)
+        elif isinstance(message, Executed):
+            self._finish(message.job_id, message.outcome)
+        elif isinstance(message, CancelJob):
+            self._cancel(message)
+        elif isinstance(message, Drain):
+            for job in self.queue.start_drain():
+                self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
+        elif isinstance(message, Abort):
+            self.executor.tell(message)
+        self._update_idle()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.queue.waiting),
+            "running": len(self.queue.running),
+            "queue_size": self.queue.capacity,
+            "executors": self.queue.slots,
+            "draining": self.queue.draining,
+            "jobs": dict(self.queue.counts),
+        }
+
+    def _admit(self, job: JobSpec) -> None:
+        refusal = self._refusal(job)
+        if refusal is not None:
+            self.queue.record_refusal()
+            _answer(job, refusal)
+            return
+        self.queue.admit(job)
+        for ready in self.queue.startable():
+            self.executor.tell(Execute(ready))
+
+    def _refusal(self, job: JobSpec) -> Outcome | None:
+        if job.kind not in self.enabled:
+            return Outcome.refused(
+                "unknown_kind",
+                f"job kind {job.kind!r} is not enabled on this node; enabled: {', '.join(sorted(self.enabled))}",
+            )
+        size = len(memoryview(job.payload))
+        if size > self.max_payload:
+            return Outcome.refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload}")
+        reason = self.queue.admission(job)
+        if reason == "busy":
+            return Outcome.refused(
+                "busy", f"all {self.queue.slots} executors are busy and the queue of {self.queue.capacity} is full"
+            )
+        if reason == "duplicate":
+            return Outcome.refused("duplicate", f"a job with id {job_id_text(job.id)} was already submitted")
+        if reason == "draining":
+            return Outcome.refused("draining", "the node is shutting down and takes no new jobs")
+        return None
+
+    def _finish(self, job_id: bytes, outcome: Outcome) -> None:
+        if outcome.status == "succeeded" and len(outcome.result) > self.max_payload:
+            outcome = Outcome(
+                "failed", error_type="ResultTooLarge",
+                message=f"result is {len(outcome.result)} bytes; this node sends at most {self.max_payload}",
+            )
+        job = self.queue.finish(job_id, outcome.status)
+        if job is None:
+            return
+        _answer(job, outcome)
+        for ready in self.queue.startable():
+            self.executor.tell(Execute(ready))
+
+    def _cancel(self, message: CancelJob) -> None:
+        job = next((j for j in [*self.queue.running.values(), *self.queue.waiting] if j.id == message.job_id), None)
+        if job is None or job.origin != message.requester:
+            return
+        if self.queue.is_waiting(job.id):
+            self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))
+        else:
+            self.executor.tell(KillJob(job.id))
+
+    def _update_idle(self) -> None:
+        if self.queue.idle:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
+
+def _answer(job: JobSpec, outcome: Outcome) -> None:
+    log.info(
+        "job_" + outcome.status,
+        job_id=job_id_text(job.id),
+        kind=job.kind,
+        origin=job.origin,
+        **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
+    )
+    job.reply(outcome)

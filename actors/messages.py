@@ -1,0 +1,103 @@
+"""Messages the node's actors ``tell`` each other.
+
+Between actors, ``tell`` only on the job path (an ``ask`` round trip costs two thread
+wake-ups); replies travel as callables carried in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshnet.jobs.model import JobSpec, Outcome
+
+Reply = Callable[[Outcome], None]
+
+
+@dataclass(frozen=True)
+class RunHere:
+    """Queue ``job`` on this node."""
+
+    job: JobSpec
+
+
+@dataclass(frozen=True)
+class RunThere:
+    """Forward ``job`` to peer ``peer`` through the relay."""
+
+    job: JobSpec
+    peer: str
+
+
+@dataclass(frozen=True)
+class Execute:
+    job: JobSpec
+
+
+@dataclass(frozen=True)
+class Executed:
+    job_id: bytes
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Cancel job ``job_id`` if ``requester`` (``"client"`` or a peer id) submitted it."""
+
+    job_id: bytes
+    requester: str = "client"
+
+
+@dataclass(frozen=True)
+class KillJob:
+    job_id: bytes
+
+
+@dataclass(frozen=True)
+class FromSocket:
+    frames: list[Any]
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class QueryPeers:
+    reply: Callable[[list[dict[str, Any]] | None, str], None]
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Refuse new jobs; end waiting ones as cancelled."""
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The drain grace is over: end every job still running."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplyToPeer:
+    """Send ``outcome`` of job ``job_id`` back to the peer that forwarded it."""
+
+    peer: str
+    job_id: bytes
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    """The relay socket could not take the message about job ``ref``."""
+
+    ref: bytes
+    generation: int
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    pass

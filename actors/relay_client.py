@@ -1,0 +1,399 @@
+"""RelayClientActor: the node's link to its relay, and the jobs it forwards through it.
+
+The DEALER socket lives on this actor's :class:`SocketLoop`; the actor decodes, seals
+and opens messages and drives two cores: :class:`RelayLink` (registration, heartbeat,
+reconnect with capped backoff) and :class:`ForwardLedger` (forwarded jobs until each
+has one terminal status). After a relay loss the socket is replaced, so the relay sees
+a fresh connection and the node registers again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pykka
+import structlog
+import zmq
+
+from actors.messages import (
+    CancelJob,
+    Drain,
+    FromSocket,
+    QueryPeers,
+    Reconnect,
+    ReplyToPeer,
+    RunHere,
+    RunThere,
+    SendFailed,
+    Tick,
+)
+from actors.socket_loop import SocketLoop
+from meshnet.errors import ProtocolError, SealError
+from meshnet.identity import Identity, Sealer, curve_public_z85
+from meshnet.jobs.ledger import DEADLINE_GRACE, ForwardedJob, ForwardLedger
+from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.protocol import (
+    NODE_TO_NODE,
+    RELAY_TO_NODE,
+    Deliver,
+    Error,
+    Job,
+    JobCancel,
+    JobResult,
+    PeerDown,
+    PeersReply,
+    PeersRequest,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Send,
+    Unroutable,
+    decode,
+    decode_inner,
+    encode,
+    encode_inner,
+)
+from meshnet.relay_link import RelayLink
+
+log = structlog.get_logger("meshnet.relay_client")
+
+#: Header room on top of the payload limit: sealing adds 40 bytes, CBOR framing a few.
+FRAME_SLACK = 64 * 1024
+RECV_BATCH = 256
+
+
+class RelayClientActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        endpoint: str,
+        relay_peer_id: str,
+        queue: pykka.ActorRef,
+        heartbeat: float,
+        liveness: int,
+        backoff_min: float,
+        backoff_max: float,
+        max_payload: int,
+        capabilities: dict[str, Any],
+        listen: list[str],
+        context: zmq.Context,
+    ):
+        super().__init__()
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.sealer = Sealer(identity)
+        self.endpoint = endpoint
+        self.relay_peer_id = relay_peer_id
+        self.queue = queue
+        self.link = RelayLink(
+            heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max
+        )
+        self.ledger = ForwardLedger()
+        self.max_payload = max_payload
+        self.capabilities = capabilities
+        self.listen = listen
+        self.context = context
+        self.loop = SocketLoop("relay-client")
+        self.generation = 0
+        self.pending_peers: deque[Any] = deque()
+        self.draining = False
+        #: Set while no forwarded job awaits its answer (the supervisor waits on it to drain).
+        self.ledger_idle = threading.Event()
+        self.ledger_idle.set()
+        self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
+        # loop-thread state
+        self._sock: zmq.Socket | None = None
+        self._sock_generation = -1
+
+    # -- life cycle --
+
+    def on_start(self) -> None:
+        self.loop.start()
+        self._connect()
+        self._schedule_tick()
+
+    def on_stop(self) -> None:
+        for job in list(self.ledger.jobs.values()):
+            self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
+        self.loop.call_soon(self._io_close)
+        self.loop.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "relay_peer_id": self.relay_peer_id,
+            "state": self.link.state.value,
+            "observed": self.link.observed,
+            "connects": self.link.connects,
+            "forwarded_in_flight": len(self.ledger.jobs),
+            "forwarded": dict(self.ledger.counts),
+        }
+
+    # -- messages --
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FromSocket):
+            self._on_frames(message.frames)
+        elif isinstance(message, RunThere):
+            self._forward(message.job, message.peer)
+        elif isinstance(message, ReplyToPeer):
+            self._reply_to_peer(message)
+        elif isinstance(message, Tick):
+            self._on_tick()
+        elif isinstance(message, CancelJob):
+            job = self.ledger.jobs.get(message.job_id)
+            if job is not None and message.requester == "client":
+                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+        elif isinstance(message, QueryPeers):
+            if not self.link.registered:
+                message.reply(None, f"not connected to the relay at {self.endpoint}")
+            else:
+                self.pending_peers.append(message.reply)
+                self._send(encode(PeersRequest()))
+        elif isinstance(message, SendFailed):
+            if message.generation == self.generation:
+                self._settle(message.ref, Outcome.refused("relay_busy", "the link to the relay is congested"))
+        elif isinstance(message, Reconnect):
+            self._connect()
+        elif isinstance(message, Drain):
+            self.draining = True
+        if self.ledger.jobs:
+            self.ledger_idle.clear()
+        else:
+            self.ledger_idle.set()
+
+    # -- outgoing jobs --
+
+    def _forward(self, job: JobSpec, peer: str) -> None:
+        if not self.link.registered:
+            job.reply(Outcome.refused("no_relay", f"this node is not connected to its relay ({self.endpoint}) now"))
+            return
+        now = time.monotonic()
+        entry = ForwardedJob(
+            id=job.id, peer=peer, deadline=now + job.timeout + DEADLINE_GRACE, reply=job.reply, kind=job.kind,
+            sent_at=now,
+        )
+        if not self.ledger.add(entry):
+            job.reply(Outcome.refused("duplicate", f"job {job_id_text(job.id)} is already in flight"))
+            return
+        inner = Job(id=job.id, kind=job.kind, timeout=job.timeout, payload=bytes(job.payload))
+        self._send_sealed(peer, job.id, inner)
+
+    def _settle(self, job_id: bytes, outcome: Outcome, *, peer: str | None = None) -> None:
+        job = self.ledger.settle(job_id, outcome.status, peer=peer)
+        if job is None:
+            return
+        self.log.info(
+            "job_" + outcome.status, job_id=job_id_text(job_id), kind=job.kind, to=job.peer,
+            **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
+        )
+        job.reply(outcome)
+
+    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> None:
+        sealed = self.sealer.seal(peer, encode_inner(inner))
+        self._send(encode(Send(to=peer, ref=ref, body=sealed)), ref=ref)
+
+    # -- incoming --
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        generation, frames = frames[0], frames[1:]
+        if generation != self.generation:
+            return  # from a socket replaced since
+        self.link.on_heard(time.monotonic())
+        try:
+            message = decode(frames, RELAY_TO_NODE, max_body=self.max_payload + FRAME_SLACK)
+        except ProtocolError as exc:
+            self.log.warning("relay_message_rejected", error=str(exc))
+            return
+        if isinstance(message, Deliver):
+            self._on_deliver(message)
+        elif isinstance(message, Pong):
+            pass
+        elif isinstance(message, Registered):
+            self.link.on_registered(message.observed, message.heartbeat, time.monotonic())
+            self.log.info("relay_registered", observed=message.observed)
+        elif isinstance(message, Unroutable):
+            self._settle(message.ref, Outcome.refused(message.reason, message.message), peer=message.to)
+        elif isinstance(message, PeerDown):
+            for job in self.ledger.jobs_on(message.peer_id):
+                self._settle(
+                    job.id,
+                    Outcome("peer_lost", error_type="PeerLost", message=f"peer {message.peer_id} left the relay"),
+                )
+        elif isinstance(message, PeersReply):
+            if self.pending_peers:
+                self.pending_peers.popleft()(message.peers, "")
+        elif isinstance(message, Error):
+            self._on_error(message)
+
+    def _on_error(self, message: Error) -> None:
+        if message.code == "not_registered":
+            self.log.info("relay_forgot_us", message=message.message)
+            self._register()
+        else:
+            self.log.error("relay_error", code=message.code, message=message.message)
+
+    def _on_deliver(self, message: Deliver) -> None:
+        sender = message.sender
+        try:
+            plaintext = self.sealer.open(sender, message.body)
+            inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_payload + FRAME_SLACK)
+        except (SealError, ProtocolError) as exc:
+            self.log.warning("sealed_message_rejected", sender=sender, job_id=message.ref.hex(), error=str(exc))
+            if len(message.ref) == 16:
+                refusal = Outcome.refused("invalid", f"the job's sealed message was rejected by {self.peer_id}: {exc}")
+                self._reply_to_peer(ReplyToPeer(sender, message.ref, refusal))
+            return
+        if inner.id != message.ref:
+            self.log.warning("sealed_message_rejected", sender=sender, error="ref does not match the sealed job id")
+            return
+        if isinstance(inner, Job):
+            self._on_job(sender, inner)
+        elif isinstance(inner, JobResult):
+            outcome = Outcome(
+                inner.status,
+                result=inner.result,
+                error_type=(inner.error or {}).get("type", ""),
+                message=(inner.error or {}).get("message", ""),
+                reason=(inner.error or {}).get("reason", ""),
+            )
+            self._settle(inner.id, outcome, peer=sender)
+        elif isinstance(inner, JobCancel):
+            self.queue.tell(CancelJob(inner.id, requester=sender))
+
+    def _on_job(self, sender: str, job: Job) -> None:
+        me = self.actor_ref
+
+        def reply(outcome: Outcome) -> None:
+            me.tell(ReplyToPeer(sender, job.id, outcome))
+
+        spec = JobSpec(id=job.id, kind=job.kind, payload=job.payload, timeout=job.timeout, reply=reply, origin=sender)
+        if self.draining:
+            reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+            return
+        self.queue.tell(RunHere(spec))
+
+    def _reply_to_peer(self, message: ReplyToPeer) -> None:
+        outcome = message.outcome
+        result = JobResult(
+            id=message.job_id,
+            status=outcome.status,
+            error=outcome.error,
+            result=bytes(outcome.result) if outcome.result is not None else None,
+        )
+        self._send_sealed(message.peer, message.job_id, result)
+
+    # -- link --
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        action = self.link.on_tick(now)
+        if action == "ping":
+            self._send(encode(Ping()))
+        elif action == "lost":
+            self._on_lost()
+        for job in self.ledger.expired(now):
+            outcome = Outcome(
+                "timed_out", error_type="TimedOut",
+                message=f"no answer from peer {job.peer} within the job's timeout plus {DEADLINE_GRACE:g} s",
+            )
+            self.log.info("job_timed_out", job_id=job_id_text(job.id), kind=job.kind, to=job.peer)
+            job.reply(outcome)
+        self._schedule_tick()
+
+    def _on_lost(self) -> None:
+        delay = self.link.on_lost()
+        self.log.warning("relay_lost", reconnect_in_s=round(delay, 2))
+        for job in list(self.ledger.jobs.values()):
+            self._settle(
+                job.id,
+                Outcome("peer_lost", error_type="PeerLost", message="the node lost its connection to the relay"),
+            )
+        while self.pending_peers:
+            self.pending_peers.popleft()(None, "the node lost its connection to the relay")
+        self.generation += 1
+        self.loop.call_soon(self._io_close)
+        me = self.actor_ref
+        self.loop.call_later(delay, lambda: me.tell(Reconnect()))
+
+    def _connect(self) -> None:
+        self.generation += 1
+        self.link.connecting(time.monotonic())
+        self.loop.call_soon(self._io_open, self.generation)
+        self._register()
+
+    def _register(self) -> None:
+        register = Register(peer_id=self.peer_id, caps=self.capabilities, listen=self.listen)
+        self._send(encode(register))
+
+    def _schedule_tick(self) -> None:
+        me = self.actor_ref
+        self.loop.call_later(min(self.link.heartbeat, 1.0), lambda: me.tell(Tick()))
+
+    def _send(self, frames: list[Any], ref: bytes | None = None) -> None:
+        self.loop.call_soon(self._io_send, self.generation, frames, ref)
+
+    # -- loop thread --
+
+    def _io_open(self, generation: int) -> None:
+        self._io_close()
+        sock = self.context.socket(zmq.DEALER)
+        public, secret = self.identity.zmq_curve_keys()
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_serverkey = curve_public_z85(self.relay_peer_id)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._sock_generation = generation
+        self.loop.add_reader(sock, self._io_readable)
+
+    def _io_close(self) -> None:
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock)
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _io_send(self, generation: int, frames: list[Any], ref: bytes | None) -> None:
+        sock = self._sock
+        if sock is None or generation != self._sock_generation:
+            if ref is not None:
+                self.actor_ref.tell(SendFailed(ref, generation))
+            return
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            self.log.warning("relay_send_failed", error=str(exc))
+            if ref is not None:
+                self.actor_ref.tell(SendFailed(ref, generation))
+
+    def _io_readable(self) -> None:
+        sock = self._sock
+        generation = self._sock_generation
+        for _ in range(RECV_BATCH):
+            if sock is None:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.actor_ref.tell(FromSocket([generation, frames[0].bytes, *frames[1:]]))
+
+
+def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """What a node tells the relay it can do; config values win over detected ones."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    return {"cores": os.cpu_count() or 1, "memory_bytes": memory, "executors": executors, "kinds": kinds, **extra}
+

@@ -1,0 +1,160 @@
+"""A thread that owns ZeroMQ sockets and sleeps in ``zmq.Poller`` until there is work.
+
+ZeroMQ sockets are not thread-safe, so each lives in one loop. Other threads never
+touch them: they hand the loop a callable with :meth:`SocketLoop.call_soon`, which
+appends to a deque and wakes the poller through a pipe. (An ``inproc`` PAIR would
+also wake it, but a PAIR has one writer, and results arrive from several threads:
+actors, pebble's callback thread. A deque plus a pipe byte takes any number.) The
+pipe is written only when the loop is not already due to wake, so a burst of
+messages costs one wake-up. An idle loop blocks in ``poll`` with no timeout unless
+a timer is due: no busy polling.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+
+log = structlog.get_logger("meshnet.loop")
+
+
+class TimerHandle:
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SocketLoop:
+    """Runs callbacks, timers and socket readers on one thread."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._readers: dict[Any, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, TimerHandle, Callable[..., Any], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = threading.Event()
+
+    # -- any thread --
+
+    def start(self) -> SocketLoop:
+        self._thread.start()
+        return self
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread. Thread-safe, never blocks."""
+        self._calls.append((fn, args))  # append before reading the flag: see module doc
+        if not self._wake_pending and not self._closed.is_set():
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # pipe full (a wake-up is pending anyway) or loop closed
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``fn(*args)`` on the loop thread after ``delay`` seconds. Thread-safe."""
+        handle = TimerHandle()
+        when = time.monotonic() + max(0.0, delay)
+        if threading.current_thread() is self._thread:
+            heapq.heappush(self._timers, (when, next(self._seq), handle, fn, args))
+        else:
+            self.call_soon(lambda: heapq.heappush(self._timers, (when, next(self._seq), handle, fn, args)))
+        return handle
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the callbacks already queued have run; wait for the thread."""
+        self.call_soon(self._halt)
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # -- loop thread only --
+
+    def add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
+        self._readers[sock] = callback
+        self._poller.register(sock, zmq.POLLIN)
+
+    def remove_reader(self, sock: Any) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self._poller.unregister(sock)
+
+    def _halt(self) -> None:
+        self._running = False
+
+    def _run_calls(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            self._guard(fn, args)
+
+    def _guard(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("loop_callback_failed", loop=self.name, callback=getattr(fn, "__qualname__", repr(fn)))
+
+    def _run_timers(self) -> float | None:
+        """Run due timers; return milliseconds until the next, None when there is none."""
+        timers = self._timers
+        while timers:
+            when, _, handle, fn, args = timers[0]
+            if handle.cancelled:
+                heapq.heappop(timers)
+                continue
+            delay = when - time.monotonic()
+            if delay > 0:
+                return delay * 1000.0
+            heapq.heappop(timers)
+            self._guard(fn, args)
+        return None
+
+    def _run(self) -> None:
+        try:
+            while self._running:
+                timeout = self._run_timers()
+                if self._calls:
+                    timeout = 0
+                woken = bool(self._calls)
+                for sock, _ in self._poller.poll(timeout):
+                    if sock == self._wake_r:
+                        woken = True
+                        continue
+                    callback = self._readers.get(sock)
+                    if callback is not None:
+                        self._guard(callback, ())
+                if woken:
+                    self._run_calls()
+        finally:
+            for sock in list(self._readers):
+                self.remove_reader(sock)
+            self._closed.set()
+            os.close(self._wake_r)
+            os.close(self._wake_w)

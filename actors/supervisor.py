@@ -1,0 +1,151 @@
+"""Starts the node's actors in order, stops them in reverse, and drains on SIGTERM.
+
+Order: identity → executors → job queue → relay client → client API. Stopping
+reverses it after a drain: new jobs are refused, waiting ones are cancelled, running
+ones get ``drain_grace`` seconds to finish and are then killed and reported, results
+are flushed to clients, and the pool is stopped with its workers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pykka
+import structlog
+import zmq
+
+from actors.client_api import ClientApiActor
+from actors.executor import ExecutorActor
+from actors.identity import IdentityActor
+from actors.job_queue import JobQueueActor
+from actors.messages import Abort, Drain
+from actors.relay_client import RelayClientActor, node_capabilities
+from meshnet.config import NodeConfig
+from meshnet.jobs.registry import check_enabled
+
+log = structlog.get_logger("meshnet.node")
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        check_enabled(config.jobs.enabled, str(config.path or "config"))
+        self.identity = config.load_identity()
+        self.peer_id = self.identity.peer_id
+        self.context = zmq.Context()
+        self.started_at = time.monotonic()
+        self.actors: list[pykka.ActorRef] = []
+        self.identity_actor: pykka.ActorRef | None = None
+        self.executor: pykka.ActorRef | None = None
+        self.queue: pykka.ActorRef | None = None
+        self.relay: pykka.ActorRef | None = None
+        self.api: pykka.ActorRef | None = None
+        self.endpoint = ""
+        self.log = log.bind(peer_id=self.peer_id)
+
+    def start(self) -> Node:
+        config = self.config
+        jobs = config.jobs
+        workers = config.executor_count
+        try:
+            self.identity_actor = self._start(IdentityActor.start(self.identity))
+            identity = self.identity_actor.proxy().identity().get()
+            self.executor = self._start(ExecutorActor.start(workers=workers, enabled=jobs.enabled))
+            self.queue = self._start(
+                JobQueueActor.start(
+                    executor=self.executor, slots=workers, capacity=jobs.queue_size, enabled=jobs.enabled,
+                    max_payload=jobs.max_payload_bytes,
+                )
+            )
+            self.executor.proxy().attach(self.queue).get()
+            if config.relay.endpoint:
+                self.relay = self._start(
+                    RelayClientActor.start(
+                        identity=identity,
+                        endpoint=config.relay.endpoint,
+                        relay_peer_id=config.relay.peer_id,
+                        queue=self.queue,
+                        heartbeat=config.relay.heartbeat_interval,
+                        liveness=config.relay.liveness,
+                        backoff_min=config.relay.reconnect_min,
+                        backoff_max=config.relay.reconnect_max,
+                        max_payload=jobs.max_payload_bytes,
+                        capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
+                        listen=config.relay.listen,
+                        context=self.context,
+                    )
+                )
+            else:
+                self.log.info("running_alone", reason="no relay configured (relay.endpoint is empty)")
+            self.api = self._start(
+                ClientApiActor.start(
+                    identity=identity,
+                    endpoint=config.api.endpoint,
+                    allowed_clients=config.api.allowed_clients,
+                    queue=self.queue,
+                    relay=self.relay,
+                    status=self.status,
+                    default_timeout=jobs.default_timeout,
+                    max_timeout=jobs.max_timeout,
+                    max_payload=jobs.max_payload_bytes,
+                    context=self.context,
+                )
+            )
+            self.endpoint = self.api.proxy().open().get()
+        except BaseException:
+            self._stop_actors()
+            raise
+        self.log.info("node_started", api=self.endpoint, executors=workers, relay=config.relay.endpoint or None)
+        return self
+
+    def _start(self, ref: pykka.ActorRef) -> pykka.ActorRef:
+        self.actors.append(ref)
+        return ref
+
+    def status(self) -> dict[str, Any]:
+        """What ``meshnet status`` shows. Safe from any thread but the actors' own."""
+        assert self.queue is not None
+        info: dict[str, Any] = {
+            "peer_id": self.peer_id,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "api": self.endpoint,
+            **self.queue.proxy().status().get(timeout=5),
+        }
+        info["relay"] = self.relay.proxy().status().get(timeout=5) if self.relay is not None else None
+        return info
+
+    def drain(self, grace: float | None = None) -> None:
+        """Refuse new jobs and wait up to ``grace`` seconds for running ones; then end them."""
+        grace = self.config.jobs.drain_grace if grace is None else grace
+        assert self.queue is not None
+        self.log.info("node_draining", grace_s=grace)
+        for ref in (self.api, self.relay, self.queue):
+            if ref is not None:
+                ref.tell(Drain())
+        deadline = time.monotonic() + grace
+        idle = self.queue.proxy().idle.get()
+        if not idle.wait(max(0.0, deadline - time.monotonic())):
+            self.log.warning("drain_grace_over", action="killing running jobs")
+            self.queue.tell(Abort(f"the node shut down and the job did not finish within {grace:g} s"))
+            idle.wait(10)
+        if self.relay is not None:
+            # Answers to jobs this node forwarded may still arrive within the grace.
+            self.relay.proxy().ledger_idle.get().wait(max(0.0, deadline - time.monotonic()))
+
+    def stop(self, grace: float | None = None) -> None:
+        try:
+            if self.queue is not None and self.queue.is_alive():
+                self.drain(grace)
+        finally:
+            self._stop_actors()
+            self.log.info("node_stopped")
+
+    def _stop_actors(self) -> None:
+        for ref in reversed(self.actors):
+            try:
+                ref.stop(timeout=30)
+            except pykka.ActorDeadError:
+                pass
+        self.actors.clear()
+        self.context.destroy(linger=0)

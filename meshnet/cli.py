@@ -1,0 +1,272 @@
+"""The ``meshnet`` command.
+
+Every failure prints one line starting with ``error:`` and exits non-zero; tracebacks
+are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import structlog
+
+from meshnet.config import (
+    DEFAULT_API_ENDPOINT,
+    default_config_path,
+    init_config,
+    key_file_is_private,
+    load_node_config,
+    load_relay_config,
+)
+from meshnet.errors import JobError, MeshError
+from meshnet.logs import configure_logging
+
+EXIT_FAILURE = 1
+EXIT_JOB_FAILED = 2
+
+
+def _config_path(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.config) if args.config else default_config_path(name)
+
+
+def _load_node(path: Path, create: bool) -> Any:
+    if create and not path.exists():
+        identity = init_config(path)
+        structlog.get_logger("meshnet").info("config_created", path=str(path), peer_id=identity.peer_id)
+    config = load_node_config(path)
+    _warn_if_readable(path)
+    return config
+
+
+def _warn_if_readable(path: Path) -> None:
+    if not key_file_is_private(path):
+        structlog.get_logger("meshnet").warning(
+            "config_readable_by_others", path=str(path), fix=f"chmod 600 {path}", why="it holds a private key"
+        )
+
+
+def _wait_for_signal() -> int:
+    """Block until SIGTERM or SIGINT; return the signal number."""
+    received: list[int] = []
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(3600):
+        pass
+    return received[0]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = _config_path(args, "relay.toml" if args.relay else "node.toml")
+    identity = init_config(path, relay=args.relay, overwrite=args.force)
+    print(f"wrote {path}")
+    print(f"peer id: {identity.peer_id}")
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    path = _config_path(args, "node.toml")
+    config = load_node_config(path) if not args.relay else load_relay_config(path)
+    print(config.load_identity().peer_id)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from actors.supervisor import Node  # the actors pull in pebble and pykka: only nodes need them
+
+    configure_logging()
+    config = _load_node(_config_path(args, "node.toml"), create=not args.config)
+    configure_logging(config.log.format, config.log.level)
+    node = Node(config).start()
+    _install_thread_dump()
+    try:
+        signum = _wait_for_signal()
+        structlog.get_logger("meshnet").info("signal_received", signal=signal.Signals(signum).name)
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from relay_server.daemon import RelayServer
+
+    configure_logging()
+    path = _config_path(args, "relay.toml")
+    if not args.config and not path.exists():
+        init_config(path, relay=True)
+    config = load_relay_config(path)
+    _warn_if_readable(path)
+    configure_logging(config.log.format, config.log.level)
+    server = RelayServer(config).start()
+    try:
+        _wait_for_signal()
+    finally:
+        server.stop()
+    return 0
+
+
+def _install_thread_dump() -> None:
+    """SIGUSR1 logs every thread's traceback: the first thing to look at when a node hangs."""
+    import pykka.debug
+
+    signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from meshnet.client import MeshClient
+
+    return MeshClient(args.node)
+
+
+def _parse_payload(args: argparse.Namespace) -> Any:
+    if args.payload is not None and args.payload_file is not None:
+        raise MeshError("give --payload or --payload-file, not both")
+    if args.payload_file is not None:
+        try:
+            data = Path(args.payload_file).read_bytes()
+        except OSError as exc:
+            raise MeshError(f"cannot read {args.payload_file}: {exc.strerror}") from None
+        if args.payload_file.endswith(".json"):
+            return _json(data.decode("utf-8", "replace"), args.payload_file)
+        return data
+    if args.payload is None:
+        return None
+    return _json(args.payload, "--payload")
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MeshError(f"{where} is not valid JSON ({exc}); quote strings, e.g. --payload '\"hi\"'") from None
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes_hex": value.hex()}
+    if isinstance(value, dict):
+        return {str(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    if isinstance(value, cbor2.CBORTag):
+        return {"cbor_tag": value.tag, "value": _printable(value.value)}
+    return value
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    payload = _parse_payload(args)
+    with _client(args) as client:
+        try:
+            result = client.run(args.kind, payload, to=args.to, timeout=args.timeout)
+        except JobError as exc:
+            reason = f" ({exc.reason})" if exc.reason else ""
+            print(f"error: job {exc.status}{reason}: {exc}", file=sys.stderr)
+            return EXIT_JOB_FAILED
+    print(json.dumps(_printable(result), default=str))
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        peers = client.peers()
+    if args.json:
+        print(json.dumps(peers, default=str))
+        return 0
+    if not peers:
+        print("no peers connected to the relay")
+    for peer in peers:
+        caps = peer.get("caps", {})
+        kinds = ",".join(caps.get("kinds", []))
+        print(f"{peer['peer_id']}  observed={peer.get('observed', '')}  executors={caps.get('executors', '?')}  kinds={kinds}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.status()
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    relay = info.get("relay")
+    print(f"peer id:    {info['peer_id']}")
+    print(f"api:        {info['api']}")
+    if relay:
+        print(f"relay:      {relay['endpoint']} ({relay['state']}, observed {relay['observed'] or '-'})")
+    else:
+        print("relay:      none (running alone)")
+    print(f"executors:  {info['executors']}  running: {info['running']}")
+    print(f"queue:      {info['queued']} / {info['queue_size']}{'  (draining)' if info['draining'] else ''}")
+    counts = info.get("jobs", {})
+    print("jobs:       " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none yet"))
+    if relay and relay.get("forwarded"):
+        print("forwarded:  " + ", ".join(f"{k}={v}" for k, v in sorted(relay["forwarded"].items())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshnet", description="Run jobs on a mesh of devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a config with a new identity")
+    p.add_argument("--config", help=f"where to write it (default: {default_config_path()})")
+    p.add_argument("--relay", action="store_true", help="write a relay config")
+    p.add_argument("--force", action="store_true", help="replace an existing file (its identity is lost)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("id", help="print this device's peer id")
+    p.add_argument("--config")
+    p.add_argument("--relay", action="store_true", help="read a relay config")
+    p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser("node", help="run a node")
+    p.add_argument("--config", help="node config (default: created on first start in the user config dir)")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("relay", help="run a relay")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_relay)
+
+    node_default = os.environ.get("MESHNET_NODE", DEFAULT_API_ENDPOINT)
+    p = sub.add_parser("submit", help="submit a job and print its result")
+    p.add_argument("kind")
+    p.add_argument("--payload", help="the payload as JSON, e.g. '\"hi\"' or '{\"seconds\": 1}'")
+    p.add_argument("--payload-file", help="payload file: parsed as JSON if it ends in .json, else sent as bytes")
+    p.add_argument("--to", help="peer id of the node that should run it (default: the node itself)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--node", default=node_default, help=f"node API endpoint (default {node_default}, or $MESHNET_NODE)")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("peers", cmd_peers, "list the peers the relay knows"), ("status", cmd_status, "show the node's status")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--node", default=node_default)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""``MeshClient``: submit jobs to a node and get their results as futures.
+
+One DEALER socket on a private :class:`SocketLoop` thread; any number of threads may
+call :meth:`MeshClient.submit` at once. Every future ends: with the job's result, with
+the :class:`~meshnet.errors.JobError` for its terminal status, or, if the node does not
+answer within the job's timeout plus a grace, with :class:`~meshnet.errors.NodeUnreachable`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import cbor2
+import zmq
+
+from actors.socket_loop import SocketLoop
+from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
+from meshnet.errors import JOB_ERRORS_BY_STATUS, JobFailed, LocalProtocolError, MeshError, NodeUnreachable, ProtocolError
+from meshnet.identity import Identity, curve_public_z85
+from meshnet.protocol import (
+    JOB_ID_BYTES,
+    NODE_TO_CLIENT,
+    Cancel,
+    Error,
+    PeersReply,
+    PeersRequest,
+    Result,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    decode,
+    encode,
+)
+
+DEFAULT_TIMEOUT = 60.0
+#: How long past a job's timeout the client waits for its node before giving up on it.
+CLIENT_GRACE = 5.0
+REQUEST_TIMEOUT = 10.0
+
+
+class MeshClient:
+    """A connection to one node's client API.
+
+    ``identity`` and ``node_peer_id`` are needed only when the node's endpoint is not
+    loopback (it then requires CurveZMQ and admits the client's peer id).
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_API_ENDPOINT,
+        *,
+        identity: Identity | None = None,
+        node_peer_id: str | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ):
+        if (identity is None) != (node_peer_id is None):
+            raise LocalProtocolError("pass both identity and node_peer_id for CurveZMQ, or neither")
+        self.endpoint = endpoint
+        self.max_payload = max_payload
+        self._context = zmq.Context()
+        self._loop = SocketLoop("mesh-client")
+        self._pending: dict[bytes, concurrent.futures.Future] = {}
+        self._requests: deque[tuple[type, concurrent.futures.Future]] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sock: zmq.Socket | None = None
+        self._loop.start()
+        opened: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop.call_soon(self._io_open, identity, node_peer_id, opened)
+        opened.result(timeout=10)
+
+    # -- public API --
+
+    def submit(
+        self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> concurrent.futures.Future:
+        """Submit one job; the future resolves to its decoded result."""
+        body = cbor2.dumps(payload)
+        if len(body) > self.max_payload:
+            raise LocalProtocolError(f"payload is {len(body)} bytes encoded; the limit is {self.max_payload}")
+        job_id = os.urandom(JOB_ID_BYTES)
+        frames = encode(Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.job_id = job_id.hex()  # type: ignore[attr-defined]
+        with self._lock:
+            if self._closed:
+                raise MeshError("the client is closed")
+            self._pending[job_id] = future
+        self._loop.call_soon(self._io_send, frames)
+        self._loop.call_later(timeout + CLIENT_GRACE, self._io_give_up, job_id, timeout)
+        return future
+
+    def run(self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Submit one job and wait for its result (raises its ``JobError``)."""
+        return self.submit(kind, payload, to=to, timeout=timeout).result()
+
+    def map(
+        self, kind: str, payloads: Iterable[Any], *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> Iterator[Any]:
+        """Submit a job per payload at once; yield results in payload order."""
+        futures = [self.submit(kind, p, to=to, timeout=timeout) for p in payloads]
+        for future in futures:
+            yield future.result()
+
+    def cancel(self, future: concurrent.futures.Future) -> None:
+        """Ask the node to cancel the job behind ``future``; it ends as ``cancelled``
+        unless it finished first."""
+        self._loop.call_soon(self._io_send, encode(Cancel(id=bytes.fromhex(future.job_id))))  # type: ignore[attr-defined]
+
+    def status(self, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+        """The node's status: id, relay link, queue, executors, job counts."""
+        return self._request(StatusRequest(), StatusReply, timeout).info
+
+    def peers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
+        """The peers the node's relay knows."""
+        return self._request(PeersRequest(), PeersReply, timeout).peers
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._loop.call_soon(self._io_close)
+        self._loop.stop()
+        self._context.destroy(linger=0)
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --
+
+    def _request(self, request: Any, reply_type: type, timeout: float) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop.call_soon(self._io_request, request, reply_type, future)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise NodeUnreachable(f"no answer from the node at {self.endpoint} within {timeout:g} s; is it running?") from None
+
+    def _io_open(self, identity: Identity | None, node_peer_id: str | None, opened: concurrent.futures.Future) -> None:
+        try:
+            sock = self._context.socket(zmq.DEALER)
+            if identity is not None and node_peer_id is not None:
+                public, secret = identity.zmq_curve_keys()
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
+                sock.curve_serverkey = curve_public_z85(node_peer_id)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+        except (zmq.ZMQError, MeshError) as exc:
+            opened.set_exception(MeshError(f"cannot connect to {self.endpoint!r}: {exc}"))
+            return
+        self._sock = sock
+        self._loop.add_reader(sock, self._io_readable)
+        opened.set_result(None)
+
+    def _io_close(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock)
+            self._sock.close(linger=0)
+            self._sock = None
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            _settle(future, exception=MeshError("the client was closed before the job ended"))
+        while self._requests:
+            _settle(self._requests.popleft()[1], exception=MeshError("the client was closed"))
+
+    def _io_send(self, frames: list[Any]) -> None:
+        if self._sock is not None:
+            self._sock.send_multipart(frames, copy=False)
+
+    def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future) -> None:
+        self._requests.append((reply_type, future))
+        self._io_send(encode(request))
+
+    def _io_give_up(self, job_id: bytes, timeout: float) -> None:
+        with self._lock:
+            future = self._pending.pop(job_id, None)
+        if future is not None:
+            _settle(
+                future,
+                exception=NodeUnreachable(
+                    f"no answer from the node at {self.endpoint} within the job's timeout ({timeout:g} s) "
+                    f"plus {CLIENT_GRACE:g} s"
+                ),
+            )
+
+    def _io_readable(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode(frames, NODE_TO_CLIENT, max_body=self.max_payload)
+            except ProtocolError:
+                continue  # a node that speaks garbage cannot answer any particular future
+            if isinstance(message, Result):
+                self._io_result(message)
+            elif isinstance(message, (StatusReply, PeersReply, Error)) and self._requests:
+                reply_type, future = self._requests.popleft()
+                if isinstance(message, reply_type):
+                    _settle(future, result=message)
+                else:
+                    error = message.message if isinstance(message, Error) else "unexpected reply"
+                    _settle(future, exception=MeshError(error))
+
+    def _io_result(self, message: Result) -> None:
+        with self._lock:
+            future = self._pending.pop(message.id, None)
+        if future is None:
+            return
+        if message.status == "succeeded":
+            try:
+                _settle(future, result=cbor2.loads(message.body) if message.body is not None else None)
+            except Exception as exc:
+                _settle(future, exception=JobFailed(f"the job's result is not valid CBOR: {exc}", job_id=message.id.hex()))
+            return
+        error = message.error or {}
+        cls = JOB_ERRORS_BY_STATUS.get(message.status, JobFailed)
+        text = error.get("message") or message.status
+        if error.get("type") and message.status == "failed":
+            text = f"{error['type']}: {text}"
+        _settle(
+            future,
+            exception=cls(text, job_id=message.id.hex(), reason=error.get("reason", ""), error_type=error.get("type", "")),
+        )
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -1,0 +1,318 @@
+"""Config files: load, validate, generate.
+
+Every value has a default that runs. A bad file or value raises one ``ConfigError``
+whose message names the file, the key and what was expected; unknown keys are errors
+too, since a typo that silently falls back to a default is worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+
+from meshnet.errors import ConfigError, IdentityError
+from meshnet.identity import Identity, is_peer_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_API_ENDPOINT = "tcp://127.0.0.1:7710"
+DEFAULT_RELAY_BIND = "tcp://127.0.0.1:7700"
+#: Largest job payload or result. Large enough for model inputs of a few tensors, small
+#: enough that a full queue (64 jobs) cannot exhaust a small device's memory by itself.
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+
+def default_config_path(name: str = "node.toml") -> Path:
+    """Where a node or relay keeps its config when none is given."""
+    return Path(platformdirs.user_config_dir("meshnet")) / name
+
+
+# -- value checkers: each returns the cleaned value or raises ValueError(expected) --
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("a number greater than 0")
+    return float(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("an integer greater than 0")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a string")
+    return value
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError("a ZeroMQ endpoint such as 'tcp://127.0.0.1:7710'")
+    return value
+
+
+def _optional_endpoint(value: Any) -> str:
+    return "" if value == "" else _endpoint(value)
+
+
+def _peer_id(value: Any) -> str:
+    if not is_peer_id(value):
+        raise ValueError("a peer id (multibase base58btc, starting with 'z6Mk'), as `meshnet id` prints")
+    return value
+
+
+def _optional_peer_id(value: Any) -> str:
+    return "" if value == "" else _peer_id(value)
+
+
+def _peer_ids(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError("a list of peer ids")
+    return [_peer_id(v) for v in value]
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("a list of strings")
+    return list(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(repr(c) for c in choices))
+        return value
+
+    return check
+
+
+def _executors(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return _positive_int(value)
+    except ValueError:
+        raise ValueError("'auto' (one per core) or an integer greater than 0") from None
+
+
+def _capabilities(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("a table of capabilities")
+    return dict(value)
+
+
+def _private_key(value: Any) -> str:
+    try:
+        Identity.from_private_key(value)
+    except IdentityError as exc:
+        raise ValueError(f"an Ed25519 private key as `meshnet init` writes it ({exc})") from None
+    return value
+
+
+def _check(checker: Callable[[Any], Any]) -> dict[str, Any]:
+    return {"check": checker}
+
+
+# -- sections --
+
+
+@dataclass
+class IdentitySection:
+    private_key: str = field(default="", metadata=_check(_private_key))
+    #: Written for people reading the file; checked against the key when present.
+    peer_id: str = field(default="", metadata=_check(_optional_peer_id))
+
+
+@dataclass
+class ApiSection:
+    #: Where clients reach the node. Loopback by default; anywhere else needs CurveZMQ
+    #: and ``allowed_clients``.
+    endpoint: str = field(default=DEFAULT_API_ENDPOINT, metadata=_check(_endpoint))
+    allowed_clients: list[str] = field(default_factory=list, metadata=_check(_peer_ids))
+
+
+@dataclass
+class RelayLinkSection:
+    #: Empty: the node runs alone.
+    endpoint: str = field(default="", metadata=_check(_optional_endpoint))
+    #: The relay's peer id: its CurveZMQ server key derives from it.
+    peer_id: str = field(default="", metadata=_check(_optional_peer_id))
+    heartbeat_interval: float = field(default=1.0, metadata=_check(_positive_number))
+    #: Missed heartbeats before the relay is declared lost.
+    liveness: int = field(default=3, metadata=_check(_positive_int))
+    reconnect_min: float = field(default=0.1, metadata=_check(_positive_number))
+    reconnect_max: float = field(default=5.0, metadata=_check(_positive_number))
+    #: Addresses where this node accepts direct connections, told to peers.
+    listen: list[str] = field(default_factory=list, metadata=_check(_strings))
+
+
+@dataclass
+class JobsSection:
+    enabled: list[str] = field(default_factory=lambda: ["echo", "sha256", "sleep"], metadata=_check(_strings))
+    queue_size: int = field(default=64, metadata=_check(_positive_int))
+    executors: int | str = field(default="auto", metadata=_check(_executors))
+    default_timeout: float = field(default=60.0, metadata=_check(_positive_number))
+    max_timeout: float = field(default=24 * 3600.0, metadata=_check(_positive_number))
+    max_payload_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES, metadata=_check(_positive_int))
+    #: On SIGTERM, how long running jobs may take to finish before they are killed.
+    drain_grace: float = field(default=10.0, metadata=_check(_positive_number))
+    #: Advertised to the relay (e.g. ``gpus = 1``, ``memory_gb = 16``); cores and
+    #: memory are filled in from the machine when absent.
+    capabilities: dict[str, Any] = field(default_factory=dict, metadata=_check(_capabilities))
+
+
+@dataclass
+class LogSection:
+    format: str = field(default="console", metadata=_check(_one_of("console", "json")))
+    level: str = field(default="info", metadata=_check(_one_of("debug", "info", "warning", "error")))
+
+
+@dataclass
+class RelayServerSection:
+    bind: str = field(default=DEFAULT_RELAY_BIND, metadata=_check(_endpoint))
+    #: ``allow-list``: only ``allowed_peers`` may connect. ``open``: any key (local demos).
+    access: str = field(default="allow-list", metadata=_check(_one_of("allow-list", "open")))
+    allowed_peers: list[str] = field(default_factory=list, metadata=_check(_peer_ids))
+    heartbeat_interval: float = field(default=1.0, metadata=_check(_positive_number))
+    liveness: int = field(default=3, metadata=_check(_positive_int))
+    max_message_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES + 65536, metadata=_check(_positive_int))
+    #: Messages queued per connected node before the relay answers ``unroutable: busy``.
+    high_water_mark: int = field(default=1000, metadata=_check(_positive_int))
+
+
+@dataclass
+class NodeConfig:
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    api: ApiSection = field(default_factory=ApiSection)
+    relay: RelayLinkSection = field(default_factory=RelayLinkSection)
+    jobs: JobsSection = field(default_factory=JobsSection)
+    log: LogSection = field(default_factory=LogSection)
+    path: Path | None = None
+
+    def load_identity(self) -> Identity:
+        return Identity.from_private_key(self.identity.private_key)
+
+    @property
+    def executor_count(self) -> int:
+        if self.jobs.executors == "auto":
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return int(self.jobs.executors)
+
+
+@dataclass
+class RelayConfig:
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    relay: RelayServerSection = field(default_factory=RelayServerSection)
+    log: LogSection = field(default_factory=LogSection)
+    path: Path | None = None
+
+    def load_identity(self) -> Identity:
+        return Identity.from_private_key(self.identity.private_key)
+
+
+def _build(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls) if f.name != "path"}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+    values = {}
+    for name, value in table.items():
+        spec = known[name]
+        key = f"{prefix}{name}"
+        if "check" in spec.metadata:
+            try:
+                values[name] = spec.metadata["check"](value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key} = {value!r}: expected {exc}") from None
+        else:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table, got {type(value).__name__}")
+            values[name] = _build(spec.default_factory, value, where, f"{key}.")  # type: ignore[arg-type]
+    return cls(**values)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; create one with `meshnet init --config {path}`") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable by this user") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    config = _build(NodeConfig, _read(path), str(path), "")
+    config.path = path
+    _require_identity(config, path)
+    return config
+
+
+def load_relay_config(path: Path) -> RelayConfig:
+    config = _build(RelayConfig, _read(path), str(path), "")
+    config.path = path
+    _require_identity(config, path)
+    return config
+
+
+def _require_identity(config: NodeConfig | RelayConfig, path: Path) -> None:
+    if not config.identity.private_key:
+        raise ConfigError(f"{path}: identity.private_key is missing; `meshnet init --config {path}` writes one")
+    derived = config.load_identity().peer_id
+    if config.identity.peer_id and config.identity.peer_id != derived:
+        raise ConfigError(
+            f"{path}: identity.peer_id = {config.identity.peer_id!r} does not match identity.private_key "
+            f"(which gives {derived!r}); fix or remove identity.peer_id"
+        )
+
+
+def key_file_is_private(path: Path) -> bool:
+    """False when group or others can read the file that holds a private key."""
+    return not (path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def write_config(path: Path, document: dict[str, Any], *, overwrite: bool = False) -> None:
+    """Write a TOML config readable by its owner only (it holds a private key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; pass --force to replace it (its identity is lost)") from None
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        tomli_w.dump(document, fh)
+
+
+def new_node_document(identity: Identity) -> dict[str, Any]:
+    return {
+        "identity": {"private_key": identity.private_key_text, "peer_id": identity.peer_id},
+    }
+
+
+def init_config(path: Path, *, relay: bool = False, overwrite: bool = False) -> Identity:
+    """Create a config holding a new identity; every other value keeps its default."""
+    identity = Identity.generate()
+    document = new_node_document(identity)
+    if relay:
+        document["relay"] = {"access": "allow-list", "allowed_peers": []}
+    write_config(path, document, overwrite=overwrite)
+    return identity

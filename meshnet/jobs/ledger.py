@@ -1,0 +1,68 @@
+"""Jobs this node forwarded to peers, until each has its one terminal status.
+
+Sans-IO: the relay client feeds it results, refusals, peer departures, relay loss and
+the clock, and answers whoever each returned job names.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+#: How long past a job's own timeout the submitting node waits for the executing
+#: node's answer before it reports ``timed_out`` itself (the executing node enforces
+#: the timeout and normally answers first; this covers a silent or stuck peer).
+DEADLINE_GRACE = 2.0
+
+
+@dataclass
+class ForwardedJob:
+    id: bytes
+    peer: str
+    deadline: float
+    reply: Any = None
+    kind: str = ""
+    sent_at: float = 0.0
+
+
+@dataclass
+class ForwardLedger:
+    jobs: dict[bytes, ForwardedJob] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    _deadlines: list[tuple[float, bytes]] = field(default_factory=list)
+
+    def add(self, job: ForwardedJob) -> bool:
+        if job.id in self.jobs:
+            return False
+        self.jobs[job.id] = job
+        heapq.heappush(self._deadlines, (job.deadline, job.id))
+        return True
+
+    def settle(self, job_id: bytes, status: str, *, peer: str | None = None) -> ForwardedJob | None:
+        """End a forwarded job once; a ``peer`` given must be the one it went to."""
+        job = self.jobs.get(job_id)
+        if job is None or (peer is not None and job.peer != peer):
+            return None
+        del self.jobs[job_id]
+        self.counts[status] += 1
+        return job
+
+    def jobs_on(self, peer: str) -> list[ForwardedJob]:
+        return [job for job in self.jobs.values() if job.peer == peer]
+
+    def expired(self, now: float) -> list[ForwardedJob]:
+        """Jobs past their deadline, removed from the ledger (their status: ``timed_out``)."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self._deadlines)
+            job = self.settle(job_id, "timed_out")
+            if job is not None:
+                out.append(job)
+        return out
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines and self._deadlines[0][1] not in self.jobs:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None

@@ -1,0 +1,49 @@
+"""A job as a node holds it, and the terminal outcome it ends with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class JobSpec:
+    """A job admitted or about to be admitted by a node.
+
+    ``payload`` stays CBOR-encoded (any buffer); only the worker decodes it. ``reply``
+    is opaque to the cores: the actor that admitted the job knows how to answer it.
+    """
+
+    id: bytes
+    kind: str
+    payload: Any
+    timeout: float
+    reply: Any = None
+    #: Who submitted it: ``"client"`` or the peer id of the node that forwarded it.
+    origin: str = "client"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The one terminal status of a job."""
+
+    status: str
+    result: Any = None
+    error_type: str = ""
+    message: str = ""
+    reason: str = ""
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        if self.status == "succeeded":
+            return None
+        return {"type": self.error_type, "message": self.message, "reason": self.reason}
+
+    @classmethod
+    def refused(cls, reason: str, message: str) -> Outcome:
+        return cls("refused", reason=reason, message=message, error_type="Refused")
+
+
+def job_id_text(job_id: bytes) -> str:
+    """How job ids are printed in logs and errors."""
+    return job_id.hex()

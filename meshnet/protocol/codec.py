@@ -1,0 +1,91 @@
+"""CBOR encoding and validating decoding of protocol messages.
+
+``decode`` is the only door through which a peer's bytes enter MeshNet. Whatever the
+bytes, it returns a valid message of an expected type or raises a
+``RemoteProtocolError`` (``MessageTooLarge`` for size), never anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cbor2
+
+from meshnet.errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
+from meshnet.protocol.messages import MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message
+
+
+def encode(message: Message) -> list[Any]:
+    """Frames for ``message``: the CBOR header, then the body if it has one."""
+    header = {"v": PROTOCOL_VERSION, "t": message.TYPE, **message.header_fields()}
+    frames: list[Any] = [cbor2.dumps(header)]
+    body = getattr(message, "body", None)
+    if message.BODY is Body.REQUIRED or (message.BODY is Body.OPTIONAL and body is not None):
+        if body is None:
+            raise LocalProtocolError(f"{message.TYPE} needs a body")
+        frames.append(body)
+    return frames
+
+
+def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
+    size = len(memoryview(data))
+    if size > limit:
+        raise MessageTooLarge(f"{what} is {size} bytes; the limit is {limit}")
+    try:
+        value = cbor2.loads(data)
+    except Exception as exc:  # cbor2 signals bad input with several exception types
+        raise RemoteProtocolError(f"{what} is not valid CBOR: {exc}") from None
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what} must be a CBOR map, got {type(value).__name__}")
+    return value
+
+
+def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any) -> Message:
+    version = fields.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
+    type_name = fields.pop("t", None)
+    cls = accept.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unexpected message type {type_name!r}; expected one of {', '.join(accept)}")
+    unknown = [k for k in fields if k not in cls.RULES]
+    if unknown:
+        raise RemoteProtocolError(f"{cls.TYPE}: unknown field {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for name, rule in cls.RULES.items():
+        try:
+            values[name] = rule(fields.get(name))
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{cls.TYPE}.{name}: expected {exc}") from None
+    if cls.BODY is Body.REQUIRED and body is None:
+        raise RemoteProtocolError(f"{cls.TYPE} must have a body frame")
+    if cls.BODY is Body.NONE and body is not None:
+        raise RemoteProtocolError(f"{cls.TYPE} takes no body frame")
+    if cls.BODY is not Body.NONE:
+        values["body"] = body
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field was absent (its rule accepted None)
+        raise RemoteProtocolError(f"{cls.TYPE}: {exc}") from None
+
+
+def decode(frames: Sequence[Any], accept: dict[str, type[Message]], *, max_body: int) -> Message:
+    """Validate one message received as ``frames`` (bytes, memoryviews or zmq.Frames)."""
+    if not 1 <= len(frames) <= 2:
+        raise RemoteProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
+    body = frames[1] if len(frames) == 2 else None
+    if body is not None:
+        size = len(memoryview(body))
+        if size > max_body:
+            raise MessageTooLarge(f"body is {size} bytes; the limit is {max_body}")
+    return _build(_load_map(frames[0], MAX_HEADER_BYTES, "header"), accept, body)
+
+
+def encode_inner(message: Message) -> bytes:
+    """One CBOR map for a node-to-node message, to be sealed."""
+    return cbor2.dumps({"v": PROTOCOL_VERSION, "t": message.TYPE, **message.header_fields()})
+
+
+def decode_inner(data: bytes, accept: dict[str, type[Message]], *, max_size: int) -> Message:
+    return _build(_load_map(data, max_size, "sealed message"), accept, None)

@@ -1,0 +1,351 @@
+"""Every message of the protocol, with the rules each field must satisfy.
+
+A message travels as one or two ZeroMQ frames: a CBOR *header* map carrying
+``v`` (protocol version), ``t`` (message type) and the fields below, and, for the
+types whose ``BODY`` says so, a *body* frame of raw bytes (a job's payload or result,
+already CBOR-encoded, or a sealed node-to-node message). Bodies stay out of the header
+so that large payloads are forwarded without being decoded or copied.
+
+Node-to-node messages (``job``, ``job_result``, ``job_cancel``) never appear on a
+socket in the clear: each is CBOR-encoded as one map and sealed into the body of a
+relay ``send``/``deliver``. ``docs/protocol.md`` is the same description for people.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+from meshnet.identity import is_peer_id
+
+__all__ = [
+    "PROTOCOL_VERSION", "JOB_ID_BYTES", "MAX_HEADER_BYTES", "STATUSES", "REFUSAL_REASONS", "Body", "Message",
+    "Submit", "Cancel", "StatusRequest", "PeersRequest", "Result", "StatusReply", "PeersReply", "Error",
+    "Register", "Registered", "Ping", "Pong", "Send", "Deliver", "Unroutable", "PeerDown",
+    "Job", "JobResult", "JobCancel",
+    "CLIENT_TO_NODE", "NODE_TO_CLIENT", "NODE_TO_RELAY", "RELAY_TO_NODE", "NODE_TO_NODE",
+]
+
+PROTOCOL_VERSION = 1
+JOB_ID_BYTES = 16
+#: Headers carry ids, names and small maps only; anything bigger belongs in the body.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TEXT = 4096
+MAX_LIST = 4096
+KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+STATUSES = ("succeeded", "failed", "timed_out", "refused", "cancelled", "peer_lost")
+#: Why a job was refused; carried in ``error.reason``.
+REFUSAL_REASONS = (
+    "busy", "unknown_kind", "invalid", "too_large", "duplicate", "draining",
+    "peer_not_connected", "no_relay", "relay_busy",
+)
+
+
+class Body(Enum):
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+# -- field rules: each returns the cleaned value or raises ValueError(what was expected) --
+
+
+def job_id(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != JOB_ID_BYTES:
+        raise ValueError(f"a byte string of {JOB_ID_BYTES} bytes")
+    return value
+
+
+def kind(value: Any) -> str:
+    if not isinstance(value, str) or not KIND_PATTERN.match(value):
+        raise ValueError("a job kind: lowercase letters, digits, '_', '.', '-', at most 64")
+    return value
+
+
+def peer_id(value: Any) -> str:
+    if not is_peer_id(value):
+        raise ValueError("a peer id")
+    return value
+
+
+def optional(rule: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        return None if value is None else rule(value)
+
+    check.__name__ = f"optional_{rule.__name__}"
+    return check
+
+
+def seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError("a finite number of seconds greater than 0")
+    return float(value)
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"a text string of at most {MAX_TEXT} characters")
+    return value
+
+
+def status(value: Any) -> str:
+    if value not in STATUSES:
+        raise ValueError("one of " + ", ".join(STATUSES))
+    return value
+
+
+def error(value: Any) -> dict[str, str] | None:
+    """``{"type": str, "message": str, "reason": str}``; ``reason`` may be empty."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"type", "message", "reason"} or "message" not in value:
+        raise ValueError("a map with 'message' and optional 'type' and 'reason'")
+    return {k: text(value.get(k, "")) for k in ("type", "message", "reason")}
+
+
+def small_map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > MAX_LIST or not all(isinstance(k, str) for k in value):
+        raise ValueError("a map with text keys")
+    return value
+
+
+def text_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise ValueError(f"a list of at most {MAX_LIST} strings")
+    return [text(v) for v in value]
+
+
+def map_list(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise ValueError(f"a list of at most {MAX_LIST} maps")
+    return [small_map(v) for v in value]
+
+
+def byte_string(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise ValueError("a byte string")
+    return value
+
+
+def optional_byte_string(value: Any) -> bytes | None:
+    return None if value is None else byte_string(value)
+
+
+def seq(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError("an unsigned integer")
+    return value
+
+
+# -- messages --
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    BODY: ClassVar[Body] = Body.NONE
+    #: field name -> rule; fields whose rule accepts None may be left out on the wire.
+    RULES: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def header_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.RULES if getattr(self, name) is not None}
+
+
+# client -> node
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    """Run ``kind`` on ``body`` (the CBOR-encoded payload) here (``to`` absent) or on peer ``to``."""
+
+    TYPE = "submit"
+    BODY = Body.REQUIRED
+    RULES = {"id": job_id, "kind": kind, "to": optional(peer_id), "timeout": optional(seconds)}
+    id: bytes
+    kind: str
+    body: Any = b""
+    to: str | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE = "cancel"
+    RULES = {"id": job_id}
+    id: bytes
+
+
+@dataclass(frozen=True)
+class StatusRequest(Message):
+    TYPE = "status"
+
+
+@dataclass(frozen=True)
+class PeersRequest(Message):
+    TYPE = "peers"
+
+
+# node -> client
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """The one terminal status of a job; ``body`` is the CBOR result when it succeeded."""
+
+    TYPE = "result"
+    BODY = Body.OPTIONAL
+    RULES = {"id": job_id, "status": status, "error": error, "peer": optional(peer_id)}
+    id: bytes
+    status: str
+    error: dict[str, str] | None = None
+    body: Any = None
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    TYPE = "status_reply"
+    RULES = {"info": small_map}
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PeersReply(Message):
+    TYPE = "peers_reply"
+    RULES = {"peers": map_list}
+    peers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """A request could not be handled at all (malformed, unknown, not registered)."""
+
+    TYPE = "error"
+    RULES = {"code": text, "message": text}
+    code: str
+    message: str
+
+
+# node -> relay
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    TYPE = "register"
+    RULES = {"peer_id": peer_id, "caps": small_map, "listen": text_list}
+    peer_id: str
+    caps: dict[str, Any] = field(default_factory=dict)
+    listen: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE = "ping"
+    RULES = {"seq": seq}
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Send(Message):
+    """Forward the sealed ``body`` to peer ``to``; ``ref`` names the job it concerns."""
+
+    TYPE = "send"
+    BODY = Body.REQUIRED
+    RULES = {"to": peer_id, "ref": byte_string}
+    to: str
+    ref: bytes
+    body: Any = b""
+
+
+# relay -> node
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    TYPE = "registered"
+    RULES = {"peer_id": peer_id, "observed": text, "heartbeat": seconds}
+    peer_id: str
+    observed: str
+    heartbeat: float
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE = "pong"
+    RULES = {"seq": seq}
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Deliver(Message):
+    TYPE = "deliver"
+    BODY = Body.REQUIRED
+    RULES = {"sender": peer_id, "ref": byte_string}
+    sender: str
+    ref: bytes
+    body: Any = b""
+
+
+@dataclass(frozen=True)
+class Unroutable(Message):
+    """A ``send`` could not be delivered; ``reason`` is a refusal reason."""
+
+    TYPE = "unroutable"
+    RULES = {"to": peer_id, "ref": byte_string, "reason": text, "message": text}
+    to: str
+    ref: bytes
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PeerDown(Message):
+    TYPE = "peer_down"
+    RULES = {"peer_id": peer_id}
+    peer_id: str
+
+
+# node <-> node (sealed inside send/deliver bodies)
+
+
+@dataclass(frozen=True)
+class Job(Message):
+    TYPE = "job"
+    RULES = {"id": job_id, "kind": kind, "timeout": seconds, "payload": byte_string}
+    id: bytes
+    kind: str
+    timeout: float
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class JobResult(Message):
+    TYPE = "job_result"
+    RULES = {"id": job_id, "status": status, "error": error, "result": optional_byte_string}
+    id: bytes
+    status: str
+    error: dict[str, str] | None = None
+    result: bytes | None = None
+
+
+@dataclass(frozen=True)
+class JobCancel(Message):
+    TYPE = "job_cancel"
+    RULES = {"id": job_id}
+    id: bytes
+
+
+def _table(*classes: type[Message]) -> dict[str, type[Message]]:
+    return {cls.TYPE: cls for cls in classes}
+
+
+CLIENT_TO_NODE = _table(Submit, Cancel, StatusRequest, PeersRequest)
+NODE_TO_CLIENT = _table(Result, StatusReply, PeersReply, Error)
+NODE_TO_RELAY = _table(Register, Ping, Send, PeersRequest)
+RELAY_TO_NODE = _table(Registered, Pong, Deliver, Unroutable, PeerDown, PeersReply, Error)
+NODE_TO_NODE = _table(Job, JobResult, JobCancel)

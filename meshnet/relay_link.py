@@ -1,0 +1,70 @@
+"""A node's link to its relay as a state machine: register, heartbeat, detect loss, back off.
+
+Sans-IO: the relay client actor calls it on connect, on every message heard from the
+relay and on each heartbeat tick, and carries out what it answers.
+"""
+
+from __future__ import annotations
+
+import random
+from enum import Enum
+
+
+class LinkState(Enum):
+    DISCONNECTED = "disconnected"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+
+
+class RelayLink:
+    def __init__(
+        self, *, heartbeat: float, liveness: int, backoff_min: float, backoff_max: float, rng: random.Random | None = None
+    ):
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.state = LinkState.DISCONNECTED
+        self.failures = 0
+        self.last_heard = 0.0
+        self.observed = ""
+        self.connects = 0
+        self._rng = rng or random.Random()
+
+    @property
+    def registered(self) -> bool:
+        return self.state is LinkState.REGISTERED
+
+    def connecting(self, now: float) -> None:
+        self.state = LinkState.REGISTERING
+        self.last_heard = now
+        self.connects += 1
+
+    def on_registered(self, observed: str, heartbeat: float, now: float) -> None:
+        """The relay accepted us; follow its heartbeat interval from now on."""
+        self.state = LinkState.REGISTERED
+        self.failures = 0
+        self.observed = observed
+        self.heartbeat = heartbeat
+        self.last_heard = now
+
+    def on_heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def on_tick(self, now: float) -> str | None:
+        """``"lost"`` when the relay has been silent for ``liveness`` beats, ``"ping"``
+        when registered and a heartbeat is due, else None."""
+        if self.state is LinkState.DISCONNECTED:
+            return None
+        if now - self.last_heard > self.heartbeat * self.liveness:
+            return "lost"
+        return "ping" if self.state is LinkState.REGISTERED else None
+
+    def on_lost(self) -> float:
+        """Mark the link down; return how long to wait before reconnecting: exponential
+        in the consecutive failures, capped, with jitter so that nodes that lost the
+        same relay do not come back in lockstep."""
+        self.state = LinkState.DISCONNECTED
+        delay = min(self.backoff_max, self.backoff_min * (2**self.failures))
+        self.failures += 1
+        return delay * self._rng.uniform(0.5, 1.0)

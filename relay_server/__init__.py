@@ -1,0 +1,1 @@
+"""The MeshNet relay: authenticated registration of nodes and forwarding between them."""

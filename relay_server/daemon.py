@@ -1,0 +1,185 @@
+"""The relay daemon: a CurveZMQ ROUTER driving :class:`RelayCore`.
+
+Admission happens in ZAP (pyzmq's ``ThreadAuthenticator``): in ``allow-list`` mode
+only keys derived from the configured peer ids complete the CurveZMQ handshake. Each
+message is received with its metadata so that the core can bind it to the key that
+authenticated its connection (``User-Id``, the Z85 key) and, at registration, read the
+TCP address the relay observes (``SRCFD`` → ``getpeername``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import structlog
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from actors.socket_loop import SocketLoop
+from meshnet.config import RelayConfig
+from meshnet.identity import Identity, curve_public_z85
+from relay_server.routing import Outgoing, RelayCore
+
+log = structlog.get_logger("meshnet.relay")
+
+#: Messages taken from the socket per wake-up before timers get a turn.
+RECV_BATCH = 256
+
+
+class AllowList:
+    """ZAP credentials provider: admits exactly the keys derived from ``peer_ids``."""
+
+    def __init__(self, peer_ids: list[str]):
+        self.keys = {curve_public_z85(p) for p in peer_ids}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.keys
+        if not allowed:
+            log.warning("connection_refused", reason="key not in allowed_peers", curve_key=key.decode())
+        return allowed
+
+
+def observed_address(fd: int) -> str:
+    """``ip:port`` of the TCP peer on socket ``fd``, as the relay sees it."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            host, port = sock.getpeername()[:2]
+    except OSError:
+        return ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class RelayServer:
+    def __init__(self, config: RelayConfig, *, core: RelayCore | None = None, context: zmq.Context | None = None):
+        self.config = config
+        self.identity: Identity = config.load_identity()
+        settings = config.relay
+        self.core = core or RelayCore(
+            heartbeat=settings.heartbeat_interval, liveness=settings.liveness, max_body=settings.max_message_bytes
+        )
+        self.context = context or zmq.Context.instance()
+        self.loop = SocketLoop("relay")
+        self.endpoint = ""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._router: zmq.Socket | None = None
+        self.log = log.bind(peer_id=self.identity.peer_id)
+
+    def start(self) -> RelayServer:
+        settings = self.config.relay
+        self._auth = ThreadAuthenticator(self.context, log=_QuietLog())
+        self._auth.start()
+        if settings.access == "open":
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            self._auth.configure_curve_callback(domain="*", credentials_provider=AllowList(settings.allowed_peers))
+        self.loop.start()
+        self.loop.call_soon(self._open)
+        self._ready.wait(10)
+        if self._error is not None:
+            self.stop()
+            raise self._error
+        self.log.info(
+            "relay_started", endpoint=self.endpoint, access=settings.access, allowed=len(settings.allowed_peers)
+        )
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon(self._close)
+        self.loop.stop()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.log.info("relay_stopped", forwarded=self.core.forwarded, rejected=self.core.rejected)
+
+    # -- loop thread --
+
+    def _open(self) -> None:
+        settings = self.config.relay
+        try:
+            router = self.context.socket(zmq.ROUTER)
+            public, secret = self.identity.zmq_curve_keys()
+            router.curve_server = True
+            router.curve_publickey = public
+            router.curve_secretkey = secret
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+            router.setsockopt(zmq.SNDHWM, settings.high_water_mark)
+            router.setsockopt(zmq.RCVHWM, settings.high_water_mark)
+            router.setsockopt(zmq.LINGER, 0)
+            router.bind(settings.bind)
+            self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._error = OSError(f"relay cannot bind {settings.bind}: {exc}")
+            self._ready.set()
+            return
+        self._router = router
+        self.loop.add_reader(router, self._on_readable)
+        self.loop.call_later(settings.heartbeat_interval, self._tick)
+        self._ready.set()
+
+    def _close(self) -> None:
+        if self._router is not None:
+            self.loop.remove_reader(self._router)
+            self._router.close()
+            self._router = None
+
+    def _on_readable(self) -> None:
+        router = self._router
+        assert router is not None
+        for _ in range(RECV_BATCH):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            conn, data = frames[0].bytes, frames[1:]
+            last = data[-1] if data else frames[0]
+            key = (last.get("User-Id") or "").encode()
+            # The header is small and decoded at once; a body frame is passed on as it
+            # is, so that a forwarded payload is never copied.
+            message = [f.bytes if i == 0 else f for i, f in enumerate(data)]
+            self._send(
+                self.core.on_message(
+                    conn, key, message, time.monotonic(), lambda: observed_address(last.get(zmq.SRCFD))
+                )
+            )
+
+    def _send(self, outgoing: list[Outgoing]) -> None:
+        router = self._router
+        if router is None:
+            return
+        for out in outgoing:
+            try:
+                router.send_multipart([out.conn, *out.frames], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                self._send(self.core.on_undeliverable(out, queue_full=exc.errno == errno.EAGAIN))
+
+    def _tick(self) -> None:
+        self._send(self.core.on_tick(time.monotonic()))
+        self.loop.call_later(self.config.relay.heartbeat_interval, self._tick)
+
+
+class _QuietLog:
+    """pyzmq's authenticator logs every admission at debug level through stdlib
+    logging; route what matters through structlog instead (denials are logged by
+    :class:`AllowList`)."""
+
+    def debug(self, *args: Any) -> None:
+        pass
+
+    info = debug
+
+    def warning(self, msg: str, *args: Any) -> None:
+        log.warning("zap", message=msg % args if args else msg)
+
+    error = warning
+    exception = warning
