@@ -176,12 +176,18 @@ class ClientApiActor(pykka.ThreadingActor):
             conn = frames[0].bytes
             try:
                 message = decode(
-                    [frames[1].bytes, *frames[2:]] if len(frames) > 1 else [], CLIENT_TO_NODE,
+                    [frames[1].bytes, *frames[2:]] if len(frames) > 1 else [],
+                    CLIENT_TO_NODE,
                     max_body=self.max_payload,
                 )
             except ProtocolError as exc:
                 self.log.warning("client_message_rejected", error=str(exc))
-                self._io_send(conn, encode(Error(code=exc.code, message=str(exc))))
+                ref = getattr(exc, "ref", None)
+                if ref is not None:  # a job we can name: its submitter gets a terminal status
+                    refusal = Outcome.refused(exc.code, str(exc))
+                    self._io_send(conn, encode(Result(id=ref, status="refused", error=refusal.error)))
+                else:
+                    self._io_send(conn, encode(Error(code=exc.code, message=str(exc))))
                 continue
             self._io_dispatch(conn, message)
 

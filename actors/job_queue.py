@@ -86,7 +86,8 @@ class JobQueueActor(pykka.ThreadingActor):
     def _finish(self, job_id: bytes, outcome: Outcome) -> None:
         if outcome.status == "succeeded" and len(outcome.result) > self.max_payload:
             outcome = Outcome(
-                "failed", error_type="ResultTooLarge",
+                "failed",
+                error_type="ResultTooLarge",
                 message=f"result is {len(outcome.result)} bytes; this node sends at most {self.max_payload}",
             )
         job = self.queue.finish(job_id, outcome.status)

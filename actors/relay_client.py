@@ -91,9 +91,7 @@ class RelayClientActor(pykka.ThreadingActor):
         self.endpoint = endpoint
         self.relay_peer_id = relay_peer_id
         self.queue = queue
-        self.link = RelayLink(
-            heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max
-        )
+        self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
         self.ledger = ForwardLedger()
         self.max_payload = max_payload
         self.capabilities = capabilities
@@ -176,7 +174,11 @@ class RelayClientActor(pykka.ThreadingActor):
             return
         now = time.monotonic()
         entry = ForwardedJob(
-            id=job.id, peer=peer, deadline=now + job.timeout + DEADLINE_GRACE, reply=job.reply, kind=job.kind,
+            id=job.id,
+            peer=peer,
+            deadline=now + job.timeout + DEADLINE_GRACE,
+            reply=job.reply,
+            kind=job.kind,
             sent_at=now,
         )
         if not self.ledger.add(entry):
@@ -190,7 +192,10 @@ class RelayClientActor(pykka.ThreadingActor):
         if job is None:
             return
         self.log.info(
-            "job_" + outcome.status, job_id=job_id_text(job_id), kind=job.kind, to=job.peer,
+            "job_" + outcome.status,
+            job_id=job_id_text(job_id),
+            kind=job.kind,
+            to=job.peer,
             **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
         )
         job.reply(outcome)
@@ -300,7 +305,8 @@ class RelayClientActor(pykka.ThreadingActor):
             self._on_lost()
         for job in self.ledger.expired(now):
             outcome = Outcome(
-                "timed_out", error_type="TimedOut",
+                "timed_out",
+                error_type="TimedOut",
                 message=f"no answer from peer {job.peer} within the job's timeout plus {DEADLINE_GRACE:g} s",
             )
             self.log.info("job_timed_out", job_id=job_id_text(job.id), kind=job.kind, to=job.peer)
@@ -396,4 +402,3 @@ def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -
     except (ValueError, OSError, AttributeError):
         memory = 0
     return {"cores": os.cpu_count() or 1, "memory_bytes": memory, "executors": executors, "kinds": kinds, **extra}
-

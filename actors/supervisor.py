@@ -54,7 +54,10 @@ class Node:
             self.executor = self._start(ExecutorActor.start(workers=workers, enabled=jobs.enabled))
             self.queue = self._start(
                 JobQueueActor.start(
-                    executor=self.executor, slots=workers, capacity=jobs.queue_size, enabled=jobs.enabled,
+                    executor=self.executor,
+                    slots=workers,
+                    capacity=jobs.queue_size,
+                    enabled=jobs.enabled,
                     max_payload=jobs.max_payload_bytes,
                 )
             )

@@ -15,6 +15,14 @@ from meshnet.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "MeshClient", "MeshError", "JobError", "JobFailed", "JobRefused", "JobTimedOut", "JobCancelled", "PeerLost",
-    "NodeUnreachable", "__version__",
+    "MeshClient",
+    "MeshError",
+    "JobError",
+    "JobFailed",
+    "JobRefused",
+    "JobTimedOut",
+    "JobCancelled",
+    "PeerLost",
+    "NodeUnreachable",
+    "__version__",
 ]

@@ -190,7 +190,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     for peer in peers:
         caps = peer.get("caps", {})
         kinds = ",".join(caps.get("kinds", []))
-        print(f"{peer['peer_id']}  observed={peer.get('observed', '')}  executors={caps.get('executors', '?')}  kinds={kinds}")
+        executors = caps.get("executors", "?")
+        print(f"{peer['peer_id']}  observed={peer.get('observed', '')}  executors={executors}  kinds={kinds}")
     return 0
 
 
@@ -249,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default=node_default, help=f"node API endpoint (default {node_default}, or $MESHNET_NODE)")
     p.set_defaults(func=cmd_submit)
 
-    for name, func, text in (("peers", cmd_peers, "list the peers the relay knows"), ("status", cmd_status, "show the node's status")):
+    for name, func, text in (
+        ("peers", cmd_peers, "list the peers the relay knows"),
+        ("status", cmd_status, "show the node's status"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--node", default=node_default)
         p.add_argument("--json", action="store_true")

@@ -20,7 +20,14 @@ import zmq
 
 from actors.socket_loop import SocketLoop
 from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
-from meshnet.errors import JOB_ERRORS_BY_STATUS, JobFailed, LocalProtocolError, MeshError, NodeUnreachable, ProtocolError
+from meshnet.errors import (
+    JOB_ERRORS_BY_STATUS,
+    JobFailed,
+    LocalProtocolError,
+    MeshError,
+    NodeUnreachable,
+    ProtocolError,
+)
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import (
     JOB_ID_BYTES,
@@ -35,6 +42,7 @@ from meshnet.protocol import (
     Submit,
     decode,
     encode,
+    validate,
 )
 
 DEFAULT_TIMEOUT = 60.0
@@ -84,7 +92,9 @@ class MeshClient:
         if len(body) > self.max_payload:
             raise LocalProtocolError(f"payload is {len(body)} bytes encoded; the limit is {self.max_payload}")
         job_id = os.urandom(JOB_ID_BYTES)
-        frames = encode(Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout))
+        submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout)
+        validate(submit)
+        frames = encode(submit)
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.job_id = job_id.hex()  # type: ignore[attr-defined]
         with self._lock:
@@ -143,7 +153,9 @@ class MeshClient:
         try:
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
-            raise NodeUnreachable(f"no answer from the node at {self.endpoint} within {timeout:g} s; is it running?") from None
+            raise NodeUnreachable(
+                f"no answer from the node at {self.endpoint} within {timeout:g} s; is it running?"
+            ) from None
 
     def _io_open(self, identity: Identity | None, node_peer_id: str | None, opened: concurrent.futures.Future) -> None:
         try:
@@ -224,7 +236,9 @@ class MeshClient:
             try:
                 _settle(future, result=cbor2.loads(message.body) if message.body is not None else None)
             except Exception as exc:
-                _settle(future, exception=JobFailed(f"the job's result is not valid CBOR: {exc}", job_id=message.id.hex()))
+                _settle(
+                    future, exception=JobFailed(f"the job's result is not valid CBOR: {exc}", job_id=message.id.hex())
+                )
             return
         error = message.error or {}
         cls = JOB_ERRORS_BY_STATUS.get(message.status, JobFailed)
@@ -233,7 +247,9 @@ class MeshClient:
             text = f"{error['type']}: {text}"
         _settle(
             future,
-            exception=cls(text, job_id=message.id.hex(), reason=error.get("reason", ""), error_type=error.get("type", "")),
+            exception=cls(
+                text, job_id=message.id.hex(), reason=error.get("reason", ""), error_type=error.get("type", "")
+            ),
         )
 
 

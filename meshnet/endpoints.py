@@ -11,7 +11,7 @@ def is_local_endpoint(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
     try:

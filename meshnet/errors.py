@@ -28,7 +28,13 @@ class ProtocolError(MeshError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """A peer sent a frame that is not a valid message."""
+    """A peer sent a frame that is not a valid message.
+
+    ``ref`` is the job id the message named, when one could be read from it, so that
+    the refusal can reach the job's submitter as a terminal status.
+    """
+
+    ref: bytes | None = None
 
 
 class MessageTooLarge(RemoteProtocolError):

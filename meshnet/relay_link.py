@@ -18,7 +18,13 @@ class LinkState(Enum):
 
 class RelayLink:
     def __init__(
-        self, *, heartbeat: float, liveness: int, backoff_min: float, backoff_max: float, rng: random.Random | None = None
+        self,
+        *,
+        heartbeat: float,
+        liveness: int,
+        backoff_min: float,
+        backoff_max: float,
+        rng: random.Random | None = None,
     ):
         self.heartbeat = heartbeat
         self.liveness = liveness

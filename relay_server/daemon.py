@@ -10,6 +10,7 @@ TCP address the relay observes (``SRCFD`` → ``getpeername``).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import threading
@@ -53,6 +54,10 @@ def observed_address(fd: int) -> str:
     except OSError:
         return ""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _observe(frame: zmq.Frame) -> str:
+    return observed_address(frame.get(zmq.SRCFD))
 
 
 class RelayServer:
@@ -147,7 +152,7 @@ class RelayServer:
             message = [f.bytes if i == 0 else f for i, f in enumerate(data)]
             self._send(
                 self.core.on_message(
-                    conn, key, message, time.monotonic(), lambda: observed_address(last.get(zmq.SRCFD))
+                    conn, key, message, time.monotonic(), functools.partial(_observe, last)
                 )
             )
 

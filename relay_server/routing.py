@@ -10,8 +10,8 @@ attributed to that peer id, whatever the message claims.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -211,6 +211,4 @@ class RelayCore:
         if self.by_conn.get(entry.conn) == entry.peer_id:
             del self.by_conn[entry.conn]
         notice = encode(PeerDown(peer_id=entry.peer_id))
-        return [
-            Outgoing(self.nodes[peer].conn, list(notice)) for peer in entry.correspondents if peer in self.nodes
-        ]
+        return [Outgoing(self.nodes[peer].conn, list(notice)) for peer in entry.correspondents if peer in self.nodes]

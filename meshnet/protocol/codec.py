@@ -13,7 +13,7 @@ from typing import Any
 import cbor2
 
 from meshnet.errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
-from meshnet.protocol.messages import MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message
+from meshnet.protocol.messages import JOB_ID_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message
 
 
 def encode(message: Message) -> list[Any]:
@@ -42,6 +42,25 @@ def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
 
 
 def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any) -> Message:
+    try:
+        return _build_checked(fields, accept, body)
+    except RemoteProtocolError as exc:
+        ref = fields.get("id")
+        if isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
+            exc.ref = ref
+        raise
+
+
+def validate(message: Message) -> None:
+    """Raise ``LocalProtocolError`` if ``message`` would be refused by its receiver."""
+    for name, rule in message.RULES.items():
+        try:
+            rule(getattr(message, name))
+        except ValueError as exc:
+            raise LocalProtocolError(f"{message.TYPE}.{name} = {getattr(message, name)!r}: expected {exc}") from None
+
+
+def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any) -> Message:
     version = fields.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")

@@ -23,11 +23,37 @@ from typing import Any, ClassVar
 from meshnet.identity import is_peer_id
 
 __all__ = [
-    "PROTOCOL_VERSION", "JOB_ID_BYTES", "MAX_HEADER_BYTES", "STATUSES", "REFUSAL_REASONS", "Body", "Message",
-    "Submit", "Cancel", "StatusRequest", "PeersRequest", "Result", "StatusReply", "PeersReply", "Error",
-    "Register", "Registered", "Ping", "Pong", "Send", "Deliver", "Unroutable", "PeerDown",
-    "Job", "JobResult", "JobCancel",
-    "CLIENT_TO_NODE", "NODE_TO_CLIENT", "NODE_TO_RELAY", "RELAY_TO_NODE", "NODE_TO_NODE",
+    "PROTOCOL_VERSION",
+    "JOB_ID_BYTES",
+    "MAX_HEADER_BYTES",
+    "STATUSES",
+    "REFUSAL_REASONS",
+    "Body",
+    "Message",
+    "Submit",
+    "Cancel",
+    "StatusRequest",
+    "PeersRequest",
+    "Result",
+    "StatusReply",
+    "PeersReply",
+    "Error",
+    "Register",
+    "Registered",
+    "Ping",
+    "Pong",
+    "Send",
+    "Deliver",
+    "Unroutable",
+    "PeerDown",
+    "Job",
+    "JobResult",
+    "JobCancel",
+    "CLIENT_TO_NODE",
+    "NODE_TO_CLIENT",
+    "NODE_TO_RELAY",
+    "RELAY_TO_NODE",
+    "NODE_TO_NODE",
 ]
 
 PROTOCOL_VERSION = 1
@@ -41,8 +67,15 @@ KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 STATUSES = ("succeeded", "failed", "timed_out", "refused", "cancelled", "peer_lost")
 #: Why a job was refused; carried in ``error.reason``.
 REFUSAL_REASONS = (
-    "busy", "unknown_kind", "invalid", "too_large", "duplicate", "draining",
-    "peer_not_connected", "no_relay", "relay_busy",
+    "busy",
+    "unknown_kind",
+    "invalid",
+    "too_large",
+    "duplicate",
+    "draining",
+    "peer_not_connected",
+    "no_relay",
+    "relay_busy",
 )
 
 
