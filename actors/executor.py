@@ -96,4 +96,24 @@ class ExecutorActor(pykka.ThreadingActor):
         if self.pool is not None:
             self.pool.stop()
             self.pool.join(timeout=10)
+            _stop_helper_processes()
             log.info("executors_stopped")
+
+
+def _stop_helper_processes() -> None:
+    """Stop multiprocessing's forkserver and resource tracker now, and wait for them.
+
+    Both would exit on their own once this process is gone, but a moment later: a
+    supervisor that checks, right after the node exits, that nothing it started is
+    left would find them. These ``_stop`` methods are private but have been stable
+    since Python 3.8 (the standard library's own tests use them); a new pool restarts
+    both on demand."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except (OSError, ChildProcessError) as exc:
+                log.warning("helper_stop_failed", helper=type(helper).__name__, error=str(exc))

@@ -13,11 +13,13 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.messages import (
     CancelJob,
@@ -37,6 +39,7 @@ from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.ledger import DEADLINE_GRACE, ForwardedJob, ForwardLedger
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.protocol import (
+    JOB_ID_BYTES,
     NODE_TO_NODE,
     RELAY_TO_NODE,
     Deliver,
@@ -65,6 +68,16 @@ log = structlog.get_logger("meshnet.relay_client")
 #: Header room on top of the payload limit: sealing adds 40 bytes, CBOR framing a few.
 FRAME_SLACK = 64 * 1024
 RECV_BATCH = 256
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    generation: int
+    auth: bool
+    status: int
 
 
 class RelayClientActor(pykka.ThreadingActor):
@@ -105,7 +118,9 @@ class RelayClientActor(pykka.ThreadingActor):
         self.ledger_idle = threading.Event()
         self.ledger_idle.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
+        self._refusal_logged = -1
         # loop-thread state
+        self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
         self._sock_generation = -1
 
@@ -159,6 +174,8 @@ class RelayClientActor(pykka.ThreadingActor):
                 self._settle(message.ref, Outcome.refused("relay_busy", "the link to the relay is congested"))
         elif isinstance(message, Reconnect):
             self._connect()
+        elif isinstance(message, HandshakeFailed):
+            self._on_handshake_failed(message)
         elif isinstance(message, Drain):
             self.draining = True
         if self.ledger.jobs:
@@ -202,7 +219,8 @@ class RelayClientActor(pykka.ThreadingActor):
 
     def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> None:
         sealed = self.sealer.seal(peer, encode_inner(inner))
-        self._send(encode(Send(to=peer, ref=ref, body=sealed)), ref=ref)
+        op = "job" if isinstance(inner, Job) else "result" if isinstance(inner, JobResult) else "cancel"
+        self._send(encode(Send(to=peer, ref=ref, op=op, body=sealed)), ref=ref if op == "job" else None)
 
     # -- incoming --
 
@@ -250,13 +268,11 @@ class RelayClientActor(pykka.ThreadingActor):
             plaintext = self.sealer.open(sender, message.body)
             inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_payload + FRAME_SLACK)
         except (SealError, ProtocolError) as exc:
-            self.log.warning("sealed_message_rejected", sender=sender, job_id=message.ref.hex(), error=str(exc))
-            if len(message.ref) == 16:
-                refusal = Outcome.refused("invalid", f"the job's sealed message was rejected by {self.peer_id}: {exc}")
-                self._reply_to_peer(ReplyToPeer(sender, message.ref, refusal))
+            self._on_unreadable(message, str(exc))
             return
-        if inner.id != message.ref:
-            self.log.warning("sealed_message_rejected", sender=sender, error="ref does not match the sealed job id")
+        expected = {"job": Job, "result": JobResult, "cancel": JobCancel}[message.op]
+        if inner.id != message.ref or not isinstance(inner, expected):
+            self._on_unreadable(message, "the sealed message does not match its clear ref and op")
             return
         if isinstance(inner, Job):
             self._on_job(sender, inner)
@@ -271,6 +287,18 @@ class RelayClientActor(pykka.ThreadingActor):
             self._settle(inner.id, outcome, peer=sender)
         elif isinstance(inner, JobCancel):
             self.queue.tell(CancelJob(inner.id, requester=sender))
+
+    def _on_unreadable(self, message: Deliver, error: str) -> None:
+        """A sealed message failed to open (altered in transit, or not sealed by its
+        claimed sender). A job is refused back to its sender; an unreadable answer ends
+        our own job, and is never answered, so that no exchange can loop."""
+        self.log.warning("sealed_message_rejected", sender=message.sender, job_id=message.ref.hex(), error=error)
+        if message.op == "job" and len(message.ref) == JOB_ID_BYTES:
+            refusal = Outcome.refused("invalid", f"the job's sealed message was rejected by {self.peer_id}: {error}")
+            self._reply_to_peer(ReplyToPeer(message.sender, message.ref, refusal))
+        elif message.op == "result":
+            refusal = Outcome.refused("invalid", f"the answer from {message.sender} was rejected: {error}")
+            self._settle(message.ref, refusal, peer=message.sender)
 
     def _on_job(self, sender: str, job: Job) -> None:
         me = self.actor_ref
@@ -312,6 +340,23 @@ class RelayClientActor(pykka.ThreadingActor):
             self.log.info("job_timed_out", job_id=job_id_text(job.id), kind=job.kind, to=job.peer)
             job.reply(outcome)
         self._schedule_tick()
+
+    def _on_handshake_failed(self, message: HandshakeFailed) -> None:
+        if message.generation != self.generation or self._refusal_logged == self.generation:
+            return
+        self._refusal_logged = self.generation
+        if message.auth:
+            self.log.error(
+                "relay_refused_us",
+                reason=f"the relay did not admit this node's key (ZAP status {message.status})",
+                fix=f"add {self.peer_id} to allowed_peers in the relay's config",
+            )
+        else:
+            self.log.error(
+                "relay_handshake_failed",
+                reason="CurveZMQ handshake failed",
+                fix=f"check that relay.peer_id ({self.relay_peer_id}) is the relay's peer id (`meshnet id --relay`)",
+            )
 
     def _on_lost(self) -> None:
         delay = self.link.on_lost()
@@ -358,16 +403,37 @@ class RelayClientActor(pykka.ThreadingActor):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 1000)
+        # The relay refusing our key shows only as a socket event: watch for it.
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
         sock.connect(self.endpoint)
         self._sock = sock
+        self._monitor = monitor
         self._sock_generation = generation
         self.loop.add_reader(sock, self._io_readable)
+        self.loop.add_reader(monitor, self._io_monitor)
 
     def _io_close(self) -> None:
+        if self._monitor is not None:
+            self.loop.remove_reader(self._monitor)
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self.loop.remove_reader(self._sock)
             self._sock.close(linger=0)
             self._sock = None
+
+    def _io_monitor(self) -> None:
+        monitor = self._monitor
+        while monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.actor_ref.tell(
+                HandshakeFailed(
+                    self._sock_generation, event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event["value"]
+                )
+            )
 
     def _io_send(self, generation: int, frames: list[Any], ref: bytes | None) -> None:
         sock = self._sock

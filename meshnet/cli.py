@@ -33,6 +33,17 @@ EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
 
 
+def _configure_logging(fmt: str = "console", level: str = "info") -> None:
+    """Log as the config says; ``MESHNET_LOG_FORMAT`` / ``MESHNET_LOG_LEVEL`` override it."""
+    fmt = os.environ.get("MESHNET_LOG_FORMAT", fmt)
+    level = os.environ.get("MESHNET_LOG_LEVEL", level)
+    if fmt not in ("console", "json") or level not in ("debug", "info", "warning", "error"):
+        raise MeshError(
+            "MESHNET_LOG_FORMAT must be console or json, MESHNET_LOG_LEVEL debug, info, warning or error"
+        )
+    configure_logging(fmt, level)
+
+
 def _config_path(args: argparse.Namespace, name: str) -> Path:
     return Path(args.config) if args.config else default_config_path(name)
 
@@ -87,9 +98,9 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from actors.supervisor import Node  # the actors pull in pebble and pykka: only nodes need them
 
-    configure_logging()
+    _configure_logging()
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
-    configure_logging(config.log.format, config.log.level)
+    _configure_logging(config.log.format, config.log.level)
     node = Node(config).start()
     _install_thread_dump()
     try:
@@ -103,13 +114,13 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     from relay_server.daemon import RelayServer
 
-    configure_logging()
+    _configure_logging()
     path = _config_path(args, "relay.toml")
     if not args.config and not path.exists():
         init_config(path, relay=True)
     config = load_relay_config(path)
     _warn_if_readable(path)
-    configure_logging(config.log.format, config.log.level)
+    _configure_logging(config.log.format, config.log.level)
     server = RelayServer(config).start()
     try:
         _wait_for_signal()

@@ -49,6 +49,8 @@ DEFAULT_TIMEOUT = 60.0
 #: How long past a job's timeout the client waits for its node before giving up on it.
 CLIENT_GRACE = 5.0
 REQUEST_TIMEOUT = 10.0
+#: Jobs ``map`` keeps in flight: half the default queue, leaving room for others.
+DEFAULT_MAP_WINDOW = 32
 
 
 class MeshClient:
@@ -76,7 +78,10 @@ class MeshClient:
         self._requests: deque[tuple[type, concurrent.futures.Future]] = deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._refused: MeshError | None = None
+        self._identity = identity
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._loop.start()
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop.call_soon(self._io_open, identity, node_peer_id, opened)
@@ -100,6 +105,8 @@ class MeshClient:
         with self._lock:
             if self._closed:
                 raise MeshError("the client is closed")
+            if self._refused is not None:
+                raise self._refused
             self._pending[job_id] = future
         self._loop.call_soon(self._io_send, frames)
         self._loop.call_later(timeout + CLIENT_GRACE, self._io_give_up, job_id, timeout)
@@ -110,12 +117,29 @@ class MeshClient:
         return self.submit(kind, payload, to=to, timeout=timeout).result()
 
     def map(
-        self, kind: str, payloads: Iterable[Any], *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        kind: str,
+        payloads: Iterable[Any],
+        *,
+        to: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        window: int = DEFAULT_MAP_WINDOW,
     ) -> Iterator[Any]:
-        """Submit a job per payload at once; yield results in payload order."""
-        futures = [self.submit(kind, p, to=to, timeout=timeout) for p in payloads]
-        for future in futures:
-            yield future.result()
+        """Run a job per payload; yield results in payload order.
+
+        At most ``window`` jobs are in flight at once, so that a long iterable does not
+        overflow the node's queue (which would refuse the excess as ``busy``). The first
+        job that does not succeed raises its ``JobError`` here.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        in_flight: deque[concurrent.futures.Future] = deque()
+        for payload in payloads:
+            if len(in_flight) >= window:
+                yield in_flight.popleft().result()
+            in_flight.append(self.submit(kind, payload, to=to, timeout=timeout))
+        while in_flight:
+            yield in_flight.popleft().result()
 
     def cancel(self, future: concurrent.futures.Future) -> None:
         """Ask the node to cancel the job behind ``future``; it ends as ``cancelled``
@@ -165,6 +189,9 @@ class MeshClient:
                 sock.curve_publickey = public
                 sock.curve_secretkey = secret
                 sock.curve_serverkey = curve_public_z85(node_peer_id)
+                # A node refusing our key shows only as a socket event: watch for it.
+                self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                self._loop.add_reader(self._monitor, self._io_monitor)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.endpoint)
         except (zmq.ZMQError, MeshError) as exc:
@@ -174,7 +201,29 @@ class MeshClient:
         self._loop.add_reader(sock, self._io_readable)
         opened.set_result(None)
 
+    def _io_monitor(self) -> None:
+        assert self._monitor is not None
+        try:
+            self._monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        peer_id = self._identity.peer_id if self._identity else "?"
+        refused = MeshError(
+            f"the node at {self.endpoint} refused this client's key; add {peer_id} to its api.allowed_clients"
+        )
+        with self._lock:
+            self._refused = refused
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            _settle(future, exception=refused)
+        while self._requests:
+            _settle(self._requests.popleft()[1], exception=refused)
+
     def _io_close(self) -> None:
+        if self._monitor is not None:
+            self._loop.remove_reader(self._monitor)
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._loop.remove_reader(self._sock)
             self._sock.close(linger=0)
@@ -191,6 +240,9 @@ class MeshClient:
             self._sock.send_multipart(frames, copy=False)
 
     def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future) -> None:
+        if self._refused is not None:
+            _settle(future, exception=self._refused)
+            return
         self._requests.append((reply_type, future))
         self._io_send(encode(request))
 

@@ -29,6 +29,8 @@ from relay_server.routing import Outgoing, RelayCore
 
 log = structlog.get_logger("meshnet.relay")
 
+#: How far past ``max_message_bytes`` a message may go and still get an answer.
+HARD_CAP_SLACK = 1024 * 1024
 #: Messages taken from the socket per wake-up before timers get a turn.
 RECV_BATCH = 256
 
@@ -61,14 +63,15 @@ def _observe(frame: zmq.Frame) -> str:
 
 
 class RelayServer:
-    def __init__(self, config: RelayConfig, *, core: RelayCore | None = None, context: zmq.Context | None = None):
+    def __init__(self, config: RelayConfig, *, core: RelayCore | None = None):
         self.config = config
         self.identity: Identity = config.load_identity()
         settings = config.relay
         self.core = core or RelayCore(
             heartbeat=settings.heartbeat_interval, liveness=settings.liveness, max_body=settings.max_message_bytes
         )
-        self.context = context or zmq.Context.instance()
+        # A context of its own: ZAP is per context, and a process may hold a relay and nodes.
+        self.context = zmq.Context()
         self.loop = SocketLoop("relay")
         self.endpoint = ""
         self._ready = threading.Event()
@@ -102,6 +105,7 @@ class RelayServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        self.context.destroy(linger=0)
         self.log.info("relay_stopped", forwarded=self.core.forwarded, rejected=self.core.rejected)
 
     # -- loop thread --
@@ -115,7 +119,9 @@ class RelayServer:
             router.curve_publickey = public
             router.curve_secretkey = secret
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            router.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+            # The core answers a message over the limit with a clear error; past this hard
+            # cap libzmq drops the connection before buffering any more of it.
+            router.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes + HARD_CAP_SLACK)
             router.setsockopt(zmq.SNDHWM, settings.high_water_mark)
             router.setsockopt(zmq.RCVHWM, settings.high_water_mark)
             router.setsockopt(zmq.LINGER, 0)

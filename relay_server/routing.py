@@ -203,7 +203,7 @@ class RelayCore:
         if len(target.correspondents) > MAX_CORRESPONDENTS:
             target.correspondents.popitem(last=False)
         self.forwarded += 1
-        deliver = Deliver(sender=sender.peer_id, ref=message.ref, body=message.body)
+        deliver = Deliver(sender=sender.peer_id, ref=message.ref, op=message.op, body=message.body)
         return [Outgoing(target.conn, encode(deliver), bounce_to=sender.conn, bounce=bounce)]
 
     def _remove(self, entry: NodeEntry) -> list[Outgoing]:

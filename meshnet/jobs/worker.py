@@ -7,12 +7,15 @@ handler's exception becomes a plain tuple (plugin exception types need not pickl
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 
 import cbor2
 
 from meshnet.jobs.registry import Handler, load_handlers
 
+PR_SET_PDEATHSIG = 1
 _handlers: dict[str, Handler] = {}
 
 #: (outcome, result_cbor_or_None, error_type, error_message)
@@ -24,7 +27,20 @@ def init_worker(enabled: list[str]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the node decides when
     # workers stop, so they ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     _handlers = load_handlers(enabled)
+
+
+def _die_with_parent() -> None:
+    """Have Linux kill this worker when its parent (the forkserver, which exits with
+    the node) dies, so that a node killed with SIGKILL leaves no worker running."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_job(kind: str, payload: bytes) -> Outcome:

@@ -41,9 +41,9 @@ def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
     return value
 
 
-def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any) -> Message:
+def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int = 0) -> Message:
     try:
-        return _build_checked(fields, accept, body)
+        return _build_checked(fields, accept, body, max_body)
     except RemoteProtocolError as exc:
         ref = fields.get("id")
         if isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
@@ -60,7 +60,7 @@ def validate(message: Message) -> None:
             raise LocalProtocolError(f"{message.TYPE}.{name} = {getattr(message, name)!r}: expected {exc}") from None
 
 
-def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any) -> Message:
+def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int) -> Message:
     version = fields.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
@@ -81,6 +81,10 @@ def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], bod
         raise RemoteProtocolError(f"{cls.TYPE} must have a body frame")
     if cls.BODY is Body.NONE and body is not None:
         raise RemoteProtocolError(f"{cls.TYPE} takes no body frame")
+    if body is not None:
+        size = len(memoryview(body))
+        if size > max_body:
+            raise MessageTooLarge(f"{cls.TYPE} body is {size} bytes; the limit is {max_body}")
     if cls.BODY is not Body.NONE:
         values["body"] = body
     try:
@@ -94,11 +98,7 @@ def decode(frames: Sequence[Any], accept: dict[str, type[Message]], *, max_body:
     if not 1 <= len(frames) <= 2:
         raise RemoteProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
     body = frames[1] if len(frames) == 2 else None
-    if body is not None:
-        size = len(memoryview(body))
-        if size > max_body:
-            raise MessageTooLarge(f"body is {size} bytes; the limit is {max_body}")
-    return _build(_load_map(frames[0], MAX_HEADER_BYTES, "header"), accept, body)
+    return _build(_load_map(frames[0], MAX_HEADER_BYTES, "header"), accept, body, max_body)
 
 
 def encode_inner(message: Message) -> bytes:

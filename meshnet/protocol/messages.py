@@ -169,6 +169,18 @@ def optional_byte_string(value: Any) -> bytes | None:
     return None if value is None else byte_string(value)
 
 
+#: What a sealed body holds, told in the clear so that a node that cannot open one knows
+#: whether it may answer (a job: refuse it) or must not (a result or cancel: an answer to
+#: an answer could loop between two nodes forever through a tampering relay).
+SEALED_OPS = ("job", "result", "cancel")
+
+
+def op(value: Any) -> str:
+    if value not in SEALED_OPS:
+        raise ValueError("one of " + ", ".join(SEALED_OPS))
+    return value
+
+
 def seq(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError("an unsigned integer")
@@ -289,9 +301,10 @@ class Send(Message):
 
     TYPE = "send"
     BODY = Body.REQUIRED
-    RULES = {"to": peer_id, "ref": byte_string}
+    RULES = {"to": peer_id, "ref": byte_string, "op": op}
     to: str
     ref: bytes
+    op: str
     body: Any = b""
 
 
@@ -318,9 +331,10 @@ class Pong(Message):
 class Deliver(Message):
     TYPE = "deliver"
     BODY = Body.REQUIRED
-    RULES = {"sender": peer_id, "ref": byte_string}
+    RULES = {"sender": peer_id, "ref": byte_string, "op": op}
     sender: str
     ref: bytes
+    op: str
     body: Any = b""
 
 

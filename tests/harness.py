@@ -1,0 +1,254 @@
+"""Real MeshNet processes for tests: relays and nodes as subprocesses on loopback.
+
+Each process logs JSON to stderr; a reader thread collects the events so that a test
+waits for what it needs (``wait_for("relay_registered")``) instead of sleeping.
+Everything started is stopped at the end, also when the test fails, descendants
+(the pool's workers and forkserver) included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+from meshnet.identity import Identity
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MeshProcess:
+    """One ``meshnet`` subprocess and the JSON log events it has written."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
+        self.name = name
+        self.args = args
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "meshnet.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=REPO,
+        )
+        self.pid = self.popen.pid
+        self.seen: dict[int, psutil.Process] = {}
+        self._reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            line = line.rstrip("\n")
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    event = None
+                if isinstance(event, dict):
+                    self.events.append(event)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, event: str, timeout: float = 20.0, count: int = 1, **fields: Any) -> dict[str, Any]:
+        """Block until the process has logged ``event`` (with ``fields``) ``count`` times."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [
+                    e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+                ]
+                if len(found) >= count:
+                    return found[count - 1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    tail = "\n".join(self.raw[-30:])
+                    raise AssertionError(f"{self.name} did not log {event} {fields} x{count}; last lines:\n{tail}")
+                self._cond.wait(remaining)
+
+    def descendants(self) -> list[psutil.Process]:
+        """The process's descendants now; every one seen is remembered for ``stop``."""
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            self.seen.setdefault(child.pid, child)
+        return children
+
+    def signal(self, signum: int) -> None:
+        self.descendants()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.popen.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL for whatever is left, the process's descendants included."""
+        self.descendants()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        for child in self.seen.values():
+            try:
+                child.kill()  # psutil checks the pid still belongs to the same process
+            except psutil.NoSuchProcess:
+                pass
+        self._reader.join(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+@dataclass
+class Pair:
+    """A relay and two registered nodes, A and B."""
+
+    relay: MeshProcess
+    relay_path: Path
+    relay_endpoint: str
+    relay_id: Identity
+    a: MeshProcess
+    a_api: str
+    a_id: Identity
+    b: MeshProcess
+    b_api: str
+    b_id: Identity
+
+
+class Mesh:
+    """A factory of relays and nodes for one test, with their config files."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.processes: list[MeshProcess] = []
+
+    def relay_config(
+        self,
+        identity: Identity | None = None,
+        *,
+        allowed: list[str] | None = None,
+        port: int | None = None,
+        heartbeat: float = 0.5,
+        access: str = "allow-list",
+        **relay: Any,
+    ) -> tuple[Path, Identity, str]:
+        identity = identity or Identity.generate()
+        endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+        document = {
+            "identity": {"private_key": identity.private_key_text},
+            "relay": {
+                "bind": endpoint,
+                "access": access,
+                "allowed_peers": allowed or [],
+                "heartbeat_interval": heartbeat,
+                **relay,
+            },
+            "log": {"format": "json", "level": "info"},
+        }
+        path = self.tmp / f"relay-{identity.peer_id[-6:]}.toml"
+        path.write_text(tomli_w.dumps(document))
+        path.chmod(0o600)
+        return path, identity, endpoint
+
+    def node_config(
+        self,
+        name: str,
+        identity: Identity | None = None,
+        *,
+        relay: tuple[str, str] | None = None,
+        heartbeat: float = 0.5,
+        jobs: dict[str, Any] | None = None,
+        api: dict[str, Any] | None = None,
+        log_level: str = "info",
+    ) -> tuple[Path, Identity, str]:
+        identity = identity or Identity.generate()
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        document: dict[str, Any] = {
+            "identity": {"private_key": identity.private_key_text},
+            "api": {"endpoint": endpoint, **(api or {})},
+            "jobs": {"executors": 2, **(jobs or {})},
+            "log": {"format": "json", "level": log_level},
+        }
+        if relay is not None:
+            document["relay"] = {
+                "endpoint": relay[0],
+                "peer_id": relay[1],
+                "heartbeat_interval": heartbeat,
+                "reconnect_min": 0.05,
+                "reconnect_max": 0.5,
+            }
+        path = self.tmp / f"node-{name}.toml"
+        path.write_text(tomli_w.dumps(document))
+        path.chmod(0o600)
+        return path, identity, endpoint
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> MeshProcess:
+        proc = MeshProcess(name, args, env)
+        self.processes.append(proc)
+        return proc
+
+    def start_relay(self, path: Path, name: str = "relay") -> MeshProcess:
+        proc = self.spawn(name, ["relay", "--config", str(path)])
+        proc.wait_for("relay_started")
+        return proc
+
+    def start_node(
+        self, name: str, path: Path, *, registered: bool = False, env: dict[str, str] | None = None
+    ) -> MeshProcess:
+        proc = self.spawn(name, ["node", "--config", str(path)], env)
+        proc.wait_for("node_started")
+        if registered:
+            proc.wait_for("relay_registered")
+        return proc
+
+    def start_pair(
+        self, *, b_jobs: dict[str, Any] | None = None, b_log: str = "info", extra_allowed: tuple[str, ...] = ()
+    ) -> Pair:
+        a_id, b_id = Identity.generate(), Identity.generate()
+        relay_path, relay_id, relay_endpoint = self.relay_config(allowed=[a_id.peer_id, b_id.peer_id, *extra_allowed])
+        relay = self.start_relay(relay_path)
+        link = (relay_endpoint, relay_id.peer_id)
+        a_path, _, a_api = self.node_config("a", a_id, relay=link)
+        b_path, _, b_api = self.node_config("b", b_id, relay=link, jobs=b_jobs, log_level=b_log)
+        a = self.start_node("a", a_path, registered=True)
+        b = self.start_node("b", b_path, registered=True)
+        return Pair(relay, relay_path, relay_endpoint, relay_id, a, a_api, a_id, b, b_api, b_id)
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
