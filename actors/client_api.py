@@ -18,6 +18,7 @@ import structlog
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from actors.base import NodeActor
 from actors.messages import CancelJob, Drain, QueryPeers, RunHere, RunThere
 from actors.socket_loop import SocketLoop
 from meshnet.endpoints import is_local_endpoint
@@ -55,7 +56,7 @@ class _AllowClients:
         return True
 
 
-class ClientApiActor(pykka.ThreadingActor):
+class ClientApiActor(NodeActor):
     def __init__(
         self,
         *,
@@ -122,7 +123,7 @@ class ClientApiActor(pykka.ThreadingActor):
             self._auth.stop()
             self._auth = None
 
-    def on_receive(self, message: Any) -> Any:
+    def handle(self, message: Any) -> Any:
         if isinstance(message, Drain):
             self.draining = True
         elif isinstance(message, tuple) and message[0] == "status":

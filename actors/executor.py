@@ -17,6 +17,7 @@ import pebble
 import pykka
 import structlog
 
+from actors.base import NodeActor
 from actors.messages import Abort, Execute, Executed, KillJob
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.worker import init_worker, run_job
@@ -43,7 +44,7 @@ def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: s
     return Outcome("failed", error_type=type(exc).__name__, message=str(exc))
 
 
-class ExecutorActor(pykka.ThreadingActor):
+class ExecutorActor(NodeActor):
     def __init__(self, *, workers: int, enabled: list[str], queue: pykka.ActorRef | None = None):
         super().__init__()
         self.workers = workers
@@ -64,7 +65,7 @@ class ExecutorActor(pykka.ThreadingActor):
     def attach(self, queue: pykka.ActorRef) -> None:
         self.queue = queue
 
-    def on_receive(self, message: Any) -> Any:
+    def handle(self, message: Any) -> Any:
         if isinstance(message, Execute):
             self._execute(message.job)
         elif isinstance(message, KillJob):

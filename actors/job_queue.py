@@ -12,6 +12,7 @@ from typing import Any
 import pykka
 import structlog
 
+from actors.base import NodeActor
 from actors.messages import Abort, CancelJob, Drain, Execute, Executed, KillJob, RunHere
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
@@ -19,7 +20,7 @@ from meshnet.jobs.queue import JobQueue
 log = structlog.get_logger("meshnet.jobs")
 
 
-class JobQueueActor(pykka.ThreadingActor):
+class JobQueueActor(NodeActor):
     def __init__(self, *, executor: pykka.ActorRef, slots: int, capacity: int, enabled: list[str], max_payload: int):
         super().__init__()
         self.executor = executor
@@ -29,7 +30,7 @@ class JobQueueActor(pykka.ThreadingActor):
         self.idle = threading.Event()
         self.idle.set()
 
-    def on_receive(self, message: Any) -> Any:
+    def handle(self, message: Any) -> Any:
         if isinstance(message, RunHere):
             self._admit(message.job)
         elif isinstance(message, Executed):

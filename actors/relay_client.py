@@ -21,6 +21,7 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from actors.base import NodeActor
 from actors.messages import (
     CancelJob,
     Drain,
@@ -80,7 +81,7 @@ class HandshakeFailed:
     status: int
 
 
-class RelayClientActor(pykka.ThreadingActor):
+class RelayClientActor(NodeActor):
     def __init__(
         self,
         *,
@@ -150,7 +151,7 @@ class RelayClientActor(pykka.ThreadingActor):
 
     # -- messages --
 
-    def on_receive(self, message: Any) -> Any:
+    def handle(self, message: Any) -> Any:
         if isinstance(message, FromSocket):
             self._on_frames(message.frames)
         elif isinstance(message, RunThere):

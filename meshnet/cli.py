@@ -33,7 +33,7 @@ EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
 
 
-def _configure_logging(fmt: str = "console", level: str = "info") -> None:
+def _configure_logging(fmt: str = "console", level: str = "info", static: dict[str, str] | None = None) -> None:
     """Log as the config says; ``MESHNET_LOG_FORMAT`` / ``MESHNET_LOG_LEVEL`` override it."""
     fmt = os.environ.get("MESHNET_LOG_FORMAT", fmt)
     level = os.environ.get("MESHNET_LOG_LEVEL", level)
@@ -41,7 +41,7 @@ def _configure_logging(fmt: str = "console", level: str = "info") -> None:
         raise MeshError(
             "MESHNET_LOG_FORMAT must be console or json, MESHNET_LOG_LEVEL debug, info, warning or error"
         )
-    configure_logging(fmt, level)
+    configure_logging(fmt, level, static)
 
 
 def _config_path(args: argparse.Namespace, name: str) -> Path:
@@ -100,7 +100,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     _configure_logging()
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
-    _configure_logging(config.log.format, config.log.level)
+    _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
     node = Node(config).start()
     _install_thread_dump()
     try:
@@ -120,7 +120,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         init_config(path, relay=True)
     config = load_relay_config(path)
     _warn_if_readable(path)
-    _configure_logging(config.log.format, config.log.level)
+    _configure_logging(config.log.format, config.log.level, {"relay_id": config.load_identity().peer_id})
     server = RelayServer(config).start()
     try:
         _wait_for_signal()

@@ -78,7 +78,7 @@ class RelayServer:
         self._error: BaseException | None = None
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
-        self.log = log.bind(peer_id=self.identity.peer_id)
+        self.log = log.bind(relay_id=self.identity.peer_id)
 
     def start(self) -> RelayServer:
         settings = self.config.relay

@@ -1,0 +1,30 @@
+"""What every node actor shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pykka
+import structlog
+
+log = structlog.get_logger("meshnet.actor")
+
+
+class NodeActor(pykka.ThreadingActor):
+    """An actor that survives a failing message.
+
+    pykka stops an actor whose ``on_receive`` raises; for a node that would mean one
+    unexpected message taking a whole part of it down while the process lives on. A
+    failure is logged with its traceback and the actor handles the next message.
+    Subclasses implement :meth:`handle`.
+    """
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            return self.handle(message)
+        except Exception:
+            log.exception("actor_message_failed", actor=type(self).__name__, message=type(message).__name__)
+            return None
+
+    def handle(self, message: Any) -> Any:
+        raise NotImplementedError
