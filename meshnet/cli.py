@@ -38,9 +38,7 @@ def _configure_logging(fmt: str = "console", level: str = "info", static: dict[s
     fmt = os.environ.get("MESHNET_LOG_FORMAT", fmt)
     level = os.environ.get("MESHNET_LOG_LEVEL", level)
     if fmt not in ("console", "json") or level not in ("debug", "info", "warning", "error"):
-        raise MeshError(
-            "MESHNET_LOG_FORMAT must be console or json, MESHNET_LOG_LEVEL debug, info, warning or error"
-        )
+        raise MeshError("MESHNET_LOG_FORMAT must be console or json, MESHNET_LOG_LEVEL debug, info, warning or error")
     configure_logging(fmt, level, static)
 
 

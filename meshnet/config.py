@@ -7,6 +7,7 @@ too, since a typo that silently falls back to a default is worse than a refusal.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import sys
@@ -42,7 +43,7 @@ def default_config_path(name: str = "node.toml") -> Path:
 
 
 def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError("a number greater than 0")
     return float(value)
 
@@ -228,7 +229,7 @@ def _build(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
     known = {f.name: f for f in fields(cls) if f.name != "path"}
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+        raise ConfigError(f"{where}: unknown key '{prefix}{unknown[0]}'; expected one of {', '.join(sorted(known))}")
     values = {}
     for name, value in table.items():
         spec = known[name]

@@ -71,6 +71,6 @@ class RelayLink:
         in the consecutive failures, capped, with jitter so that nodes that lost the
         same relay do not come back in lockstep."""
         self.state = LinkState.DISCONNECTED
-        delay = min(self.backoff_max, self.backoff_min * (2**self.failures))
+        delay = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.failures, 32))
         self.failures += 1
         return delay * self._rng.uniform(0.5, 1.0)

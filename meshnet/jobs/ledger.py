@@ -31,13 +31,17 @@ class ForwardedJob:
 class ForwardLedger:
     jobs: dict[bytes, ForwardedJob] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
-    _deadlines: list[tuple[float, bytes]] = field(default_factory=list)
+    #: (deadline, sequence, job): the job itself is kept so that the entry of a settled
+    #: job is never taken for a later job that reuses its id.
+    _deadlines: list[tuple[float, int, ForwardedJob]] = field(default_factory=list)
+    _sequence: int = 0
 
     def add(self, job: ForwardedJob) -> bool:
         if job.id in self.jobs:
             return False
         self.jobs[job.id] = job
-        heapq.heappush(self._deadlines, (job.deadline, job.id))
+        self._sequence += 1
+        heapq.heappush(self._deadlines, (job.deadline, self._sequence, job))
         return True
 
     def settle(self, job_id: bytes, status: str, *, peer: str | None = None) -> ForwardedJob | None:
@@ -56,13 +60,13 @@ class ForwardLedger:
         """Jobs past their deadline, removed from the ledger (their status: ``timed_out``)."""
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, job_id = heapq.heappop(self._deadlines)
-            job = self.settle(job_id, "timed_out")
-            if job is not None:
+            _, _, job = heapq.heappop(self._deadlines)
+            if self.jobs.get(job.id) is job:
+                self.settle(job.id, "timed_out")
                 out.append(job)
         return out
 
     def next_deadline(self) -> float | None:
-        while self._deadlines and self._deadlines[0][1] not in self.jobs:
+        while self._deadlines and self.jobs.get(self._deadlines[0][2].id) is not self._deadlines[0][2]:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from meshnet.protocol.messages import clip
+
 
 @dataclass
 class JobSpec:
@@ -37,7 +39,8 @@ class Outcome:
     def error(self) -> dict[str, str] | None:
         if self.status == "succeeded":
             return None
-        return {"type": self.error_type, "message": self.message, "reason": self.reason}
+        # A handler's exception text has no bound; the wire's text fields do.
+        return {"type": clip(self.error_type, 256), "message": clip(self.message), "reason": clip(self.reason, 64)}
 
     @classmethod
     def refused(cls, reason: str, message: str) -> Outcome:

@@ -35,7 +35,7 @@ def check_enabled(enabled: list[str], where: str = "config") -> None:
     """Raise ``ConfigError`` naming the first enabled kind that does not exist."""
     known = available_kinds()
     for name in enabled:
-        if not KIND_PATTERN.match(name) or name not in known:
+        if not KIND_PATTERN.fullmatch(name) or name not in known:
             raise ConfigError(
                 f"{where}: jobs.enabled lists {name!r}, which is not a known job kind; "
                 f"known kinds: {', '.join(sorted(known))}"

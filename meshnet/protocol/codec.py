@@ -7,13 +7,16 @@ bytes, it returns a valid message of an expected type or raises a
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import cbor2
 
 from meshnet.errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
-from meshnet.protocol.messages import JOB_ID_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message
+from meshnet.protocol.messages import JOB_ID_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message, clip
+
+MAX_ERROR_TEXT = 1024
 
 
 def encode(message: Message) -> list[Any]:
@@ -32,10 +35,13 @@ def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
     size = len(memoryview(data))
     if size > limit:
         raise MessageTooLarge(f"{what} is {size} bytes; the limit is {limit}")
+    stream = io.BytesIO(data)
     try:
-        value = cbor2.loads(data)
+        value = cbor2.CBORDecoder(stream).decode()
     except Exception as exc:  # cbor2 signals bad input with several exception types
-        raise RemoteProtocolError(f"{what} is not valid CBOR: {exc}") from None
+        raise RemoteProtocolError(f"{what} is not valid CBOR: {clip(str(exc), 200)}") from None
+    if stream.tell() != size:
+        raise RemoteProtocolError(f"{what} has {size - stream.tell()} bytes after its CBOR map")
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"{what} must be a CBOR map, got {type(value).__name__}")
     return value
@@ -45,6 +51,9 @@ def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, 
     try:
         return _build_checked(fields, accept, body, max_body)
     except RemoteProtocolError as exc:
+        # The text may quote what the peer sent (a type or field name of any length);
+        # it must fit in the error reply it becomes.
+        exc.args = (clip(str(exc), MAX_ERROR_TEXT),)
         ref = fields.get("id")
         if isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
             exc.ref = ref
@@ -62,7 +71,7 @@ def validate(message: Message) -> None:
 
 def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int) -> Message:
     version = fields.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
     type_name = fields.pop("t", None)
     cls = accept.get(type_name) if isinstance(type_name, str) else None

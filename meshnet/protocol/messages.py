@@ -25,6 +25,9 @@ from meshnet.identity import is_peer_id
 __all__ = [
     "PROTOCOL_VERSION",
     "JOB_ID_BYTES",
+    "SEALED_OPS",
+    "MAX_TEXT",
+    "clip",
     "MAX_HEADER_BYTES",
     "STATUSES",
     "REFUSAL_REASONS",
@@ -95,7 +98,7 @@ def job_id(value: Any) -> bytes:
 
 
 def kind(value: Any) -> str:
-    if not isinstance(value, str) or not KIND_PATTERN.match(value):
+    if not isinstance(value, str) or not KIND_PATTERN.fullmatch(value):
         raise ValueError("a job kind: lowercase letters, digits, '_', '.', '-', at most 64")
     return value
 
@@ -115,9 +118,18 @@ def optional(rule: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    try:
+        valid = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < float(value) < math.inf
+    except OverflowError:  # an integer too large for a float (CBOR bignums have no bound)
+        valid = False
+    if not valid:
         raise ValueError("a finite number of seconds greater than 0")
     return float(value)
+
+
+def clip(message: str, limit: int = MAX_TEXT) -> str:
+    """``message`` cut to fit a text field: error texts may quote what a peer sent."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def text(value: Any) -> str:

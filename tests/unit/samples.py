@@ -1,0 +1,93 @@
+"""Valid sample messages for every message type, shared by the codec tests."""
+
+from __future__ import annotations
+
+import cbor2
+
+from meshnet.identity import Identity
+from meshnet.protocol import (
+    CLIENT_TO_NODE,
+    NODE_TO_CLIENT,
+    NODE_TO_NODE,
+    NODE_TO_RELAY,
+    RELAY_TO_NODE,
+    Cancel,
+    Deliver,
+    Error,
+    Job,
+    JobCancel,
+    JobResult,
+    PeerDown,
+    PeersReply,
+    PeersRequest,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Result,
+    Send,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    Unroutable,
+)
+
+PEER = Identity.generate().peer_id
+OTHER_PEER = Identity.generate().peer_id
+JOB_ID = bytes(range(16))
+PAYLOAD = cbor2.dumps({"data": b"abc", "rounds": 2})
+PEER_INFO = {"peer_id": PEER, "caps": {"cores": 4}, "listen": ["tcp://10.0.0.1:7711"], "observed": "1.2.3.4:5"}
+FULL_ERROR = {"type": "RuntimeError", "message": "boom", "reason": ""}
+
+#: direction table -> valid messages of every type that direction accepts
+SAMPLES = {
+    "CLIENT_TO_NODE": [
+        Submit(id=JOB_ID, kind="echo", body=PAYLOAD),
+        Submit(id=JOB_ID, kind="sha256", body=PAYLOAD, to=PEER, timeout=2.5),
+        Cancel(id=JOB_ID),
+        StatusRequest(),
+        PeersRequest(),
+    ],
+    "NODE_TO_CLIENT": [
+        Result(id=JOB_ID, status="succeeded", body=PAYLOAD, peer=PEER),
+        Result(id=JOB_ID, status="failed", error=FULL_ERROR),
+        StatusReply(info={"queued": 1, "running": 2, "jobs": {"succeeded": 3}}),
+        PeersReply(peers=[PEER_INFO]),
+        Error(code="invalid", message="bad message"),
+    ],
+    "NODE_TO_RELAY": [
+        Register(peer_id=PEER, caps={"cores": 8, "gpus": 1}, listen=["tcp://10.0.0.1:7711"]),
+        Register(peer_id=PEER),
+        Ping(seq=7),
+        Send(to=OTHER_PEER, ref=JOB_ID, op="job", body=b"\x00sealed\xff"),
+        PeersRequest(),
+    ],
+    "RELAY_TO_NODE": [
+        Registered(peer_id=PEER, observed="1.2.3.4:5", heartbeat=1.5),
+        Pong(seq=7),
+        Deliver(sender=OTHER_PEER, ref=JOB_ID, op="result", body=b"\x00sealed\xff"),
+        Unroutable(to=OTHER_PEER, ref=JOB_ID, reason="peer_not_connected", message="gone"),
+        PeerDown(peer_id=OTHER_PEER),
+        PeersReply(peers=[PEER_INFO, {**PEER_INFO, "peer_id": OTHER_PEER}]),
+        Error(code="not_registered", message="register first"),
+    ],
+    "NODE_TO_NODE": [
+        Job(id=JOB_ID, kind="echo", timeout=30.0, payload=PAYLOAD),
+        JobResult(id=JOB_ID, status="succeeded", result=PAYLOAD),
+        JobResult(id=JOB_ID, status="refused", error={"type": "Refused", "message": "busy", "reason": "busy"}),
+        JobCancel(id=JOB_ID),
+    ],
+}
+
+TABLES = {
+    "CLIENT_TO_NODE": CLIENT_TO_NODE,
+    "NODE_TO_CLIENT": NODE_TO_CLIENT,
+    "NODE_TO_RELAY": NODE_TO_RELAY,
+    "RELAY_TO_NODE": RELAY_TO_NODE,
+    "NODE_TO_NODE": NODE_TO_NODE,
+}
+
+#: the four directions that travel as frames (node-to-node travels sealed, via encode_inner)
+FRAME_DIRECTIONS = ["CLIENT_TO_NODE", "NODE_TO_CLIENT", "NODE_TO_RELAY", "RELAY_TO_NODE"]
+
+MAX_BODY = 1 << 16
