@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -43,6 +44,13 @@ log = structlog.get_logger("meshnet.api")
 
 HEADER_SLACK = 64 * 1024
 RECV_BATCH = 256
+
+
+@dataclass(frozen=True)
+class StatusFor:
+    """Gather the node's status (asking other actors) and send it to client ``conn``."""
+
+    conn: bytes
 
 
 class _AllowClients:
@@ -126,10 +134,9 @@ class ClientApiActor(NodeActor):
     def handle(self, message: Any) -> Any:
         if isinstance(message, Drain):
             self.draining = True
-        elif isinstance(message, tuple) and message[0] == "status":
-            _, conn = message
+        elif isinstance(message, StatusFor):
             info = self.gather_status()
-            self.loop.call_soon(self._io_send, conn, encode(StatusReply(info=info)))
+            self.loop.call_soon(self._io_send, message.conn, encode(StatusReply(info=info)))
 
     # -- loop thread --
 
@@ -200,7 +207,7 @@ class ClientApiActor(NodeActor):
             if self.relay is not None:
                 self.relay.tell(CancelJob(message.id))
         elif isinstance(message, StatusRequest):
-            self.actor_ref.tell(("status", conn))
+            self.actor_ref.tell(StatusFor(conn))
         elif isinstance(message, PeersRequest):
             self._io_peers(conn)
 
