@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import multibase
+import nacl.signing
 import pytest
 
 from meshnet.errors import IdentityError, SealError
 from meshnet.identity import (
     Identity,
     Sealer,
+    b58decode,
+    b58encode,
     curve_public_key,
     curve_public_z85,
     is_peer_id,
@@ -18,7 +20,33 @@ from meshnet.identity import (
 
 
 def b58(raw: bytes) -> str:
-    return multibase.encode("base58btc", raw).decode("ascii")
+    return "z" + b58encode(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"Hello World!", "2NEpo7TZRRrLZSi2U"),
+        (
+            b"The quick brown fox jumps over the lazy dog.",
+            "USm3fpXnKG5EUBx2ndxBDMPVciP5hGey2Jh4NDv6gmeo1LkMeiKrLJUUBk6Z",
+        ),
+        (bytes.fromhex("0000287fb4cd"), "11233QC4"),
+        (b"", ""),
+        (b"\0", "1"),
+    ],
+)
+def test_base58btc_matches_the_standard_vectors(raw: bytes, text: str) -> None:
+    assert b58encode(raw) == text
+    assert b58decode(text) == raw
+
+
+def test_private_key_with_leading_zero_bytes_round_trips() -> None:
+    for seed in (b"\0" + bytes(range(1, 32)), b"\0\0" + bytes(30)[:-1] + b"\x01"):
+        identity = Identity(nacl.signing.SigningKey(seed))
+        assert identity.private_key_text.startswith("z1")
+        loaded = Identity.from_private_key(identity.private_key_text)
+        assert loaded.peer_id == identity.peer_id
 
 
 @pytest.fixture(scope="module")
