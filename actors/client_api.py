@@ -53,6 +53,11 @@ class StatusFor:
     conn: bytes
 
 
+def client_origin(conn: bytes) -> str:
+    """The origin of jobs submitted on client connection ``conn``."""
+    return f"client:{conn.hex()}"
+
+
 class _AllowClients:
     def __init__(self, keys: set[bytes]):
         self.keys = keys
@@ -191,7 +196,7 @@ class ClientApiActor(NodeActor):
             except ProtocolError as exc:
                 self.log.warning("client_message_rejected", error=str(exc))
                 ref = getattr(exc, "ref", None)
-                if ref is not None:  # a job we can name: its submitter gets a terminal status
+                if ref is not None:  # a submit whose job we can name: it gets its terminal status
                     refusal = Outcome.refused(exc.code, str(exc))
                     self._io_send(conn, encode(Result(id=ref, status="refused", error=refusal.error)))
                 else:
@@ -203,9 +208,11 @@ class ClientApiActor(NodeActor):
         if isinstance(message, Submit):
             self._io_submit(conn, message)
         elif isinstance(message, Cancel):
-            self.queue.tell(CancelJob(message.id))
+            # Only the connection that submitted a job may cancel it.
+            cancel = CancelJob(message.id, requester=client_origin(conn))
+            self.queue.tell(cancel)
             if self.relay is not None:
-                self.relay.tell(CancelJob(message.id))
+                self.relay.tell(cancel)
         elif isinstance(message, StatusRequest):
             self.actor_ref.tell(StatusFor(conn))
         elif isinstance(message, PeersRequest):
@@ -222,7 +229,9 @@ class ClientApiActor(NodeActor):
             loop.call_soon(send, conn, encode(result))
 
         timeout = message.timeout or self.default_timeout
-        job = JobSpec(id=job_id, kind=message.kind, payload=message.body, timeout=timeout, reply=reply)
+        job = JobSpec(
+            id=job_id, kind=message.kind, payload=message.body, timeout=timeout, reply=reply, origin=client_origin(conn)
+        )
         if self.draining:
             reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
         elif timeout > self.max_timeout:

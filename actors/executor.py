@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import time
 from typing import Any
 
 import pebble
@@ -25,6 +26,12 @@ from meshnet.jobs.worker import init_worker, run_job
 log = structlog.get_logger("meshnet.executor")
 
 
+def _timed_out_text(job: JobSpec, *, started: bool) -> str:
+    if started:
+        return f"job ran past its timeout of {job.timeout:g} s (counted from its arrival) and was killed"
+    return f"job waited in the queue past its timeout of {job.timeout:g} s and never started"
+
+
 def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: str) -> Outcome:
     """The terminal outcome a finished pool future stands for."""
     if future.cancelled():
@@ -34,9 +41,7 @@ def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: s
         status, result, error_type, message = future.result()
         return Outcome(status, result=result, error_type=error_type, message=message)
     if isinstance(exc, concurrent.futures.TimeoutError):
-        return Outcome(
-            "timed_out", error_type="TimedOut", message=f"job ran past its timeout of {job.timeout:g} s and was killed"
-        )
+        return Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=True))
     if isinstance(exc, pebble.ProcessExpired):
         return Outcome(
             "failed", error_type="WorkerCrashed", message=f"the worker running the job died (exit code {exc.exitcode})"
@@ -80,7 +85,12 @@ class ExecutorActor(NodeActor):
 
     def _execute(self, job: JobSpec) -> None:
         assert self.pool is not None and self.queue is not None
-        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=job.timeout)
+        remaining = job.remaining(time.monotonic())
+        if remaining <= 0:
+            waited = Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
+            self.queue.tell(Executed(job.id, waited))
+            return
+        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
         self.futures[job.id] = future
         queue = self.queue
 

@@ -21,12 +21,22 @@ log = structlog.get_logger("meshnet.jobs")
 
 
 class JobQueueActor(NodeActor):
-    def __init__(self, *, executor: pykka.ActorRef, slots: int, capacity: int, enabled: list[str], max_payload: int):
+    def __init__(
+        self,
+        *,
+        executor: pykka.ActorRef,
+        slots: int,
+        capacity: int,
+        enabled: list[str],
+        max_payload: int,
+        max_timeout: float,
+    ):
         super().__init__()
         self.executor = executor
         self.queue = JobQueue(slots=slots, capacity=capacity)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
+        self.max_timeout = max_timeout
         self.idle = threading.Event()
         self.idle.set()
 
@@ -69,6 +79,10 @@ class JobQueueActor(NodeActor):
             return Outcome.refused(
                 "unknown_kind",
                 f"job kind {job.kind!r} is not enabled on this node; enabled: {', '.join(sorted(self.enabled))}",
+            )
+        if job.timeout > self.max_timeout:
+            return Outcome.refused(
+                "invalid", f"timeout {job.timeout:g} s exceeds this node's jobs.max_timeout ({self.max_timeout:g} s)"
             )
         size = len(memoryview(job.payload))
         if size > self.max_payload:

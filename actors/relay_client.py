@@ -114,6 +114,7 @@ class RelayClientActor(NodeActor):
         self.loop = SocketLoop("relay-client")
         self.generation = 0
         self.pending_peers: deque[Any] = deque()
+        self.ping_seq = 0
         self.draining = False
         #: Set while no forwarded job awaits its answer (the supervisor waits on it to drain).
         self.ledger_idle = threading.Event()
@@ -162,7 +163,7 @@ class RelayClientActor(NodeActor):
             self._on_tick()
         elif isinstance(message, CancelJob):
             job = self.ledger.jobs.get(message.job_id)
-            if job is not None and message.requester == "client":
+            if job is not None and message.requester == job.origin:
                 self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
         elif isinstance(message, QueryPeers):
             if not self.link.registered:
@@ -198,6 +199,7 @@ class RelayClientActor(NodeActor):
             reply=job.reply,
             kind=job.kind,
             sent_at=now,
+            origin=job.origin,
         )
         if not self.ledger.add(entry):
             job.reply(Outcome.refused("duplicate", f"job {job_id_text(job.id)} is already in flight"))
@@ -243,7 +245,7 @@ class RelayClientActor(NodeActor):
             self.link.on_registered(message.observed, message.heartbeat, time.monotonic())
             self.log.info("relay_registered", observed=message.observed)
         elif isinstance(message, Unroutable):
-            self._settle(message.ref, Outcome.refused(message.reason, message.message), peer=message.to)
+            self._on_unroutable(message)
         elif isinstance(message, PeerDown):
             for job in self.ledger.jobs_on(message.peer_id):
                 self._settle(
@@ -256,9 +258,20 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, Error):
             self._on_error(message)
 
+    def _on_unroutable(self, message: Unroutable) -> None:
+        if message.op == "job":  # never delivered: the peer never saw it
+            self._settle(message.ref, Outcome.refused(message.reason, message.message), peer=message.to)
+        elif message.op == "cancel":  # delivered earlier, but its peer has gone since
+            lost = f"peer {message.to} is gone ({message.message})"
+            self._settle(message.ref, Outcome("peer_lost", error_type="PeerLost", message=lost), peer=message.to)
+        else:
+            self.log.warning("result_undeliverable", job_id=message.ref.hex(), to=message.to, reason=message.reason)
+
     def _on_error(self, message: Error) -> None:
         if message.code == "not_registered":
             self.log.info("relay_forgot_us", message=message.message)
+            while self.pending_peers:
+                self.pending_peers.popleft()(None, "the relay did not know this node; it is registering again")
             self._register()
         else:
             self.log.error("relay_error", code=message.code, message=message.message)
@@ -329,7 +342,8 @@ class RelayClientActor(NodeActor):
         now = time.monotonic()
         action = self.link.on_tick(now)
         if action == "ping":
-            self._send(encode(Ping()))
+            self.ping_seq += 1
+            self._send(encode(Ping(seq=self.ping_seq)))
         elif action == "lost":
             self._on_lost()
         for job in self.ledger.expired(now):
@@ -340,6 +354,8 @@ class RelayClientActor(NodeActor):
             )
             self.log.info("job_timed_out", job_id=job_id_text(job.id), kind=job.kind, to=job.peer)
             job.reply(outcome)
+            if self.link.registered:  # the peer may still be running it: it need not
+                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
         self._schedule_tick()
 
     def _on_handshake_failed(self, message: HandshakeFailed) -> None:

@@ -59,6 +59,7 @@ class Node:
                     capacity=jobs.queue_size,
                     enabled=jobs.enabled,
                     max_payload=jobs.max_payload_bytes,
+                    max_timeout=jobs.max_timeout,
                 )
             )
             self.executor.proxy().attach(self.queue).get()

@@ -30,8 +30,8 @@ class ProtocolError(MeshError):
 class RemoteProtocolError(ProtocolError):
     """A peer sent a frame that is not a valid message.
 
-    ``ref`` is the job id the message named, when one could be read from it, so that
-    the refusal can reach the job's submitter as a terminal status.
+    ``ref`` is the job id an invalid ``submit`` named, when one could be read from it,
+    so that the refusal reaches the job's submitter as its terminal status.
     """
 
     ref: bytes | None = None

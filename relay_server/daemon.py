@@ -52,8 +52,10 @@ def observed_address(fd: int) -> str:
     """``ip:port`` of the TCP peer on socket ``fd``, as the relay sees it."""
     try:
         with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return ""  # ipc:// has no address a peer could reach
             host, port = sock.getpeername()[:2]
-    except OSError:
+    except (OSError, ValueError):
         return ""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -156,11 +158,7 @@ class RelayServer:
             # The header is small and decoded at once; a body frame is passed on as it
             # is, so that a forwarded payload is never copied.
             message = [f.bytes if i == 0 else f for i, f in enumerate(data)]
-            self._send(
-                self.core.on_message(
-                    conn, key, message, time.monotonic(), functools.partial(_observe, last)
-                )
-            )
+            self._send(self.core.on_message(conn, key, message, time.monotonic(), functools.partial(_observe, last)))
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         router = self._router

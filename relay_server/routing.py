@@ -105,7 +105,17 @@ class RelayCore:
         peer_id = self.by_conn.get(conn)
         entry = self.nodes.get(peer_id) if peer_id else None
         if entry is None or entry.key != key:
-            return [self._reply(conn, Error(code="not_registered", message="register before sending anything else"))]
+            out = [self._reply(conn, Error(code="not_registered", message="register before sending anything else"))]
+            if isinstance(message, Send):  # the job it carries is answered, not lost
+                bounce = Unroutable(
+                    to=message.to,
+                    ref=message.ref,
+                    op=message.op,
+                    reason="no_relay",
+                    message="the relay did not know this node (did it restart?); the node is registering again",
+                )
+                out.insert(0, self._reply(conn, bounce))
+            return out
         entry.last_seen = now
         if isinstance(message, Ping):
             return [self._reply(conn, Pong(seq=message.seq))]
@@ -192,6 +202,7 @@ class RelayCore:
         bounce = Unroutable(
             to=message.to,
             ref=message.ref,
+            op=message.op,
             reason="peer_not_connected",
             message=f"peer {message.to} is not connected to the relay",
         )

@@ -25,6 +25,8 @@ class ForwardedJob:
     reply: Any = None
     kind: str = ""
     sent_at: float = 0.0
+    #: Who submitted it (as in ``JobSpec.origin``): only they may cancel it.
+    origin: str = ""
 
 
 @dataclass

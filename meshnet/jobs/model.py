@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshnet.protocol.messages import clip
@@ -21,8 +22,16 @@ class JobSpec:
     payload: Any
     timeout: float
     reply: Any = None
-    #: Who submitted it: ``"client"`` or the peer id of the node that forwarded it.
+    #: Who submitted it: ``client:CONNECTION`` or the peer id of the node that forwarded
+    #: it; only they may cancel it.
     origin: str = "client"
+    #: When this node received it (``time.monotonic``). The timeout counts from here, so
+    #: that time spent waiting in the queue is part of it, as it is for the submitter.
+    received_at: float = field(default_factory=time.monotonic, compare=False)
+
+    def remaining(self, now: float) -> float:
+        """Seconds left of the job's timeout at ``now``."""
+        return self.timeout - (now - self.received_at)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
 
 
 def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int = 0) -> Message:
+    type_name = fields.get("t")
     try:
         return _build_checked(fields, accept, body, max_body)
     except RemoteProtocolError as exc:
@@ -55,7 +56,7 @@ def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, 
         # it must fit in the error reply it becomes.
         exc.args = (clip(str(exc), MAX_ERROR_TEXT),)
         ref = fields.get("id")
-        if isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
+        if type_name == "submit" and isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
             exc.ref = ref
         raise
 

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "STATUSES",
     "REFUSAL_REASONS",
+    "ERROR_CODES",
     "Body",
     "Message",
     "Submit",
@@ -80,6 +81,10 @@ REFUSAL_REASONS = (
     "no_relay",
     "relay_busy",
 )
+#: Codes of ``error`` messages: ``invalid`` and ``too_large`` for a message that could not
+#: be decoded; ``not_registered`` (register first), ``identity_mismatch`` (the peer id is
+#: not the connection's key) and ``no_relay`` (the node has no relay link).
+ERROR_CODES = ("invalid", "too_large", "not_registered", "identity_mismatch", "no_relay")
 
 
 class Body(Enum):
@@ -157,6 +162,14 @@ def small_map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or len(value) > MAX_LIST or not all(isinstance(k, str) for k in value):
         raise ValueError("a map with text keys")
     return value
+
+
+def map_or_empty(value: Any) -> dict[str, Any]:
+    return {} if value is None else small_map(value)
+
+
+def list_or_empty(value: Any) -> list[str]:
+    return [] if value is None else text_list(value)
 
 
 def text_list(value: Any) -> list[str]:
@@ -294,7 +307,7 @@ class Error(Message):
 @dataclass(frozen=True)
 class Register(Message):
     TYPE = "register"
-    RULES = {"peer_id": peer_id, "caps": small_map, "listen": text_list}
+    RULES = {"peer_id": peer_id, "caps": map_or_empty, "listen": list_or_empty}
     peer_id: str
     caps: dict[str, Any] = field(default_factory=dict)
     listen: list[str] = field(default_factory=list)
@@ -352,12 +365,15 @@ class Deliver(Message):
 
 @dataclass(frozen=True)
 class Unroutable(Message):
-    """A ``send`` could not be delivered; ``reason`` is a refusal reason."""
+    """A ``send`` could not be delivered; ``reason`` is a refusal reason and ``op`` the
+    bounced send's, so that the sender can tell a job never delivered (refused) from an
+    answer or cancel that found its peer gone."""
 
     TYPE = "unroutable"
-    RULES = {"to": peer_id, "ref": byte_string, "reason": text, "message": text}
+    RULES = {"to": peer_id, "ref": byte_string, "op": op, "reason": text, "message": text}
     to: str
     ref: bytes
+    op: str
     reason: str
     message: str
 

@@ -113,3 +113,22 @@ def test_full_queue_refuses_busy_and_every_job_ends_once(mesh: Mesh, tmp_path: P
         assert sum(outcomes.values()) == len(futures)
         counts = client.status()["jobs"]
         assert counts == {"succeeded": 4, "refused": 6}
+
+
+def test_timeout_counts_time_spent_waiting_in_the_queue(client: MeshClient) -> None:
+    blockers = [client.submit("sleep", 1.5) for _ in range(2)]  # both executors busy
+    with pytest.raises(JobTimedOut) as info:
+        client.run("echo", "too late", timeout=0.5)
+    assert "never started" in str(info.value)
+    assert [f.result(timeout=10) for f in blockers] == [1.5, 1.5]
+
+
+def test_only_the_submitting_connection_can_cancel_a_job(local_node: tuple[str, object]) -> None:
+    with MeshClient(local_node[0]) as owner, MeshClient(local_node[0]) as other:
+        blockers = [owner.submit("sleep", 1.0) for _ in range(2)]
+        waiting = owner.submit("echo", "mine")
+        assert owner.status()["queued"] == 1  # answered after the node took the job in
+        other.cancel(waiting)  # same job id, another connection: ignored
+        other.status()  # answered after the node handled the cancel
+        assert waiting.result(timeout=10) == "mine"
+        assert [f.result(timeout=10) for f in blockers] == [1.0, 1.0]

@@ -72,8 +72,8 @@ def test_thousand_relayed_jobs_each_return_exactly_once(mesh: Mesh) -> None:
         assert client.status()["jobs"] == {"succeeded": 1000}
 
 
-def test_refusals_peer_not_connected_and_kind_not_enabled(mesh: Mesh) -> None:
-    pair = mesh.start_pair()
+def test_refusals_peer_not_connected_kind_not_enabled_timeout_too_long(mesh: Mesh) -> None:
+    pair = mesh.start_pair(b_jobs={"max_timeout": 100})
     a_api, b_id = pair.a_api, pair.b_id
     stranger = Identity.generate().peer_id
     with MeshClient(a_api) as client:
@@ -84,6 +84,9 @@ def test_refusals_peer_not_connected_and_kind_not_enabled(mesh: Mesh) -> None:
         with pytest.raises(JobRefused) as info:
             client.run("crash", 1, to=b_id.peer_id)
         assert info.value.reason == "unknown_kind"
+        with pytest.raises(JobRefused) as info:  # within A's max_timeout, beyond B's
+            client.run("echo", 1, to=b_id.peer_id, timeout=1000)
+        assert info.value.reason == "invalid" and "max_timeout" in str(info.value)
         assert client.run("echo", "still fine", to=b_id.peer_id) == "still fine"
 
 

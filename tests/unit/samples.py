@@ -66,7 +66,7 @@ SAMPLES = {
         Registered(peer_id=PEER, observed="1.2.3.4:5", heartbeat=1.5),
         Pong(seq=7),
         Deliver(sender=OTHER_PEER, ref=JOB_ID, op="result", body=b"\x00sealed\xff"),
-        Unroutable(to=OTHER_PEER, ref=JOB_ID, reason="peer_not_connected", message="gone"),
+        Unroutable(to=OTHER_PEER, ref=JOB_ID, op="job", reason="peer_not_connected", message="gone"),
         PeerDown(peer_id=OTHER_PEER),
         PeersReply(peers=[PEER_INFO, {**PEER_INFO, "peer_id": OTHER_PEER}]),
         Error(code="not_registered", message="register first"),

@@ -276,11 +276,17 @@ def test_decode_inner_rejects_garbage_with_remote_protocol_error():
         decode_inner(b"\xff", NODE_TO_NODE, max_size=MAX_BODY)
 
 
-def test_decode_inner_rejection_carries_job_id_as_ref():
+def test_only_a_submit_rejection_carries_its_id_as_ref():
+    # Any other message naming a job (a cancel, a sealed job) must not end that job by
+    # being invalid: only a submit's own refusal is that job's terminal status.
     data = cbor2.dumps({"v": PROTOCOL_VERSION, "t": "job", "id": JOB_ID, "kind": "echo", "timeout": 0, "payload": b""})
     with pytest.raises(RemoteProtocolError, match="job.timeout") as info:
         decode_inner(data, NODE_TO_NODE, max_size=MAX_BODY)
-    assert info.value.ref == JOB_ID
+    assert info.value.ref is None
+    cancel = cbor2.dumps({"v": PROTOCOL_VERSION, "t": "cancel", "id": JOB_ID, "extra": 1})
+    with pytest.raises(RemoteProtocolError) as info:
+        decode([cancel], CLIENT_TO_NODE, max_body=MAX_BODY)
+    assert info.value.ref is None
 
 
 def test_decode_inner_job_timeout_too_large_for_a_float_is_a_remote_protocol_error():

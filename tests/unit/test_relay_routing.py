@@ -128,16 +128,21 @@ def test_refused_impostor_does_not_displace_the_real_peer(core, a, b):
     assert table(core) == before
 
 
-@pytest.mark.parametrize(
-    "message",
-    [Ping(seq=1), Send(to=SOMEONE, ref=REF, op="job", body=b"x"), PeersRequest()],
-    ids=["ping", "send", "peers"],
-)
+@pytest.mark.parametrize("message", [Ping(seq=1), PeersRequest()], ids=["ping", "peers"])
 def test_any_other_message_before_registering_is_not_registered(core, a, message):
     out = only(send_from(core, a, message))
     assert out.conn == a.conn
     reply = read(out)
     assert isinstance(reply, Error) and reply.code == "not_registered"
+    assert core.nodes == {}
+
+
+def test_send_before_registering_bounces_the_job_and_asks_to_register(core, a):
+    out = send_from(core, a, Send(to=SOMEONE, ref=REF, op="job", body=b"x"))
+    assert [o.conn for o in out] == [a.conn, a.conn]
+    bounce, error = read(out[0]), read(out[1])
+    assert isinstance(bounce, Unroutable) and bounce.ref == REF and bounce.op == "job" and bounce.reason == "no_relay"
+    assert isinstance(error, Error) and error.code == "not_registered"
     assert core.nodes == {}
 
 
