@@ -42,3 +42,16 @@ def configure_logging(fmt: str = "console", level: str = "info", static: dict[st
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries underneath (pykka, pebble, pyzmq's authenticator) log through the
+    # standard library: send their records through the same renderer.
+    root = logging.getLogger()
+    root.handlers[:] = [_StdlibToStructlog()]
+    root.setLevel(_LEVELS[level])
+
+
+class _StdlibToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {"logger": record.name}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)

@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from typing import Any
 
 import structlog
 import zmq
@@ -84,7 +83,7 @@ class RelayServer:
 
     def start(self) -> RelayServer:
         settings = self.config.relay
-        self._auth = ThreadAuthenticator(self.context, log=_QuietLog())
+        self._auth = ThreadAuthenticator(self.context)
         self._auth.start()
         if settings.access == "open":
             self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
@@ -175,20 +174,3 @@ class RelayServer:
     def _tick(self) -> None:
         self._send(self.core.on_tick(time.monotonic()))
         self.loop.call_later(self.config.relay.heartbeat_interval, self._tick)
-
-
-class _QuietLog:
-    """pyzmq's authenticator logs every admission at debug level through stdlib
-    logging; route what matters through structlog instead (denials are logged by
-    :class:`AllowList`)."""
-
-    def debug(self, *args: Any) -> None:
-        pass
-
-    info = debug
-
-    def warning(self, msg: str, *args: Any) -> None:
-        log.warning("zap", message=msg % args if args else msg)
-
-    error = warning
-    exception = warning
