@@ -154,6 +154,9 @@ class ClientApiActor(NodeActor):
                 router.curve_publickey = public
                 router.curve_secretkey = secret
             router.setsockopt(zmq.LINGER, 1000)
+            # A client that reconnects (same routing id) takes its old identity over, so
+            # the results of jobs it submitted before still reach it.
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.setsockopt(zmq.MAXMSGSIZE, self.max_payload + HEADER_SLACK)
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:

@@ -29,7 +29,7 @@ log = structlog.get_logger("meshnet.executor")
 def _timed_out_text(job: JobSpec, *, started: bool) -> str:
     if started:
         return f"job ran past its timeout of {job.timeout:g} s (counted from its arrival) and was killed"
-    return f"job waited in the queue past its timeout of {job.timeout:g} s and never started"
+    return f"job reached an executor after its timeout of {job.timeout:g} s and never started"
 
 
 def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: str) -> Outcome:

@@ -6,7 +6,10 @@ one terminal status per job; every job's terminal status is logged here, once.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -18,6 +21,15 @@ from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 
 log = structlog.get_logger("meshnet.jobs")
+
+
+@dataclass(frozen=True)
+class ExpireWaiting:
+    """The first waiting job's timeout has passed."""
+
+
+def waited_too_long(job: JobSpec) -> str:
+    return f"job waited in the queue past its timeout of {job.timeout:g} s and never started"
 
 
 class JobQueueActor(NodeActor):
@@ -39,6 +51,11 @@ class JobQueueActor(NodeActor):
         self.max_timeout = max_timeout
         self.idle = threading.Event()
         self.idle.set()
+        # One timer at a time, armed for the first waiting job to run out of time, so
+        # that a job stuck behind long ones ends when its timeout does, not when an
+        # executor frees up.
+        self._expiry: threading.Timer | None = None
+        self._expiry_at = math.inf
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, RunHere):
@@ -52,7 +69,28 @@ class JobQueueActor(NodeActor):
                 self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
         elif isinstance(message, Abort):
             self.executor.tell(message)
+        elif isinstance(message, ExpireWaiting):
+            self._expiry, self._expiry_at = None, math.inf
+            for job in self.queue.overdue_waiting(time.monotonic()):
+                self._finish(job.id, Outcome("timed_out", error_type="TimedOut", message=waited_too_long(job)))
+        self._arm_expiry()
         self._update_idle()
+
+    def on_stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+
+    def _arm_expiry(self) -> None:
+        deadline = self.queue.next_waiting_deadline()
+        if deadline is None or deadline >= self._expiry_at:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        me = self.actor_ref
+        self._expiry = threading.Timer(max(0.0, deadline - time.monotonic()), lambda: me.tell(ExpireWaiting()))
+        self._expiry.daemon = True
+        self._expiry.start()
+        self._expiry_at = deadline
 
     def status(self) -> dict[str, Any]:
         return {

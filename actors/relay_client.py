@@ -261,11 +261,13 @@ class RelayClientActor(NodeActor):
     def _on_unroutable(self, message: Unroutable) -> None:
         if message.op == "job":  # never delivered: the peer never saw it
             self._settle(message.ref, Outcome.refused(message.reason, message.message), peer=message.to)
-        elif message.op == "cancel":  # delivered earlier, but its peer has gone since
+        elif message.op == "cancel" and message.reason == "peer_not_connected":  # its peer has gone since
             lost = f"peer {message.to} is gone ({message.message})"
             self._settle(message.ref, Outcome("peer_lost", error_type="PeerLost", message=lost), peer=message.to)
-        else:
-            self.log.warning("result_undeliverable", job_id=message.ref.hex(), to=message.to, reason=message.reason)
+        else:  # an answer whose asker is gone, or a cancel the relay could not pass on now
+            self.log.warning(
+                "undeliverable", op=message.op, job_id=message.ref.hex(), to=message.to, reason=message.reason
+            )
 
     def _on_error(self, message: Error) -> None:
         if message.code == "not_registered":

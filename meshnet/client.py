@@ -193,6 +193,10 @@ class MeshClient:
                 self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
                 self._loop.add_reader(self._monitor, self._io_monitor)
             sock.setsockopt(zmq.LINGER, 0)
+            # A routing id of our own survives reconnections: results of jobs submitted
+            # before a reconnect still find us, and we can still cancel them. (libzmq
+            # reserves ids that start with a zero byte.)
+            sock.setsockopt(zmq.ROUTING_ID, b"mc" + os.urandom(14))
             sock.connect(self.endpoint)
         except (zmq.ZMQError, MeshError) as exc:
             opened.set_exception(MeshError(f"cannot connect to {self.endpoint!r}: {exc}"))

@@ -72,6 +72,14 @@ class JobQueue:
             self._recent.popitem(last=False)
         return job
 
+    def next_waiting_deadline(self) -> float | None:
+        """When the first waiting job runs out of time (``time.monotonic``), if any does."""
+        return min((job.received_at + job.timeout for job in self.waiting), default=None)
+
+    def overdue_waiting(self, now: float) -> list[JobSpec]:
+        """Waiting jobs whose whole timeout has passed: they must end without starting."""
+        return [job for job in self.waiting if job.remaining(now) <= 0]
+
     def is_waiting(self, job_id: bytes) -> bool:
         return job_id in self._waiting_ids
 

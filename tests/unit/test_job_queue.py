@@ -146,3 +146,19 @@ def test_contains_running_and_waiting_but_not_finished(full_queue):
     assert job(1).id in full_queue and job(5).id in full_queue
     full_queue.finish(job(1).id, "succeeded")
     assert job(1).id not in full_queue
+
+
+def test_waiting_jobs_run_out_of_time_from_their_arrival():
+    queue = JobQueue(slots=1, capacity=3)
+    running = JobSpec(id=b"r" * 16, kind="echo", payload=b"", timeout=100.0, received_at=0.0)
+    short = JobSpec(id=b"s" * 16, kind="echo", payload=b"", timeout=2.0, received_at=1.0)
+    long = JobSpec(id=b"l" * 16, kind="echo", payload=b"", timeout=50.0, received_at=1.0)
+    for spec in (running, short, long):
+        submit(queue, spec)
+    assert queue.next_waiting_deadline() == 3.0  # the running job's deadline is the pool's business
+    assert queue.overdue_waiting(2.9) == []
+    assert queue.overdue_waiting(3.0) == [short]
+    assert queue.finish(short.id, "timed_out") is short
+    assert queue.next_waiting_deadline() == 51.0
+    queue.finish(long.id, "timed_out")
+    assert queue.next_waiting_deadline() is None
