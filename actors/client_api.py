@@ -21,13 +21,14 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from actors.base import NodeActor
 from actors.messages import CancelJob, Drain, QueryPeers, RunHere, RunThere
-from actors.socket_loop import SocketLoop
+from actors.socket_loop import SocketLoop, recv_message
 from meshnet.endpoints import is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import (
     CLIENT_TO_NODE,
+    MAX_FRAMES,
     Cancel,
     Error,
     PeersReply,
@@ -38,11 +39,11 @@ from meshnet.protocol import (
     Submit,
     decode,
     encode,
+    frame_limit,
 )
 
 log = structlog.get_logger("meshnet.api")
 
-HEADER_SLACK = 64 * 1024
 RECV_BATCH = 256
 
 
@@ -51,6 +52,7 @@ class StatusFor:
     """Gather the node's status (asking other actors) and send it to client ``conn``."""
 
     conn: bytes
+    seq: int | None = None
 
 
 def client_origin(conn: bytes) -> str:
@@ -140,8 +142,12 @@ class ClientApiActor(NodeActor):
         if isinstance(message, Drain):
             self.draining = True
         elif isinstance(message, StatusFor):
-            info = self.gather_status()
-            self.loop.call_soon(self._io_send, message.conn, encode(StatusReply(info=info)))
+            try:
+                reply: Any = StatusReply(info=self.gather_status(), seq=message.seq)
+            except Exception as exc:  # an actor did not answer: say so rather than go silent
+                self.log.exception("status_failed")
+                reply = Error(code="unavailable", message=f"status unavailable: {exc}", seq=message.seq)
+            self.loop.call_soon(self._io_send, message.conn, encode(reply))
 
     # -- loop thread --
 
@@ -157,7 +163,7 @@ class ClientApiActor(NodeActor):
             # A client that reconnects (same routing id) takes its old identity over, so
             # the results of jobs it submitted before still reach it.
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            router.setsockopt(zmq.MAXMSGSIZE, self.max_payload + HEADER_SLACK)
+            router.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
             ready.set_exception(ConfigError(f"api.endpoint = {self.requested_endpoint!r} cannot be bound: {exc}"))
@@ -186,9 +192,12 @@ class ClientApiActor(NodeActor):
             if router is None:
                 return
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_message(router, MAX_FRAMES + 1)
             except zmq.Again:
                 return
+            if frames is None:
+                self.log.warning("client_message_rejected", error=f"more than {MAX_FRAMES} frames")
+                continue
             conn = frames[0].bytes
             try:
                 message = decode(
@@ -217,9 +226,9 @@ class ClientApiActor(NodeActor):
             if self.relay is not None:
                 self.relay.tell(cancel)
         elif isinstance(message, StatusRequest):
-            self.actor_ref.tell(StatusFor(conn))
+            self.actor_ref.tell(StatusFor(conn, message.seq))
         elif isinstance(message, PeersRequest):
-            self._io_peers(conn)
+            self._io_peers(conn, message.seq)
 
     def _io_submit(self, conn: bytes, message: Submit) -> None:
         loop = self.loop
@@ -246,15 +255,15 @@ class ClientApiActor(NodeActor):
         else:
             self.relay.tell(RunThere(job, peer))
 
-    def _io_peers(self, conn: bytes) -> None:
+    def _io_peers(self, conn: bytes, seq: int | None) -> None:
         loop = self.loop
         send = self._io_send
 
         def reply(peers: list[dict[str, Any]] | None, error: str) -> None:
             if peers is None:
-                loop.call_soon(send, conn, encode(Error(code="no_relay", message=error)))
+                loop.call_soon(send, conn, encode(Error(code="no_relay", message=error, seq=seq)))
             else:
-                loop.call_soon(send, conn, encode(PeersReply(peers=peers)))
+                loop.call_soon(send, conn, encode(PeersReply(peers=peers, seq=seq)))
 
         if self.relay is None:
             reply(None, "this node has no relay configured")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +33,15 @@ from actors.messages import (
     SendFailed,
     Tick,
 )
-from actors.socket_loop import SocketLoop
+from actors.socket_loop import SocketLoop, recv_message
 from meshnet.errors import ProtocolError, SealError
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.ledger import DEADLINE_GRACE, ForwardedJob, ForwardLedger
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.protocol import (
+    BODY_SLACK,
     JOB_ID_BYTES,
+    MAX_FRAMES,
     NODE_TO_NODE,
     RELAY_TO_NODE,
     Deliver,
@@ -61,14 +62,14 @@ from meshnet.protocol import (
     decode_inner,
     encode,
     encode_inner,
+    frame_limit,
 )
 from meshnet.relay_link import RelayLink
 
 log = structlog.get_logger("meshnet.relay_client")
 
-#: Header room on top of the payload limit: sealing adds 40 bytes, CBOR framing a few.
-FRAME_SLACK = 64 * 1024
 RECV_BATCH = 256
+PEERS_QUERY_TIMEOUT = 10.0
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
@@ -113,7 +114,9 @@ class RelayClientActor(NodeActor):
         self.context = context
         self.loop = SocketLoop("relay-client")
         self.generation = 0
-        self.pending_peers: deque[Any] = deque()
+        #: Peers queries waiting for the relay's answer, by the seq they were sent with.
+        self.pending_peers: dict[int, Any] = {}
+        self.peers_seq = 0
         self.ping_seq = 0
         self.draining = False
         #: Set while no forwarded job awaits its answer (the supervisor waits on it to drain).
@@ -169,8 +172,9 @@ class RelayClientActor(NodeActor):
             if not self.link.registered:
                 message.reply(None, f"not connected to the relay at {self.endpoint}")
             else:
-                self.pending_peers.append(message.reply)
-                self._send(encode(PeersRequest()))
+                self.peers_seq += 1
+                self.pending_peers[self.peers_seq] = (message.reply, time.monotonic() + PEERS_QUERY_TIMEOUT)
+                self._send(encode(PeersRequest(seq=self.peers_seq)))
         elif isinstance(message, SendFailed):
             if message.generation == self.generation:
                 self._settle(message.ref, Outcome.refused("relay_busy", "the link to the relay is congested"))
@@ -233,7 +237,7 @@ class RelayClientActor(NodeActor):
             return  # from a socket replaced since
         self.link.on_heard(time.monotonic())
         try:
-            message = decode(frames, RELAY_TO_NODE, max_body=self.max_payload + FRAME_SLACK)
+            message = decode(frames, RELAY_TO_NODE, max_body=self.max_payload + BODY_SLACK)
         except ProtocolError as exc:
             self.log.warning("relay_message_rejected", error=str(exc))
             return
@@ -253,8 +257,9 @@ class RelayClientActor(NodeActor):
                     Outcome("peer_lost", error_type="PeerLost", message=f"peer {message.peer_id} left the relay"),
                 )
         elif isinstance(message, PeersReply):
-            if self.pending_peers:
-                self.pending_peers.popleft()(message.peers, "")
+            query = self.pending_peers.pop(message.seq, None) if message.seq is not None else None
+            if query is not None:
+                query[0](message.peers, "")
         elif isinstance(message, Error):
             self._on_error(message)
 
@@ -272,8 +277,7 @@ class RelayClientActor(NodeActor):
     def _on_error(self, message: Error) -> None:
         if message.code == "not_registered":
             self.log.info("relay_forgot_us", message=message.message)
-            while self.pending_peers:
-                self.pending_peers.popleft()(None, "the relay did not know this node; it is registering again")
+            self._fail_peer_queries("the relay did not know this node; it is registering again")
             self._register()
         else:
             self.log.error("relay_error", code=message.code, message=message.message)
@@ -282,7 +286,7 @@ class RelayClientActor(NodeActor):
         sender = message.sender
         try:
             plaintext = self.sealer.open(sender, message.body)
-            inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_payload + FRAME_SLACK)
+            inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_payload + BODY_SLACK)
         except (SealError, ProtocolError) as exc:
             self._on_unreadable(message, str(exc))
             return
@@ -348,6 +352,8 @@ class RelayClientActor(NodeActor):
             self._send(encode(Ping(seq=self.ping_seq)))
         elif action == "lost":
             self._on_lost()
+        for seq in [s for s, (_, deadline) in self.pending_peers.items() if deadline <= now]:
+            self.pending_peers.pop(seq)[0](None, f"the relay did not answer within {PEERS_QUERY_TIMEOUT:g} s")
         for job in self.ledger.expired(now):
             outcome = Outcome(
                 "timed_out",
@@ -377,6 +383,11 @@ class RelayClientActor(NodeActor):
                 fix=f"check that relay.peer_id ({self.relay_peer_id}) is the relay's peer id (`meshnet id --relay`)",
             )
 
+    def _fail_peer_queries(self, why: str) -> None:
+        pending, self.pending_peers = self.pending_peers, {}
+        for reply, _ in pending.values():
+            reply(None, why)
+
     def _on_lost(self) -> None:
         delay = self.link.on_lost()
         self.log.warning("relay_lost", reconnect_in_s=round(delay, 2))
@@ -385,8 +396,7 @@ class RelayClientActor(NodeActor):
                 job.id,
                 Outcome("peer_lost", error_type="PeerLost", message="the node lost its connection to the relay"),
             )
-        while self.pending_peers:
-            self.pending_peers.popleft()(None, "the node lost its connection to the relay")
+        self._fail_peer_queries("the node lost its connection to the relay")
         self.generation += 1
         self.loop.call_soon(self._io_close)
         me = self.actor_ref
@@ -419,7 +429,7 @@ class RelayClientActor(NodeActor):
         sock.curve_secretkey = secret
         sock.curve_serverkey = curve_public_z85(self.relay_peer_id)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 1000)
         # The relay refusing our key shows only as a socket event: watch for it.
@@ -474,9 +484,12 @@ class RelayClientActor(NodeActor):
             if sock is None:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_message(sock, MAX_FRAMES)
             except zmq.Again:
                 return
+            if frames is None:
+                self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
+                continue
             self.actor_ref.tell(FromSocket([generation, frames[0].bytes, *frames[1:]]))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import threading
 import time
@@ -26,15 +27,40 @@ import zmq
 
 log = structlog.get_logger("meshnet.loop")
 
+#: zmq_poll takes a C int of milliseconds; a timer further off wakes the loop once an hour.
+MAX_POLL_MS = 3_600_000
+
 
 class TimerHandle:
-    __slots__ = ("cancelled",)
+    __slots__ = ("cancelled", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: SocketLoop) -> None:
         self.cancelled = False
+        self._loop = loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self._loop._timer_cancelled()
+
+
+def recv_message(sock: zmq.Socket, max_frames: int) -> list[zmq.Frame] | None:
+    """Receive one message frame by frame without blocking (``zmq.Again`` when none).
+
+    ``MAXMSGSIZE`` bounds each frame, not a message: a peer could send a message of a
+    thousand large frames, all held in memory by ``recv_multipart`` before anything
+    could look at them. Past ``max_frames`` the rest is received one frame at a time
+    and dropped, and None is returned.
+    """
+    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+    while sock.getsockopt(zmq.RCVMORE):
+        frame = sock.recv(copy=False)  # the rest of a message is already here
+        if len(frames) >= max_frames:
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv(copy=False)
+            return None
+        frames.append(frame)
+    return frames
 
 
 class SocketLoop:
@@ -55,6 +81,8 @@ class SocketLoop:
         self._running = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = threading.Event()
+        self._pipe_lock = threading.Lock()
+        self._cancelled_timers = 0
 
     # -- any thread --
 
@@ -65,16 +93,18 @@ class SocketLoop:
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread. Thread-safe, never blocks."""
         self._calls.append((fn, args))  # append before reading the flag: see module doc
-        if not self._wake_pending and not self._closed.is_set():
+        if not self._wake_pending:
             self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # pipe full (a wake-up is pending anyway) or loop closed
+            with self._pipe_lock:  # never write to a closed (or reused) descriptor
+                if not self._closed.is_set():
+                    try:
+                        os.write(self._wake_w, b"\0")
+                    except BlockingIOError:
+                        pass  # pipe full: a wake-up is pending anyway
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` on the loop thread after ``delay`` seconds. Thread-safe."""
-        handle = TimerHandle()
+        handle = TimerHandle(self)
         when = time.monotonic() + max(0.0, delay)
         if threading.current_thread() is self._thread:
             heapq.heappush(self._timers, (when, next(self._seq), handle, fn, args))
@@ -88,6 +118,10 @@ class SocketLoop:
         if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -100,6 +134,19 @@ class SocketLoop:
     def remove_reader(self, sock: Any) -> None:
         if self._readers.pop(sock, None) is not None:
             self._poller.unregister(sock)
+
+    def _timer_cancelled(self) -> None:
+        """Count cancelled timers; when they are most of the heap, drop them (on the
+        loop thread), so that timers cancelled long before they are due (a client's
+        give-up timer, once its job has answered) do not pile up."""
+        self._cancelled_timers += 1
+        if self._cancelled_timers > 64 and self._cancelled_timers > len(self._timers) // 2:
+            self.call_soon(self._compact_timers)
+
+    def _compact_timers(self) -> None:
+        self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+        heapq.heapify(self._timers)
+        self._cancelled_timers = 0
 
     def _halt(self) -> None:
         self._running = False
@@ -128,10 +175,13 @@ class SocketLoop:
             when, _, handle, fn, args = timers[0]
             if handle.cancelled:
                 heapq.heappop(timers)
+                self._cancelled_timers = max(0, self._cancelled_timers - 1)
                 continue
             delay = when - time.monotonic()
             if delay > 0:
-                return delay * 1000.0
+                # Round up: zmq.Poller takes whole milliseconds, and rounding down would
+                # spin through zero-timeout polls for the last fraction of one.
+                return min(math.ceil(delay * 1000.0), MAX_POLL_MS)
             heapq.heappop(timers)
             self._guard(fn, args)
         return None
@@ -155,6 +205,8 @@ class SocketLoop:
         finally:
             for sock in list(self._readers):
                 self.remove_reader(sock)
-            self._closed.set()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._pipe_lock:
+                self._closed.set()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+            self._calls.clear()

@@ -9,6 +9,7 @@ answer within the job's timeout plus a grace, with :class:`~meshnet.errors.NodeU
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import threading
 from collections import deque
@@ -18,7 +19,7 @@ from typing import Any
 import cbor2
 import zmq
 
-from actors.socket_loop import SocketLoop
+from actors.socket_loop import SocketLoop, TimerHandle, recv_message
 from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
 from meshnet.errors import (
     JOB_ERRORS_BY_STATUS,
@@ -31,6 +32,7 @@ from meshnet.errors import (
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import (
     JOB_ID_BYTES,
+    MAX_FRAMES,
     NODE_TO_CLIENT,
     Cancel,
     Error,
@@ -74,8 +76,11 @@ class MeshClient:
         self.max_payload = max_payload
         self._context = zmq.Context()
         self._loop = SocketLoop("mesh-client")
-        self._pending: dict[bytes, concurrent.futures.Future] = {}
-        self._requests: deque[tuple[type, concurrent.futures.Future]] = deque()
+        #: Jobs in flight: their future and the timer that gives up on them.
+        self._pending: dict[bytes, tuple[concurrent.futures.Future, TimerHandle | None]] = {}
+        #: Status and peers requests in flight, by the seq they carry (loop thread only).
+        self._requests: dict[int, tuple[type, concurrent.futures.Future]] = {}
+        self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
         self._refused: MeshError | None = None
@@ -85,7 +90,11 @@ class MeshClient:
         self._loop.start()
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop.call_soon(self._io_open, identity, node_peer_id, opened)
-        opened.result(timeout=10)
+        try:
+            opened.result(timeout=10)
+        except BaseException:
+            self.close()
+            raise
 
     # -- public API --
 
@@ -107,9 +116,8 @@ class MeshClient:
                 raise MeshError("the client is closed")
             if self._refused is not None:
                 raise self._refused
-            self._pending[job_id] = future
-        self._loop.call_soon(self._io_send, frames)
-        self._loop.call_later(timeout + CLIENT_GRACE, self._io_give_up, job_id, timeout)
+            self._pending[job_id] = (future, None)
+        self._loop.call_soon(self._io_submit, job_id, frames, timeout)
         return future
 
     def run(self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -148,11 +156,11 @@ class MeshClient:
 
     def status(self, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
         """The node's status: id, relay link, queue, executors, job counts."""
-        return self._request(StatusRequest(), StatusReply, timeout).info
+        return self._request(StatusRequest(seq=next(self._seq)), StatusReply, timeout).info
 
     def peers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
         """The peers the node's relay knows."""
-        return self._request(PeersRequest(), PeersReply, timeout).peers
+        return self._request(PeersRequest(seq=next(self._seq)), PeersReply, timeout).peers
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +169,8 @@ class MeshClient:
             self._closed = True
         self._loop.call_soon(self._io_close)
         self._loop.stop()
-        self._context.destroy(linger=0)
+        if not self._loop.running:  # never destroy a context under a thread still using it
+            self._context.destroy(linger=0)
 
     def __enter__(self) -> MeshClient:
         return self
@@ -177,6 +186,7 @@ class MeshClient:
         try:
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
+            self._loop.call_soon(self._requests.pop, request.seq, None)
             raise NodeUnreachable(
                 f"no answer from the node at {self.endpoint} within {timeout:g} s; is it running?"
             ) from None
@@ -217,11 +227,7 @@ class MeshClient:
         )
         with self._lock:
             self._refused = refused
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            _settle(future, exception=refused)
-        while self._requests:
-            _settle(self._requests.popleft()[1], exception=refused)
+        self._io_fail_all(refused)
 
     def _io_close(self) -> None:
         if self._monitor is not None:
@@ -232,51 +238,87 @@ class MeshClient:
             self._loop.remove_reader(self._sock)
             self._sock.close(linger=0)
             self._sock = None
+        self._io_fail_all(MeshError("the client was closed before the job ended"))
+
+    def _io_fail_all(self, error: MeshError) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
-        for future in pending.values():
-            _settle(future, exception=MeshError("the client was closed before the job ended"))
-        while self._requests:
-            _settle(self._requests.popleft()[1], exception=MeshError("the client was closed"))
+        for future, timer in pending.values():
+            if timer is not None:
+                timer.cancel()
+            _settle(future, exception=error)
+        requests, self._requests = self._requests, {}
+        for _, future in requests.values():
+            _settle(future, exception=error)
 
-    def _io_send(self, frames: list[Any]) -> None:
-        if self._sock is not None:
-            self._sock.send_multipart(frames, copy=False)
+    def _io_send(self, frames: list[Any]) -> bool:
+        """Send without blocking; False when the node is not taking messages (it is down
+        or slow and the queue towards it is full). Blocking here would stop this thread,
+        and with it every timer that ends a job the node never answers."""
+        if self._sock is None:
+            return False
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _io_submit(self, job_id: bytes, frames: list[Any], timeout: float) -> None:
+        with self._lock:
+            entry = self._pending.get(job_id)
+            if entry is None:
+                return  # failed or closed meanwhile
+            timer = self._loop.call_later(timeout + CLIENT_GRACE, self._io_give_up, job_id, timeout)
+            self._pending[job_id] = (entry[0], timer)
+        if not self._io_send(frames):
+            self._io_give_up(job_id, None)
 
     def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future) -> None:
         if self._refused is not None:
             _settle(future, exception=self._refused)
             return
-        self._requests.append((reply_type, future))
-        self._io_send(encode(request))
+        self._requests[request.seq] = (reply_type, future)
+        if not self._io_send(encode(request)):
+            self._requests.pop(request.seq, None)
+            _settle(future, exception=NodeUnreachable(f"the node at {self.endpoint} is not taking messages"))
 
-    def _io_give_up(self, job_id: bytes, timeout: float) -> None:
+    def _io_give_up(self, job_id: bytes, timeout: float | None) -> None:
         with self._lock:
-            future = self._pending.pop(job_id, None)
-        if future is not None:
-            _settle(
-                future,
-                exception=NodeUnreachable(
-                    f"no answer from the node at {self.endpoint} within the job's timeout ({timeout:g} s) "
-                    f"plus {CLIENT_GRACE:g} s"
-                ),
+            entry = self._pending.pop(job_id, None)
+        if entry is None:
+            return
+        future, timer = entry
+        if timer is not None:
+            timer.cancel()
+        if timeout is None:
+            error = NodeUnreachable(f"the node at {self.endpoint} is not taking messages (down, or overloaded)")
+        else:
+            error = NodeUnreachable(
+                f"no answer from the node at {self.endpoint} within the job's timeout ({timeout:g} s) "
+                f"plus {CLIENT_GRACE:g} s"
             )
+        _settle(future, exception=error)
 
     def _io_readable(self) -> None:
         sock = self._sock
         while sock is not None:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(sock, MAX_FRAMES)
             except zmq.Again:
                 return
+            if frames is None:
+                continue
             try:
-                message = decode(frames, NODE_TO_CLIENT, max_body=self.max_payload)
+                message = decode([f.bytes for f in frames], NODE_TO_CLIENT, max_body=self.max_payload)
             except ProtocolError:
                 continue  # a node that speaks garbage cannot answer any particular future
             if isinstance(message, Result):
                 self._io_result(message)
-            elif isinstance(message, (StatusReply, PeersReply, Error)) and self._requests:
-                reply_type, future = self._requests.popleft()
+            elif isinstance(message, (StatusReply, PeersReply, Error)):
+                request = self._requests.pop(message.seq, None) if message.seq is not None else None
+                if request is None:
+                    continue  # an answer to a request that gave up, or to none of ours
+                reply_type, future = request
                 if isinstance(message, reply_type):
                     _settle(future, result=message)
                 else:
@@ -285,9 +327,12 @@ class MeshClient:
 
     def _io_result(self, message: Result) -> None:
         with self._lock:
-            future = self._pending.pop(message.id, None)
-        if future is None:
+            entry = self._pending.pop(message.id, None)
+        if entry is None:
             return
+        future, timer = entry
+        if timer is not None:
+            timer.cancel()
         if message.status == "succeeded":
             try:
                 _settle(future, result=cbor2.loads(message.body) if message.body is not None else None)

@@ -21,6 +21,7 @@ import tomli_w
 
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.identity import Identity, is_peer_id
+from meshnet.protocol.messages import plain_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -113,6 +114,8 @@ def _executors(value: Any) -> int | str:
 def _capabilities(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("a table of capabilities")
+    # Sent to the relay as CBOR: TOML dates and times have no place there.
+    plain_value(value, "a table of capabilities")
     return dict(value)
 
 
@@ -264,6 +267,13 @@ def load_node_config(path: Path) -> NodeConfig:
     config = _build(NodeConfig, _read(path), str(path), "")
     config.path = path
     _require_identity(config, path)
+    if config.relay.endpoint and not config.relay.peer_id:
+        raise ConfigError(
+            f"{path}: relay.peer_id is missing: with relay.endpoint set, expected the relay's peer id "
+            "(`meshnet id --relay --config RELAY.toml` prints it)"
+        )
+    if config.relay.reconnect_min > config.relay.reconnect_max:
+        raise ConfigError(f"{path}: relay.reconnect_min: expected at most relay.reconnect_max")
     return config
 
 

@@ -21,15 +21,14 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from actors.socket_loop import SocketLoop
+from actors.socket_loop import SocketLoop, recv_message
 from meshnet.config import RelayConfig
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.protocol import MAX_FRAMES, frame_limit
 from relay_server.routing import Outgoing, RelayCore
 
 log = structlog.get_logger("meshnet.relay")
 
-#: How far past ``max_message_bytes`` a message may go and still get an answer.
-HARD_CAP_SLACK = 1024 * 1024
 #: Messages taken from the socket per wake-up before timers get a turn.
 RECV_BATCH = 256
 
@@ -122,7 +121,7 @@ class RelayServer:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             # The core answers a message over the limit with a clear error; past this hard
             # cap libzmq drops the connection before buffering any more of it.
-            router.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes + HARD_CAP_SLACK)
+            router.setsockopt(zmq.MAXMSGSIZE, frame_limit(settings.max_message_bytes))
             router.setsockopt(zmq.SNDHWM, settings.high_water_mark)
             router.setsockopt(zmq.RCVHWM, settings.high_water_mark)
             router.setsockopt(zmq.LINGER, 0)
@@ -148,9 +147,13 @@ class RelayServer:
         assert router is not None
         for _ in range(RECV_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_message(router, MAX_FRAMES + 1)
             except zmq.Again:
                 return
+            if frames is None:
+                self.core.rejected += 1
+                self.log.warning("message_rejected", error=f"more than {MAX_FRAMES} frames")
+                continue
             conn, data = frames[0].bytes, frames[1:]
             last = data[-1] if data else frames[0]
             key = (last.get("User-Id") or "").encode()

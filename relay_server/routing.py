@@ -122,7 +122,7 @@ class RelayCore:
         if isinstance(message, Send):
             return self._forward(entry, message, now)
         assert isinstance(message, PeersRequest)
-        return [self._reply(conn, PeersReply(peers=self.describe_peers(now)))]
+        return [self._reply(conn, PeersReply(peers=self.describe_peers(now), seq=message.seq))]
 
     def on_undeliverable(self, out: Outgoing, *, queue_full: bool) -> list[Outgoing]:
         """The daemon could not send ``out``: its peer is gone, or its queue is full."""

@@ -28,7 +28,11 @@ __all__ = [
     "SEALED_OPS",
     "MAX_TEXT",
     "clip",
+    "plain_value",
     "MAX_HEADER_BYTES",
+    "MAX_FRAMES",
+    "BODY_SLACK",
+    "frame_limit",
     "STATUSES",
     "REFUSAL_REASONS",
     "ERROR_CODES",
@@ -62,8 +66,22 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 JOB_ID_BYTES = 16
-#: Headers carry ids, names and small maps only; anything bigger belongs in the body.
-MAX_HEADER_BYTES = 64 * 1024
+#: Headers carry ids, names and maps of metadata; payloads belong in the body. The
+#: largest header is a relay's list of peers: 4096 peers of some 200 bytes each.
+MAX_HEADER_BYTES = 1024 * 1024
+#: A message is a header frame and at most one body frame.
+MAX_FRAMES = 2
+#: Room for what travels with a body: the 40 bytes sealing adds, CBOR framing.
+BODY_SLACK = 64 * 1024
+
+
+def frame_limit(max_body: int) -> int:
+    """The ``MAXMSGSIZE`` for a socket whose bodies may reach ``max_body`` bytes: any
+    frame past it makes libzmq drop the connection, before buffering more of it.
+    Within it, a message over the protocol's limits gets a clear answer instead."""
+    return max(max_body, MAX_HEADER_BYTES) + BODY_SLACK
+
+
 MAX_TEXT = 4096
 MAX_LIST = 4096
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -83,8 +101,9 @@ REFUSAL_REASONS = (
 )
 #: Codes of ``error`` messages: ``invalid`` and ``too_large`` for a message that could not
 #: be decoded; ``not_registered`` (register first), ``identity_mismatch`` (the peer id is
-#: not the connection's key) and ``no_relay`` (the node has no relay link).
-ERROR_CODES = ("invalid", "too_large", "not_registered", "identity_mismatch", "no_relay")
+#: not the connection's key), ``no_relay`` (the node has no relay link now) and
+#: ``unavailable`` (the node could not gather what was asked).
+ERROR_CODES = ("invalid", "too_large", "not_registered", "identity_mismatch", "no_relay", "unavailable")
 
 
 class Body(Enum):
@@ -158,10 +177,52 @@ def error(value: Any) -> dict[str, str] | None:
     return {k: text(value.get(k, "")) for k in ("type", "message", "reason")}
 
 
-def small_map(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or len(value) > MAX_LIST or not all(isinstance(k, str) for k in value):
-        raise ValueError("a map with text keys")
+#: Metadata maps (capabilities, status) may nest this deep and hold this many values in
+#: all. Counted per visit: CBOR's shared references (tags 28/29) can make a small
+#: message decode into a value that refers to one map many times, or to itself, and
+#: re-encoding it (in every ``peers_reply``) would cost time and memory exponential in
+#: its size.
+MAX_DEPTH = 8
+MAX_VALUES = 65536
+_SCALARS = (type(None), bool, float)
+
+
+def plain_value(value: Any, what: str = "value") -> Any:
+    """Check ``value`` is plain data: null, bool, int, float, text, bytes, lists, and
+    maps with text keys, within the limits above. Returns it unchanged."""
+    budget = [MAX_VALUES]
+
+    def walk(item: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_DEPTH:
+            raise ValueError(f"{what} of plain data at most {MAX_DEPTH} deep and {MAX_VALUES} values in all")
+        if isinstance(item, _SCALARS):
+            return
+        if isinstance(item, int):
+            if not -(2**63) <= item < 2**64:
+                raise ValueError(f"{what} with integers of at most 64 bits")
+        elif isinstance(item, (str, bytes)):
+            if len(item) > MAX_TEXT:
+                raise ValueError(f"{what} with strings of at most {MAX_TEXT} characters")
+        elif isinstance(item, list):
+            for element in item:
+                walk(element, depth + 1)
+        elif isinstance(item, dict):
+            for key, element in item.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"{what} whose maps have text keys")
+                walk(element, depth + 1)
+        else:
+            raise ValueError(f"{what} of plain data (null, bool, numbers, text, bytes, lists, maps)")
+
+    walk(value, 0)
     return value
+
+
+def small_map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("a map with text keys")
+    return plain_value(value, "a map")
 
 
 def map_or_empty(value: Any) -> dict[str, Any]:
@@ -179,9 +240,9 @@ def text_list(value: Any) -> list[str]:
 
 
 def map_list(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or len(value) > MAX_LIST:
+    if not isinstance(value, list) or len(value) > MAX_LIST or not all(isinstance(v, dict) for v in value):
         raise ValueError(f"a list of at most {MAX_LIST} maps")
-    return [small_map(v) for v in value]
+    return plain_value(value, "a list of maps")
 
 
 def byte_string(value: Any) -> bytes:
@@ -252,12 +313,18 @@ class Cancel(Message):
 
 @dataclass(frozen=True)
 class StatusRequest(Message):
+    """``seq``, if given, comes back in the reply, to match replies with requests."""
+
     TYPE = "status"
+    RULES = {"seq": optional(seq)}
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
 class PeersRequest(Message):
     TYPE = "peers"
+    RULES = {"seq": optional(seq)}
+    seq: int | None = None
 
 
 # node -> client
@@ -280,15 +347,17 @@ class Result(Message):
 @dataclass(frozen=True)
 class StatusReply(Message):
     TYPE = "status_reply"
-    RULES = {"info": small_map}
+    RULES = {"info": small_map, "seq": optional(seq)}
     info: dict[str, Any]
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
 class PeersReply(Message):
     TYPE = "peers_reply"
-    RULES = {"peers": map_list}
+    RULES = {"peers": map_list, "seq": optional(seq)}
     peers: list[dict[str, Any]]
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,9 +365,11 @@ class Error(Message):
     """A request could not be handled at all (malformed, unknown, not registered)."""
 
     TYPE = "error"
-    RULES = {"code": text, "message": text}
+    RULES = {"code": text, "message": text, "seq": optional(seq)}
     code: str
     message: str
+    #: The ``seq`` of the request it answers, when that request had one.
+    seq: int | None = None
 
 
 # node -> relay

@@ -198,12 +198,13 @@ def test_header_over_the_limit_is_too_large_before_decoding():
 
 
 def test_header_at_the_limit_is_not_too_large():
-    fields = {"v": PROTOCOL_VERSION, "t": "status_reply", "info": {"pad": ""}}
-    padding = MAX_HEADER_BYTES - len(cbor2.dumps(fields))
-    fields["info"]["pad"] = "x" * padding
+    fields = {"v": PROTOCOL_VERSION, "t": "status_reply", "info": {"pad": []}}
+    while len(cbor2.dumps(fields)) + 4100 < MAX_HEADER_BYTES:
+        fields["info"]["pad"].append("x" * 4000)
+    fields["info"]["pad"].append("x" * (MAX_HEADER_BYTES - len(cbor2.dumps(fields)) - 3))
     data = cbor2.dumps(fields)
-    while len(data) > MAX_HEADER_BYTES:  # the text's length prefix grew
-        fields["info"]["pad"] = fields["info"]["pad"][:-1]
+    while len(data) > MAX_HEADER_BYTES:  # the last text's length prefix grew
+        fields["info"]["pad"][-1] = fields["info"]["pad"][-1][:-1]
         data = cbor2.dumps(fields)
     assert len(data) == MAX_HEADER_BYTES
     assert decode([data], NODE_TO_CLIENT, max_body=MAX_BODY).info["pad"]
