@@ -7,6 +7,8 @@ from typing import Any
 import pykka
 import structlog
 
+from actors.messages import Alive
+
 log = structlog.get_logger("meshnet.actor")
 
 
@@ -20,6 +22,8 @@ class NodeActor(pykka.ThreadingActor):
     """
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Alive):  # the supervisor checking start-up
+            return True
         try:
             return self.handle(message)
         except Exception:

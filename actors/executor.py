@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import threading
 import time
 from typing import Any
 
@@ -58,6 +59,7 @@ class ExecutorActor(NodeActor):
         self.pool: pebble.ProcessPool | None = None
         self.futures: dict[bytes, concurrent.futures.Future] = {}
         self.cancel_reasons: dict[bytes, str] = {}
+        self._lock = threading.Lock()
 
     def on_start(self) -> None:
         context = multiprocessing.get_context("forkserver")
@@ -74,14 +76,18 @@ class ExecutorActor(NodeActor):
         if isinstance(message, Execute):
             self._execute(message.job)
         elif isinstance(message, KillJob):
-            future = self.futures.get(message.job_id)
-            if future is not None:
-                self.cancel_reasons[message.job_id] = "cancelled by its submitter"
-                future.cancel()
+            self._cancel({message.job_id}, "cancelled by its submitter")
         elif isinstance(message, Abort):
-            for job_id, future in list(self.futures.items()):
-                self.cancel_reasons[job_id] = message.reason
-                future.cancel()
+            self._cancel(None, message.reason)
+
+    def _cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
+        """Kill running jobs (all when ``job_ids`` is None); their outcome is ``cancelled``."""
+        with self._lock:
+            chosen = [(i, f) for i, f in self.futures.items() if job_ids is None or i in job_ids]
+            for job_id, _ in chosen:
+                self.cancel_reasons[job_id] = reason
+        for _, future in chosen:
+            future.cancel()  # pebble kills the worker running it
 
     def _execute(self, job: JobSpec) -> None:
         assert self.pool is not None and self.queue is not None
@@ -91,13 +97,15 @@ class ExecutorActor(NodeActor):
             self.queue.tell(Executed(job.id, waited))
             return
         future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
-        self.futures[job.id] = future
+        with self._lock:
+            self.futures[job.id] = future
         queue = self.queue
 
         def done(f: concurrent.futures.Future) -> None:
-            # Runs on pebble's thread: hand the outcome over, touch no actor state.
-            reason = self.cancel_reasons.pop(job.id, "cancelled")
-            self.futures.pop(job.id, None)
+            # Runs on pebble's thread (the two maps are shared with the actor: locked).
+            with self._lock:
+                reason = self.cancel_reasons.pop(job.id, "cancelled")
+                self.futures.pop(job.id, None)
             queue.tell(Executed(job.id, outcome_of(f, job, reason)))
 
         future.add_done_callback(done)

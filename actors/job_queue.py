@@ -171,7 +171,9 @@ def _answer(job: JobSpec, outcome: Outcome) -> None:
         "job_" + outcome.status,
         job_id=job_id_text(job.id),
         kind=job.kind,
-        origin=job.origin,
+        # Never the client connection's routing id: it is what a client would need to
+        # take another's results over.
+        submitter="client" if job.origin.startswith("client") else job.origin,
         **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
     )
     job.reply(outcome)

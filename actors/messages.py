@@ -16,6 +16,11 @@ Reply = Callable[[Outcome], None]
 
 
 @dataclass(frozen=True)
+class Alive:
+    """Asked of each actor at start-up: answered once its ``on_start`` has run."""
+
+
+@dataclass(frozen=True)
 class RunHere:
     """Queue ``job`` on this node."""
 
@@ -88,6 +93,8 @@ class ReplyToPeer:
     peer: str
     job_id: bytes
     outcome: Outcome
+    #: For the refusal of a sealed job that would not open: the nonce of that body.
+    nonce: bytes | None = None
 
 
 @dataclass(frozen=True)

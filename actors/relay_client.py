@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from actors.base import NodeActor
 from actors.messages import (
+    Abort,
     CancelJob,
     Drain,
     FromSocket,
@@ -43,6 +45,7 @@ from meshnet.protocol import (
     JOB_ID_BYTES,
     MAX_FRAMES,
     NODE_TO_NODE,
+    NONCE_BYTES,
     RELAY_TO_NODE,
     Deliver,
     Error,
@@ -73,6 +76,9 @@ PEERS_QUERY_TIMEOUT = 10.0
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+#: Results kept after sending, to send again if the relay bounces them because it
+#: restarted and did not know this node yet: a finished job's answer is not thrown away.
+RESEND_BUDGET_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,14 @@ class HandshakeFailed:
     generation: int
     auth: bool
     status: int
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """libzmq re-established the socket's connection by itself (the relay came back
+    before this node noticed it was gone): the relay may not know this node."""
+
+    generation: int
 
 
 class RelayClientActor(NodeActor):
@@ -124,9 +138,15 @@ class RelayClientActor(NodeActor):
         self.ledger_idle.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
         self._refusal_logged = -1
+        #: Answers sent lately (job id -> (peer, result)), oldest first, within a byte
+        #: budget; and answers waiting for the relay to know this node again.
+        self.sent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
+        self.sent_bytes = 0
+        self.unsent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
         # loop-thread state
         self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
+        self._handshakes = 0
         self._sock_generation = -1
 
     # -- life cycle --
@@ -182,8 +202,16 @@ class RelayClientActor(NodeActor):
             self._connect()
         elif isinstance(message, HandshakeFailed):
             self._on_handshake_failed(message)
+        elif isinstance(message, Reconnected):
+            if message.generation == self.generation:
+                self.log.info("relay_reconnected", action="registering again")
+                self._register()
         elif isinstance(message, Drain):
             self.draining = True
+        elif isinstance(message, Abort):
+            for job in list(self.ledger.jobs.values()):
+                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+                self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message=message.reason))
         if self.ledger.jobs:
             self.ledger_idle.clear()
         else:
@@ -209,7 +237,7 @@ class RelayClientActor(NodeActor):
             job.reply(Outcome.refused("duplicate", f"job {job_id_text(job.id)} is already in flight"))
             return
         inner = Job(id=job.id, kind=job.kind, timeout=job.timeout, payload=bytes(job.payload))
-        self._send_sealed(peer, job.id, inner)
+        entry.nonce = self._send_sealed(peer, job.id, inner)[:NONCE_BYTES]
 
     def _settle(self, job_id: bytes, outcome: Outcome, *, peer: str | None = None) -> None:
         job = self.ledger.settle(job_id, outcome.status, peer=peer)
@@ -224,10 +252,12 @@ class RelayClientActor(NodeActor):
         )
         job.reply(outcome)
 
-    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> None:
+    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> bytes:
+        """Seal ``inner`` for ``peer`` and send it; return the sealed body."""
         sealed = self.sealer.seal(peer, encode_inner(inner))
         op = "job" if isinstance(inner, Job) else "result" if isinstance(inner, JobResult) else "cancel"
         self._send(encode(Send(to=peer, ref=ref, op=op, body=sealed)), ref=ref if op == "job" else None)
+        return sealed
 
     # -- incoming --
 
@@ -248,6 +278,7 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, Registered):
             self.link.on_registered(message.observed, message.heartbeat, time.monotonic())
             self.log.info("relay_registered", observed=message.observed)
+            self._flush_results()
         elif isinstance(message, Unroutable):
             self._on_unroutable(message)
         elif isinstance(message, PeerDown):
@@ -269,6 +300,11 @@ class RelayClientActor(NodeActor):
         elif message.op == "cancel" and message.reason == "peer_not_connected":  # its peer has gone since
             lost = f"peer {message.to} is gone ({message.message})"
             self._settle(message.ref, Outcome("peer_lost", error_type="PeerLost", message=lost), peer=message.to)
+        elif message.op == "result" and message.reason == "no_relay":  # the relay restarted
+            held = self.sent_results.pop(message.ref, None)
+            if held is not None:
+                self.sent_bytes -= len(held[1].result or b"")
+                self._hold_result(*held)
         else:  # an answer whose asker is gone, or a cancel the relay could not pass on now
             self.log.warning(
                 "undeliverable", op=message.op, job_id=message.ref.hex(), to=message.to, reason=message.reason
@@ -297,6 +333,12 @@ class RelayClientActor(NodeActor):
         if isinstance(inner, Job):
             self._on_job(sender, inner)
         elif isinstance(inner, JobResult):
+            job = self.ledger.jobs.get(inner.id)
+            if inner.nonce is not None and (job is None or job.nonce != inner.nonce):
+                # B refused a sealed job that would not open, but not the one we sent:
+                # the relay forged it to make B refuse our job id. Ours may still run.
+                self.log.warning("forged_refusal_ignored", job_id=inner.id.hex(), sender=sender)
+                return
             outcome = Outcome(
                 inner.status,
                 result=inner.result,
@@ -315,7 +357,8 @@ class RelayClientActor(NodeActor):
         self.log.warning("sealed_message_rejected", sender=message.sender, job_id=message.ref.hex(), error=error)
         if message.op == "job" and len(message.ref) == JOB_ID_BYTES:
             refusal = Outcome.refused("invalid", f"the job's sealed message was rejected by {self.peer_id}: {error}")
-            self._reply_to_peer(ReplyToPeer(message.sender, message.ref, refusal))
+            nonce = bytes(memoryview(message.body)[:NONCE_BYTES])
+            self._reply_to_peer(ReplyToPeer(message.sender, message.ref, refusal, nonce))
         elif message.op == "result":
             refusal = Outcome.refused("invalid", f"the answer from {message.sender} was rejected: {error}")
             self._settle(message.ref, refusal, peer=message.sender)
@@ -339,8 +382,32 @@ class RelayClientActor(NodeActor):
             status=outcome.status,
             error=outcome.error,
             result=bytes(outcome.result) if outcome.result is not None else None,
+            nonce=message.nonce,
         )
-        self._send_sealed(message.peer, message.job_id, result)
+        self._send_result(message.peer, result)
+
+    def _send_result(self, peer: str, result: JobResult) -> None:
+        if not self.link.registered:
+            self._hold_result(peer, result)
+            return
+        self._send_sealed(peer, result.id, result)
+        self.sent_results[result.id] = (peer, result)
+        self.sent_bytes += len(result.result or b"")
+        while self.sent_bytes > RESEND_BUDGET_BYTES or len(self.sent_results) > 4096:
+            _, (_, old) = self.sent_results.popitem(last=False)
+            self.sent_bytes -= len(old.result or b"")
+
+    def _hold_result(self, peer: str, result: JobResult) -> None:
+        """Keep an answer until the relay knows this node again (bounded like sent ones)."""
+        self.unsent_results[result.id] = (peer, result)
+        while len(self.unsent_results) > 4096:
+            job_id, _ = self.unsent_results.popitem(last=False)
+            self.log.warning("result_dropped", job_id=job_id.hex(), reason="too many answers waiting for the relay")
+
+    def _flush_results(self) -> None:
+        held, self.unsent_results = self.unsent_results, OrderedDict()
+        for peer, result in held.values():
+            self._send_result(peer, result)
 
     # -- link --
 
@@ -433,7 +500,8 @@ class RelayClientActor(NodeActor):
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 1000)
         # The relay refusing our key shows only as a socket event: watch for it.
-        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._handshakes = 0
         sock.connect(self.endpoint)
         self._sock = sock
         self._monitor = monitor
@@ -458,6 +526,11 @@ class RelayClientActor(NodeActor):
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshakes += 1
+                if self._handshakes > 1:
+                    self.actor_ref.tell(Reconnected(self._sock_generation))
+                continue
             self.actor_ref.tell(
                 HandshakeFailed(
                     self._sock_generation, event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event["value"]

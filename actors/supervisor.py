@@ -19,9 +19,10 @@ from actors.client_api import ClientApiActor
 from actors.executor import ExecutorActor
 from actors.identity import IdentityActor
 from actors.job_queue import JobQueueActor
-from actors.messages import Abort, Drain
+from actors.messages import Abort, Alive, Drain
 from actors.relay_client import RelayClientActor, node_capabilities
 from meshnet.config import NodeConfig
+from meshnet.errors import MeshError
 from meshnet.jobs.registry import check_enabled
 
 log = structlog.get_logger("meshnet.node")
@@ -104,7 +105,13 @@ class Node:
         return self
 
     def _start(self, ref: pykka.ActorRef) -> pykka.ActorRef:
+        """Keep ``ref`` for stopping; fail start-up if the actor died in ``on_start``
+        (pykka would only log it, leaving a node without one of its parts)."""
         self.actors.append(ref)
+        try:
+            ref.ask(Alive(), timeout=10)
+        except pykka.ActorDeadError:
+            raise MeshError(f"{ref.actor_class.__name__} failed to start; its error is logged above") from None
         return ref
 
     def status(self) -> dict[str, Any]:
@@ -134,8 +141,12 @@ class Node:
             self.queue.tell(Abort(f"the node shut down and the job did not finish within {grace:g} s"))
             idle.wait(10)
         if self.relay is not None:
-            # Answers to jobs this node forwarded may still arrive within the grace.
-            self.relay.proxy().ledger_idle.get().wait(max(0.0, deadline - time.monotonic()))
+            # Answers to jobs this node forwarded may still arrive within the grace; the
+            # rest end now, while the client API is still up to deliver their status.
+            ledger_idle = self.relay.proxy().ledger_idle.get()
+            if not ledger_idle.wait(max(0.0, deadline - time.monotonic())):
+                self.relay.tell(Abort("the node shut down before the peer answered"))
+                ledger_idle.wait(10)
 
     def stop(self, grace: float | None = None) -> None:
         try:

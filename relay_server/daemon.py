@@ -68,7 +68,10 @@ class RelayServer:
         self.identity: Identity = config.load_identity()
         settings = config.relay
         self.core = core or RelayCore(
-            heartbeat=settings.heartbeat_interval, liveness=settings.liveness, max_body=settings.max_message_bytes
+            heartbeat=settings.heartbeat_interval,
+            liveness=settings.liveness,
+            max_body=settings.max_message_bytes,
+            allowed_peers=frozenset(settings.allowed_peers) if settings.access == "allow-list" else None,
         )
         # A context of its own: ZAP is per context, and a process may hold a relay and nodes.
         self.context = zmq.Context()

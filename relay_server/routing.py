@@ -76,7 +76,11 @@ class NodeEntry:
 
 
 class RelayCore:
-    def __init__(self, *, heartbeat: float, liveness: int, max_body: int):
+    def __init__(self, *, heartbeat: float, liveness: int, max_body: int, allowed_peers: frozenset[str] | None = None):
+        #: None in ``open`` mode. ZAP admits keys, but two peer ids (differing in the
+        #: sign of their Ed25519 key) share each CurveZMQ key, so registration checks
+        #: the peer id itself too.
+        self.allowed_peers = allowed_peers
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_body = max_body
@@ -173,6 +177,11 @@ class RelayCore:
                     ),
                 )
             ]
+        if self.allowed_peers is not None and message.peer_id not in self.allowed_peers:
+            self.rejected += 1
+            log.warning("register_refused", claimed=message.peer_id, reason="peer id not in allowed_peers")
+            error = Error(code="identity_mismatch", message=f"peer id {message.peer_id} is not in allowed_peers")
+            return [self._reply(conn, error)]
         out: list[Outgoing] = []
         old = self.nodes.get(message.peer_id)
         if old is not None and old.conn != conn:

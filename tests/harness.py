@@ -236,13 +236,18 @@ class Mesh:
         return proc
 
     def start_pair(
-        self, *, b_jobs: dict[str, Any] | None = None, b_log: str = "info", extra_allowed: tuple[str, ...] = ()
+        self,
+        *,
+        a_jobs: dict[str, Any] | None = None,
+        b_jobs: dict[str, Any] | None = None,
+        b_log: str = "info",
+        extra_allowed: tuple[str, ...] = (),
     ) -> Pair:
         a_id, b_id = Identity.generate(), Identity.generate()
         relay_path, relay_id, relay_endpoint = self.relay_config(allowed=[a_id.peer_id, b_id.peer_id, *extra_allowed])
         relay = self.start_relay(relay_path)
         link = (relay_endpoint, relay_id.peer_id)
-        a_path, _, a_api = self.node_config("a", a_id, relay=link)
+        a_path, _, a_api = self.node_config("a", a_id, relay=link, jobs=a_jobs)
         b_path, _, b_api = self.node_config("b", b_id, relay=link, jobs=b_jobs, log_level=b_log)
         a = self.start_node("a", a_path, registered=True)
         b = self.start_node("b", b_path, registered=True)

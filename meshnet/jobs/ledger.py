@@ -27,6 +27,8 @@ class ForwardedJob:
     sent_at: float = 0.0
     #: Who submitted it (as in ``JobSpec.origin``): only they may cancel it.
     origin: str = ""
+    #: The nonce of the sealed job as sent: a refusal of an unopenable job must name it.
+    nonce: bytes = b""
 
 
 @dataclass
@@ -53,6 +55,11 @@ class ForwardLedger:
             return None
         del self.jobs[job_id]
         self.counts[status] += 1
+        if len(self._deadlines) > 2 * len(self.jobs) + 64:
+            # Drop the entries of settled jobs, which would otherwise stay (holding their
+            # reply callables) until their deadlines, up to a day away.
+            self._deadlines = [entry for entry in self._deadlines if self.jobs.get(entry[2].id) is entry[2]]
+            heapq.heapify(self._deadlines)
         return job
 
     def jobs_on(self, peer: str) -> list[ForwardedJob]:

@@ -31,6 +31,7 @@ __all__ = [
     "plain_value",
     "MAX_HEADER_BYTES",
     "MAX_FRAMES",
+    "NONCE_BYTES",
     "BODY_SLACK",
     "frame_limit",
     "STATUSES",
@@ -267,6 +268,15 @@ def op(value: Any) -> str:
     return value
 
 
+NONCE_BYTES = 24
+
+
+def nonce(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) > NONCE_BYTES:
+        raise ValueError(f"a byte string of at most {NONCE_BYTES} bytes")
+    return value
+
+
 def seq(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError("an unsigned integer")
@@ -471,12 +481,23 @@ class Job(Message):
 
 @dataclass(frozen=True)
 class JobResult(Message):
+    """A job's terminal status. ``nonce`` is set only on the refusal of a job whose sealed
+    message would not open: the nonce of the body that failed, so that the submitter can
+    tell a refusal of what it sent from one a relay provoked with a forged message."""
+
     TYPE = "job_result"
-    RULES = {"id": job_id, "status": status, "error": error, "result": optional_byte_string}
+    RULES = {
+        "id": job_id,
+        "status": status,
+        "error": error,
+        "result": optional_byte_string,
+        "nonce": optional(nonce),
+    }
     id: bytes
     status: str
     error: dict[str, str] | None = None
     result: bytes | None = None
+    nonce: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,38 @@ def test_node_api_answers_malformed_and_oversized_requests(mesh: Mesh) -> None:
         with pytest.raises(JobRefused) as info:
             MeshClient.run(client, "echo", 1, timeout=10**9)
         assert info.value.reason == "invalid"
+
+
+def test_messages_of_many_frames_are_dropped_without_harm(mesh: Mesh) -> None:
+    pair = mesh.start_pair()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(pair.a_api)
+    try:
+        sock.send_multipart([b"x" * 1000] * 300)
+        job_id = os.urandom(16)
+        sock.send_multipart(encode(Submit(id=job_id, kind="echo", body=cbor2.dumps("next"))))
+        result = receive(sock, NODE_TO_CLIENT)
+        assert isinstance(result, Result) and result.id == job_id and cbor2.loads(result.body) == "next"
+    finally:
+        sock.close(0)
+        context.term()
+    pair.a.wait_for("client_message_rejected")
+    with MeshClient(pair.a_api) as client:
+        assert client.run("echo", 1, to=pair.b_id.peer_id) == 1
+
+
+def test_client_of_a_node_that_is_not_there_fails_fast(tmp_path) -> None:
+    from meshnet.errors import NodeUnreachable
+    from tests.harness import free_port
+
+    with MeshClient(f"tcp://127.0.0.1:{free_port()}") as client:
+        # ZeroMQ queues the first 1000 for the node to come; the rest find the queue
+        # full and fail at once; the queued ones end when their give-up timers fire,
+        # which a client blocked on a full queue would never run.
+        futures = [client.submit("echo", i, timeout=1) for i in range(1500)]
+        failed_at_once = [f for f in futures[1000:] if f.exception(timeout=5) is not None]
+        assert len(failed_at_once) == 500
+        for future in futures:
+            with pytest.raises(NodeUnreachable):
+                future.result(timeout=20)

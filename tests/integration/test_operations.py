@@ -165,3 +165,17 @@ def test_plugin_kind_from_an_entry_point(mesh: Mesh, tmp_path: Path) -> None:
         assert client.run("reverse", "stressed") == "desserts"
     done = cli("node", "--config", str(path))  # without the plugin installed
     assert done.returncode != 0 and "'reverse', which is not a known job kind" in done.stderr
+
+
+def test_sigterm_ends_forwarded_jobs_and_tells_their_clients(mesh: Mesh) -> None:
+    pair = mesh.start_pair(a_jobs={"drain_grace": 1}, b_log="debug")
+    with MeshClient(pair.a_api) as client:
+        remote = client.submit("sleep", 30, to=pair.b_id.peer_id, timeout=60)
+        pair.b.wait_for("job_started")
+        pair.a.signal(signal.SIGTERM)
+        with pytest.raises(JobCancelled) as info:
+            remote.result(timeout=20)
+        assert "before the peer answered" in str(info.value)
+    assert pair.a.wait(30) == 0
+    # A told B to stop the job it no longer waits for.
+    pair.b.wait_for("job_cancelled")

@@ -349,3 +349,33 @@ def test_next_deadline_follows_the_quietest_node(core, a, b):
     assert core.next_deadline() == HEARTBEAT * LIVENESS
     send_from(core, a, Ping(seq=1), 4.0)
     assert core.next_deadline() == 2.0 + HEARTBEAT * LIVENESS
+
+
+def twin_peer_id(peer_id: str) -> str:
+    """The peer id whose Ed25519 key differs only in its sign bit: same CurveZMQ key."""
+    from meshnet.identity import peer_id_from_public_key, public_key_from_peer_id
+
+    key = bytearray(public_key_from_peer_id(peer_id))
+    key[31] ^= 0x80
+    return peer_id_from_public_key(bytes(key))
+
+
+def test_allow_list_binds_the_peer_id_not_only_its_curve_key(a):
+    core = RelayCore(heartbeat=HEARTBEAT, liveness=LIVENESS, max_body=MAX_BODY, allowed_peers=frozenset([a.peer_id]))
+    twin = twin_peer_id(a.peer_id)
+    assert curve_public_z85(twin) == a.key  # ZAP cannot tell the two apart
+    reply = read(only(send_from(core, a, Register(peer_id=twin))))
+    assert isinstance(reply, Error) and reply.code == "identity_mismatch" and "allowed_peers" in reply.message
+    assert core.nodes == {}
+    assert isinstance(read(only(register(core, a))), Registered)
+
+
+def test_register_with_shared_reference_bomb_in_caps_is_refused(core, a):
+    nested: list = [1]
+    for _ in range(40):
+        nested = [nested, nested]  # 2**40 leaves once expanded, a few hundred bytes shared
+    header = cbor2.dumps({"v": 1, "t": "register", "peer_id": a.peer_id, "caps": {"x": nested}}, value_sharing=True)
+    assert len(header) < 1000
+    reply = read(only(send_from(core, a, [header])))
+    assert isinstance(reply, Error) and reply.code == "invalid" and "register.caps" in reply.message
+    assert core.nodes == {}

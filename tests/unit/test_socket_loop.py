@@ -1,0 +1,94 @@
+"""The socket loop: callbacks from any thread, timers, and bounded message reception."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from actors.socket_loop import SocketLoop, recv_message
+
+
+def test_callbacks_from_many_threads_all_run_in_order_per_thread() -> None:
+    loop = SocketLoop("test").start()
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+    try:
+
+        def producer(n: int) -> None:
+            for i in range(500):
+                loop.call_soon(seen.append, (n, i))
+
+        threads = [threading.Thread(target=producer, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        loop.call_soon(done.set)
+        assert done.wait(5)
+        assert len(seen) == 2000
+        for n in range(4):
+            assert [i for m, i in seen if m == n] == list(range(500))
+    finally:
+        loop.stop()
+
+
+def test_timers_fire_in_order_and_cancelled_ones_do_not() -> None:
+    loop = SocketLoop("test").start()
+    fired: list[str] = []
+    done = threading.Event()
+    try:
+        loop.call_later(0.05, fired.append, "second")
+        loop.call_later(0.01, fired.append, "first")
+        cancelled = loop.call_later(0.02, fired.append, "cancelled")
+        cancelled.cancel()
+        loop.call_later(0.08, done.set)
+        assert done.wait(5)
+        assert fired == ["first", "second"]
+    finally:
+        loop.stop()
+
+
+def test_many_cancelled_timers_are_dropped_from_the_heap() -> None:
+    loop = SocketLoop("test").start()
+    try:
+        handles = [loop.call_later(3600, print) for _ in range(1000)]
+        for handle in handles:
+            handle.cancel()
+        compacted = threading.Event()
+        loop.call_soon(lambda: compacted.set() if len(loop._timers) < 100 else None)
+        assert compacted.wait(5)
+    finally:
+        loop.stop()
+
+
+def test_far_timers_do_not_overflow_the_poll_timeout() -> None:
+    loop = SocketLoop("test").start()
+    try:
+        loop.call_later(10**9, print)
+        first, second = threading.Event(), threading.Event()
+        loop.call_soon(first.set)
+        assert first.wait(5)
+        # The loop has since polled with the far timer pending; it must still answer.
+        loop.call_soon(second.set)
+        assert second.wait(5)
+        assert loop.running
+    finally:
+        loop.stop()
+
+
+def test_recv_message_drops_a_message_of_too_many_frames_and_keeps_the_next() -> None:
+    context = zmq.Context()
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        a.send_multipart([b"x"] * 500)
+        a.send_multipart([b"header", b"body"])
+        assert b.poll(1000)
+        assert recv_message(b, 2) is None
+        assert [f.bytes for f in recv_message(b, 2)] == [b"header", b"body"]
+    finally:
+        a.close(0)
+        b.close(0)
+        context.term()
