@@ -8,8 +8,15 @@ import pykka
 import structlog
 
 from actors.messages import Alive
+from meshnet.jobs.model import Outcome, job_id_text
 
 log = structlog.get_logger("meshnet.actor")
+
+
+def log_job_end(logger: Any, job_id: bytes, kind: str, outcome: Outcome, **where: str) -> None:
+    """Log a job's terminal status: once per job, on the node that decided it."""
+    details = {} if outcome.status == "succeeded" else {"error": outcome.message, "reason": outcome.reason}
+    logger.info("job_" + outcome.status, job_id=job_id_text(job_id), kind=kind, **where, **details)
 
 
 class NodeActor(pykka.ThreadingActor):

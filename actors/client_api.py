@@ -173,10 +173,8 @@ class ClientApiActor(NodeActor):
         ready.set_result(router.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _io_close(self) -> None:
-        if self._router is not None:
-            self.loop.remove_reader(self._router)
-            self._router.close(linger=1000)
-            self._router = None
+        self.loop.close_socket(self._router, linger=1000)  # the last results still go out
+        self._router = None
 
     def _io_send(self, conn: bytes, frames: list[Any]) -> None:
         if self._router is None:

@@ -15,7 +15,7 @@ from typing import Any
 import pykka
 import structlog
 
-from actors.base import NodeActor
+from actors.base import NodeActor, log_job_end
 from actors.messages import Abort, CancelJob, Drain, Execute, Executed, KillJob, RunHere
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
@@ -167,13 +167,8 @@ class JobQueueActor(NodeActor):
 
 
 def _answer(job: JobSpec, outcome: Outcome) -> None:
-    log.info(
-        "job_" + outcome.status,
-        job_id=job_id_text(job.id),
-        kind=job.kind,
-        # Never the client connection's routing id: it is what a client would need to
-        # take another's results over.
-        submitter="client" if job.origin.startswith("client") else job.origin,
-        **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
-    )
+    # Never the client connection's routing id: it is what a client would need to take
+    # another's results over.
+    submitter = "client" if job.origin.startswith("client") else job.origin
+    log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
     job.reply(outcome)

@@ -21,7 +21,7 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.base import NodeActor
+from actors.base import NodeActor, log_job_end
 from actors.messages import (
     Abort,
     CancelJob,
@@ -243,13 +243,7 @@ class RelayClientActor(NodeActor):
         job = self.ledger.settle(job_id, outcome.status, peer=peer)
         if job is None:
             return
-        self.log.info(
-            "job_" + outcome.status,
-            job_id=job_id_text(job_id),
-            kind=job.kind,
-            to=job.peer,
-            **({"error": outcome.message, "reason": outcome.reason} if outcome.status != "succeeded" else {}),
-        )
+        log_job_end(self.log, job_id, job.kind, outcome, to=job.peer)
         job.reply(outcome)
 
     def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> bytes:
@@ -427,7 +421,7 @@ class RelayClientActor(NodeActor):
                 error_type="TimedOut",
                 message=f"no answer from peer {job.peer} within the job's timeout plus {DEADLINE_GRACE:g} s",
             )
-            self.log.info("job_timed_out", job_id=job_id_text(job.id), kind=job.kind, to=job.peer)
+            log_job_end(self.log, job.id, job.kind, outcome, to=job.peer)
             job.reply(outcome)
             if self.link.registered:  # the peer may still be running it: it need not
                 self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
@@ -510,14 +504,9 @@ class RelayClientActor(NodeActor):
         self.loop.add_reader(monitor, self._io_monitor)
 
     def _io_close(self) -> None:
-        if self._monitor is not None:
-            self.loop.remove_reader(self._monitor)
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._sock is not None:
-            self.loop.remove_reader(self._sock)
-            self._sock.close(linger=0)
-            self._sock = None
+        self.loop.close_socket(self._monitor)
+        self.loop.close_socket(self._sock)
+        self._monitor = self._sock = None
 
     def _io_monitor(self) -> None:
         monitor = self._monitor

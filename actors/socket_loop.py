@@ -135,6 +135,12 @@ class SocketLoop:
         if self._readers.pop(sock, None) is not None:
             self._poller.unregister(sock)
 
+    def close_socket(self, sock: zmq.Socket | None, linger: int = 0) -> None:
+        """Stop watching ``sock`` and close it (nothing for None). Loop thread only."""
+        if sock is not None:
+            self.remove_reader(sock)
+            sock.close(linger=linger)
+
     def _timer_cancelled(self) -> None:
         """Count cancelled timers; when they are most of the heap, drop them (on the
         loop thread), so that timers cancelled long before they are due (a client's

@@ -230,14 +230,9 @@ class MeshClient:
         self._io_fail_all(refused)
 
     def _io_close(self) -> None:
-        if self._monitor is not None:
-            self._loop.remove_reader(self._monitor)
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock)
-            self._sock.close(linger=0)
-            self._sock = None
+        self._loop.close_socket(self._monitor)
+        self._loop.close_socket(self._sock)
+        self._monitor = self._sock = None
         self._io_fail_all(MeshError("the client was closed before the job ended"))
 
     def _io_fail_all(self, error: MeshError) -> None:

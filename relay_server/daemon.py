@@ -140,10 +140,8 @@ class RelayServer:
         self._ready.set()
 
     def _close(self) -> None:
-        if self._router is not None:
-            self.loop.remove_reader(self._router)
-            self._router.close()
-            self._router = None
+        self.loop.close_socket(self._router)
+        self._router = None
 
     def _on_readable(self) -> None:
         router = self._router
