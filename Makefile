@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lint clean install
+.PHONY: run-node run-relay demo test lint bench clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## MeshNet against baselines run in the same process tree; figures also to $(BENCH_JSON).
+BENCH_JSON ?= bench-results.json
+bench: $(STAMP)
+	BENCH_JSON=$(BENCH_JSON) $(BIN)/python -m bench.run
+
 lint: $(STAMP)
-	$(BIN)/ruff check meshnet actors relay_server tests
+	$(BIN)/ruff check meshnet actors relay_server tests bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -38,4 +38,4 @@ class NodeActor(pykka.ThreadingActor):
             return None
 
     def handle(self, message: Any) -> Any:
-        raise NotImplementedError
+        log.warning("unexpected_message", actor=type(self).__name__, message=type(message).__name__)

@@ -6,12 +6,11 @@ and the CurveZMQ key pair that the socket-owning actors need to open their socke
 
 from __future__ import annotations
 
-import pykka
-
+from actors.base import NodeActor
 from meshnet.identity import Identity, Sealer
 
 
-class IdentityActor(pykka.ThreadingActor):
+class IdentityActor(NodeActor):
     def __init__(self, identity: Identity):
         super().__init__()
         self._identity = identity

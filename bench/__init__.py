@@ -1,0 +1,1 @@
+"""Benchmarks: MeshNet against baselines started by the same run (``make bench``)."""

@@ -1,0 +1,103 @@
+"""Load generators: a raw DEALER that speaks either MeshNet's client protocol or the
+baseline's, so that both servers are driven by the same client code."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import zmq
+
+from meshnet.protocol import NODE_TO_CLIENT, Result, Submit, decode, encode
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to send jobs and in which protocol."""
+
+    name: str
+    endpoint: str
+    protocol: str  # "meshnet" or "baseline"
+    to: str | None = None  # MeshNet only: the peer that runs the jobs
+
+    def request(self, job_id: bytes, kind: str, body: bytes, timeout: float) -> list[Any]:
+        if self.protocol == "meshnet":
+            return encode(Submit(id=job_id, kind=kind, body=body, to=self.to, timeout=timeout))
+        return [cbor2.dumps({"id": job_id, "kind": kind}), body]
+
+    def reply(self, frames: list[Any]) -> tuple[bytes, bool, Any]:
+        if self.protocol == "meshnet":
+            message = decode(frames, NODE_TO_CLIENT, max_body=1 << 30)
+            assert isinstance(message, Result)
+            return message.id, message.status == "succeeded", message.body
+        job_id, status, body = frames
+        return bytes(job_id), bytes(status) == b"ok", body
+
+
+class Driver:
+    """One DEALER connection to a target."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.connect(target.endpoint)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.context.term()
+
+    def _receive(self, timeout_ms: int = 60_000) -> tuple[bytes, bool, Any]:
+        if not self.sock.poll(timeout_ms):
+            raise TimeoutError(f"{self.target.name}: no reply within {timeout_ms} ms")
+        job_id, ok, body = self.target.reply(self.sock.recv_multipart(copy=False))
+        if not ok:
+            raise RuntimeError(f"{self.target.name}: a job failed")
+        return job_id, ok, body
+
+    def throughput(self, n: int, window: int, kind: str = "echo", body: bytes = b"\xf6") -> float:
+        """Jobs per second with up to ``window`` in flight."""
+        sent = received = 0
+        started = time.perf_counter()
+        while received < n:
+            while sent < n and sent - received < window:
+                self.sock.send_multipart(self.target.request(os.urandom(16), kind, body, 60.0), copy=False)
+                sent += 1
+            self._receive()
+            received += 1
+        return n / (time.perf_counter() - started)
+
+    def round_trips(self, n: int, kind: str = "echo", body: bytes = b"\xf6") -> list[float]:
+        """Seconds of each of ``n`` sequential round trips."""
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            self.sock.send_multipart(self.target.request(os.urandom(16), kind, body, 60.0), copy=False)
+            self._receive()
+            times.append(time.perf_counter() - started)
+        return times
+
+    def batch_seconds(self, n: int, kind: str, body: bytes) -> float:
+        """Wall time to run ``n`` jobs submitted at once."""
+        started = time.perf_counter()
+        for _ in range(n):
+            self.sock.send_multipart(self.target.request(os.urandom(16), kind, body, 600.0), copy=False)
+        for _ in range(n):
+            self._receive()
+        return time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
