@@ -72,7 +72,8 @@ from meshnet.relay_link import RelayLink
 log = structlog.get_logger("meshnet.relay_client")
 
 RECV_BATCH = 256
-PEERS_QUERY_TIMEOUT = 10.0
+#: Shorter than a client's own wait (10 s), so that the client hears why.
+PEERS_QUERY_TIMEOUT = 5.0
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
@@ -143,6 +144,7 @@ class RelayClientActor(NodeActor):
         self.sent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
         self.sent_bytes = 0
         self.unsent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
+        self.unsent_bytes = 0
         # loop-thread state
         self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
@@ -210,7 +212,8 @@ class RelayClientActor(NodeActor):
             self.draining = True
         elif isinstance(message, Abort):
             for job in list(self.ledger.jobs.values()):
-                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+                if self.link.registered:
+                    self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
                 self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message=message.reason))
         if self.ledger.jobs:
             self.ledger_idle.clear()
@@ -394,12 +397,15 @@ class RelayClientActor(NodeActor):
     def _hold_result(self, peer: str, result: JobResult) -> None:
         """Keep an answer until the relay knows this node again (bounded like sent ones)."""
         self.unsent_results[result.id] = (peer, result)
-        while len(self.unsent_results) > 4096:
-            job_id, _ = self.unsent_results.popitem(last=False)
+        self.unsent_bytes += len(result.result or b"")
+        while self.unsent_bytes > RESEND_BUDGET_BYTES or len(self.unsent_results) > 4096:
+            job_id, (_, old) = self.unsent_results.popitem(last=False)
+            self.unsent_bytes -= len(old.result or b"")
             self.log.warning("result_dropped", job_id=job_id.hex(), reason="too many answers waiting for the relay")
 
     def _flush_results(self) -> None:
         held, self.unsent_results = self.unsent_results, OrderedDict()
+        self.unsent_bytes = 0
         for peer, result in held.values():
             self._send_result(peer, result)
 

@@ -21,7 +21,7 @@ import tomli_w
 
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.identity import Identity, is_peer_id
-from meshnet.protocol.messages import plain_value
+from meshnet.protocol.messages import capabilities
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,9 +114,8 @@ def _executors(value: Any) -> int | str:
 def _capabilities(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("a table of capabilities")
-    # Sent to the relay as CBOR: TOML dates and times have no place there.
-    plain_value(value, "a table of capabilities")
-    return dict(value)
+    # Sent to the relay as CBOR, within the wire's limits: no TOML dates or times.
+    return dict(capabilities(value))
 
 
 def _private_key(value: Any) -> str:

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import cbor2
 import structlog
 
 from meshnet.errors import ProtocolError
 from meshnet.identity import curve_public_z85
 from meshnet.protocol import (
+    MAX_HEADER_BYTES,
+    MAX_LIST,
     NODE_TO_RELAY,
     Deliver,
     Error,
@@ -38,6 +41,8 @@ from meshnet.protocol import (
 
 log = structlog.get_logger("meshnet.relay")
 
+#: Room for the peer list in a peers reply, under the header limit.
+PEERS_REPLY_BUDGET = MAX_HEADER_BYTES - 4096
 #: Peers remembered per destination as having sent to it, to tell them when it leaves.
 MAX_CORRESPONDENTS = 1024
 
@@ -64,6 +69,11 @@ class NodeEntry:
     since: float
     last_seen: float
     correspondents: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: Encoded size of ``describe()``, so a peers reply can be kept within a header.
+    described_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.described_size = len(cbor2.dumps(self.describe())) + 16
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -116,7 +126,7 @@ class RelayCore:
                     ref=message.ref,
                     op=message.op,
                     reason="no_relay",
-                    message="the relay did not know this node (did it restart?); the node is registering again",
+                    message="the relay did not know this node yet (it reconnected, or the relay restarted); resubmit",
                 )
                 out.insert(0, self._reply(conn, bounce))
             return out
@@ -126,7 +136,8 @@ class RelayCore:
         if isinstance(message, Send):
             return self._forward(entry, message, now)
         assert isinstance(message, PeersRequest)
-        return [self._reply(conn, PeersReply(peers=self.describe_peers(now), seq=message.seq))]
+        peers, more = self.describe_peers(now)
+        return [self._reply(conn, PeersReply(peers=peers, seq=message.seq, more=more or None))]
 
     def on_undeliverable(self, out: Outgoing, *, queue_full: bool) -> list[Outgoing]:
         """The daemon could not send ``out``: its peer is gone, or its queue is full."""
@@ -153,13 +164,18 @@ class RelayCore:
 
     # -- helpers --
 
-    def describe_peers(self, now: float) -> list[dict[str, Any]]:
-        peers = []
+    def describe_peers(self, now: float) -> tuple[list[dict[str, Any]], int]:
+        """The registered peers that fit in one reply, and how many were left out."""
+        peers: list[dict[str, Any]] = []
+        size = 0
         for entry in self.nodes.values():
+            if len(peers) >= MAX_LIST or size + entry.described_size > PEERS_REPLY_BUDGET:
+                break
             info = entry.describe()
             info["connected_for"] = round(now - entry.since, 3)
             peers.append(info)
-        return peers
+            size += entry.described_size
+        return peers, len(self.nodes) - len(peers)
 
     def _reply(self, conn: bytes, message: Message) -> Outgoing:
         return Outgoing(conn, encode(message))

@@ -31,6 +31,7 @@ __all__ = [
     "plain_value",
     "MAX_HEADER_BYTES",
     "MAX_FRAMES",
+    "MAX_LIST",
     "NONCE_BYTES",
     "BODY_SLACK",
     "frame_limit",
@@ -188,15 +189,15 @@ MAX_VALUES = 65536
 _SCALARS = (type(None), bool, float)
 
 
-def plain_value(value: Any, what: str = "value") -> Any:
+def plain_value(value: Any, what: str = "value", *, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> Any:
     """Check ``value`` is plain data: null, bool, int, float, text, bytes, lists, and
     maps with text keys, within the limits above. Returns it unchanged."""
-    budget = [MAX_VALUES]
+    budget = [max_values]
 
     def walk(item: Any, depth: int) -> None:
         budget[0] -= 1
-        if budget[0] < 0 or depth > MAX_DEPTH:
-            raise ValueError(f"{what} of plain data at most {MAX_DEPTH} deep and {MAX_VALUES} values in all")
+        if budget[0] < 0 or depth > max_depth:
+            raise ValueError(f"{what} of plain data at most {max_depth} deep and {max_values} values in all")
         if isinstance(item, _SCALARS):
             return
         if isinstance(item, int):
@@ -226,8 +227,18 @@ def small_map(value: Any) -> dict[str, Any]:
     return plain_value(value, "a map")
 
 
-def map_or_empty(value: Any) -> dict[str, Any]:
-    return {} if value is None else small_map(value)
+#: A node's capabilities: small enough that a relay's list of thousands of peers stays
+#: within a header, and shallow enough to nest inside that list.
+MAX_CAPS_DEPTH = 3
+MAX_CAPS_VALUES = 256
+
+
+def capabilities(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("a map with text keys")
+    return plain_value(value, "a map", max_depth=MAX_CAPS_DEPTH, max_values=MAX_CAPS_VALUES)
 
 
 def list_or_empty(value: Any) -> list[str]:
@@ -243,7 +254,9 @@ def text_list(value: Any) -> list[str]:
 def map_list(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or len(value) > MAX_LIST or not all(isinstance(v, dict) for v in value):
         raise ValueError(f"a list of at most {MAX_LIST} maps")
-    return plain_value(value, "a list of maps")
+    # A list of peers, each with its capabilities: deeper and larger than one map, and
+    # still bounded by the header's size.
+    return plain_value(value, "a list of maps", max_depth=MAX_CAPS_DEPTH + 3, max_values=MAX_HEADER_BYTES)
 
 
 def byte_string(value: Any) -> bytes:
@@ -364,10 +377,14 @@ class StatusReply(Message):
 
 @dataclass(frozen=True)
 class PeersReply(Message):
+    """The peers a relay knows; ``more`` counts those left out to keep the reply within
+    a header's size."""
+
     TYPE = "peers_reply"
-    RULES = {"peers": map_list, "seq": optional(seq)}
+    RULES = {"peers": map_list, "seq": optional(seq), "more": optional(seq)}
     peers: list[dict[str, Any]]
     seq: int | None = None
+    more: int | None = None
 
 
 @dataclass(frozen=True)
@@ -388,7 +405,7 @@ class Error(Message):
 @dataclass(frozen=True)
 class Register(Message):
     TYPE = "register"
-    RULES = {"peer_id": peer_id, "caps": map_or_empty, "listen": list_or_empty}
+    RULES = {"peer_id": peer_id, "caps": capabilities, "listen": list_or_empty}
     peer_id: str
     caps: dict[str, Any] = field(default_factory=dict)
     listen: list[str] = field(default_factory=list)

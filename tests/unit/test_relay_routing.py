@@ -379,3 +379,22 @@ def test_register_with_shared_reference_bomb_in_caps_is_refused(core, a):
     reply = read(only(send_from(core, a, [header])))
     assert isinstance(reply, Error) and reply.code == "invalid" and "register.caps" in reply.message
     assert core.nodes == {}
+
+
+def test_capabilities_must_nest_shallowly_enough_to_fit_in_a_peers_reply(core, a):
+    reply = read(only(register(core, a, caps={"gpu": {"model": {"memory": {"gb": 24}}}})))
+    assert isinstance(reply, Error) and "register.caps" in reply.message
+    assert isinstance(read(only(register(core, a, caps={"gpu": {"model": "x", "memory_gb": 24}}))), Registered)
+
+
+def test_peers_reply_stays_within_a_header_and_counts_who_was_left_out(core, monkeypatch):
+    import relay_server.routing as routing
+
+    nodes = [Node(f"conn-{i}".encode()) for i in range(5)]
+    for node in nodes:
+        register(core, node)
+    one = core.nodes[nodes[0].peer_id].described_size
+    monkeypatch.setattr(routing, "PEERS_REPLY_BUDGET", 2 * one + one // 2)
+    reply = read(only(send_from(core, nodes[0], PeersRequest(seq=7))))
+    assert isinstance(reply, PeersReply) and reply.seq == 7
+    assert len(reply.peers) == 2 and reply.more == 3
