@@ -20,7 +20,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from actors.base import NodeActor
-from actors.messages import CancelJob, Drain, QueryPeers, RunHere, RunThere
+from actors.messages import CancelJob, Drain, QueryPeers, RunHereMany, RunThere
 from actors.socket_loop import SocketLoop, recv_message
 from meshnet.endpoints import is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError
@@ -108,6 +108,7 @@ class ClientApiActor(NodeActor):
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
+        self._local_jobs: list[JobSpec] = []
         self.log = log.bind(peer_id=self.peer_id)
 
     def open(self) -> str:
@@ -185,6 +186,18 @@ class ClientApiActor(NodeActor):
             self.log.warning("client_send_failed", error=str(exc))
 
     def _io_readable(self) -> None:
+        try:
+            self._io_read_batch()
+        finally:
+            self._io_flush_jobs()
+
+    def _io_flush_jobs(self) -> None:
+        """Hand the submissions taken in so far to the job queue, as one message."""
+        if self._local_jobs:
+            self.queue.tell(RunHereMany(self._local_jobs))
+            self._local_jobs = []
+
+    def _io_read_batch(self) -> None:
         router = self._router
         for _ in range(RECV_BATCH):
             if router is None:
@@ -217,7 +230,9 @@ class ClientApiActor(NodeActor):
     def _io_dispatch(self, conn: bytes, message: Any) -> None:
         if isinstance(message, Submit):
             self._io_submit(conn, message)
-        elif isinstance(message, Cancel):
+            return
+        self._io_flush_jobs()  # anything else is handled after the submissions before it
+        if isinstance(message, Cancel):
             # Only the connection that submitted a job may cancel it.
             cancel = CancelJob(message.id, requester=client_origin(conn))
             self.queue.tell(cancel)
@@ -247,7 +262,7 @@ class ClientApiActor(NodeActor):
         elif timeout > self.max_timeout:
             reply(Outcome.refused("invalid", f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"))
         elif peer is None:
-            self.queue.tell(RunHere(job))
+            self._local_jobs.append(job)
         elif self.relay is None:
             reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
         else:

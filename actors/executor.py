@@ -13,14 +13,13 @@ import concurrent.futures
 import multiprocessing
 import threading
 import time
-from typing import Any
 
 import pebble
 import pykka
 import structlog
 
 from actors.base import NodeActor
-from actors.messages import Abort, Execute, Executed, KillJob
+from actors.messages import Executed
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.worker import init_worker, run_job
 
@@ -50,37 +49,43 @@ def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: s
     return Outcome("failed", error_type=type(exc).__name__, message=str(exc))
 
 
-class ExecutorActor(NodeActor):
-    def __init__(self, *, workers: int, enabled: list[str], queue: pykka.ActorRef | None = None):
-        super().__init__()
-        self.workers = workers
-        self.enabled = list(enabled)
-        self.queue = queue
-        self.pool: pebble.ProcessPool | None = None
+class PoolRunner:
+    """Hands jobs to the process pool and reports each one's outcome to the job queue.
+
+    Thread-safe: the job queue actor calls :meth:`run` and :meth:`cancel` itself, so that
+    a job reaches the pool without another actor hop; pebble's callback thread reports
+    outcomes. The maps shared between them are guarded by one lock.
+    """
+
+    def __init__(self, pool: pebble.ProcessPool):
+        self.pool = pool
+        self.queue: pykka.ActorRef | None = None
         self.futures: dict[bytes, concurrent.futures.Future] = {}
         self.cancel_reasons: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
-    def on_start(self) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["meshnet.jobs.worker"])
-        self.pool = pebble.ProcessPool(
-            max_workers=self.workers, initializer=init_worker, initargs=(self.enabled,), context=context
-        )
-        log.info("executors_started", workers=self.workers, kinds=self.enabled)
+    def run(self, job: JobSpec) -> None:
+        queue = self.queue
+        assert queue is not None
+        remaining = job.remaining(time.monotonic())
+        if remaining <= 0:
+            waited = Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
+            queue.tell(Executed(job.id, waited))
+            return
+        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
+        with self._lock:
+            self.futures[job.id] = future
 
-    def attach(self, queue: pykka.ActorRef) -> None:
-        self.queue = queue
+        def done(f: concurrent.futures.Future) -> None:
+            with self._lock:
+                reason = self.cancel_reasons.pop(job.id, "cancelled")
+                self.futures.pop(job.id, None)
+            queue.tell(Executed(job.id, outcome_of(f, job, reason)))
 
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, Execute):
-            self._execute(message.job)
-        elif isinstance(message, KillJob):
-            self._cancel({message.job_id}, "cancelled by its submitter")
-        elif isinstance(message, Abort):
-            self._cancel(None, message.reason)
+        future.add_done_callback(done)
+        log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
 
-    def _cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
+    def cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
         """Kill running jobs (all when ``job_ids`` is None); their outcome is ``cancelled``."""
         with self._lock:
             chosen = [(i, f) for i, f in self.futures.items() if job_ids is None or i in job_ids]
@@ -89,27 +94,30 @@ class ExecutorActor(NodeActor):
         for _, future in chosen:
             future.cancel()  # pebble kills the worker running it
 
-    def _execute(self, job: JobSpec) -> None:
-        assert self.pool is not None and self.queue is not None
-        remaining = job.remaining(time.monotonic())
-        if remaining <= 0:
-            waited = Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
-            self.queue.tell(Executed(job.id, waited))
-            return
-        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
-        with self._lock:
-            self.futures[job.id] = future
-        queue = self.queue
 
-        def done(f: concurrent.futures.Future) -> None:
-            # Runs on pebble's thread (the two maps are shared with the actor: locked).
-            with self._lock:
-                reason = self.cancel_reasons.pop(job.id, "cancelled")
-                self.futures.pop(job.id, None)
-            queue.tell(Executed(job.id, outcome_of(f, job, reason)))
+class ExecutorActor(NodeActor):
+    """Owns the pool's life: starts it with the node, stops it (and its helper
+    processes) with the node. Running jobs goes through its :class:`PoolRunner`."""
 
-        future.add_done_callback(done)
-        log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+    def __init__(self, *, workers: int, enabled: list[str]):
+        super().__init__()
+        self.workers = workers
+        self.enabled = list(enabled)
+        self.pool: pebble.ProcessPool | None = None
+        self._runner: PoolRunner | None = None
+
+    def on_start(self) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["meshnet.jobs.worker"])
+        self.pool = pebble.ProcessPool(
+            max_workers=self.workers, initializer=init_worker, initargs=(self.enabled,), context=context
+        )
+        self._runner = PoolRunner(self.pool)
+        log.info("executors_started", workers=self.workers, kinds=self.enabled)
+
+    def runner(self) -> PoolRunner:
+        assert self._runner is not None
+        return self._runner
 
     def on_stop(self) -> None:
         if self.pool is not None:

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pykka
 import structlog
 
 from actors.base import NodeActor, log_job_end
-from actors.messages import Abort, CancelJob, Drain, Execute, Executed, KillJob, RunHere
+from actors.executor import PoolRunner
+from actors.messages import Abort, CancelJob, Drain, Executed, RunHere, RunHereMany
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 
@@ -36,7 +36,7 @@ class JobQueueActor(NodeActor):
     def __init__(
         self,
         *,
-        executor: pykka.ActorRef,
+        runner: PoolRunner,
         slots: int,
         capacity: int,
         enabled: list[str],
@@ -44,7 +44,7 @@ class JobQueueActor(NodeActor):
         max_timeout: float,
     ):
         super().__init__()
-        self.executor = executor
+        self.runner = runner
         self.queue = JobQueue(slots=slots, capacity=capacity)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
@@ -57,9 +57,15 @@ class JobQueueActor(NodeActor):
         self._expiry: threading.Timer | None = None
         self._expiry_at = math.inf
 
+    def on_start(self) -> None:
+        self.runner.queue = self.actor_ref
+
     def handle(self, message: Any) -> Any:
         if isinstance(message, RunHere):
             self._admit(message.job)
+        elif isinstance(message, RunHereMany):
+            for job in message.jobs:
+                self._admit(job)
         elif isinstance(message, Executed):
             self._finish(message.job_id, message.outcome)
         elif isinstance(message, CancelJob):
@@ -68,20 +74,21 @@ class JobQueueActor(NodeActor):
             for job in self.queue.start_drain():
                 self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
         elif isinstance(message, Abort):
-            self.executor.tell(message)
+            self.runner.cancel(None, message.reason)
         elif isinstance(message, ExpireWaiting):
             self._expiry, self._expiry_at = None, math.inf
             for job in self.queue.overdue_waiting(time.monotonic()):
                 self._finish(job.id, Outcome("timed_out", error_type="TimedOut", message=waited_too_long(job)))
-        self._arm_expiry()
+            self._arm_expiry(self.queue.next_waiting_deadline())
         self._update_idle()
 
     def on_stop(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
 
-    def _arm_expiry(self) -> None:
-        deadline = self.queue.next_waiting_deadline()
+    def _arm_expiry(self, deadline: float | None) -> None:
+        """Have the timer fire by ``deadline`` (it may fire for a job that has started
+        since; the handler then just arms it for the next waiting job)."""
         if deadline is None or deadline >= self._expiry_at:
             return
         if self._expiry is not None:
@@ -110,7 +117,9 @@ class JobQueueActor(NodeActor):
             return
         self.queue.admit(job)
         for ready in self.queue.startable():
-            self.executor.tell(Execute(ready))
+            self.runner.run(ready)
+        if self.queue.is_waiting(job.id):
+            self._arm_expiry(job.received_at + job.timeout)
 
     def _refusal(self, job: JobSpec) -> Outcome | None:
         if job.kind not in self.enabled:
@@ -148,7 +157,7 @@ class JobQueueActor(NodeActor):
             return
         _answer(job, outcome)
         for ready in self.queue.startable():
-            self.executor.tell(Execute(ready))
+            self.runner.run(ready)
 
     def _cancel(self, message: CancelJob) -> None:
         job = next((j for j in [*self.queue.running.values(), *self.queue.waiting] if j.id == message.job_id), None)
@@ -157,7 +166,7 @@ class JobQueueActor(NodeActor):
         if self.queue.is_waiting(job.id):
             self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))
         else:
-            self.executor.tell(KillJob(job.id))
+            self.runner.cancel({job.id}, "cancelled by its submitter")
 
     def _update_idle(self) -> None:
         if self.queue.idle:

@@ -28,16 +28,18 @@ class RunHere:
 
 
 @dataclass(frozen=True)
+class RunHereMany:
+    """Queue ``jobs`` on this node: what one wake-up of the client API took in."""
+
+    jobs: list[JobSpec]
+
+
+@dataclass(frozen=True)
 class RunThere:
     """Forward ``job`` to peer ``peer`` through the relay."""
 
     job: JobSpec
     peer: str
-
-
-@dataclass(frozen=True)
-class Execute:
-    job: JobSpec
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,6 @@ class CancelJob:
 
     job_id: bytes
     requester: str = "client"
-
-
-@dataclass(frozen=True)
-class KillJob:
-    job_id: bytes
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Node:
             self.executor = self._start(ExecutorActor.start(workers=workers, enabled=jobs.enabled))
             self.queue = self._start(
                 JobQueueActor.start(
-                    executor=self.executor,
+                    runner=self.executor.proxy().runner().get(),
                     slots=workers,
                     capacity=jobs.queue_size,
                     enabled=jobs.enabled,
@@ -63,7 +63,6 @@ class Node:
                     max_timeout=jobs.max_timeout,
                 )
             )
-            self.executor.proxy().attach(self.queue).get()
             if config.relay.endpoint:
                 self.relay = self._start(
                     RelayClientActor.start(

@@ -33,13 +33,15 @@ EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
 
 
-def _configure_logging(fmt: str = "console", level: str = "info", static: dict[str, str] | None = None) -> None:
+def _configure_logging(
+    fmt: str = "console", level: str = "info", static: dict[str, str] | None = None, *, final: bool = True
+) -> None:
     """Log as the config says; ``MESHNET_LOG_FORMAT`` / ``MESHNET_LOG_LEVEL`` override it."""
     fmt = os.environ.get("MESHNET_LOG_FORMAT", fmt)
     level = os.environ.get("MESHNET_LOG_LEVEL", level)
     if fmt not in ("console", "json") or level not in ("debug", "info", "warning", "error"):
         raise MeshError("MESHNET_LOG_FORMAT must be console or json, MESHNET_LOG_LEVEL debug, info, warning or error")
-    configure_logging(fmt, level, static)
+    configure_logging(fmt, level, static, final=final)
 
 
 def _config_path(args: argparse.Namespace, name: str) -> Path:
@@ -96,7 +98,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from actors.supervisor import Node  # the actors pull in pebble and pykka: only nodes need them
 
-    _configure_logging()
+    _configure_logging(final=False)
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
     _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
     node = Node(config).start()
@@ -112,7 +114,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     from relay_server.daemon import RelayServer
 
-    _configure_logging()
+    _configure_logging(final=False)
     path = _config_path(args, "relay.toml")
     if not args.config and not path.exists():
         init_config(path, relay=True)

@@ -10,11 +10,16 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(fmt: str = "console", level: str = "info", static: dict[str, str] | None = None) -> None:
+def configure_logging(
+    fmt: str = "console", level: str = "info", static: dict[str, str] | None = None, *, final: bool = True
+) -> None:
     """Configure structlog for the whole process; log lines go to stderr.
 
     ``static`` fields go on every line that does not set them itself: a node process
     has one identity, so its ``peer_id`` is on every line it logs, from every thread.
+    ``final`` lets loggers resolve their configuration once, on first use (every job
+    logs its terminal status, so this is on the hot path); a provisional configuration
+    (before the config file is read) passes False so that it is not frozen in.
     """
     renderer: structlog.typing.Processor
     if fmt == "json":
@@ -40,7 +45,7 @@ def configure_logging(fmt: str = "console", level: str = "info", static: dict[st
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=final,
     )
     # Libraries underneath (pykka, pebble, pyzmq's authenticator) log through the
     # standard library: send their records through the same renderer.
