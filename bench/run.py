@@ -38,7 +38,11 @@ IDLE_WINDOW_S = 5.0
 
 
 def progress(text: str) -> None:
-    sys.stderr.write(f"\r\033[K[bench] {text}")
+    """One line that rewrites itself on a terminal; a line per step in a log."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K[bench] {text}")
+    else:
+        sys.stderr.write(f"[bench] {text}\n")
     sys.stderr.flush()
 
 
