@@ -14,9 +14,23 @@ log = structlog.get_logger("meshnet.actor")
 
 
 def log_job_end(logger: Any, job_id: bytes, kind: str, outcome: Outcome, **where: str) -> None:
-    """Log a job's terminal status: once per job, on the node that decided it."""
-    details = {} if outcome.status == "succeeded" else {"error": outcome.message, "reason": outcome.reason}
-    logger.info("job_" + outcome.status, job_id=job_id_text(job_id), kind=kind, **where, **details)
+    """Log a job's terminal status: once per job, on the node that decided it.
+
+    Successes are debug events and everything else info: a line per successful job
+    (rendered, time-stamped and written) cost about a third of a node's time per no-op
+    job when measured, more than the rest of its bookkeeping. ``log.level = "debug"``
+    shows them all."""
+    if outcome.status == "succeeded":
+        logger.debug("job_succeeded", job_id=job_id_text(job_id), kind=kind, **where)
+        return
+    logger.info(
+        "job_" + outcome.status,
+        job_id=job_id_text(job_id),
+        kind=kind,
+        error=outcome.message,
+        reason=outcome.reason,
+        **where,
+    )
 
 
 class NodeActor(pykka.ThreadingActor):

@@ -20,7 +20,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from actors.base import NodeActor
-from actors.messages import CancelJob, Drain, QueryPeers, RunHereMany, RunThere
+from actors.job_queue import JobBook
+from actors.messages import CancelJob, Drain, QueryPeers, RunThere
 from actors.socket_loop import SocketLoop, recv_message
 from meshnet.endpoints import is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError
@@ -78,7 +79,7 @@ class ClientApiActor(NodeActor):
         identity: Identity,
         endpoint: str,
         allowed_clients: list[str],
-        queue: pykka.ActorRef,
+        book: JobBook,
         relay: pykka.ActorRef | None,
         status: Callable[[], dict[str, Any]],
         default_timeout: float,
@@ -96,7 +97,7 @@ class ClientApiActor(NodeActor):
         self.peer_id = identity.peer_id
         self.requested_endpoint = endpoint
         self.allowed_clients = allowed_clients
-        self.queue = queue
+        self.book = book
         self.relay = relay
         self.gather_status = status
         self.default_timeout = default_timeout
@@ -142,6 +143,7 @@ class ClientApiActor(NodeActor):
     def handle(self, message: Any) -> Any:
         if isinstance(message, Drain):
             self.draining = True
+            return True
         elif isinstance(message, StatusFor):
             try:
                 reply: Any = StatusReply(info=self.gather_status(), seq=message.seq)
@@ -194,7 +196,7 @@ class ClientApiActor(NodeActor):
     def _io_flush_jobs(self) -> None:
         """Hand the submissions taken in so far to the job queue, as one message."""
         if self._local_jobs:
-            self.queue.tell(RunHereMany(self._local_jobs))
+            self.book.submit(self._local_jobs)
             self._local_jobs = []
 
     def _io_read_batch(self) -> None:
@@ -234,10 +236,9 @@ class ClientApiActor(NodeActor):
         self._io_flush_jobs()  # anything else is handled after the submissions before it
         if isinstance(message, Cancel):
             # Only the connection that submitted a job may cancel it.
-            cancel = CancelJob(message.id, requester=client_origin(conn))
-            self.queue.tell(cancel)
+            self.book.cancel(message.id, client_origin(conn))
             if self.relay is not None:
-                self.relay.tell(cancel)
+                self.relay.tell(CancelJob(message.id, requester=client_origin(conn)))
         elif isinstance(message, StatusRequest):
             self.actor_ref.tell(StatusFor(conn, message.seq))
         elif isinstance(message, PeersRequest):

@@ -13,13 +13,12 @@ import concurrent.futures
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 
 import pebble
-import pykka
 import structlog
 
 from actors.base import NodeActor
-from actors.messages import Executed
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.worker import init_worker, run_job
 
@@ -50,27 +49,27 @@ def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: s
 
 
 class PoolRunner:
-    """Hands jobs to the process pool and reports each one's outcome to the job queue.
+    """Hands jobs to the process pool and reports each one's outcome.
 
-    Thread-safe: the job queue actor calls :meth:`run` and :meth:`cancel` itself, so that
-    a job reaches the pool without another actor hop; pebble's callback thread reports
-    outcomes. The maps shared between them are guarded by one lock.
+    Thread-safe: the job book calls :meth:`run` and :meth:`cancel` from whichever thread
+    admitted or ended a job, so that a job reaches the pool without an actor hop; pebble's
+    callback thread calls ``report`` (the job book's ``finish``) as jobs end. The maps
+    shared between them are guarded by one lock.
     """
 
     def __init__(self, pool: pebble.ProcessPool):
         self.pool = pool
-        self.queue: pykka.ActorRef | None = None
+        self.report: Callable[[list[tuple[bytes, Outcome]]], None] | None = None
         self.futures: dict[bytes, concurrent.futures.Future] = {}
         self.cancel_reasons: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
     def run(self, job: JobSpec) -> None:
-        queue = self.queue
-        assert queue is not None
+        report = self.report
+        assert report is not None
         remaining = job.remaining(time.monotonic())
         if remaining <= 0:
-            waited = Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
-            queue.tell(Executed(job.id, waited))
+            report([(job.id, Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False)))])
             return
         future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
         with self._lock:
@@ -80,7 +79,7 @@ class PoolRunner:
             with self._lock:
                 reason = self.cancel_reasons.pop(job.id, "cancelled")
                 self.futures.pop(job.id, None)
-            queue.tell(Executed(job.id, outcome_of(f, job, reason)))
+            report([(job.id, outcome_of(f, job, reason))])
 
         future.add_done_callback(done)
         log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)

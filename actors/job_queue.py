@@ -1,7 +1,13 @@
-"""JobQueueActor: admits jobs into the bounded queue and feeds the executors.
+"""JobQueueActor and its JobBook: the bounded queue in front of the executors.
 
-It drives :class:`meshnet.jobs.queue.JobQueue`, which decides admission and guarantees
-one terminal status per job; every job's terminal status is logged here, once.
+The book drives :class:`meshnet.jobs.queue.JobQueue`, which decides admission and
+guarantees one terminal status per job; every job's terminal status is logged here,
+once. The book is safe to call from any thread, and is called directly: by the client
+API's socket loop as submissions arrive, by the relay client for jobs from peers, by
+the pool's callback thread as jobs end. Measured on the local no-op path, handing each
+of those to an actor thread cost more than all the queue's own work; a lock held for
+microseconds costs nothing comparable. What the book decides is carried out (jobs
+started, answers sent, lines logged) after its lock is released.
 """
 
 from __future__ import annotations
@@ -9,30 +15,27 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
 from actors.base import NodeActor, log_job_end
 from actors.executor import PoolRunner
-from actors.messages import Abort, CancelJob, Drain, Executed, RunHere, RunHereMany
+from actors.messages import Abort, CancelJob, Drain, RunHere, RunHereMany
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 
 log = structlog.get_logger("meshnet.jobs")
 
-
-@dataclass(frozen=True)
-class ExpireWaiting:
-    """The first waiting job's timeout has passed."""
+SHUTTING_DOWN = "the node is shutting down"
 
 
 def waited_too_long(job: JobSpec) -> str:
     return f"job waited in the queue past its timeout of {job.timeout:g} s and never started"
 
 
-class JobQueueActor(NodeActor):
+class JobBook:
     def __init__(
         self,
         *,
@@ -43,83 +46,99 @@ class JobQueueActor(NodeActor):
         max_payload: int,
         max_timeout: float,
     ):
-        super().__init__()
         self.runner = runner
         self.queue = JobQueue(slots=slots, capacity=capacity)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
         self.max_timeout = max_timeout
+        #: Set while no job waits or runs (the supervisor waits on it to drain).
         self.idle = threading.Event()
         self.idle.set()
+        self._lock = threading.Lock()
         # One timer at a time, armed for the first waiting job to run out of time, so
         # that a job stuck behind long ones ends when its timeout does, not when an
         # executor frees up.
         self._expiry: threading.Timer | None = None
         self._expiry_at = math.inf
+        self._closed = False
 
-    def on_start(self) -> None:
-        self.runner.queue = self.actor_ref
+    # -- any thread --
 
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, RunHere):
-            self._admit(message.job)
-        elif isinstance(message, RunHereMany):
-            for job in message.jobs:
-                self._admit(job)
-        elif isinstance(message, Executed):
-            self._finish(message.job_id, message.outcome)
-        elif isinstance(message, CancelJob):
-            self._cancel(message)
-        elif isinstance(message, Drain):
-            for job in self.queue.start_drain():
-                self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
-        elif isinstance(message, Abort):
-            self.runner.cancel(None, message.reason)
-        elif isinstance(message, ExpireWaiting):
-            self._expiry, self._expiry_at = None, math.inf
-            for job in self.queue.overdue_waiting(time.monotonic()):
-                self._finish(job.id, Outcome("timed_out", error_type="TimedOut", message=waited_too_long(job)))
-            self._arm_expiry(self.queue.next_waiting_deadline())
-        self._update_idle()
+    def submit(self, jobs: Iterable[JobSpec]) -> None:
+        """Admit each job, or answer it with its refusal; start what fits."""
+        answers: list[tuple[JobSpec, Outcome]] = []
+        started: list[JobSpec] = []
+        with self._lock:
+            for job in jobs:
+                refusal = self._refusal(job)
+                if refusal is not None:
+                    self.queue.record_refusal()
+                    answers.append((job, refusal))
+                    continue
+                self.queue.admit(job)
+                started += self._start()  # before the next admission looks at what runs
+                if self.queue.is_waiting(job.id):
+                    self._arm_expiry(job.received_at + job.timeout)
+        self._carry_out(started, answers)
 
-    def on_stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+    def finish(self, outcomes: Iterable[tuple[bytes, Outcome]]) -> None:
+        """Jobs ended with these outcomes (a job that already ended is ignored)."""
+        answers: list[tuple[JobSpec, Outcome]] = []
+        with self._lock:
+            for job_id, outcome in outcomes:
+                if outcome.status == "succeeded" and len(outcome.result) > self.max_payload:
+                    outcome = Outcome(
+                        "failed",
+                        error_type="ResultTooLarge",
+                        message=f"result is {len(outcome.result)} bytes; this node sends at most {self.max_payload}",
+                    )
+                job = self.queue.finish(job_id, outcome.status)
+                if job is not None:
+                    answers.append((job, outcome))
+            started = self._start()
+        self._carry_out(started, answers)
 
-    def _arm_expiry(self, deadline: float | None) -> None:
-        """Have the timer fire by ``deadline`` (it may fire for a job that has started
-        since; the handler then just arms it for the next waiting job)."""
-        if deadline is None or deadline >= self._expiry_at:
-            return
-        if self._expiry is not None:
-            self._expiry.cancel()
-        me = self.actor_ref
-        self._expiry = threading.Timer(max(0.0, deadline - time.monotonic()), lambda: me.tell(ExpireWaiting()))
-        self._expiry.daemon = True
-        self._expiry.start()
-        self._expiry_at = deadline
+    def cancel(self, job_id: bytes, requester: str) -> None:
+        """Cancel a job if ``requester`` submitted it: a waiting one ends now, a running
+        one when the pool has killed its worker."""
+        with self._lock:
+            job = self.queue.running.get(job_id) or next((j for j in self.queue.waiting if j.id == job_id), None)
+            if job is None or job.origin != requester:
+                return
+            waiting = self.queue.is_waiting(job_id)
+        if waiting:
+            self.finish([(job_id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))])
+        else:
+            self.runner.cancel({job_id}, "cancelled by its submitter")
+
+    def drain(self) -> None:
+        """Refuse new jobs from now on; end the waiting ones as cancelled."""
+        with self._lock:
+            waiting = self.queue.start_drain()
+        self.finish([(job.id, Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN)) for job in waiting])
+
+    def abort(self, reason: str) -> None:
+        """Kill every running job; each ends as cancelled with ``reason``."""
+        self.runner.cancel(None, reason)
 
     def status(self) -> dict[str, Any]:
-        return {
-            "queued": len(self.queue.waiting),
-            "running": len(self.queue.running),
-            "queue_size": self.queue.capacity,
-            "executors": self.queue.slots,
-            "draining": self.queue.draining,
-            "jobs": dict(self.queue.counts),
-        }
+        with self._lock:
+            return {
+                "queued": len(self.queue.waiting),
+                "running": len(self.queue.running),
+                "queue_size": self.queue.capacity,
+                "executors": self.queue.slots,
+                "draining": self.queue.draining,
+                "jobs": dict(self.queue.counts),
+            }
 
-    def _admit(self, job: JobSpec) -> None:
-        refusal = self._refusal(job)
-        if refusal is not None:
-            self.queue.record_refusal()
-            _answer(job, refusal)
-            return
-        self.queue.admit(job)
-        for ready in self.queue.startable():
-            self.runner.run(ready)
-        if self.queue.is_waiting(job.id):
-            self._arm_expiry(job.received_at + job.timeout)
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._expiry is not None:
+                self._expiry.cancel()
+
+    # -- internals (lock held unless said otherwise) --
 
     def _refusal(self, job: JobSpec) -> Outcome | None:
         if job.kind not in self.enabled:
@@ -145,39 +164,76 @@ class JobQueueActor(NodeActor):
             return Outcome.refused("draining", "the node is shutting down and takes no new jobs")
         return None
 
-    def _finish(self, job_id: bytes, outcome: Outcome) -> None:
-        if outcome.status == "succeeded" and len(outcome.result) > self.max_payload:
-            outcome = Outcome(
-                "failed",
-                error_type="ResultTooLarge",
-                message=f"result is {len(outcome.result)} bytes; this node sends at most {self.max_payload}",
-            )
-        job = self.queue.finish(job_id, outcome.status)
-        if job is None:
+    def _start(self) -> list[JobSpec]:
+        started = self.queue.startable()
+        idle = self.queue.idle
+        if idle != self.idle.is_set():
+            self.idle.set() if idle else self.idle.clear()
+        return started
+
+    def _carry_out(self, started: list[JobSpec], answers: list[tuple[JobSpec, Outcome]]) -> None:
+        """Lock released: start jobs, then log and send answers."""
+        for job in started:
+            self.runner.run(job)
+        for job, outcome in answers:
+            # Never the client connection's routing id: it is what a client would need
+            # to take another's results over.
+            submitter = "client" if job.origin.startswith("client") else job.origin
+            log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
+            job.reply(outcome)
+
+    def _arm_expiry(self, deadline: float | None) -> None:
+        """Have the timer fire by ``deadline`` (it may fire for a job that has started
+        since; it then arms itself for the next waiting job)."""
+        if deadline is None or deadline >= self._expiry_at or self._closed:
             return
-        _answer(job, outcome)
-        for ready in self.queue.startable():
-            self.runner.run(ready)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire_waiting)
+        self._expiry.daemon = True
+        self._expiry.start()
+        self._expiry_at = deadline
 
-    def _cancel(self, message: CancelJob) -> None:
-        job = next((j for j in [*self.queue.running.values(), *self.queue.waiting] if j.id == message.job_id), None)
-        if job is None or job.origin != message.requester:
-            return
-        if self.queue.is_waiting(job.id):
-            self._finish(job.id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))
-        else:
-            self.runner.cancel({job.id}, "cancelled by its submitter")
-
-    def _update_idle(self) -> None:
-        if self.queue.idle:
-            self.idle.set()
-        else:
-            self.idle.clear()
+    def _expire_waiting(self) -> None:
+        """The timer thread (lock not held)."""
+        with self._lock:
+            self._expiry, self._expiry_at = None, math.inf
+            overdue = self.queue.overdue_waiting(time.monotonic())
+        self.finish(
+            [(job.id, Outcome("timed_out", error_type="TimedOut", message=waited_too_long(job))) for job in overdue]
+        )
+        with self._lock:
+            self._arm_expiry(self.queue.next_waiting_deadline())
 
 
-def _answer(job: JobSpec, outcome: Outcome) -> None:
-    # Never the client connection's routing id: it is what a client would need to take
-    # another's results over.
-    submitter = "client" if job.origin.startswith("client") else job.origin
-    log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
-    job.reply(outcome)
+class JobQueueActor(NodeActor):
+    """Owns the node's :class:`JobBook` (others get it with :meth:`book`) and takes the
+    same requests as messages from anyone who would rather ``tell``."""
+
+    def __init__(self, **book: Any):
+        super().__init__()
+        self._book = JobBook(**book)
+
+    def on_start(self) -> None:
+        self._book.runner.report = self._book.finish
+
+    def book(self) -> JobBook:
+        return self._book
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, RunHere):
+            self._book.submit([message.job])
+        elif isinstance(message, RunHereMany):
+            self._book.submit(message.jobs)
+        elif isinstance(message, CancelJob):
+            self._book.cancel(message.job_id, message.requester)
+        elif isinstance(message, Drain):
+            self._book.drain()
+        elif isinstance(message, Abort):
+            self._book.abort(message.reason)
+
+    def status(self) -> dict[str, Any]:
+        return self._book.status()
+
+    def on_stop(self) -> None:
+        self._book.close()

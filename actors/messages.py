@@ -43,12 +43,6 @@ class RunThere:
 
 
 @dataclass(frozen=True)
-class Executed:
-    job_id: bytes
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
 class CancelJob:
     """Cancel job ``job_id`` if ``requester`` (``"client"`` or a peer id) submitted it."""
 

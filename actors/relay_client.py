@@ -16,12 +16,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import pykka
 import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.base import NodeActor, log_job_end
+from actors.job_queue import JobBook
 from actors.messages import (
     Abort,
     CancelJob,
@@ -30,7 +30,6 @@ from actors.messages import (
     QueryPeers,
     Reconnect,
     ReplyToPeer,
-    RunHere,
     RunThere,
     SendFailed,
     Tick,
@@ -104,7 +103,7 @@ class RelayClientActor(NodeActor):
         identity: Identity,
         endpoint: str,
         relay_peer_id: str,
-        queue: pykka.ActorRef,
+        book: JobBook,
         heartbeat: float,
         liveness: int,
         backoff_min: float,
@@ -120,7 +119,7 @@ class RelayClientActor(NodeActor):
         self.sealer = Sealer(identity)
         self.endpoint = endpoint
         self.relay_peer_id = relay_peer_id
-        self.queue = queue
+        self.book = book
         self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
         self.ledger = ForwardLedger()
         self.max_payload = max_payload
@@ -210,6 +209,7 @@ class RelayClientActor(NodeActor):
                 self._register()
         elif isinstance(message, Drain):
             self.draining = True
+            return True
         elif isinstance(message, Abort):
             for job in list(self.ledger.jobs.values()):
                 if self.link.registered:
@@ -345,7 +345,7 @@ class RelayClientActor(NodeActor):
             )
             self._settle(inner.id, outcome, peer=sender)
         elif isinstance(inner, JobCancel):
-            self.queue.tell(CancelJob(inner.id, requester=sender))
+            self.book.cancel(inner.id, sender)
 
     def _on_unreadable(self, message: Deliver, error: str) -> None:
         """A sealed message failed to open (altered in transit, or not sealed by its
@@ -370,7 +370,7 @@ class RelayClientActor(NodeActor):
         if self.draining:
             reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
             return
-        self.queue.tell(RunHere(spec))
+        self.book.submit([spec])
 
     def _reply_to_peer(self, message: ReplyToPeer) -> None:
         outcome = message.outcome

@@ -18,7 +18,7 @@ import zmq
 from actors.client_api import ClientApiActor
 from actors.executor import ExecutorActor
 from actors.identity import IdentityActor
-from actors.job_queue import JobQueueActor
+from actors.job_queue import JobBook, JobQueueActor
 from actors.messages import Abort, Alive, Drain
 from actors.relay_client import RelayClientActor, node_capabilities
 from meshnet.config import NodeConfig
@@ -40,6 +40,7 @@ class Node:
         self.identity_actor: pykka.ActorRef | None = None
         self.executor: pykka.ActorRef | None = None
         self.queue: pykka.ActorRef | None = None
+        self.book: JobBook | None = None
         self.relay: pykka.ActorRef | None = None
         self.api: pykka.ActorRef | None = None
         self.endpoint = ""
@@ -63,13 +64,14 @@ class Node:
                     max_timeout=jobs.max_timeout,
                 )
             )
+            self.book = self.queue.proxy().book().get()
             if config.relay.endpoint:
                 self.relay = self._start(
                     RelayClientActor.start(
                         identity=identity,
                         endpoint=config.relay.endpoint,
                         relay_peer_id=config.relay.peer_id,
-                        queue=self.queue,
+                        book=self.book,
                         heartbeat=config.relay.heartbeat_interval,
                         liveness=config.relay.liveness,
                         backoff_min=config.relay.reconnect_min,
@@ -87,7 +89,7 @@ class Node:
                     identity=identity,
                     endpoint=config.api.endpoint,
                     allowed_clients=config.api.allowed_clients,
-                    queue=self.queue,
+                    book=self.book,
                     relay=self.relay,
                     status=self.status,
                     default_timeout=jobs.default_timeout,
@@ -115,12 +117,12 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         """What ``meshnet status`` shows. Safe from any thread but the actors' own."""
-        assert self.queue is not None
+        assert self.book is not None
         info: dict[str, Any] = {
             "peer_id": self.peer_id,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "api": self.endpoint,
-            **self.queue.proxy().status().get(timeout=5),
+            **self.book.status(),
         }
         info["relay"] = self.relay.proxy().status().get(timeout=5) if self.relay is not None else None
         return info
@@ -128,17 +130,17 @@ class Node:
     def drain(self, grace: float | None = None) -> None:
         """Refuse new jobs and wait up to ``grace`` seconds for running ones; then end them."""
         grace = self.config.jobs.drain_grace if grace is None else grace
-        assert self.queue is not None
+        assert self.book is not None
         self.log.info("node_draining", grace_s=grace)
-        for ref in (self.api, self.relay, self.queue):
+        for ref in (self.api, self.relay):
             if ref is not None:
-                ref.tell(Drain())
+                ref.ask(Drain(), timeout=10)  # answered once they refuse new jobs
+        self.book.drain()
         deadline = time.monotonic() + grace
-        idle = self.queue.proxy().idle.get()
-        if not idle.wait(max(0.0, deadline - time.monotonic())):
+        if not self.book.idle.wait(max(0.0, deadline - time.monotonic())):
             self.log.warning("drain_grace_over", action="killing running jobs")
-            self.queue.tell(Abort(f"the node shut down and the job did not finish within {grace:g} s"))
-            idle.wait(10)
+            self.book.abort(f"the node shut down and the job did not finish within {grace:g} s")
+            self.book.idle.wait(10)
         if self.relay is not None:
             # Answers to jobs this node forwarded may still arrive within the grace; the
             # rest end now, while the client API is still up to deliver their status.

@@ -9,6 +9,7 @@ authenticate, and two nodes can seal to each other with nothing but their ids.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ def peer_id_from_public_key(public_key: bytes) -> str:
 def is_peer_id(text: object) -> bool:
     if not isinstance(text, str) or len(text) > 64:
         return False
+    return _valid_peer_id(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_peer_id(text: str) -> bool:
+    # Cached: every relayed job names its peer, and checking one decodes base58 and
+    # converts a curve point (tens of microseconds); a node talks to few peers.
     try:
         curve_public_key(text)
     except IdentityError:

@@ -49,7 +49,7 @@ def run_pair(mesh: Mesh, core: RecordingCore) -> Iterator[tuple[str, str]]:
     try:
         link = (relay_endpoint, relay_id.peer_id)
         a_path, _, a_api = mesh.node_config("a", a_id, relay=link)
-        b_path, _, _ = mesh.node_config("b", b_id, relay=link)
+        b_path, _, _ = mesh.node_config("b", b_id, relay=link, log_level="debug")
         mesh.start_node("a", a_path, registered=True)
         mesh.start_node("b", b_path, registered=True)
         yield a_api, b_id.peer_id
