@@ -14,6 +14,7 @@ import sys
 import cbor2
 
 from meshnet.jobs.registry import Handler, load_handlers
+from meshnet.memory import return_large_buffers_to_the_system
 
 PR_SET_PDEATHSIG = 1
 _handlers: dict[str, Handler] = {}
@@ -28,6 +29,7 @@ def init_worker(enabled: list[str]) -> None:
     # workers stop, so they ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    return_large_buffers_to_the_system()
     _handlers = load_handlers(enabled)
 
 

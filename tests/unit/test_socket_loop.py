@@ -92,3 +92,11 @@ def test_recv_message_drops_a_message_of_too_many_frames_and_keeps_the_next() ->
         a.close(0)
         b.close(0)
         context.term()
+
+
+def test_glibc_is_told_to_give_large_buffers_back() -> None:
+    import sys
+
+    from meshnet.memory import return_large_buffers_to_the_system
+
+    assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
