@@ -110,6 +110,7 @@ class ClientApiActor(NodeActor):
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
         self._local_jobs: list[JobSpec] = []
+        self._remote_jobs: list[tuple[JobSpec, str]] = []
         self.log = log.bind(peer_id=self.peer_id)
 
     def open(self) -> str:
@@ -196,8 +197,11 @@ class ClientApiActor(NodeActor):
     def _io_flush_jobs(self) -> None:
         """Hand the submissions taken in so far to the job queue, as one message."""
         if self._local_jobs:
-            self.book.submit(self._local_jobs)
-            self._local_jobs = []
+            jobs, self._local_jobs = self._local_jobs, []
+            self.book.submit(jobs)
+        if self._remote_jobs and self.relay is not None:
+            remote, self._remote_jobs = self._remote_jobs, []
+            self.relay.tell(RunThere(remote))
 
     def _io_read_batch(self) -> None:
         router = self._router
@@ -267,7 +271,7 @@ class ClientApiActor(NodeActor):
         elif self.relay is None:
             reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
         else:
-            self.relay.tell(RunThere(job, peer))
+            self._remote_jobs.append((job, peer))
 
     def _io_peers(self, conn: bytes, seq: int | None) -> None:
         loop = self.loop

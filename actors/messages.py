@@ -36,10 +36,10 @@ class RunHereMany:
 
 @dataclass(frozen=True)
 class RunThere:
-    """Forward ``job`` to peer ``peer`` through the relay."""
+    """Forward each job to its peer through the relay: ``(job, peer)`` pairs, as one
+    wake-up of the client API took them in."""
 
-    job: JobSpec
-    peer: str
+    jobs: list[tuple[JobSpec, str]]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,15 @@ class CancelJob:
 
 @dataclass(frozen=True)
 class FromSocket:
-    frames: list[Any]
+    """Messages (each a list of frames, tagged first with the socket's generation)
+    that one wake-up of a socket loop took in."""
+
+    messages: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class RepliesReady:
+    """Answers to peers' jobs are waiting to be sealed and sent."""
 
 
 @dataclass(frozen=True)

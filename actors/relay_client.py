@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from actors.messages import (
     FromSocket,
     QueryPeers,
     Reconnect,
+    RepliesReady,
     ReplyToPeer,
     RunThere,
     SendFailed,
@@ -130,6 +131,10 @@ class RelayClientActor(NodeActor):
         self.generation = 0
         #: Peers queries waiting for the relay's answer, by the seq they were sent with.
         self.pending_peers: dict[int, Any] = {}
+        #: Jobs from peers in the batch being read; answers to peers waiting to be sent.
+        self._incoming_jobs: list[JobSpec] = []
+        self._replies: deque[ReplyToPeer] = deque()
+        self._replies_told = False
         self.peers_seq = 0
         self.ping_seq = 0
         self.draining = False
@@ -178,9 +183,18 @@ class RelayClientActor(NodeActor):
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, FromSocket):
-            self._on_frames(message.frames)
+            for frames in message.messages:
+                self._on_frames(frames)
+            if self._incoming_jobs:
+                jobs, self._incoming_jobs = self._incoming_jobs, []
+                self.book.submit(jobs)
         elif isinstance(message, RunThere):
-            self._forward(message.job, message.peer)
+            for job, peer in message.jobs:
+                self._forward(job, peer)
+        elif isinstance(message, RepliesReady):
+            self._replies_told = False  # first: a reply added from now on tells again
+            while self._replies:
+                self._reply_to_peer(self._replies.popleft())
         elif isinstance(message, ReplyToPeer):
             self._reply_to_peer(message)
         elif isinstance(message, Tick):
@@ -362,15 +376,21 @@ class RelayClientActor(NodeActor):
 
     def _on_job(self, sender: str, job: Job) -> None:
         me = self.actor_ref
+        replies = self._replies
 
         def reply(outcome: Outcome) -> None:
-            me.tell(ReplyToPeer(sender, job.id, outcome))
+            # Called by whichever thread ended the job: queue the answer, and wake this
+            # actor once for all the answers queued before it runs.
+            replies.append(ReplyToPeer(sender, job.id, outcome))
+            if not self._replies_told:
+                self._replies_told = True
+                me.tell(RepliesReady())
 
         spec = JobSpec(id=job.id, kind=job.kind, payload=job.payload, timeout=job.timeout, reply=reply, origin=sender)
         if self.draining:
             reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
             return
-        self.book.submit([spec])
+        self._incoming_jobs.append(spec)  # submitted together, once the batch is read
 
     def _reply_to_peer(self, message: ReplyToPeer) -> None:
         outcome = message.outcome
@@ -548,17 +568,22 @@ class RelayClientActor(NodeActor):
     def _io_readable(self) -> None:
         sock = self._sock
         generation = self._sock_generation
-        for _ in range(RECV_BATCH):
-            if sock is None:
-                return
-            try:
-                frames = recv_message(sock, MAX_FRAMES)
-            except zmq.Again:
-                return
-            if frames is None:
-                self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
-                continue
-            self.actor_ref.tell(FromSocket([generation, frames[0].bytes, *frames[1:]]))
+        batch: list[list[Any]] = []
+        try:
+            for _ in range(RECV_BATCH):
+                if sock is None:
+                    return
+                try:
+                    frames = recv_message(sock, MAX_FRAMES)
+                except zmq.Again:
+                    return
+                if frames is None:
+                    self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
+                    continue
+                batch.append([generation, frames[0].bytes, *frames[1:]])
+        finally:
+            if batch:  # everything one wake-up read, in one message to the actor
+                self.actor_ref.tell(FromSocket(batch))
 
 
 def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:
