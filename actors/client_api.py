@@ -209,16 +209,16 @@ class ClientApiActor(NodeActor):
             if router is None:
                 return
             try:
-                frames = recv_message(router, MAX_FRAMES + 1)
+                frames = recv_message(router, MAX_FRAMES + 1, copied=2)
             except zmq.Again:
                 return
             if frames is None:
                 self.log.warning("client_message_rejected", error=f"more than {MAX_FRAMES} frames")
                 continue
-            conn = frames[0].bytes
+            conn = frames[0]
             try:
                 message = decode(
-                    [frames[1].bytes, *frames[2:]] if len(frames) > 1 else [],
+                    frames[1:],
                     CLIENT_TO_NODE,
                     max_body=self.max_payload,
                 )

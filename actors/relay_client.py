@@ -574,13 +574,13 @@ class RelayClientActor(NodeActor):
                 if sock is None:
                     return
                 try:
-                    frames = recv_message(sock, MAX_FRAMES)
+                    frames = recv_message(sock, MAX_FRAMES, copied=1)
                 except zmq.Again:
                     return
                 if frames is None:
                     self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
                     continue
-                batch.append([generation, frames[0].bytes, *frames[1:]])
+                batch.append([generation, *frames])
         finally:
             if batch:  # everything one wake-up read, in one message to the actor
                 self.actor_ref.tell(FromSocket(batch))

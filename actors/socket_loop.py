@@ -44,17 +44,21 @@ class TimerHandle:
             self._loop._timer_cancelled()
 
 
-def recv_message(sock: zmq.Socket, max_frames: int) -> list[zmq.Frame] | None:
+def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0) -> list[Any] | None:
     """Receive one message frame by frame without blocking (``zmq.Again`` when none).
 
     ``MAXMSGSIZE`` bounds each frame, not a message: a peer could send a message of a
     thousand large frames, all held in memory by ``recv_multipart`` before anything
     could look at them. Past ``max_frames`` the rest is received one frame at a time
     and dropped, and None is returned.
+
+    The first ``copied`` frames (routing ids, headers: small) come as bytes, the rest
+    (bodies, possibly megabytes) as ``zmq.Frame`` without a copy: a Frame object costs
+    more than copying a few bytes.
     """
-    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+    frames: list[Any] = [sock.recv(zmq.NOBLOCK, copy=copied >= 1)]
     while sock.getsockopt(zmq.RCVMORE):
-        frame = sock.recv(copy=False)  # the rest of a message is already here
+        frame = sock.recv(copy=len(frames) < copied)  # the rest of a message is already here
         if len(frames) >= max_frames:
             while sock.getsockopt(zmq.RCVMORE):
                 sock.recv(copy=False)

@@ -298,13 +298,13 @@ class MeshClient:
         sock = self._sock
         while sock is not None:
             try:
-                frames = recv_message(sock, MAX_FRAMES)
+                frames = recv_message(sock, MAX_FRAMES, copied=1)
             except zmq.Again:
                 return
             if frames is None:
                 continue
             try:
-                message = decode([f.bytes for f in frames], NODE_TO_CLIENT, max_body=self.max_payload)
+                message = decode(frames, NODE_TO_CLIENT, max_body=self.max_payload)
             except ProtocolError:
                 continue  # a node that speaks garbage cannot answer any particular future
             if isinstance(message, Result):
@@ -330,7 +330,7 @@ class MeshClient:
             timer.cancel()
         if message.status == "succeeded":
             try:
-                _settle(future, result=cbor2.loads(message.body) if message.body is not None else None)
+                _settle(future, result=cbor2.loads(bytes(message.body)) if message.body is not None else None)
             except Exception as exc:
                 _settle(
                     future, exception=JobFailed(f"the job's result is not valid CBOR: {exc}", job_id=message.id.hex())
