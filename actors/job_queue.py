@@ -22,7 +22,6 @@ import structlog
 
 from actors.base import NodeActor, log_job_end
 from actors.executor import PoolRunner
-from actors.messages import Abort, CancelJob, Drain, RunHere, RunHereMany
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 
@@ -207,8 +206,8 @@ class JobBook:
 
 
 class JobQueueActor(NodeActor):
-    """Owns the node's :class:`JobBook` (others get it with :meth:`book`) and takes the
-    same requests as messages from anyone who would rather ``tell``."""
+    """Owns the node's :class:`JobBook` for its life; others get it with :meth:`book`
+    and call it directly."""
 
     def __init__(self, **book: Any):
         super().__init__()
@@ -219,21 +218,6 @@ class JobQueueActor(NodeActor):
 
     def book(self) -> JobBook:
         return self._book
-
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, RunHere):
-            self._book.submit([message.job])
-        elif isinstance(message, RunHereMany):
-            self._book.submit(message.jobs)
-        elif isinstance(message, CancelJob):
-            self._book.cancel(message.job_id, message.requester)
-        elif isinstance(message, Drain):
-            self._book.drain()
-        elif isinstance(message, Abort):
-            self._book.abort(message.reason)
-
-    def status(self) -> dict[str, Any]:
-        return self._book.status()
 
     def on_stop(self) -> None:
         self._book.close()

@@ -21,20 +21,6 @@ class Alive:
 
 
 @dataclass(frozen=True)
-class RunHere:
-    """Queue ``job`` on this node."""
-
-    job: JobSpec
-
-
-@dataclass(frozen=True)
-class RunHereMany:
-    """Queue ``jobs`` on this node: what one wake-up of the client API took in."""
-
-    jobs: list[JobSpec]
-
-
-@dataclass(frozen=True)
 class RunThere:
     """Forward each job to its peer through the relay: ``(job, peer)`` pairs, as one
     wake-up of the client API took them in."""

@@ -102,6 +102,7 @@ class RelayClientActor(NodeActor):
         self,
         *,
         identity: Identity,
+        sealer: Sealer,
         endpoint: str,
         relay_peer_id: str,
         book: JobBook,
@@ -117,7 +118,7 @@ class RelayClientActor(NodeActor):
         super().__init__()
         self.identity = identity
         self.peer_id = identity.peer_id
-        self.sealer = Sealer(identity)
+        self.sealer = sealer
         self.endpoint = endpoint
         self.relay_peer_id = relay_peer_id
         self.book = book
@@ -247,7 +248,6 @@ class RelayClientActor(NodeActor):
             deadline=now + job.timeout + DEADLINE_GRACE,
             reply=job.reply,
             kind=job.kind,
-            sent_at=now,
             origin=job.origin,
         )
         if not self.ledger.add(entry):

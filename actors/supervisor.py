@@ -69,6 +69,7 @@ class Node:
                 self.relay = self._start(
                     RelayClientActor.start(
                         identity=identity,
+                        sealer=self.identity_actor.proxy().sealer().get(),
                         endpoint=config.relay.endpoint,
                         relay_peer_id=config.relay.peer_id,
                         book=self.book,

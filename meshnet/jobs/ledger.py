@@ -24,7 +24,6 @@ class ForwardedJob:
     deadline: float
     reply: Any = None
     kind: str = ""
-    sent_at: float = 0.0
     #: Who submitted it (as in ``JobSpec.origin``): only they may cancel it.
     origin: str = ""
     #: The nonce of the sealed job as sent: a refusal of an unopenable job must name it.
