@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lint bench clean install
+.PHONY: run-node run-relay demo test lint bench bench-peers clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,9 +36,27 @@ BENCH_JSON ?= bench-results.json
 bench: $(STAMP)
 	BENCH_JSON=$(BENCH_JSON) $(BIN)/python -m bench.run
 
+## Optional extra: Ray on this machine against baseline (a) from the same run; Ray lives in its
+## own virtualenv ($(PEERS_VENV)), never in $(VENV). Figures also to $(BENCH_PEERS_JSON).
+PEERS_VENV := .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+RAY_VERSION ?= 2.60.0
+PEERS_STAMP := $(PEERS_VENV)/.installed-ray$(RAY_VERSION)-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+BENCH_PEERS_JSON ?= bench-peers-results.json
+
+$(PEERS_STAMP): setup.cfg pyproject.toml
+	test -x $(PEERS_BIN)/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install -q --upgrade pip
+	$(PEERS_BIN)/python -m pip install -q -e '.[test]' 'ray==$(RAY_VERSION)'
+	rm -f $(PEERS_VENV)/.installed-*
+	touch $@
+
+bench-peers: $(PEERS_STAMP)
+	BENCH_PEERS_JSON=$(BENCH_PEERS_JSON) $(PEERS_BIN)/python -m bench.peers
+
 lint: $(STAMP)
 	$(BIN)/ruff check meshnet actors relay_server tests bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -86,6 +86,7 @@ class ClientApiActor(NodeActor):
         max_timeout: float,
         max_payload: int,
         context: zmq.Context,
+        loop: SocketLoop | None = None,
     ):
         super().__init__()
         if not is_local_endpoint(endpoint) and not allowed_clients:
@@ -104,7 +105,10 @@ class ClientApiActor(NodeActor):
         self.max_timeout = max_timeout
         self.max_payload = max_payload
         self.context = context
-        self.loop = SocketLoop("client-api")
+        # The node's job loop, shared with the worker pool: a local job reaches a worker
+        # and its result comes back without changing threads. (Its own loop if none.)
+        self._owns_loop = loop is None
+        self.loop = loop or SocketLoop("client-api")
         self.endpoint = ""
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
@@ -120,13 +124,15 @@ class ClientApiActor(NodeActor):
             self._auth.start()
             keys = {curve_public_z85(p) for p in self.allowed_clients}
             self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowClients(keys))
-        self.loop.start()
+        if self._owns_loop:
+            self.loop.start()
         ready: concurrent.futures.Future[str] = concurrent.futures.Future()
         self.loop.call_soon(self._io_open, ready)
         try:
             self.endpoint = ready.result(timeout=10)
         except ConfigError:
-            self.loop.stop()
+            if self._owns_loop:
+                self.loop.stop()
             if self._auth is not None:
                 self._auth.stop()
                 self._auth = None
@@ -135,8 +141,12 @@ class ClientApiActor(NodeActor):
         return self.endpoint
 
     def on_stop(self) -> None:
-        self.loop.call_soon(self._io_close)
-        self.loop.stop()
+        closed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.loop.call_soon(self._io_close, closed)
+        if self._owns_loop:
+            self.loop.stop()
+        elif self.loop.running:
+            closed.result(timeout=10)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -176,9 +186,10 @@ class ClientApiActor(NodeActor):
         self.loop.add_reader(router, self._io_readable)
         ready.set_result(router.getsockopt_string(zmq.LAST_ENDPOINT))
 
-    def _io_close(self) -> None:
+    def _io_close(self, closed: concurrent.futures.Future[None]) -> None:
         self.loop.close_socket(self._router, linger=1000)  # the last results still go out
         self._router = None
+        closed.set_result(None)
 
     def _io_send(self, conn: bytes, frames: list[Any]) -> None:
         if self._router is None:

@@ -1,28 +1,47 @@
-"""ExecutorActor: owns the process pool that runs jobs.
+"""ExecutorActor and its WorkerPool: the worker processes that run jobs.
 
-pebble's ``ProcessPool`` kills a job past its timeout and replaces its worker, and
-replaces a worker that a job crashed; measured here it also ran no-op tasks faster than
-``concurrent.futures.ProcessPoolExecutor``. Workers are started by a ``forkserver``:
-forking the node itself, which runs threads holding locks (pykka, ZeroMQ), could
-deadlock a child.
+Each worker is a process of its own with a Unix socket pair to the node, driven from
+one :class:`SocketLoop` (the node's job loop, which the client API shares): a job is
+written to an idle worker's socket, its result is read when the socket is readable,
+and a timer per running job kills the worker at the job's timeout. A worker that dies
+(killed for a timeout or a cancel, or crashed by its job) is seen through its process
+sentinel and replaced.
+
+Why not pebble or ``concurrent.futures``: both hand every job through two threads of
+their own (a scheduler and a result handler), each a GIL hand-off and a wake-up. On the
+no-op path that was most of a node's CPU per job; here a job submitted on the client
+API reaches a worker and its result goes back without leaving the loop's thread.
+
+Workers are started by a ``forkserver``: forking the node itself, which runs threads
+holding locks (pykka, ZeroMQ), could deadlock a child.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import threading
+import socket
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-import pebble
 import structlog
 
 from actors.base import NodeActor
+from actors.socket_loop import SocketLoop, TimerHandle
+from meshnet.errors import ProtocolError
+from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
-from meshnet.jobs.worker import init_worker, run_job
+from meshnet.jobs.worker import serve
 
 log = structlog.get_logger("meshnet.executor")
+
+#: Socket buffer asked for each worker's socket pair (the kernel caps it): fewer
+#: wake-ups per large payload.
+SOCKET_BUFFER_BYTES = 1024 * 1024
+
+Report = Callable[[list[tuple[bytes, Outcome]]], None]
 
 
 def _timed_out_text(job: JobSpec, *, started: bool) -> str:
@@ -31,99 +50,286 @@ def _timed_out_text(job: JobSpec, *, started: bool) -> str:
     return f"job reached an executor after its timeout of {job.timeout:g} s and never started"
 
 
-def outcome_of(future: concurrent.futures.Future, job: JobSpec, cancel_reason: str) -> Outcome:
-    """The terminal outcome a finished pool future stands for."""
-    if future.cancelled():
-        return Outcome("cancelled", error_type="Cancelled", message=cancel_reason)
-    exc = future.exception()
-    if exc is None:
-        status, result, error_type, message = future.result()
-        return Outcome(status, result=result, error_type=error_type, message=message)
-    if isinstance(exc, concurrent.futures.TimeoutError):
-        return Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=True))
-    if isinstance(exc, pebble.ProcessExpired):
-        return Outcome(
-            "failed", error_type="WorkerCrashed", message=f"the worker running the job died (exit code {exc.exitcode})"
-        )
-    return Outcome("failed", error_type=type(exc).__name__, message=str(exc))
+def outcome_of(status_line: bytes, result: bytes | bytearray) -> Outcome:
+    """The outcome a worker's two reply frames stand for."""
+    status, error_type, message = status_line.decode("utf-8", "replace").split("\0", 2)
+    if status == "succeeded":
+        return Outcome(status, result=result)
+    return Outcome(status, error_type=error_type, message=message)
 
 
-class PoolRunner:
-    """Hands jobs to the process pool and reports each one's outcome.
+class Worker:
+    """One worker process, as the pool sees it (loop thread only)."""
 
-    Thread-safe: the job book calls :meth:`run` and :meth:`cancel` from whichever thread
-    admitted or ended a job, so that a job reaches the pool without an actor hop; pebble's
-    callback thread calls ``report`` (the job book's ``finish``) as jobs end. The maps
-    shared between them are guarded by one lock.
+    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "job", "timer", "ending")
+
+    def __init__(self, process: Any, sock: socket.socket, max_frame: int):
+        self.process = process
+        self.sock = sock
+        self.sentinel: int = process.sentinel
+        self.reader = FrameReader(max_frame)
+        self.frames: list[bytes | bytearray] = []
+        self.outbox: list[memoryview] = []
+        self.job: JobSpec | None = None
+        self.timer: TimerHandle | None = None
+        #: Set when the pool kills the worker: the outcome its job ends with.
+        self.ending: Outcome | None = None
+
+
+class WorkerPool:
+    """Runs jobs on ``workers`` worker processes, at most one job per worker.
+
+    :meth:`run` and :meth:`cancel` are safe from any thread (the job book calls them
+    from whichever thread admitted or ended a job); everything else happens on
+    ``loop``. Each job's outcome goes to ``report`` (the job book's ``finish``), once,
+    on the loop thread.
     """
 
-    def __init__(self, pool: pebble.ProcessPool):
-        self.pool = pool
-        self.report: Callable[[list[tuple[bytes, Outcome]]], None] | None = None
-        self.futures: dict[bytes, concurrent.futures.Future] = {}
-        self.cancel_reasons: dict[bytes, str] = {}
-        self._lock = threading.Lock()
+    def __init__(self, loop: SocketLoop, *, workers: int, enabled: list[str], max_payload: int):
+        self.loop = loop
+        self.size = workers
+        self.enabled = list(enabled)
+        self.max_payload = max_payload
+        self.report: Report | None = None
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["meshnet.jobs.worker"])
+        self._workers: list[Worker] = []
+        self._idle: list[Worker] = []
+        #: Jobs handed over while no worker was idle (one being replaced).
+        self._pending: deque[JobSpec] = deque()
+        self._closing = False
+
+    # -- any thread --
+
+    def open(self) -> None:
+        """Start the workers (blocks until they are forked); they take jobs once the
+        loop has adopted them."""
+        started = [self._spawn() for _ in range(self.size)]
+        self.loop.call_soon(self._io_adopt, started)
 
     def run(self, job: JobSpec) -> None:
-        report = self.report
-        assert report is not None
-        remaining = job.remaining(time.monotonic())
-        if remaining <= 0:
-            report([(job.id, Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False)))])
-            return
-        future = self.pool.schedule(run_job, args=(job.kind, bytes(job.payload)), timeout=remaining)
-        with self._lock:
-            self.futures[job.id] = future
-
-        def done(f: concurrent.futures.Future) -> None:
-            with self._lock:
-                reason = self.cancel_reasons.pop(job.id, "cancelled")
-                self.futures.pop(job.id, None)
-            report([(job.id, outcome_of(f, job, reason))])
-
-        future.add_done_callback(done)
-        log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+        if self.loop.in_loop():
+            self._io_run(job)
+        else:
+            self.loop.call_soon(self._io_run, job)
 
     def cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
         """Kill running jobs (all when ``job_ids`` is None); their outcome is ``cancelled``."""
-        with self._lock:
-            chosen = [(i, f) for i, f in self.futures.items() if job_ids is None or i in job_ids]
-            for job_id, _ in chosen:
-                self.cancel_reasons[job_id] = reason
-        for _, future in chosen:
-            future.cancel()  # pebble kills the worker running it
+        self.loop.call_soon(self._io_cancel, job_ids, reason)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every worker and wait for them; a job still running ends ``cancelled``."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.loop.call_soon(self._io_close, done)
+        done.result(timeout)
+
+    # -- loop thread --
+
+    def _spawn(self) -> Worker:
+        ours, theirs = socket.socketpair()
+        for end in (ours, theirs):
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                end.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        process = self._context.Process(
+            target=serve, args=(theirs, self.enabled, self.max_payload), name="meshnet-worker", daemon=True
+        )
+        try:
+            process.start()
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return Worker(process, ours, max_frame=self.max_payload + 1024)
+
+    def _io_adopt(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            if self._closing:
+                self._io_discard(worker)
+                continue
+            self._workers.append(worker)
+            self._idle.append(worker)
+            self.loop.add_reader(worker.sock, lambda w=worker: self._io_readable(w))
+            self.loop.add_reader(worker.sentinel, lambda w=worker: self._io_exited(w))
+        self._io_start_pending()
+
+    def _io_run(self, job: JobSpec) -> None:
+        self._pending.append(job)
+        self._io_start_pending()
+
+    def _io_start_pending(self) -> None:
+        while self._pending and self._idle:
+            job = self._pending.popleft()
+            remaining = job.remaining(time.monotonic())
+            if remaining <= 0:
+                self._report(
+                    job, Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
+                )
+                continue
+            worker = self._idle.pop()
+            worker.job = job
+            worker.timer = self.loop.call_later(remaining, self._io_expire, worker, job)
+            log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+            worker.outbox = frame_buffers([job.kind.encode(), job.payload])
+            self._io_flush(worker)
+
+    def _io_flush(self, worker: Worker) -> None:
+        """Send what is left of the job to ``worker``; wait for room if it does not fit."""
+        try:
+            worker.outbox = unsent(worker.outbox, worker.sock.sendmsg(worker.outbox))
+        except BlockingIOError:
+            pass
+        except OSError:  # the worker is gone: its sentinel reports the job
+            worker.outbox = []
+        if worker.outbox:
+            self.loop.add_writer(worker.sock, lambda: self._io_flush(worker))
+        else:
+            self.loop.remove_writer(worker.sock)
+
+    def _io_readable(self, worker: Worker) -> None:
+        while True:
+            try:
+                n = worker.sock.recv_into(worker.reader.buffer())
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n == 0:  # the worker exited; its sentinel says how
+                self.loop.remove_reader(worker.sock)
+                return
+            try:
+                worker.frames += worker.reader.received(n)
+            except ProtocolError as exc:
+                log.error("worker_stream_corrupt", error=str(exc), pid=worker.process.pid)
+                self._io_kill(
+                    worker, Outcome("failed", error_type="WorkerCrashed", message=f"worker sent garbage: {exc}")
+                )
+                self.loop.remove_reader(worker.sock)
+                return
+            while len(worker.frames) >= 2:
+                status_line, result = worker.frames[0], worker.frames[1]
+                del worker.frames[:2]
+                self._io_finished(worker, outcome_of(status_line, result))
+
+    def _io_finished(self, worker: Worker, outcome: Outcome) -> None:
+        job = worker.job
+        if job is None:
+            return
+        worker.job = None
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        if worker.ending is None:  # a worker being killed is replaced, not reused
+            self._idle.append(worker)
+        self._report(job, outcome)
+        self._io_start_pending()
+
+    def _io_expire(self, worker: Worker, job: JobSpec) -> None:
+        if worker.job is job:
+            self._io_kill(
+                worker, Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=True))
+            )
+
+    def _io_cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
+        cancelled = Outcome("cancelled", error_type="Cancelled", message=reason)
+        for worker in self._workers:
+            if worker.job is not None and (job_ids is None or worker.job.id in job_ids):
+                self._io_kill(worker, cancelled)
+        for job in [j for j in self._pending if job_ids is None or j.id in job_ids]:
+            self._pending.remove(job)
+            self._report(job, cancelled)
+
+    def _io_kill(self, worker: Worker, ending: Outcome) -> None:
+        if worker.ending is None:
+            worker.ending = ending
+            if worker in self._idle:
+                self._idle.remove(worker)
+            worker.process.kill()
+
+    def _io_exited(self, worker: Worker) -> None:
+        self._io_readable(worker)  # a result it sent before it died still counts
+        pid, exit_code = worker.process.pid, worker.process.exitcode
+        self._io_discard(worker)
+        self._workers.remove(worker)
+        if worker in self._idle:
+            self._idle.remove(worker)
+        job = worker.job
+        if job is not None:
+            worker.job = None
+            if worker.timer is not None:
+                worker.timer.cancel()
+            outcome = worker.ending or Outcome(
+                "failed",
+                error_type="WorkerCrashed",
+                message=f"the worker running the job died (exit code {exit_code})",
+            )
+            self._report(job, outcome)
+        elif worker.ending is None and not self._closing:
+            log.warning("worker_died", pid=pid, exit_code=exit_code)
+        if not self._closing:
+            self._io_adopt([self._spawn()])
+
+    def _io_discard(self, worker: Worker) -> None:
+        """Stop watching a worker's descriptors and release them (it has exited, or is
+        killed here)."""
+        self.loop.remove_reader(worker.sentinel)
+        self.loop.close_socket(worker.sock)
+        if worker.process.exitcode is None:
+            worker.process.kill()
+        worker.process.join()
+        worker.process.close()
+
+    def _io_close(self, done: concurrent.futures.Future[None]) -> None:
+        try:
+            self._closing = True
+            self._io_cancel(None, "the node is shutting down")
+            for worker in self._workers:
+                # Closing its socket ends an idle worker's loop; a killed one is gone.
+                self.loop.close_socket(worker.sock)
+            deadline = time.monotonic() + 5
+            for worker in self._workers:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+            for worker in self._workers:
+                job = worker.job
+                if job is not None:  # killed for the cancel above; its sentinel will not be read now
+                    worker.job = None
+                    self._report(job, worker.ending or Outcome("cancelled", error_type="Cancelled"))
+                self._io_discard(worker)
+            self._workers.clear()
+            self._idle.clear()
+            done.set_result(None)
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    def _report(self, job: JobSpec, outcome: Outcome) -> None:
+        assert self.report is not None
+        self.report([(job.id, outcome)])
 
 
 class ExecutorActor(NodeActor):
-    """Owns the pool's life: starts it with the node, stops it (and its helper
-    processes) with the node. Running jobs goes through its :class:`PoolRunner`."""
+    """Owns the node's job loop and worker pool for their life: starts them with the
+    node, stops them (and multiprocessing's helper processes) with it. Running jobs goes
+    through its :class:`WorkerPool`; the client API serves on the same loop."""
 
-    def __init__(self, *, workers: int, enabled: list[str]):
+    def __init__(self, *, workers: int, enabled: list[str], max_payload: int):
         super().__init__()
-        self.workers = workers
-        self.enabled = list(enabled)
-        self.pool: pebble.ProcessPool | None = None
-        self._runner: PoolRunner | None = None
+        self.loop = SocketLoop("jobs")
+        self._pool = WorkerPool(self.loop, workers=workers, enabled=enabled, max_payload=max_payload)
 
     def on_start(self) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["meshnet.jobs.worker"])
-        self.pool = pebble.ProcessPool(
-            max_workers=self.workers, initializer=init_worker, initargs=(self.enabled,), context=context
-        )
-        self._runner = PoolRunner(self.pool)
-        log.info("executors_started", workers=self.workers, kinds=self.enabled)
+        self.loop.start()
+        self._pool.open()
+        log.info("executors_started", workers=self._pool.size, kinds=self._pool.enabled)
 
-    def runner(self) -> PoolRunner:
-        assert self._runner is not None
-        return self._runner
+    def runner(self) -> WorkerPool:
+        return self._pool
 
     def on_stop(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool.join(timeout=10)
-            _stop_helper_processes()
-            log.info("executors_stopped")
+        if self.loop.running:
+            try:
+                self._pool.close()
+            finally:
+                self.loop.stop()
+        _stop_helper_processes()
+        log.info("executors_stopped")
 
 
 def _stop_helper_processes() -> None:

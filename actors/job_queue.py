@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from actors.base import NodeActor, log_job_end
-from actors.executor import PoolRunner
+from actors.executor import WorkerPool
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 
@@ -38,7 +38,7 @@ class JobBook:
     def __init__(
         self,
         *,
-        runner: PoolRunner,
+        runner: WorkerPool,
         slots: int,
         capacity: int,
         enabled: list[str],
@@ -85,12 +85,6 @@ class JobBook:
         answers: list[tuple[JobSpec, Outcome]] = []
         with self._lock:
             for job_id, outcome in outcomes:
-                if outcome.status == "succeeded" and len(outcome.result) > self.max_payload:
-                    outcome = Outcome(
-                        "failed",
-                        error_type="ResultTooLarge",
-                        message=f"result is {len(outcome.result)} bytes; this node sends at most {self.max_payload}",
-                    )
                 job = self.queue.finish(job_id, outcome.status)
                 if job is not None:
                     answers.append((job, outcome))

@@ -4,7 +4,7 @@ ZeroMQ sockets are not thread-safe, so each lives in one loop. Other threads nev
 touch them: they hand the loop a callable with :meth:`SocketLoop.call_soon`, which
 appends to a deque and wakes the poller through a pipe. (An ``inproc`` PAIR would
 also wake it, but a PAIR has one writer, and results arrive from several threads:
-actors, pebble's callback thread. A deque plus a pipe byte takes any number.) The
+actors, the relay client's loop. A deque plus a pipe byte takes any number.) The
 pipe is written only when the loop is not already due to wake, so a burst of
 messages costs one wake-up. An idle loop blocks in ``poll`` with no timeout unless
 a timer is due: no busy polling.
@@ -67,6 +67,14 @@ def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0) -> list[Any
     return frames
 
 
+def _pollable(sock: Any) -> Any:
+    """What the poller is given, and answers with: a ZeroMQ socket itself, anything
+    else (a Python socket, a pipe) as its file descriptor."""
+    if isinstance(sock, (zmq.Socket, int)):
+        return sock
+    return sock.fileno()
+
+
 class SocketLoop:
     """Runs callbacks, timers and socket readers on one thread."""
 
@@ -80,6 +88,8 @@ class SocketLoop:
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._readers: dict[Any, Callable[[], None]] = {}
+        self._writers: dict[Any, Callable[[], None]] = {}
+        self._ident: int | None = None
         self._timers: list[tuple[float, int, TimerHandle, Callable[..., Any], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._running = True
@@ -97,6 +107,8 @@ class SocketLoop:
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread. Thread-safe, never blocks."""
         self._calls.append((fn, args))  # append before reading the flag: see module doc
+        if threading.get_ident() == self._ident:
+            return  # the loop runs queued calls before it next sleeps: no wake-up needed
         if not self._wake_pending:
             self._wake_pending = True
             with self._pipe_lock:  # never write to a closed (or reused) descriptor
@@ -132,18 +144,44 @@ class SocketLoop:
     # -- loop thread only --
 
     def add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when ``sock`` (a ZeroMQ socket, or anything with a file
+        descriptor) is readable."""
+        sock = _pollable(sock)
         self._readers[sock] = callback
-        self._poller.register(sock, zmq.POLLIN)
+        self._watch(sock)
 
     def remove_reader(self, sock: Any) -> None:
+        sock = _pollable(sock)
         if self._readers.pop(sock, None) is not None:
+            self._watch(sock)
+
+    def add_writer(self, sock: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when ``sock`` is writable (for a send that did not fit)."""
+        sock = _pollable(sock)
+        self._writers[sock] = callback
+        self._watch(sock)
+
+    def remove_writer(self, sock: Any) -> None:
+        sock = _pollable(sock)
+        if self._writers.pop(sock, None) is not None:
+            self._watch(sock)
+
+    def _watch(self, sock: Any) -> None:
+        events = (zmq.POLLIN if sock in self._readers else 0) | (zmq.POLLOUT if sock in self._writers else 0)
+        if events:
+            self._poller.register(sock, events)
+        else:
             self._poller.unregister(sock)
 
-    def close_socket(self, sock: zmq.Socket | None, linger: int = 0) -> None:
+    def close_socket(self, sock: Any, linger: int = 0) -> None:
         """Stop watching ``sock`` and close it (nothing for None). Loop thread only."""
         if sock is not None:
             self.remove_reader(sock)
-            sock.close(linger=linger)
+            self.remove_writer(sock)
+            if isinstance(sock, zmq.Socket):
+                sock.close(linger=linger)
+            else:
+                sock.close()
 
     def _timer_cancelled(self) -> None:
         """Count cancelled timers; when they are most of the heap, drop them (on the
@@ -197,24 +235,31 @@ class SocketLoop:
         return None
 
     def _run(self) -> None:
+        self._ident = threading.get_ident()
         try:
             while self._running:
                 timeout = self._run_timers()
                 if self._calls:
                     timeout = 0
                 woken = bool(self._calls)
-                for sock, _ in self._poller.poll(timeout):
+                for sock, events in self._poller.poll(timeout):
                     if sock == self._wake_r:
                         woken = True
                         continue
-                    callback = self._readers.get(sock)
-                    if callback is not None:
+                    # A callback may stop watching a socket that is later in this batch.
+                    # A hung-up descriptor (a pipe whose writer exited) polls as POLLERR
+                    # alone: its reader is called, and finds the end of the stream.
+                    if events & (zmq.POLLIN | zmq.POLLERR) and (callback := self._readers.get(sock)) is not None:
+                        self._guard(callback, ())
+                    if events & zmq.POLLOUT and (callback := self._writers.get(sock)) is not None:
                         self._guard(callback, ())
                 if woken:
                     self._run_calls()
         finally:
             for sock in list(self._readers):
                 self.remove_reader(sock)
+            for sock in list(self._writers):
+                self.remove_writer(sock)
             with self._pipe_lock:
                 self._closed.set()
                 os.close(self._wake_r)

@@ -53,10 +53,13 @@ class Node:
         try:
             self.identity_actor = self._start(IdentityActor.start(self.identity))
             identity = self.identity_actor.proxy().identity().get()
-            self.executor = self._start(ExecutorActor.start(workers=workers, enabled=jobs.enabled))
+            self.executor = self._start(
+                ExecutorActor.start(workers=workers, enabled=jobs.enabled, max_payload=jobs.max_payload_bytes)
+            )
+            runner = self.executor.proxy().runner().get()
             self.queue = self._start(
                 JobQueueActor.start(
-                    runner=self.executor.proxy().runner().get(),
+                    runner=runner,
                     slots=workers,
                     capacity=jobs.queue_size,
                     enabled=jobs.enabled,
@@ -97,6 +100,7 @@ class Node:
                     max_timeout=jobs.max_timeout,
                     max_payload=jobs.max_payload_bytes,
                     context=self.context,
+                    loop=runner.loop,
                 )
             )
             self.endpoint = self.api.proxy().open().get()
@@ -132,10 +136,10 @@ class Node:
         """Refuse new jobs and wait up to ``grace`` seconds for running ones; then end them."""
         grace = self.config.jobs.drain_grace if grace is None else grace
         assert self.book is not None
-        self.log.info("node_draining", grace_s=grace)
         for ref in (self.api, self.relay):
             if ref is not None:
                 ref.ask(Drain(), timeout=10)  # answered once they refuse new jobs
+        self.log.info("node_draining", grace_s=grace)  # from here on, new jobs are refused
         self.book.drain()
         deadline = time.monotonic() + grace
         if not self.book.idle.wait(max(0.0, deadline - time.monotonic())):

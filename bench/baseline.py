@@ -2,8 +2,14 @@
 and answers it, with (``--workers N``) or without (``--workers 0``) a process pool.
 
 It is the ceiling of MeshNet's design: the same ZeroMQ transport, the same CBOR, the same
-pebble pool running the same worker function, and nothing else: no actors, no
-validation, no queue bound, no sealing, no logging.
+worker processes running the same worker code, and nothing else: no actors, no
+validation, no queue bound, no timeouts, no sealing, no logging.
+
+``--pool pipes`` (baseline (a)) drives worker processes the way a MeshNet node does: each
+has a Unix socket pair to the server, which writes a job to an idle worker and reads the
+result in the same poll loop as its ROUTER. ``--pool pebble`` is the same server with a
+pebble ``ProcessPool`` (the pool MeshNet used first): kept as a reference row, since it is
+what a raw server is usually written with.
 
 Request: [header CBOR {"id": bytes, "kind": str}, body: CBOR payload].
 Reply:   [id, b"ok" | b"failed", body: CBOR result].
@@ -14,18 +20,85 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import signal
+import socket
 import threading
+from collections import deque
 
 import cbor2
 import pebble
 import zmq
 
-from meshnet.jobs.worker import init_worker, run_job
+from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
+from meshnet.jobs.worker import init_worker, run_job, serve
 
 KINDS = ["echo", "sha256", "sleep"]
+MAX_PAYLOAD = 64 * 1024 * 1024
 
 
-def serve(endpoint: str, workers: int) -> None:
+def _send_all(sock: socket.socket, frames: list) -> None:
+    buffers = frame_buffers(frames)
+    while buffers:
+        buffers = unsent(buffers, sock.sendmsg(buffers))
+
+
+def serve_pipes(endpoint: str, workers: int) -> None:
+    """Baseline (a): worker processes on socket pairs, polled with the ROUTER."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(["meshnet.jobs.worker"])
+    socks: dict[int, socket.socket] = {}
+    for _ in range(workers):
+        ours, theirs = socket.socketpair()
+        mp.Process(target=serve, args=(theirs, KINDS, MAX_PAYLOAD), daemon=True).start()
+        theirs.close()
+        socks[ours.fileno()] = ours
+    readers = {fd: FrameReader(MAX_PAYLOAD + 1024) for fd in socks}
+    frames: dict[int, list] = {fd: [] for fd in socks}
+    running: dict[int, tuple[bytes, bytes]] = {}
+    idle = list(socks)
+    waiting: deque = deque()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    for fd in socks:
+        poller.register(fd, zmq.POLLIN)
+    print("ready", flush=True)
+    while not stop.is_set():
+        for item, _ in poller.poll(500):
+            if item is router:
+                while True:
+                    try:
+                        conn, header, body = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    request = cbor2.loads(header.bytes)
+                    waiting.append((conn.bytes, request["id"], request["kind"], body))
+            else:
+                sock = socks[item]
+                n = sock.recv_into(readers[item].buffer())
+                frames[item] += readers[item].received(n)
+                if len(frames[item]) >= 2:
+                    status_line, result = frames[item][:2]
+                    del frames[item][:2]
+                    conn, job_id = running.pop(item)
+                    ok = status_line.startswith(b"succeeded")
+                    router.send_multipart([conn, job_id, b"ok" if ok else b"failed", result], copy=False)
+                    idle.append(item)
+            while waiting and idle:
+                conn, job_id, kind, body = waiting.popleft()
+                fd = idle.pop()
+                running[fd] = (conn, job_id)
+                _send_all(socks[fd], [kind.encode(), body])
+    for sock in socks.values():
+        sock.close()
+    context.destroy(linger=0)
+
+
+def serve_pebble(endpoint: str, workers: int) -> None:
+    """The reference row, or baseline (b) with ``workers`` 0: a pebble pool, or none."""
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.bind(endpoint)
@@ -87,8 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--pool", choices=["pipes", "pebble"], default="pipes")
     args = parser.parse_args()
-    serve(args.endpoint, args.workers)
+    if args.pool == "pipes" and args.workers:
+        serve_pipes(args.endpoint, args.workers)
+    else:
+        serve_pebble(args.endpoint, args.workers)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``make bench``: MeshNet against its baselines, on loopback, with real processes.
 
 Starts, in this one run: baseline (b) (raw ROUTER, no pool), baseline (a) (raw ROUTER
-with a pebble pool of as many workers as MeshNet has executors), a relay and MeshNet
+driving as many worker processes as MeshNet has executors, over socket pairs, the way a
+node does), the same ROUTER with a pebble pool (a reference row), a relay and MeshNet
 nodes; drives each with the same raw DEALER load generator; prints one table of medians
 over several rounds with each MeshNet figure as a ratio to baseline (a); writes the same
 figures as JSON to $BENCH_JSON (default bench-results.json).
@@ -55,10 +56,20 @@ def cpu_rounds() -> int:
 
 
 class Baseline:
-    def __init__(self, name: str, workers: int):
+    def __init__(self, name: str, workers: int, pool: str = "pipes"):
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.baseline", "--endpoint", self.endpoint, "--workers", str(workers)],
+            [
+                sys.executable,
+                "-m",
+                "bench.baseline",
+                "--endpoint",
+                self.endpoint,
+                "--workers",
+                str(workers),
+                "--pool",
+                pool,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -134,7 +145,8 @@ def run() -> dict[str, Any]:
             b_nopool = Baseline("baseline (b)", 0)
             b_pool = Baseline("baseline (a)", CORES)
             b_pool1 = Baseline("baseline (a), 1 worker", 1)
-            baselines += [b_nopool, b_pool, b_pool1]
+            b_pebble = Baseline("pebble pool", CORES, pool="pebble")
+            baselines += [b_nopool, b_pool, b_pool1, b_pebble]
             from meshnet.identity import Identity
 
             ids = {name: Identity.generate() for name in ("a", "b", "b1", "l1")}
@@ -159,6 +171,7 @@ def run() -> dict[str, Any]:
             results["baseline_b"] = measure(b_nopool.target, "baseline (b)", rounds, None)
             results["baseline_a"] = measure(b_pool.target, "baseline (a)", rounds, body)
             results["baseline_a"]["cpu_batch_1_s"] = cpu_only(b_pool1.target, "baseline (a) 1 worker", rounds, body)
+            results["pebble"] = measure(b_pebble.target, "pebble pool", rounds, None)
             results["local"] = measure(local, "MeshNet local", rounds, body)
             results["local"]["cpu_batch_1_s"] = cpu_only(
                 Target("local 1", nodes["l1"][1], "meshnet"), "MeshNet local, 1 executor", rounds, body
@@ -184,7 +197,9 @@ def run() -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    a, b, local, relayed, idle = (results[k] for k in ("baseline_a", "baseline_b", "local", "relayed", "idle"))
+    a, b, pebble, local, relayed, idle = (
+        results[k] for k in ("baseline_a", "baseline_b", "pebble", "local", "relayed", "idle")
+    )
 
     def ratio(value: float, base: float) -> str:
         return f"{value / base:.2f}x"
@@ -198,7 +213,7 @@ def table(results: dict[str, Any]) -> str:
         (f"CPU-bound, {4 * results['cores']} jobs, {results['cores']} executors (s)", "cpu_batch_s", "{:.2f}"),
         ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
     ]
-    header = ["metric", "baseline (b)", "baseline (a)", "local", "vs (a)", "relayed", "vs (a)"]
+    header = ["metric", "baseline (b)", "baseline (a)", "pebble pool", "local", "vs (a)", "relayed", "vs (a)"]
     lines = [header]
     for title, key, fmt in rows:
         lines.append(
@@ -206,6 +221,7 @@ def table(results: dict[str, Any]) -> str:
                 title,
                 fmt.format(b[key]) if key in b else "-",
                 fmt.format(a[key]),
+                fmt.format(pebble[key]) if key in pebble else "-",
                 fmt.format(local[key]),
                 ratio(local[key], a[key]),
                 fmt.format(relayed[key]),

@@ -97,7 +97,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from actors.supervisor import Node  # the actors pull in pebble and pykka: only nodes need them
+    from actors.supervisor import Node  # the actors pull in pykka and multiprocessing: only nodes need them
 
     _configure_logging(final=False)
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)

@@ -47,7 +47,7 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=final,
     )
-    # Libraries underneath (pykka, pebble, pyzmq's authenticator) log through the
+    # Libraries underneath (pykka, multiprocessing, pyzmq's authenticator) log through the
     # standard library: send their records through the same renderer.
     root = logging.getLogger()
     root.handlers[:] = [_StdlibToStructlog()]

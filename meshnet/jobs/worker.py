@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 import sys
 
 import cbor2
 
+from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.registry import Handler, load_handlers
 from meshnet.memory import return_large_buffers_to_the_system
 
@@ -61,3 +63,33 @@ def run_job(kind: str, payload: bytes) -> Outcome:
         return ("succeeded", cbor2.dumps(result), "", "")
     except Exception as exc:
         return ("failed", None, "InvalidResult", f"result cannot be encoded as CBOR: {exc}")
+
+
+def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
+    """A worker process's life: run the jobs the node sends over ``sock``, one at a
+    time, until the node closes its end.
+
+    In: two frames, the kind (UTF-8) and the CBOR payload. Out: two frames, the status
+    line ``status NUL error_type NUL message`` (UTF-8) and the CBOR result (empty
+    unless succeeded). A result over ``max_payload`` is never sent: the job fails with
+    ``ResultTooLarge`` instead, so that the node never holds more than it may send.
+    """
+    init_worker(enabled)
+    reader = FrameReader(max_frame=max_payload + 1024)
+    frames: list[bytes | bytearray] = []
+    while True:
+        n = sock.recv_into(reader.buffer())
+        if n == 0:
+            return  # the node closed our socket: it is stopping the pool
+        frames += reader.received(n)
+        while len(frames) >= 2:
+            kind, payload = frames[0], frames[1]
+            del frames[:2]
+            status, result, error_type, message = run_job(kind.decode("utf-8", "replace"), payload)
+            if result is not None and len(result) > max_payload:
+                message = f"result is {len(result)} bytes; this node sends at most {max_payload}"
+                status, result, error_type = "failed", None, "ResultTooLarge"
+            line = "\0".join((status, error_type, message)).encode("utf-8", "replace")
+            buffers = frame_buffers([line, result or b""])
+            while buffers:
+                buffers = unsent(buffers, sock.sendmsg(buffers))

@@ -1,0 +1,124 @@
+"""The worker pool on its own, with real worker processes: every job handed to it is
+reported exactly once, large payloads cross intact, and a worker that dies, times out
+or is cancelled is replaced without disturbing the others."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import cbor2
+import psutil
+import pytest
+
+from actors.executor import WorkerPool
+from actors.socket_loop import SocketLoop
+from meshnet.jobs.model import JobSpec, Outcome
+
+KINDS = ["echo", "sha256", "sleep", "fail", "crash"]
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.outcomes: dict[bytes, list[Outcome]] = {}
+        self._cond = threading.Condition()
+
+    def __call__(self, outcomes: list[tuple[bytes, Outcome]]) -> None:
+        with self._cond:
+            for job_id, outcome in outcomes:
+                self.outcomes.setdefault(job_id, []).append(outcome)
+            self._cond.notify_all()
+
+    def wait(self, *job_ids: bytes, timeout: float = 20.0) -> list[Outcome]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: all(i in self.outcomes for i in job_ids), timeout), job_ids
+            return [self.outcomes[i][0] for i in job_ids]
+
+
+@pytest.fixture
+def pool() -> Iterator[tuple[WorkerPool, Reports]]:
+    loop = SocketLoop("test-jobs").start()
+    pool = WorkerPool(loop, workers=2, enabled=KINDS, max_payload=16 * 1024 * 1024)
+    reports = Reports()
+    pool.report = reports
+    pool.open()
+    try:
+        yield pool, reports
+    finally:
+        workers = [psutil.Process(pid) for pid in worker_pids(pool)]
+        pool.close()
+        loop.stop()
+        assert len(workers) == 2
+        assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def job(job_id: bytes, kind: str, value: object, timeout: float = 20.0) -> JobSpec:
+    return JobSpec(id=job_id, kind=kind, payload=cbor2.dumps(value), timeout=timeout)
+
+
+def worker_pids(pool: WorkerPool) -> set[int]:
+    return {w.process.pid for w in list(pool._workers)}
+
+
+def test_large_payloads_cross_intact_both_ways(pool: tuple[WorkerPool, Reports]) -> None:
+    runner, reports = pool
+    payloads = {bytes([i]): os.urandom(8 * 1024 * 1024) for i in range(4)}
+    for job_id, data in payloads.items():
+        runner.run(job(job_id, "echo", data))
+    for job_id, data in payloads.items():
+        (outcome,) = reports.wait(job_id)
+        assert outcome.status == "succeeded"
+        assert cbor2.loads(outcome.result) == data
+
+
+def test_each_job_is_reported_once_through_crashes_timeouts_and_cancels(pool: tuple[WorkerPool, Reports]) -> None:
+    runner, reports = pool
+    runner.run(job(b"crash", "crash", None))
+    runner.run(job(b"slow", "sleep", 30, timeout=0.5))
+    crashed, timed_out = reports.wait(b"crash", b"slow")
+    assert (crashed.status, crashed.error_type) == ("failed", "WorkerCrashed")
+    assert (timed_out.status, timed_out.error_type) == ("timed_out", "TimedOut")
+
+    runner.run(job(b"stuck", "sleep", 30))
+    runner.run(job(b"fine", "echo", "still here"))
+    assert cbor2.loads(reports.wait(b"fine")[0].result) == "still here"
+    runner.cancel({b"stuck"}, "cancelled by its submitter")
+    (cancelled,) = reports.wait(b"stuck")
+    assert (cancelled.status, cancelled.message) == ("cancelled", "cancelled by its submitter")
+
+    ids = [f"n{i}".encode() for i in range(20)]
+    for job_id in ids:
+        runner.run(job(job_id, "echo", job_id.decode()))
+    assert [cbor2.loads(o.result) for o in reports.wait(*ids)] == [i.decode() for i in ids]
+    assert all(len(outcomes) == 1 for outcomes in reports.outcomes.values())
+    assert len(reports.outcomes) == 24
+
+
+def test_a_worker_killed_from_outside_is_replaced(pool: tuple[WorkerPool, Reports]) -> None:
+    runner, reports = pool
+    runner.run(job(b"warm", "echo", 1))
+    reports.wait(b"warm")
+    runner.run(job(b"victim", "sleep", 30))
+    runner.run(job(b"probe", "echo", 2))
+    reports.wait(b"probe")
+    busy = next(w for w in list(runner._workers) if w.job is not None and w.job.id == b"victim")
+    killed = busy.process.pid
+    os.kill(killed, signal.SIGKILL)
+    (outcome,) = reports.wait(b"victim")
+    assert outcome.error_type == "WorkerCrashed" and "exit code -9" in outcome.message
+    ids = [f"after{i}".encode() for i in range(6)]
+    for job_id in ids:
+        runner.run(job(job_id, "sha256", b"x"))
+    assert all(o.status == "succeeded" for o in reports.wait(*ids))
+    assert len(worker_pids(runner)) == 2 and killed not in worker_pids(runner)
+
+
+def test_a_result_over_the_limit_fails_in_the_worker(pool: tuple[WorkerPool, Reports]) -> None:
+    runner, reports = pool
+    runner.run(job(b"big", "echo", b"x" * (16 * 1024 * 1024)))  # the result's CBOR header pushes it over
+    (outcome,) = reports.wait(b"big")
+    assert (outcome.status, outcome.error_type) == ("failed", "ResultTooLarge")
+    runner.run(job(b"next", "echo", "ok"))
+    assert reports.wait(b"next")[0].status == "succeeded"
