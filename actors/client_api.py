@@ -1,8 +1,9 @@
 """ClientApiActor: the endpoint where clients submit jobs to this node.
 
-The ROUTER lives on this actor's :class:`SocketLoop`. On the job path the loop thread
-decodes a submission and ``tell``s the job queue (or the relay client) directly, with a
-reply callable that hands the result back to the loop: no extra actor hop per job.
+The ROUTER lives on the node's job loop (a :class:`SocketLoop` shared with the worker
+pool and the relay client). On the job path the loop thread decodes a submission and
+hands it to the job book (or the relay client) directly, with a reply callable that
+sends the result from the loop: no thread hop per job.
 Requests that need answers from several actors (``status``) come to the actor itself,
 which may wait without holding up the socket.
 """
@@ -14,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pykka
 import structlog
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -80,7 +80,7 @@ class ClientApiActor(NodeActor):
         endpoint: str,
         allowed_clients: list[str],
         book: JobBook,
-        relay: pykka.ActorRef | None,
+        relay: Callable[[Any], None] | None,
         status: Callable[[], dict[str, Any]],
         default_timeout: float,
         max_timeout: float,
@@ -212,7 +212,7 @@ class ClientApiActor(NodeActor):
             self.book.submit(jobs)
         if self._remote_jobs and self.relay is not None:
             remote, self._remote_jobs = self._remote_jobs, []
-            self.relay.tell(RunThere(remote))
+            self.relay(RunThere(remote))
 
     def _io_read_batch(self) -> None:
         router = self._router
@@ -253,7 +253,7 @@ class ClientApiActor(NodeActor):
             # Only the connection that submitted a job may cancel it.
             self.book.cancel(message.id, client_origin(conn))
             if self.relay is not None:
-                self.relay.tell(CancelJob(message.id, requester=client_origin(conn)))
+                self.relay(CancelJob(message.id, requester=client_origin(conn)))
         elif isinstance(message, StatusRequest):
             self.actor_ref.tell(StatusFor(conn, message.seq))
         elif isinstance(message, PeersRequest):
@@ -297,4 +297,4 @@ class ClientApiActor(NodeActor):
         if self.relay is None:
             reply(None, "this node has no relay configured")
         else:
-            self.relay.tell(QueryPeers(reply))
+            self.relay(QueryPeers(reply))

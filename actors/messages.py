@@ -45,11 +45,6 @@ class FromSocket:
 
 
 @dataclass(frozen=True)
-class RepliesReady:
-    """Answers to peers' jobs are waiting to be sealed and sent."""
-
-
-@dataclass(frozen=True)
 class Tick:
     pass
 

@@ -1,18 +1,23 @@
 """RelayClientActor: the node's link to its relay, and the jobs it forwards through it.
 
-The DEALER socket lives on this actor's :class:`SocketLoop`; the actor decodes, seals
-and opens messages and drives two cores: :class:`RelayLink` (registration, heartbeat,
+The DEALER socket and all of this actor's state live on one :class:`SocketLoop` (the
+node's job loop, shared with the client API and the worker pool): it decodes, seals and
+opens messages there and drives two cores: :class:`RelayLink` (registration, heartbeat,
 reconnect with capped backoff) and :class:`ForwardLedger` (forwarded jobs until each
-has one terminal status). After a relay loss the socket is replaced, so the relay sees
-a fresh connection and the node registers again.
+has one terminal status). Other threads hand it messages with :meth:`post`; on the
+loop they are handled at once. So a relayed job crosses no thread on either node: a
+client's submission is sealed and sent, and a peer's job reaches a worker, in the
+wake-up that read it. After a relay loss the socket is replaced, so the relay sees a
+fresh connection and the node registers again.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,6 @@ from actors.messages import (
     FromSocket,
     QueryPeers,
     Reconnect,
-    RepliesReady,
     ReplyToPeer,
     RunThere,
     SendFailed,
@@ -114,6 +118,7 @@ class RelayClientActor(NodeActor):
         capabilities: dict[str, Any],
         listen: list[str],
         context: zmq.Context,
+        loop: SocketLoop | None = None,
     ):
         super().__init__()
         self.identity = identity
@@ -128,14 +133,13 @@ class RelayClientActor(NodeActor):
         self.capabilities = capabilities
         self.listen = listen
         self.context = context
-        self.loop = SocketLoop("relay-client")
+        self._owns_loop = loop is None
+        self.loop = loop or SocketLoop("relay-client")
         self.generation = 0
         #: Peers queries waiting for the relay's answer, by the seq they were sent with.
         self.pending_peers: dict[int, Any] = {}
-        #: Jobs from peers in the batch being read; answers to peers waiting to be sent.
+        #: Jobs from peers in the batch being read.
         self._incoming_jobs: list[JobSpec] = []
-        self._replies: deque[ReplyToPeer] = deque()
-        self._replies_told = False
         self.peers_seq = 0
         self.ping_seq = 0
         self.draining = False
@@ -155,21 +159,61 @@ class RelayClientActor(NodeActor):
         self._sock: zmq.Socket | None = None
         self._handshakes = 0
         self._sock_generation = -1
+        self._stopped = False
 
     # -- life cycle --
 
     def on_start(self) -> None:
-        self.loop.start()
+        if self._owns_loop:
+            self.loop.start()
+        self._on_loop(self._start_link)
+
+    def _start_link(self) -> None:
         self._connect()
         self._schedule_tick()
 
     def on_stop(self) -> None:
+        if self.loop.running:
+            self._on_loop(self._shut_down)
+        if self._owns_loop:
+            self.loop.stop()
+
+    def _shut_down(self) -> None:
         for job in list(self.ledger.jobs.values()):
             self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
-        self.loop.call_soon(self._io_close)
-        self.loop.stop()
+        self._io_close()
+        self._stopped = True
+
+    def _on_loop(self, fn: Any, timeout: float = 10.0) -> Any:
+        """Run ``fn()`` on the loop and return its result (from any other thread)."""
+        if self.loop.in_loop():
+            return fn()
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self.loop.call_soon(call)
+        return done.result(timeout)
+
+    def post(self, message: Any) -> None:
+        """Hand this relay client a message (thread-safe); on its loop, handled now."""
+        if self.loop.in_loop():
+            self._handle(message)
+        else:
+            self.loop.call_soon(self._handle, message)
+
+    def poster(self) -> Any:
+        """:meth:`post`, for those that hold only this actor's ref."""
+        return self.post
 
     def status(self) -> dict[str, Any]:
+        return self._on_loop(self._status, timeout=5)
+
+    def _status(self) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
             "relay_peer_id": self.relay_peer_id,
@@ -183,6 +227,15 @@ class RelayClientActor(NodeActor):
     # -- messages --
 
     def handle(self, message: Any) -> Any:
+        """Messages sent to the actor (``tell``/``ask``) are handled on the loop."""
+        if isinstance(message, Drain):
+            return self._on_loop(lambda: self._handle(message))
+        self.post(message)
+
+    def _handle(self, message: Any) -> Any:
+        """Loop thread."""
+        if self._stopped:
+            return None
         if isinstance(message, FromSocket):
             for frames in message.messages:
                 self._on_frames(frames)
@@ -192,10 +245,6 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, RunThere):
             for job, peer in message.jobs:
                 self._forward(job, peer)
-        elif isinstance(message, RepliesReady):
-            self._replies_told = False  # first: a reply added from now on tells again
-            while self._replies:
-                self._reply_to_peer(self._replies.popleft())
         elif isinstance(message, ReplyToPeer):
             self._reply_to_peer(message)
         elif isinstance(message, Tick):
@@ -224,7 +273,6 @@ class RelayClientActor(NodeActor):
                 self._register()
         elif isinstance(message, Drain):
             self.draining = True
-            return True
         elif isinstance(message, Abort):
             for job in list(self.ledger.jobs.values()):
                 if self.link.registered:
@@ -234,6 +282,7 @@ class RelayClientActor(NodeActor):
             self.ledger_idle.clear()
         else:
             self.ledger_idle.set()
+        return True
 
     # -- outgoing jobs --
 
@@ -375,16 +424,11 @@ class RelayClientActor(NodeActor):
             self._settle(message.ref, refusal, peer=message.sender)
 
     def _on_job(self, sender: str, job: Job) -> None:
-        me = self.actor_ref
-        replies = self._replies
+        post = self.post
 
         def reply(outcome: Outcome) -> None:
-            # Called by whichever thread ended the job: queue the answer, and wake this
-            # actor once for all the answers queued before it runs.
-            replies.append(ReplyToPeer(sender, job.id, outcome))
-            if not self._replies_told:
-                self._replies_told = True
-                me.tell(RepliesReady())
+            # Called by whichever thread ended the job (on the loop: sent at once).
+            post(ReplyToPeer(sender, job.id, outcome))
 
         spec = JobSpec(id=job.id, kind=job.kind, payload=job.payload, timeout=job.timeout, reply=reply, origin=sender)
         if self.draining:
@@ -485,14 +529,13 @@ class RelayClientActor(NodeActor):
             )
         self._fail_peer_queries("the node lost its connection to the relay")
         self.generation += 1
-        self.loop.call_soon(self._io_close)
-        me = self.actor_ref
-        self.loop.call_later(delay, lambda: me.tell(Reconnect()))
+        self._io_close()
+        self.loop.call_later(delay, self._handle, Reconnect())
 
     def _connect(self) -> None:
         self.generation += 1
         self.link.connecting(time.monotonic())
-        self.loop.call_soon(self._io_open, self.generation)
+        self._io_open(self.generation)
         self._register()
 
     def _register(self) -> None:
@@ -500,11 +543,10 @@ class RelayClientActor(NodeActor):
         self._send(encode(register))
 
     def _schedule_tick(self) -> None:
-        me = self.actor_ref
-        self.loop.call_later(min(self.link.heartbeat, 1.0), lambda: me.tell(Tick()))
+        self.loop.call_later(min(self.link.heartbeat, 1.0), self._handle, Tick())
 
     def _send(self, frames: list[Any], ref: bytes | None = None) -> None:
-        self.loop.call_soon(self._io_send, self.generation, frames, ref)
+        self._io_send(self.generation, frames, ref)
 
     # -- loop thread --
 
@@ -544,9 +586,9 @@ class RelayClientActor(NodeActor):
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshakes += 1
                 if self._handshakes > 1:
-                    self.actor_ref.tell(Reconnected(self._sock_generation))
+                    self._handle(Reconnected(self._sock_generation))
                 continue
-            self.actor_ref.tell(
+            self._handle(
                 HandshakeFailed(
                     self._sock_generation, event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event["value"]
                 )
@@ -554,16 +596,18 @@ class RelayClientActor(NodeActor):
 
     def _io_send(self, generation: int, frames: list[Any], ref: bytes | None) -> None:
         sock = self._sock
+        # A failed send is handled after the step that sent it (which may still be
+        # recording the job it failed for).
         if sock is None or generation != self._sock_generation:
             if ref is not None:
-                self.actor_ref.tell(SendFailed(ref, generation))
+                self.loop.call_soon(self._handle, SendFailed(ref, generation))
             return
         try:
             sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             self.log.warning("relay_send_failed", error=str(exc))
             if ref is not None:
-                self.actor_ref.tell(SendFailed(ref, generation))
+                self.loop.call_soon(self._handle, SendFailed(ref, generation))
 
     def _io_readable(self) -> None:
         sock = self._sock
@@ -582,8 +626,8 @@ class RelayClientActor(NodeActor):
                     continue
                 batch.append([generation, *frames])
         finally:
-            if batch:  # everything one wake-up read, in one message to the actor
-                self.actor_ref.tell(FromSocket(batch))
+            if batch:  # everything one wake-up read, handled together
+                self._handle(FromSocket(batch))
 
 
 def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:

@@ -32,15 +32,22 @@ MAX_POLL_MS = 3_600_000
 
 
 class TimerHandle:
-    __slots__ = ("cancelled", "_loop")
+    """A timer's callback; cancelling it drops the callback and its arguments at once
+    (a job's timer must not keep its payload alive until the timeout it no longer
+    needs), and the heap entry later."""
 
-    def __init__(self, loop: SocketLoop) -> None:
+    __slots__ = ("cancelled", "fn", "args", "_loop")
+
+    def __init__(self, loop: SocketLoop, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.cancelled = False
+        self.fn: Callable[..., Any] | None = fn
+        self.args = args
         self._loop = loop
 
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            self.fn, self.args = None, ()
             self._loop._timer_cancelled()
 
 
@@ -90,7 +97,7 @@ class SocketLoop:
         self._readers: dict[Any, Callable[[], None]] = {}
         self._writers: dict[Any, Callable[[], None]] = {}
         self._ident: int | None = None
-        self._timers: list[tuple[float, int, TimerHandle, Callable[..., Any], tuple[Any, ...]]] = []
+        self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._running = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -120,12 +127,12 @@ class SocketLoop:
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` on the loop thread after ``delay`` seconds. Thread-safe."""
-        handle = TimerHandle(self)
+        handle = TimerHandle(self, fn, args)
         when = time.monotonic() + max(0.0, delay)
-        if threading.current_thread() is self._thread:
-            heapq.heappush(self._timers, (when, next(self._seq), handle, fn, args))
+        if threading.get_ident() == self._ident:
+            heapq.heappush(self._timers, (when, next(self._seq), handle))
         else:
-            self.call_soon(lambda: heapq.heappush(self._timers, (when, next(self._seq), handle, fn, args)))
+            self.call_soon(lambda: heapq.heappush(self._timers, (when, next(self._seq), handle)))
         return handle
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -220,7 +227,7 @@ class SocketLoop:
         """Run due timers; return milliseconds until the next, None when there is none."""
         timers = self._timers
         while timers:
-            when, _, handle, fn, args = timers[0]
+            when, _, handle = timers[0]
             if handle.cancelled:
                 heapq.heappop(timers)
                 self._cancelled_timers = max(0, self._cancelled_timers - 1)
@@ -231,6 +238,9 @@ class SocketLoop:
                 # spin through zero-timeout polls for the last fraction of one.
                 return min(math.ceil(delay * 1000.0), MAX_POLL_MS)
             heapq.heappop(timers)
+            fn, args = handle.fn, handle.args
+            handle.cancelled, handle.fn, handle.args = True, None, ()  # fired: cancel() is a no-op now
+            assert fn is not None
             self._guard(fn, args)
         return None
 

@@ -84,6 +84,7 @@ class Node:
                         capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
                         listen=config.relay.listen,
                         context=self.context,
+                        loop=runner.loop,
                     )
                 )
             else:
@@ -94,7 +95,7 @@ class Node:
                     endpoint=config.api.endpoint,
                     allowed_clients=config.api.allowed_clients,
                     book=self.book,
-                    relay=self.relay,
+                    relay=self.relay.proxy().poster().get() if self.relay is not None else None,
                     status=self.status,
                     default_timeout=jobs.default_timeout,
                     max_timeout=jobs.max_timeout,

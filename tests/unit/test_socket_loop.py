@@ -100,3 +100,25 @@ def test_glibc_is_told_to_give_large_buffers_back() -> None:
     from meshnet.memory import return_large_buffers_to_the_system
 
     assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
+
+
+def test_a_cancelled_timer_lets_go_of_its_arguments_at_once() -> None:
+    """A job's timeout timer holds the job (and its payload): once the job ends, the
+    payload must not stay alive until the timeout would have fired."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    loop = SocketLoop("test").start()
+    try:
+        payload = Payload()
+        alive = weakref.ref(payload)
+        handle = loop.call_later(3600, lambda p: None, payload)
+        del payload
+        handle.cancel()
+        gc.collect()
+        assert alive() is None
+    finally:
+        loop.stop()
