@@ -68,7 +68,7 @@ from meshnet.protocol import (
     decode,
     decode_inner,
     encode,
-    encode_inner,
+    encode_inner_parts,
     frame_limit,
 )
 from meshnet.relay_link import RelayLink
@@ -302,8 +302,9 @@ class RelayClientActor(NodeActor):
         if not self.ledger.add(entry):
             job.reply(Outcome.refused("duplicate", f"job {job_id_text(job.id)} is already in flight"))
             return
-        inner = Job(id=job.id, kind=job.kind, timeout=job.timeout, payload=bytes(job.payload))
-        entry.nonce = self._send_sealed(peer, job.id, inner)[:NONCE_BYTES]
+        # The payload (a client's frame) is copied once: into the sealed message.
+        inner = Job(id=job.id, kind=job.kind, timeout=job.timeout, payload=job.payload)
+        entry.nonce = bytes(self._send_sealed(peer, job.id, inner)[:NONCE_BYTES])
 
     def _settle(self, job_id: bytes, outcome: Outcome, *, peer: str | None = None) -> None:
         job = self.ledger.settle(job_id, outcome.status, peer=peer)
@@ -312,9 +313,9 @@ class RelayClientActor(NodeActor):
         log_job_end(self.log, job_id, job.kind, outcome, to=job.peer)
         job.reply(outcome)
 
-    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> bytes:
+    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> bytearray:
         """Seal ``inner`` for ``peer`` and send it; return the sealed body."""
-        sealed = self.sealer.seal(peer, encode_inner(inner))
+        sealed = self.sealer.seal_parts(peer, encode_inner_parts(inner))
         op = "job" if isinstance(inner, Job) else "result" if isinstance(inner, JobResult) else "cancel"
         self._send(encode(Send(to=peer, ref=ref, op=op, body=sealed)), ref=ref if op == "job" else None)
         return sealed
@@ -442,7 +443,7 @@ class RelayClientActor(NodeActor):
             id=message.job_id,
             status=outcome.status,
             error=outcome.error,
-            result=bytes(outcome.result) if outcome.result is not None else None,
+            result=outcome.result,
             nonce=message.nonce,
         )
         self._send_result(message.peer, result)

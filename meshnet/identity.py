@@ -13,11 +13,15 @@ import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
+import nacl.utils
+from nacl._sodium import ffi as _ffi  # PyNaCl's own binding of libsodium: see Sealer
+from nacl._sodium import lib as _sodium
 from zmq.utils import z85
 
 from meshnet.errors import IdentityError, SealError
@@ -169,41 +173,78 @@ def verify(peer_id: str, data: bytes, signature: bytes) -> bool:
     return True
 
 
-class Sealer:
-    """Seals and opens node-to-node messages with a NaCl Box per peer.
+NONCE_SIZE = nacl.public.Box.NONCE_SIZE
+#: Bytes a sealed message has beyond its plaintext: the nonce and the MAC.
+SEAL_OVERHEAD = NONCE_SIZE + _sodium.crypto_box_macbytes()
 
-    A Box authenticates both ends: a message that opens under ``Box(us, A)`` was sealed
-    by A (or by us), and any change to it in transit makes it fail to open. Boxes are
-    cached (their set-up does a scalar multiplication). Thread-safe: the cache is
-    guarded and libsodium itself keeps no shared state.
+
+class Sealer:
+    """Seals and opens node-to-node messages with a NaCl box per peer.
+
+    A box authenticates both ends: a message that opens under ``box(us, A)`` was sealed
+    by A (or by us), and any change to it in transit makes it fail to open. The shared
+    key of each box is cached (its set-up does a scalar multiplication). Thread-safe:
+    the cache is guarded and libsodium itself keeps no shared state.
+
+    The format is PyNaCl's ``Box.encrypt``: nonce (24 bytes), MAC (16), ciphertext. It is
+    written with libsodium's ``crypto_box_easy_afternm`` directly, through PyNaCl's own
+    binding: the plaintext is copied once into the buffer that is sent and encrypted in
+    place, and a message opens into one new buffer. ``Box.encrypt`` and ``decrypt`` make
+    three to four more copies, which for an 8 MiB payload cost more than the cipher.
     """
 
     CACHE_SIZE = 1024
 
     def __init__(self, identity: Identity):
         self._secret = nacl.public.PrivateKey(identity.curve_secret_key)
-        self._boxes: OrderedDict[str, nacl.public.Box] = OrderedDict()
+        self._keys: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _box(self, peer_id: str) -> nacl.public.Box:
+    def _key(self, peer_id: str) -> bytes:
         with self._lock:
-            box = self._boxes.get(peer_id)
-            if box is not None:
-                self._boxes.move_to_end(peer_id)
-                return box
-        box = nacl.public.Box(self._secret, nacl.public.PublicKey(curve_public_key(peer_id)))
+            key = self._keys.get(peer_id)
+            if key is not None:
+                self._keys.move_to_end(peer_id)
+                return key
+        key = nacl.public.Box(self._secret, nacl.public.PublicKey(curve_public_key(peer_id))).shared_key()
         with self._lock:
-            self._boxes[peer_id] = box
-            if len(self._boxes) > self.CACHE_SIZE:
-                self._boxes.popitem(last=False)
-        return box
+            self._keys[peer_id] = key
+            if len(self._keys) > self.CACHE_SIZE:
+                self._keys.popitem(last=False)
+        return key
 
-    def seal(self, peer_id: str, plaintext: bytes) -> bytes:
-        """Nonce (24 bytes) followed by the authenticated ciphertext."""
-        return bytes(self._box(peer_id).encrypt(plaintext))
+    def seal(self, peer_id: str, plaintext: Any) -> bytearray:
+        """Nonce (24 bytes), then the authenticated ciphertext of ``plaintext``."""
+        return self.seal_parts(peer_id, [plaintext])
 
-    def open(self, peer_id: str, sealed: bytes) -> bytes:
+    def seal_parts(self, peer_id: str, parts: list[Any]) -> bytearray:
+        """Seal the concatenation of ``parts`` (bytes-like) without joining them first."""
+        key = self._key(peer_id)
+        views = [memoryview(part).cast("B") for part in parts]
+        size = sum(len(view) for view in views)
+        sealed = bytearray(SEAL_OVERHEAD + size)
+        sealed[:NONCE_SIZE] = nacl.utils.random(NONCE_SIZE)
+        at = SEAL_OVERHEAD
+        for view in views:
+            sealed[at : at + len(view)] = view
+            at += len(view)
+        base = _ffi.cast("unsigned char *", _ffi.from_buffer(sealed, require_writable=True))
+        # MAC and ciphertext overwrite the plaintext in place (libsodium allows exactly this).
+        if _sodium.crypto_box_easy_afternm(base + NONCE_SIZE, base + SEAL_OVERHEAD, size, base, key) != 0:
+            raise SealError("sealing failed")
+        return sealed
+
+    def open(self, peer_id: str, sealed: Any) -> bytearray:
         try:
-            return self._box(peer_id).decrypt(bytes(sealed))
+            key = self._key(peer_id)
         except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, IdentityError) as exc:
             raise SealError(f"sealed message from {peer_id[:16]} did not authenticate: {exc}") from None
+        view = memoryview(sealed).cast("B")
+        if len(view) < SEAL_OVERHEAD:
+            raise SealError(f"sealed message from {peer_id[:16]} did not authenticate: {len(view)} bytes is too short")
+        plaintext = bytearray(len(view) - SEAL_OVERHEAD)
+        source = _ffi.cast("unsigned char *", _ffi.from_buffer(view))
+        target = _ffi.from_buffer(plaintext, require_writable=True)
+        if _sodium.crypto_box_open_easy_afternm(target, source + NONCE_SIZE, len(view) - NONCE_SIZE, source, key) != 0:
+            raise SealError(f"sealed message from {peer_id[:16]} did not authenticate: forged or corrupted")
+        return plaintext

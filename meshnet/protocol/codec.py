@@ -111,9 +111,51 @@ def decode(frames: Sequence[Any], accept: dict[str, type[Message]], *, max_body:
     return _build(_load_map(frames[0], MAX_HEADER_BYTES, "header"), accept, body, max_body)
 
 
+#: A byte string this long or longer is left out of the CBOR encoding and passed on as
+#: the buffer it is (see :func:`encode_inner_parts`).
+BULK_BYTES = 64 * 1024
+
+
 def encode_inner(message: Message) -> bytes:
     """One CBOR map for a node-to-node message, to be sealed."""
-    return cbor2.dumps({"v": PROTOCOL_VERSION, "t": message.TYPE, **message.header_fields()})
+    return b"".join(encode_inner_parts(message))
+
+
+def encode_inner_parts(message: Message) -> list[Any]:
+    """:func:`encode_inner`'s bytes as pieces whose concatenation is that map: a large
+    byte string (a payload, a result) is its CBOR head and then its own buffer, not a
+    copy, so that the sealer copies it once, into the sealed message."""
+    fields: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
+    bulk = False
+    for name, value in message.header_fields().items():
+        if not isinstance(value, (str, int, float, dict, list, bytes)):  # bytearray, memoryview, a ZeroMQ frame
+            value = memoryview(value).cast("B")
+            bulk = bulk or len(value) >= BULK_BYTES
+            if len(value) < BULK_BYTES:
+                value = bytes(value)
+        elif isinstance(value, bytes):
+            bulk = bulk or len(value) >= BULK_BYTES
+        fields[name] = value
+    if not bulk:
+        return [cbor2.dumps(fields)]
+    parts: list[Any] = [_head(5, len(fields))]
+    for name, value in fields.items():
+        parts.append(cbor2.dumps(name))
+        if isinstance(value, (bytes, memoryview)) and len(value) >= BULK_BYTES:
+            parts += [_head(2, len(value)), value]
+        else:
+            parts.append(cbor2.dumps(value))
+    return parts
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR head in its shortest form (RFC 8949 §3), as cbor2 writes it."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
+    raise LocalProtocolError(f"a CBOR length of {n} does not fit 64 bits")
 
 
 def decode_inner(data: bytes, accept: dict[str, type[Message]], *, max_size: int) -> Message:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshnet.errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
 from meshnet.protocol import (
@@ -15,12 +20,14 @@ from meshnet.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Job,
+    JobResult,
     Result,
     Submit,
     decode,
     decode_inner,
     encode,
     encode_inner,
+    encode_inner_parts,
     validate,
 )
 
@@ -322,3 +329,28 @@ def test_validate_raises_local_protocol_error_naming_the_field(message, field):
     assert f"{message.TYPE}.{field}" in str(info.value)
     assert "expected" in str(info.value)
     assert not isinstance(info.value, RemoteProtocolError)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([0, 23, 24, 255, 256, 65_535, 65_536, 70_000, 300_000]),
+    wrap=st.sampled_from([bytes, bytearray, memoryview]),
+    succeeded=st.booleans(),
+)
+def test_inner_parts_join_to_exactly_the_cbor_of_the_message(size: int, wrap: Any, succeeded: bool) -> None:
+    """The pieces the sealer copies (a large payload left as its own buffer) are the
+    same bytes as one CBOR map of the message, whatever buffer type the payload is."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    job = Job(id=JOB_ID, kind="echo", timeout=1.5, payload=wrap(data))
+    result = JobResult(
+        id=JOB_ID, status="succeeded" if succeeded else "failed", result=wrap(data) if succeeded else None
+    )
+    for message, plain in (
+        (job, replace(job, payload=data)),
+        (result, replace(result, result=data if succeeded else None)),
+    ):
+        parts = encode_inner_parts(message)
+        assert b"".join(bytes(p) for p in parts) == cbor2.dumps({"v": 1, "t": message.TYPE, **plain.header_fields()})
+        if size >= 65_536 and (message is job or succeeded):
+            assert any(p is data or (isinstance(p, memoryview) and len(p) == size) for p in parts)  # not copied
+        assert decode_inner(b"".join(bytes(p) for p in parts), NODE_TO_NODE, max_size=1 << 20) == plain

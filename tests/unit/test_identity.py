@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nacl.public
 import nacl.signing
 import pytest
 
@@ -216,4 +217,18 @@ def test_sealer_cache_eviction_keeps_working(alice, bob, carol, monkeypatch):
     sealer = Sealer(alice)
     for peer in (bob, carol, bob, carol):
         assert Sealer(peer).open(alice.peer_id, sealer.seal(peer.peer_id, b"hi")) == b"hi"
-    assert len(sealer._boxes) == 1
+    assert len(sealer._keys) == 1
+
+
+def test_sealed_messages_are_pynacl_boxes_both_ways(alice, bob):
+    """The in-place sealing writes exactly PyNaCl's Box format, so either side may use either."""
+    box_to_bob = nacl.public.Box(
+        nacl.public.PrivateKey(alice.curve_secret_key), nacl.public.PublicKey(bob.curve_public_key)
+    )
+    box_at_bob = nacl.public.Box(
+        nacl.public.PrivateKey(bob.curve_secret_key), nacl.public.PublicKey(alice.curve_public_key)
+    )
+    parts = [b"head", memoryview(b"x" * 70_000), bytearray(b"tail")]
+    assert box_at_bob.decrypt(bytes(Sealer(alice).seal_parts(bob.peer_id, parts))) == b"head" + b"x" * 70_000 + b"tail"
+    assert Sealer(bob).open(alice.peer_id, bytes(box_to_bob.encrypt(b"from pynacl"))) == b"from pynacl"
+    assert Sealer(bob).open(alice.peer_id, Sealer(alice).seal(bob.peer_id, b"")) == b""
