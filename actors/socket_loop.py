@@ -8,6 +8,11 @@ actors, the relay client's loop. A deque plus a pipe byte takes any number.) The
 pipe is written only when the loop is not already due to wake, so a burst of
 messages costs one wake-up. An idle loop blocks in ``poll`` with no timeout unless
 a timer is due: no busy polling.
+
+A loop made with ``trim_after`` hands the memory its process freed back to the system
+that many seconds after its sockets had traffic (once per such period under load): the
+buffers of large payloads do not stay with the process, and a loop without traffic
+sleeps without a timer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 
 import structlog
 import zmq
+
+from meshnet.memory import release_free_memory
 
 log = structlog.get_logger("meshnet.loop")
 
@@ -85,8 +92,10 @@ def _pollable(sock: Any) -> Any:
 class SocketLoop:
     """Runs callbacks, timers and socket readers on one thread."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, trim_after: float | None = None):
         self.name = name
+        self._trim_delay = trim_after
+        self._trim_armed = False
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
@@ -203,6 +212,10 @@ class SocketLoop:
         heapq.heapify(self._timers)
         self._cancelled_timers = 0
 
+    def _trim(self) -> None:
+        self._trim_armed = False
+        release_free_memory()
+
     def _halt(self) -> None:
         self._running = False
 
@@ -263,6 +276,9 @@ class SocketLoop:
                         self._guard(callback, ())
                     if events & zmq.POLLOUT and (callback := self._writers.get(sock)) is not None:
                         self._guard(callback, ())
+                    if self._trim_delay is not None and not self._trim_armed:
+                        self._trim_armed = True
+                        self.call_later(self._trim_delay, self._trim)
                 if woken:
                     self._run_calls()
         finally:

@@ -28,7 +28,6 @@ from meshnet.config import (
 )
 from meshnet.errors import JobError, MeshError
 from meshnet.logs import configure_logging
-from meshnet.memory import return_large_buffers_to_the_system
 
 EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
@@ -102,7 +101,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     _configure_logging(final=False)
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
     _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
-    return_large_buffers_to_the_system()
     node = Node(config).start()
     _install_thread_dump()
     try:
@@ -123,7 +121,6 @@ def cmd_relay(args: argparse.Namespace) -> int:
     config = load_relay_config(path)
     _warn_if_readable(path)
     _configure_logging(config.log.format, config.log.level, {"relay_id": config.load_identity().peer_id})
-    return_large_buffers_to_the_system()
     server = RelayServer(config).start()
     try:
         _wait_for_signal()

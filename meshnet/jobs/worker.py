@@ -16,9 +16,11 @@ import cbor2
 
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.registry import Handler, load_handlers
-from meshnet.memory import return_large_buffers_to_the_system
+from meshnet.memory import release_free_memory
 
 PR_SET_PDEATHSIG = 1
+#: A job moving this much data makes the worker release free memory once it is idle.
+LARGE_JOB_BYTES = 1024 * 1024
 _handlers: dict[str, Handler] = {}
 
 #: (outcome, result_cbor_or_None, error_type, error_message)
@@ -31,7 +33,6 @@ def init_worker(enabled: list[str]) -> None:
     # workers stop, so they ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    return_large_buffers_to_the_system()
     _handlers = load_handlers(enabled)
 
 
@@ -78,7 +79,12 @@ def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
     reader = FrameReader(max_frame=max_payload + 1024)
     frames: list[bytes | bytearray] = []
     while True:
-        n = sock.recv_into(reader.buffer())
+        try:
+            n = sock.recv_into(reader.buffer())
+        except TimeoutError:  # quiet for a second after a large job: see below
+            sock.settimeout(None)
+            release_free_memory()
+            continue
         if n == 0:
             return  # the node closed our socket: it is stopping the pool
         frames += reader.received(n)
@@ -93,3 +99,7 @@ def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
             buffers = frame_buffers([line, result or b""])
             while buffers:
                 buffers = unsent(buffers, sock.sendmsg(buffers))
+            if len(payload) + len(result or b"") >= LARGE_JOB_BYTES:
+                # Its buffers are free now but stay with the process: give them back
+                # once no job has come for a second.
+                sock.settimeout(1.0)

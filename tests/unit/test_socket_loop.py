@@ -94,12 +94,12 @@ def test_recv_message_drops_a_message_of_too_many_frames_and_keeps_the_next() ->
         context.term()
 
 
-def test_glibc_is_told_to_give_large_buffers_back() -> None:
+def test_free_memory_goes_back_to_the_system() -> None:
     import sys
 
-    from meshnet.memory import return_large_buffers_to_the_system
+    from meshnet.memory import release_free_memory
 
-    assert return_large_buffers_to_the_system() is sys.platform.startswith("linux")
+    assert release_free_memory() is sys.platform.startswith("linux")
 
 
 def test_a_cancelled_timer_lets_go_of_its_arguments_at_once() -> None:
@@ -122,3 +122,27 @@ def test_a_cancelled_timer_lets_go_of_its_arguments_at_once() -> None:
         assert alive() is None
     finally:
         loop.stop()
+
+
+def test_a_loop_gives_memory_back_after_traffic(monkeypatch) -> None:
+    import actors.socket_loop as socket_loop
+
+    trimmed = threading.Event()
+    monkeypatch.setattr(socket_loop, "release_free_memory", trimmed.set)
+    context = zmq.Context()
+    loop = SocketLoop("test", trim_after=0.05).start()
+    received: list[bytes] = []
+    try:
+        inbox = context.socket(zmq.PAIR)
+        inbox.bind("inproc://trim")
+        outbox = context.socket(zmq.PAIR)
+        outbox.connect("inproc://trim")
+        loop.call_soon(loop.add_reader, inbox, lambda: received.append(inbox.recv()))
+        outbox.send(b"8 MiB, say")
+        assert trimmed.wait(5)
+        assert received == [b"8 MiB, say"]
+    finally:
+        loop.call_soon(loop.close_socket, inbox)
+        loop.stop()
+        outbox.close(0)
+        context.term()
