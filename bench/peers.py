@@ -41,6 +41,7 @@ from bench.run import (
     BIG_JOBS,
     CORES,
     CPU_DATA,
+    CPU_JOBS,
     ROUND_TRIPS,
     ROUNDS,
     THROUGHPUT_JOBS,
@@ -198,7 +199,7 @@ def measure_ray(ray: Any, label: str, rounds: int, cpu_body: bytes) -> dict[str,
         seconds = driver.batch_seconds(BIG_JOBS, "echo", big)
         figures["big_mb_per_s"].append(2 * BIG_JOBS * len(big) / seconds / 1e6)
         progress(f"{label}: round {r + 1}/{rounds} CPU-bound")
-        figures["cpu_batch_s"].append(driver.batch_seconds(4 * CORES, "sha256", cpu_body))
+        figures["cpu_batch_s"].append(driver.batch_seconds(CPU_JOBS, "sha256", cpu_body))
     return {key: median(values) for key, values in figures.items()}
 
 
@@ -209,7 +210,7 @@ def cpu_only_ray(ray: Any, label: str, rounds: int, body: bytes) -> float:
     values = []
     for r in range(rounds):
         progress(f"{label}: round {r + 1}/{rounds} CPU-bound")
-        values.append(driver.batch_seconds(4 * CORES, "sha256", body))
+        values.append(driver.batch_seconds(CPU_JOBS, "sha256", body))
     return median(values)
 
 
@@ -257,8 +258,8 @@ def table(results: dict[str, Any]) -> str:
         ("round trip p50 (us)", "p50_us", "{:,.0f}"),
         ("round trip p99 (us)", "p99_us", "{:,.0f}"),
         ("8 MiB echo (MB/s, both ways)", "big_mb_per_s", "{:,.0f}"),
-        (f"CPU-bound, {4 * cores} jobs, 1 worker (s)", "cpu_batch_1_s", "{:.2f}"),
-        (f"CPU-bound, {4 * cores} jobs, {cores} workers (s)", "cpu_batch_s", "{:.2f}"),
+        (f"CPU-bound, {CPU_JOBS} jobs, 1 worker (s)", "cpu_batch_1_s", "{:.2f}"),
+        (f"CPU-bound, {CPU_JOBS} jobs, {cores} workers (s)", "cpu_batch_s", "{:.2f}"),
         ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
     ]
     header = ["metric", "baseline (a)", f"Ray {r['version']}", "vs (a)"]
