@@ -22,7 +22,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors.base import NodeActor
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, Drain, QueryPeers, RunThere
-from actors.socket_loop import SocketLoop, recv_message
+from actors.socket_loop import SocketLoop, recv_message, send_message
 from meshnet.endpoints import is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError
 from meshnet.identity import Identity, curve_public_z85
@@ -195,7 +195,7 @@ class ClientApiActor(NodeActor):
         if self._router is None:
             return
         try:
-            self._router.send_multipart([conn, *frames], zmq.NOBLOCK, copy=False)
+            send_message(self._router, [conn, *frames])
         except zmq.ZMQError as exc:  # the client went away or stopped reading
             self.log.warning("client_send_failed", error=str(exc))
 

@@ -39,7 +39,7 @@ from actors.messages import (
     SendFailed,
     Tick,
 )
-from actors.socket_loop import SocketLoop, recv_message
+from actors.socket_loop import SocketLoop, recv_message, send_message
 from meshnet.errors import ProtocolError, SealError
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.ledger import DEADLINE_GRACE, ForwardedJob, ForwardLedger
@@ -604,7 +604,7 @@ class RelayClientActor(NodeActor):
                 self.loop.call_soon(self._handle, SendFailed(ref, generation))
             return
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_message(sock, frames)
         except zmq.ZMQError as exc:
             self.log.warning("relay_send_failed", error=str(exc))
             if ref is not None:

@@ -21,7 +21,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from actors.socket_loop import SocketLoop, recv_message
+from actors.socket_loop import SocketLoop, recv_message, send_message
 from meshnet.config import RelayConfig
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import MAX_FRAMES, frame_limit
@@ -169,7 +169,7 @@ class RelayServer:
             return
         for out in outgoing:
             try:
-                router.send_multipart([out.conn, *out.frames], zmq.NOBLOCK, copy=False)
+                send_message(router, [out.conn, *out.frames])
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                     raise
