@@ -311,7 +311,7 @@ class ExecutorActor(NodeActor):
 
     def __init__(self, *, workers: int, enabled: list[str], max_payload: int):
         super().__init__()
-        self.loop = SocketLoop("jobs", trim_after=1.0)
+        self.loop = SocketLoop("jobs", trim_after=0.5)
         self._pool = WorkerPool(self.loop, workers=workers, enabled=enabled, max_payload=max_payload)
 
     def on_start(self) -> None:

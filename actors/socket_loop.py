@@ -10,9 +10,11 @@ messages costs one wake-up. An idle loop blocks in ``poll`` with no timeout unle
 a timer is due: no busy polling.
 
 A loop made with ``trim_after`` hands the memory its process freed back to the system
-that many seconds after its sockets had traffic (once per such period under load): the
-buffers of large payloads do not stay with the process, and a loop without traffic
-sleeps without a timer.
+once its sockets have been quiet for that many seconds after some traffic: the buffers
+of large payloads do not stay with the process, a loop without traffic sleeps without a
+timer, and a loop under load keeps its freed buffers for reuse (trimming under load
+made every new large buffer fault its pages in again: measured, a third more CPU in a
+node moving 4 MiB payloads to its workers).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class SocketLoop:
         self.name = name
         self._trim_delay = trim_after
         self._trim_armed = False
+        self._busy_since_armed = False
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
@@ -228,7 +231,12 @@ class SocketLoop:
         heapq.heapify(self._timers)
         self._cancelled_timers = 0
 
-    def _trim(self) -> None:
+    def _trim_if_quiet(self) -> None:
+        assert self._trim_delay is not None
+        if self._busy_since_armed:
+            self._busy_since_armed = False
+            self.call_later(self._trim_delay, self._trim_if_quiet)
+            return
         self._trim_armed = False
         release_free_memory()
 
@@ -292,9 +300,12 @@ class SocketLoop:
                         self._guard(callback, ())
                     if events & _WRITABLE and (callback := self._writers.get(sock)) is not None:
                         self._guard(callback, ())
-                    if self._trim_delay is not None and not self._trim_armed:
-                        self._trim_armed = True
-                        self.call_later(self._trim_delay, self._trim)
+                    if self._trim_delay is not None:
+                        if self._trim_armed:
+                            self._busy_since_armed = True
+                        else:
+                            self._trim_armed, self._busy_since_armed = True, False
+                            self.call_later(self._trim_delay, self._trim_if_quiet)
                 if woken:
                     self._run_calls()
         finally:

@@ -75,7 +75,7 @@ class RelayServer:
         )
         # A context of its own: ZAP is per context, and a process may hold a relay and nodes.
         self.context = zmq.Context()
-        self.loop = SocketLoop("relay", trim_after=1.0)
+        self.loop = SocketLoop("relay", trim_after=0.5)
         self.endpoint = ""
         self._ready = threading.Event()
         self._error: BaseException | None = None
