@@ -42,6 +42,8 @@ log = structlog.get_logger("meshnet.executor")
 SOCKET_BUFFER_BYTES = 1024 * 1024
 
 Report = Callable[[list[tuple[bytes, Outcome]]], None]
+#: Longest wait before replacing a worker after workers kept dying without a job.
+MAX_REPLACE_DELAY = 10.0
 
 
 def _timed_out_text(job: JobSpec, *, started: bool) -> str:
@@ -98,6 +100,8 @@ class WorkerPool:
         #: Jobs handed over while no worker was idle (one being replaced).
         self._pending: deque[JobSpec] = deque()
         self._closing = False
+        #: Workers that died with no job since one last finished a job.
+        self._idle_deaths = 0
 
     # -- any thread --
 
@@ -213,6 +217,7 @@ class WorkerPool:
         job = worker.job
         if job is None:
             return
+        self._idle_deaths = 0  # workers run jobs: their start is not broken
         worker.job = None
         if worker.timer is not None:
             worker.timer.cancel()
@@ -263,9 +268,37 @@ class WorkerPool:
             )
             self._report(job, outcome)
         elif worker.ending is None and not self._closing:
-            log.warning("worker_died", pid=pid, exit_code=exit_code)
+            # Died with no job: a broken start (a plugin failing to import in the worker,
+            # say) would die again at once, so replacements back off.
+            self._idle_deaths += 1
+            log.error("worker_died", pid=pid, exit_code=exit_code, replaced_in_s=self._replace_delay())
         if not self._closing:
-            self._io_adopt([self._spawn()])
+            self._io_replace()
+
+    def _replace_delay(self) -> float:
+        if not self._idle_deaths:
+            return 0.0
+        return min(MAX_REPLACE_DELAY, 0.1 * 2 ** (self._idle_deaths - 1))
+
+    def _io_replace(self) -> None:
+        """Start a worker in place of one that is gone (later, after failed starts)."""
+        delay = self._replace_delay()
+        if delay:
+            self.loop.call_later(delay, self._io_spawn_now)
+        else:
+            self._io_spawn_now()
+
+    def _io_spawn_now(self) -> None:
+        if self._closing:
+            return
+        try:
+            worker = self._spawn()
+        except Exception as exc:  # forkserver gone, out of processes or descriptors
+            self._idle_deaths += 1
+            log.error("worker_start_failed", error=str(exc), retry_in_s=self._replace_delay())
+            self.loop.call_later(self._replace_delay(), self._io_spawn_now)
+            return
+        self._io_adopt([worker])
 
     def _io_discard(self, worker: Worker) -> None:
         """Stop watching a worker's descriptors and release them (it has exited, or is

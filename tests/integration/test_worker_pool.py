@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import cbor2
@@ -122,3 +123,36 @@ def test_a_result_over_the_limit_fails_in_the_worker(pool: tuple[WorkerPool, Rep
     assert (outcome.status, outcome.error_type) == ("failed", "ResultTooLarge")
     runner.run(job(b"next", "echo", "ok"))
     assert reports.wait(b"next")[0].status == "succeeded"
+
+
+def test_workers_that_die_at_start_are_replaced_with_growing_delays() -> None:
+    """A worker that cannot start (here: a kind the worker cannot load, as a plugin
+    failing to import would) dies at once; the pool must not fork replacements in a
+    tight loop, and a job handed to it still ends, once."""
+    loop = SocketLoop("test-jobs").start()
+    pool = WorkerPool(loop, workers=1, enabled=["no-such-kind"], max_payload=1024)
+    reports = Reports()
+    pool.report = reports
+    spawned: list[float] = []
+    five = threading.Event()
+    spawn = pool._spawn
+
+    def counted_spawn():  # type: ignore[no-untyped-def]
+        spawned.append(time.monotonic())
+        if len(spawned) == 5:
+            five.set()
+        return spawn()
+
+    pool._spawn = counted_spawn  # type: ignore[method-assign]
+    try:
+        pool.open()
+        assert five.wait(30)
+        # Replacements waited 0.1, 0.2, 0.4, then 0.8 s (a lower bound: starts take time too).
+        assert spawned[4] - spawned[3] >= 0.8, spawned
+        pool.run(job(b"doomed", "echo", 1, timeout=5))
+        (outcome,) = reports.wait(b"doomed")
+        assert outcome.status in ("failed", "timed_out")
+        assert len(reports.outcomes[b"doomed"]) == 1
+    finally:
+        pool.close()
+        loop.stop()
