@@ -113,8 +113,6 @@ class ClientApiActor(NodeActor):
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
-        self._local_jobs: list[JobSpec] = []
-        self._remote_jobs: list[tuple[JobSpec, str]] = []
         self.log = log.bind(peer_id=self.peer_id)
 
     def open(self) -> str:
@@ -200,21 +198,6 @@ class ClientApiActor(NodeActor):
             self.log.warning("client_send_failed", error=str(exc))
 
     def _io_readable(self) -> None:
-        try:
-            self._io_read_batch()
-        finally:
-            self._io_flush_jobs()
-
-    def _io_flush_jobs(self) -> None:
-        """Hand the submissions taken in so far to the job queue, as one message."""
-        if self._local_jobs:
-            jobs, self._local_jobs = self._local_jobs, []
-            self.book.submit(jobs)
-        if self._remote_jobs and self.relay is not None:
-            remote, self._remote_jobs = self._remote_jobs, []
-            self.relay(RunThere(remote))
-
-    def _io_read_batch(self) -> None:
         router = self._router
         for _ in range(RECV_BATCH):
             if router is None:
@@ -248,7 +231,6 @@ class ClientApiActor(NodeActor):
         if isinstance(message, Submit):
             self._io_submit(conn, message)
             return
-        self._io_flush_jobs()  # anything else is handled after the submissions before it
         if isinstance(message, Cancel):
             # Only the connection that submitted a job may cancel it.
             self.book.cancel(message.id, client_origin(conn))
@@ -266,8 +248,13 @@ class ClientApiActor(NodeActor):
         peer = message.to if message.to != self.peer_id else None
 
         def reply(outcome: Outcome) -> None:
-            result = Result(id=job_id, status=outcome.status, error=outcome.error, body=outcome.result, peer=peer)
-            loop.call_soon(send, conn, encode(result))
+            frames = encode(
+                Result(id=job_id, status=outcome.status, error=outcome.error, body=outcome.result, peer=peer)
+            )
+            if loop.in_loop():  # a job that ended on the loop (most do): its answer goes now
+                send(conn, frames)
+            else:
+                loop.call_soon(send, conn, frames)
 
         timeout = message.timeout or self.default_timeout
         job = JobSpec(
@@ -278,11 +265,13 @@ class ClientApiActor(NodeActor):
         elif timeout > self.max_timeout:
             reply(Outcome.refused("invalid", f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"))
         elif peer is None:
-            self._local_jobs.append(job)
+            # At once, not after the rest of this batch is read: a free worker starts it
+            # while the loop reads on.
+            self.book.submit([job])
         elif self.relay is None:
             reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
         else:
-            self._remote_jobs.append((job, peer))
+            self.relay(RunThere([(job, peer)]))
 
     def _io_peers(self, conn: bytes, seq: int | None) -> None:
         loop = self.loop

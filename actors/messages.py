@@ -22,8 +22,7 @@ class Alive:
 
 @dataclass(frozen=True)
 class RunThere:
-    """Forward each job to its peer through the relay: ``(job, peer)`` pairs, as one
-    wake-up of the client API took them in."""
+    """Forward each job to its peer through the relay: ``(job, peer)`` pairs."""
 
     jobs: list[tuple[JobSpec, str]]
 
@@ -34,14 +33,6 @@ class CancelJob:
 
     job_id: bytes
     requester: str = "client"
-
-
-@dataclass(frozen=True)
-class FromSocket:
-    """Messages (each a list of frames, tagged first with the socket's generation)
-    that one wake-up of a socket loop took in."""
-
-    messages: list[list[Any]]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from actors.messages import (
     Abort,
     CancelJob,
     Drain,
-    FromSocket,
     QueryPeers,
     Reconnect,
     ReplyToPeer,
@@ -138,8 +137,6 @@ class RelayClientActor(NodeActor):
         self.generation = 0
         #: Peers queries waiting for the relay's answer, by the seq they were sent with.
         self.pending_peers: dict[int, Any] = {}
-        #: Jobs from peers in the batch being read.
-        self._incoming_jobs: list[JobSpec] = []
         self.peers_seq = 0
         self.ping_seq = 0
         self.draining = False
@@ -236,13 +233,7 @@ class RelayClientActor(NodeActor):
         """Loop thread."""
         if self._stopped:
             return None
-        if isinstance(message, FromSocket):
-            for frames in message.messages:
-                self._on_frames(frames)
-            if self._incoming_jobs:
-                jobs, self._incoming_jobs = self._incoming_jobs, []
-                self.book.submit(jobs)
-        elif isinstance(message, RunThere):
+        if isinstance(message, RunThere):
             for job, peer in message.jobs:
                 self._forward(job, peer)
         elif isinstance(message, ReplyToPeer):
@@ -278,11 +269,14 @@ class RelayClientActor(NodeActor):
                 if self.link.registered:
                     self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
                 self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message=message.reason))
+        self._update_ledger_idle()
+        return True
+
+    def _update_ledger_idle(self) -> None:
         if self.ledger.jobs:
             self.ledger_idle.clear()
         else:
             self.ledger_idle.set()
-        return True
 
     # -- outgoing jobs --
 
@@ -435,7 +429,7 @@ class RelayClientActor(NodeActor):
         if self.draining:
             reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
             return
-        self._incoming_jobs.append(spec)  # submitted together, once the batch is read
+        self.book.submit([spec])  # at once: a free worker starts it while the batch is read on
 
     def _reply_to_peer(self, message: ReplyToPeer) -> None:
         outcome = message.outcome
@@ -613,10 +607,9 @@ class RelayClientActor(NodeActor):
     def _io_readable(self) -> None:
         sock = self._sock
         generation = self._sock_generation
-        batch: list[list[Any]] = []
         try:
             for _ in range(RECV_BATCH):
-                if sock is None:
+                if sock is None or self._sock is not sock:  # closed or replaced meanwhile
                     return
                 try:
                     frames = recv_message(sock, MAX_FRAMES, copied=1)
@@ -625,10 +618,11 @@ class RelayClientActor(NodeActor):
                 if frames is None:
                     self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
                     continue
-                batch.append([generation, *frames])
+                # Each message is handled as it is read: a job from a peer reaches a free
+                # worker before the rest of the batch is read.
+                self._on_frames([generation, *frames])
         finally:
-            if batch:  # everything one wake-up read, handled together
-                self._handle(FromSocket(batch))
+            self._update_ledger_idle()
 
 
 def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:

@@ -174,7 +174,7 @@ class SocketLoop:
         return self._thread.is_alive()
 
     def in_loop(self) -> bool:
-        return threading.current_thread() is self._thread
+        return threading.get_ident() == self._ident
 
     # -- loop thread only --
 

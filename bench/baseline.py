@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 from collections import deque
+from typing import Any
 
 import cbor2
 import pebble
@@ -35,10 +36,60 @@ KINDS = ["echo", "sha256", "sleep"]
 MAX_PAYLOAD = 64 * 1024 * 1024
 
 
-def _send_all(sock: socket.socket, frames: list) -> None:
-    buffers = frame_buffers(frames)
-    while buffers:
-        buffers = unsent(buffers, sock.sendmsg(buffers))
+class RawPool:
+    """Worker processes on socket pairs, driven from the caller's poll loop: the least a
+    server can do to run jobs in other processes the way a MeshNet node does."""
+
+    def __init__(self, workers: int):
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload(["meshnet.jobs.worker"])
+        self.socks: dict[int, socket.socket] = {}
+        for _ in range(workers):
+            ours, theirs = socket.socketpair()
+            mp.Process(target=serve, args=(theirs, KINDS, MAX_PAYLOAD), daemon=True).start()
+            theirs.close()
+            self.socks[ours.fileno()] = ours
+        self._readers = {fd: FrameReader(MAX_PAYLOAD + 1024) for fd in self.socks}
+        self._frames: dict[int, list] = {fd: [] for fd in self.socks}
+        self._running: dict[int, Any] = {}
+        self._idle = list(self.socks)
+        self._waiting: deque = deque()
+
+    def submit(self, tag: Any, kind: str, body: Any) -> None:
+        self._waiting.append((tag, kind, body))
+        self._dispatch()
+
+    def readable(self, fd: int) -> list[tuple[Any, bool, Any]]:
+        """Read from worker ``fd``; return (tag, succeeded, result) for a finished job."""
+        done = []
+        n = self.socks[fd].recv_into(self._readers[fd].buffer())
+        self._frames[fd] += self._readers[fd].received(n)
+        if len(self._frames[fd]) >= 2:
+            status_line, result = self._frames[fd][:2]
+            del self._frames[fd][:2]
+            done.append((self._running.pop(fd), status_line.startswith(b"succeeded"), result))
+            self._idle.append(fd)
+            self._dispatch()
+        return done
+
+    def _dispatch(self) -> None:
+        while self._waiting and self._idle:
+            tag, kind, body = self._waiting.popleft()
+            fd = self._idle.pop()
+            self._running[fd] = tag
+            buffers = frame_buffers([kind.encode(), body])
+            while buffers:
+                buffers = unsent(buffers, self.socks[fd].sendmsg(buffers))
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
 
 
 def serve_pipes(endpoint: str, workers: int) -> None:
@@ -46,24 +97,11 @@ def serve_pipes(endpoint: str, workers: int) -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.bind(endpoint)
-    mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(["meshnet.jobs.worker"])
-    socks: dict[int, socket.socket] = {}
-    for _ in range(workers):
-        ours, theirs = socket.socketpair()
-        mp.Process(target=serve, args=(theirs, KINDS, MAX_PAYLOAD), daemon=True).start()
-        theirs.close()
-        socks[ours.fileno()] = ours
-    readers = {fd: FrameReader(MAX_PAYLOAD + 1024) for fd in socks}
-    frames: dict[int, list] = {fd: [] for fd in socks}
-    running: dict[int, tuple[bytes, bytes]] = {}
-    idle = list(socks)
-    waiting: deque = deque()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pool = RawPool(workers)
+    stop = _stop_event()
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
-    for fd in socks:
+    for fd in pool.socks:
         poller.register(fd, zmq.POLLIN)
     print("ready", flush=True)
     while not stop.is_set():
@@ -75,25 +113,11 @@ def serve_pipes(endpoint: str, workers: int) -> None:
                     except zmq.Again:
                         break
                     request = cbor2.loads(header.bytes)
-                    waiting.append((conn.bytes, request["id"], request["kind"], body))
+                    pool.submit((conn.bytes, request["id"]), request["kind"], body)
             else:
-                sock = socks[item]
-                n = sock.recv_into(readers[item].buffer())
-                frames[item] += readers[item].received(n)
-                if len(frames[item]) >= 2:
-                    status_line, result = frames[item][:2]
-                    del frames[item][:2]
-                    conn, job_id = running.pop(item)
-                    ok = status_line.startswith(b"succeeded")
+                for (conn, job_id), ok, result in pool.readable(item):
                     router.send_multipart([conn, job_id, b"ok" if ok else b"failed", result], copy=False)
-                    idle.append(item)
-            while waiting and idle:
-                conn, job_id, kind, body = waiting.popleft()
-                fd = idle.pop()
-                running[fd] = (conn, job_id)
-                _send_all(socks[fd], [kind.encode(), body])
-    for sock in socks.values():
-        sock.close()
+    pool.close()
     context.destroy(linger=0)
 
 

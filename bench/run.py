@@ -22,6 +22,7 @@ from typing import Any
 
 import cbor2
 import psutil
+import zmq
 
 from bench.load import Driver, Target, median, percentile
 from tests.harness import Mesh, free_port
@@ -85,43 +86,106 @@ class Baseline:
         self.proc.wait(30)
 
 
-def measure(target: Target, label: str, rounds: int, cpu_body: bytes | None) -> dict[str, Any]:
-    driver = Driver(target)
-    try:
-        driver.throughput(200, WINDOW)  # warm-up: pool workers, connections, caches
-        figures: dict[str, list[float]] = {"jobs_per_s": [], "p50_us": [], "p99_us": [], "big_mb_per_s": []}
-        if cpu_body is not None:
-            figures["cpu_batch_s"] = []
-        for r in range(rounds):
-            progress(f"{label}: round {r + 1}/{rounds} throughput")
-            figures["jobs_per_s"].append(driver.throughput(THROUGHPUT_JOBS, WINDOW))
-            progress(f"{label}: round {r + 1}/{rounds} round trips")
-            times = driver.round_trips(ROUND_TRIPS)
-            figures["p50_us"].append(percentile(times, 0.50) * 1e6)
-            figures["p99_us"].append(percentile(times, 0.99) * 1e6)
-            progress(f"{label}: round {r + 1}/{rounds} 8 MiB payloads")
+class RawRelayChain:
+    """The floor of the relayed route (:mod:`bench.relay_floor`): raw relay, exit node with
+    ``workers`` workers, entry node; stopped together."""
+
+    def __init__(self, workers: int):
+        self.procs: list[subprocess.Popen[str]] = []
+        public, secret = (key.decode() for key in zmq.curve_keypair())
+        relay = f"tcp://127.0.0.1:{free_port()}"
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        base = [sys.executable, "-m", "bench.relay_floor", "--relay-public", public]
+        try:
+            relay_proc = self._start(base + ["--role", "relay", "--endpoint", relay, "--relay-secret", secret])
+            self._start(base + ["--role", "exit", "--relay", relay, "--workers", str(workers)])
+            assert relay_proc.stdout is not None and relay_proc.stdout.readline().strip() == "hello exit"
+            self._start(base + ["--role", "entry", "--relay", relay, "--endpoint", self.endpoint])
+        except BaseException:
+            self.stop()
+            raise
+        self.target = Target("raw relayed", self.endpoint, "baseline")
+
+    def _start(self, args: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(30)
+
+
+class Subject:
+    """One server under measurement: its load generator and the figures of each round."""
+
+    def __init__(self, key: str, label: str, target: Target, cpu_body: bytes | None, *, cpu_only: bool = False):
+        self.key = key
+        self.label = label
+        self.cpu_body = cpu_body
+        self.cpu_only = cpu_only
+        self.driver = Driver(target)
+        names = ["cpu_batch_s"] if cpu_only else ["jobs_per_s", "p50_us", "p99_us", "big_mb_per_s"]
+        if cpu_body is not None and not cpu_only:
+            names.append("cpu_batch_s")
+        self.figures: dict[str, list[float]] = {name: [] for name in names}
+
+    def warm_up(self) -> None:
+        """Pool workers started, connections made, caches filled."""
+        if self.cpu_only:
+            assert self.cpu_body is not None
+            self.driver.batch_seconds(1, "sha256", self.cpu_body)
+        else:
+            self.driver.throughput(200, WINDOW)
+
+    def round(self, r: int, rounds: int) -> None:
+        label = f"{self.label}: round {r + 1}/{rounds}"
+        if not self.cpu_only:
+            progress(f"{label} throughput")
+            self.figures["jobs_per_s"].append(self.driver.throughput(THROUGHPUT_JOBS, WINDOW))
+            progress(f"{label} round trips")
+            times = self.driver.round_trips(ROUND_TRIPS)
+            self.figures["p50_us"].append(percentile(times, 0.50) * 1e6)
+            self.figures["p99_us"].append(percentile(times, 0.99) * 1e6)
+            progress(f"{label} 8 MiB payloads")
             big = cbor2.dumps(os.urandom(BIG))
-            seconds = driver.batch_seconds(BIG_JOBS, "echo", big)
-            figures["big_mb_per_s"].append(2 * BIG_JOBS * len(big) / seconds / 1e6)
-            if cpu_body is not None:
-                progress(f"{label}: round {r + 1}/{rounds} CPU-bound")
-                figures["cpu_batch_s"].append(driver.batch_seconds(CPU_JOBS, "sha256", cpu_body))
-        return {key: median(values) for key, values in figures.items()}
+            seconds = self.driver.batch_seconds(BIG_JOBS, "echo", big)
+            self.figures["big_mb_per_s"].append(2 * BIG_JOBS * len(big) / seconds / 1e6)
+        if self.cpu_body is not None:
+            progress(f"{label} CPU-bound")
+            self.figures["cpu_batch_s"].append(self.driver.batch_seconds(CPU_JOBS, "sha256", self.cpu_body))
+
+    def medians(self) -> dict[str, float]:
+        return {name: median(values) for name, values in self.figures.items()}
+
+
+def measure_interleaved(subjects: list[Subject], rounds: int) -> dict[str, dict[str, float]]:
+    """Round by round, every subject in turn: a slow patch of this shared machine then
+    lands on all of them, not on whichever was being measured at the time."""
+    try:
+        for subject in subjects:
+            progress(f"{subject.label}: warm-up")
+            subject.warm_up()
+        for r in range(rounds):
+            for subject in subjects:
+                subject.round(r, rounds)
+        return {subject.key: subject.medians() for subject in subjects}
     finally:
-        driver.close()
+        for subject in subjects:
+            subject.driver.close()
+
+
+def measure(target: Target, label: str, rounds: int, cpu_body: bytes | None) -> dict[str, Any]:
+    """Every figure of one server (medians over ``rounds``)."""
+    return measure_interleaved([Subject("it", label, target, cpu_body)], rounds)["it"]
 
 
 def cpu_only(target: Target, label: str, rounds: int, body: bytes) -> float:
-    driver = Driver(target)
-    try:
-        driver.batch_seconds(1, "sha256", body)
-        values = []
-        for r in range(rounds):
-            progress(f"{label}: round {r + 1}/{rounds} CPU-bound")
-            values.append(driver.batch_seconds(CPU_JOBS, "sha256", body))
-        return median(values)
-    finally:
-        driver.close()
+    """Seconds for the CPU-bound batch on one server (median over ``rounds``)."""
+    return measure_interleaved([Subject("it", label, target, body, cpu_only=True)], rounds)["it"]["cpu_batch_s"]
 
 
 def idle_figures(pid: int) -> dict[str, float]:
@@ -143,7 +207,7 @@ def run() -> dict[str, Any]:
     results: dict[str, Any] = {"cores": CORES, "rounds": rounds, "cpu_jobs": CPU_JOBS, "machine": os.uname().machine}
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
-        baselines: list[Baseline] = []
+        baselines: list[Baseline | RawRelayChain] = []
         try:
             progress("starting baselines, a relay and nodes")
             b_nopool = Baseline("baseline (b)", 0)
@@ -151,6 +215,8 @@ def run() -> dict[str, Any]:
             b_pool1 = Baseline("baseline (a), 1 worker", 1)
             b_pebble = Baseline("pebble pool", CORES, pool="pebble")
             baselines += [b_nopool, b_pool, b_pool1, b_pebble]
+            raw_chain = RawRelayChain(CORES)
+            baselines.append(raw_chain)
             from meshnet.identity import Identity
 
             ids = {name: Identity.generate() for name in ("a", "b", "b1", "l1")}
@@ -172,21 +238,23 @@ def run() -> dict[str, Any]:
             local = Target("MeshNet local", nodes["a"][1], "meshnet")
             relayed = Target("MeshNet relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
 
-            results["baseline_b"] = measure(b_nopool.target, "baseline (b)", rounds, None)
-            results["baseline_a"] = measure(b_pool.target, "baseline (a)", rounds, body)
-            results["baseline_a"]["cpu_batch_1_s"] = cpu_only(b_pool1.target, "baseline (a) 1 worker", rounds, body)
-            results["pebble"] = measure(b_pebble.target, "pebble pool", rounds, None)
-            results["local"] = measure(local, "MeshNet local", rounds, body)
-            results["local"]["cpu_batch_1_s"] = cpu_only(
-                Target("local 1", nodes["l1"][1], "meshnet"), "MeshNet local, 1 executor", rounds, body
-            )
-            results["relayed"] = measure(relayed, "MeshNet relayed", rounds, body)
-            results["relayed"]["cpu_batch_1_s"] = cpu_only(
-                Target("relayed 1", nodes["a"][1], "meshnet", to=ids["b1"].peer_id),
-                "MeshNet relayed, 1 executor",
-                rounds,
-                body,
-            )
+            one_executor = {"baseline_a": b_pool1.target, "local": Target("local 1", nodes["l1"][1], "meshnet")}
+            one_executor["relayed"] = Target("relayed 1", nodes["a"][1], "meshnet", to=ids["b1"].peer_id)
+            subjects = [
+                Subject("baseline_b", "baseline (b)", b_nopool.target, None),
+                Subject("baseline_a", "baseline (a)", b_pool.target, body),
+                Subject("pebble", "pebble pool", b_pebble.target, None),
+                Subject("local", "MeshNet local", local, body),
+                Subject("raw_relayed", "raw relayed route", raw_chain.target, None),
+                Subject("relayed", "MeshNet relayed", relayed, body),
+            ]
+            subjects += [
+                Subject(f"{key}_1", f"{key}, 1 executor", target, body, cpu_only=True)
+                for key, target in one_executor.items()
+            ]
+            results.update(measure_interleaved(subjects, rounds))
+            for key in one_executor:
+                results[key]["cpu_batch_1_s"] = results.pop(f"{key}_1")["cpu_batch_s"]
             progress(f"idle node: {IDLE_WINDOW_S:g} s of nothing")
             results["idle"] = idle_figures(nodes["a"][0].pid)
         finally:
@@ -201,8 +269,8 @@ def run() -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    a, b, pebble, local, relayed, idle = (
-        results[k] for k in ("baseline_a", "baseline_b", "pebble", "local", "relayed", "idle")
+    a, b, pebble, local, raw, relayed, idle = (
+        results[k] for k in ("baseline_a", "baseline_b", "pebble", "local", "raw_relayed", "relayed", "idle")
     )
 
     def ratio(value: float, base: float) -> str:
@@ -217,7 +285,18 @@ def table(results: dict[str, Any]) -> str:
         (f"CPU-bound, {results['cpu_jobs']} jobs, {results['cores']} executors (s)", "cpu_batch_s", "{:.2f}"),
         ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
     ]
-    header = ["metric", "baseline (b)", "baseline (a)", "pebble pool", "local", "vs (a)", "relayed", "vs (a)"]
+    header = [
+        "metric",
+        "baseline (b)",
+        "baseline (a)",
+        "pebble pool",
+        "local",
+        "vs (a)",
+        "raw route",
+        "relayed",
+        "vs (a)",
+        "vs raw",
+    ]
     lines = [header]
     for title, key, fmt in rows:
         lines.append(
@@ -228,8 +307,10 @@ def table(results: dict[str, Any]) -> str:
                 fmt.format(pebble[key]) if key in pebble else "-",
                 fmt.format(local[key]),
                 ratio(local[key], a[key]),
+                fmt.format(raw[key]) if key in raw else "-",
                 fmt.format(relayed[key]),
                 ratio(relayed[key], a[key]),
+                ratio(relayed[key], raw[key]) if key in raw else "-",
             ]
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -243,7 +324,10 @@ def table(results: dict[str, Any]) -> str:
         f"idle node: {idle['idle_cpu_percent']:.2f}% of a core over {IDLE_WINDOW_S:g} s; "
         f"RSS {idle['rss_mb']:.0f} MB (its {results['cores']} workers: {idle['workers_rss_mb']:.0f} MB)"
     )
-    out.append(f"medians over {results['rounds']} rounds; {results['cores']} cores; ratios are to baseline (a)")
+    out.append(
+        f"medians over {results['rounds']} rounds; {results['cores']} cores; ratios are to baseline (a), and for "
+        "relayed also to the raw route (the same hops by raw pyzmq processes, CurveZMQ on the relay links)"
+    )
     return "\n".join(out)
 
 

@@ -1,0 +1,127 @@
+"""The floor of the relayed path: raw pyzmq processes along MeshNet's relayed route.
+
+client → entry node → relay → exit node (and its worker processes) → relay → entry node
+→ client: the same hops as MeshNet's relayed scenario, with CurveZMQ on both relay links
+as MeshNet has, the exit node running jobs in the same worker processes as baseline (a)
+(:class:`bench.baseline.RawPool`), and nothing else: no end-to-end sealing, no
+validation, no actors, no ledger, no logging. What MeshNet's relayed figures cost beyond
+this row is MeshNet's; this row's own distance from baseline (a) is the route's.
+
+Speaks baseline (a)'s protocol to clients. Roles, one process each:
+``--role relay|exit|entry``; keys are Z85 CurveZMQ keys from the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cbor2
+import zmq
+
+from bench.baseline import RawPool, _stop_event
+
+
+def _relay(endpoint: str, public: str, secret: str) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = public.encode(), secret.encode()
+    router.bind(endpoint)
+    stop = _stop_event()
+    print("ready", flush=True)
+    while not stop.is_set():
+        if not router.poll(500):
+            continue
+        while True:
+            try:
+                source, dest, *rest = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if not dest.bytes:  # a node saying it is connected
+                print(f"hello {source.bytes.decode()}", flush=True)
+                continue
+            router.send_multipart([dest, source, *rest], copy=False)
+    context.destroy(linger=0)
+
+
+def _link(context: zmq.Context, name: bytes, relay: str, relay_public: str) -> zmq.Socket:
+    dealer = context.socket(zmq.DEALER)
+    public, secret = zmq.curve_keypair()
+    dealer.curve_publickey, dealer.curve_secretkey = public, secret
+    dealer.curve_serverkey = relay_public.encode()
+    dealer.routing_id = name
+    dealer.connect(relay)
+    dealer.send_multipart([b"", b"hello"])
+    return dealer
+
+
+def _exit(relay: str, relay_public: str, workers: int) -> None:
+    context = zmq.Context()
+    dealer = _link(context, b"exit", relay, relay_public)
+    pool = RawPool(workers)
+    stop = _stop_event()
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    for fd in pool.socks:
+        poller.register(fd, zmq.POLLIN)
+    print("ready", flush=True)
+    while not stop.is_set():
+        for item, _ in poller.poll(500):
+            if item is dealer:
+                while True:
+                    try:
+                        source, conn, header, body = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    request = cbor2.loads(header.bytes)
+                    pool.submit((source.bytes, conn.bytes, request["id"]), request["kind"], body)
+            else:
+                for (source, conn, job_id), ok, result in pool.readable(item):
+                    dealer.send_multipart([source, conn, job_id, b"ok" if ok else b"failed", result], copy=False)
+    pool.close()
+    context.destroy(linger=0)
+
+
+def _entry(endpoint: str, relay: str, relay_public: str) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    dealer = _link(context, b"entry", relay, relay_public)
+    stop = _stop_event()
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(dealer, zmq.POLLIN)
+    print("ready", flush=True)
+    while not stop.is_set():
+        for item, _ in poller.poll(500):
+            while True:
+                try:
+                    frames = item.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if item is router:  # conn, header, body: to the exit node
+                    dealer.send_multipart([b"exit", *frames], copy=False)
+                else:  # from the exit node: source, conn, job id, status, result
+                    router.send_multipart(frames[1:], copy=False)
+    context.destroy(linger=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["relay", "exit", "entry"], required=True)
+    parser.add_argument("--endpoint", help="relay: where it binds; entry: where clients connect")
+    parser.add_argument("--relay", help="exit, entry: the relay's endpoint")
+    parser.add_argument("--relay-public", required=True)
+    parser.add_argument("--relay-secret", help="relay only")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    if args.role == "relay":
+        _relay(args.endpoint, args.relay_public, args.relay_secret)
+    elif args.role == "exit":
+        _exit(args.relay, args.relay_public, args.workers)
+    else:
+        _entry(args.endpoint, args.relay, args.relay_public)
+
+
+if __name__ == "__main__":
+    main()
