@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -85,6 +86,33 @@ class RawPool:
         for sock in self.socks.values():
             sock.close()
 
+    def serve(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[zmq.Frame]], None],
+        on_done: Callable[[Any, bool, Any], None],
+    ) -> None:
+        """Until SIGTERM: every message on ``sock`` to ``on_message`` (frames), every
+        finished job to ``on_done`` (tag, succeeded, result)."""
+        stop = _stop_event()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        for fd in self.socks:
+            poller.register(fd, zmq.POLLIN)
+        print("ready", flush=True)
+        while not stop.is_set():
+            for item, _ in poller.poll(500):
+                if item is sock:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        on_message(frames)
+                else:
+                    for tag, ok, result in self.readable(item):
+                        on_done(tag, ok, result)
+
 
 def _stop_event() -> threading.Event:
     stop = threading.Event()
@@ -98,25 +126,16 @@ def serve_pipes(endpoint: str, workers: int) -> None:
     router = context.socket(zmq.ROUTER)
     router.bind(endpoint)
     pool = RawPool(workers)
-    stop = _stop_event()
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    for fd in pool.socks:
-        poller.register(fd, zmq.POLLIN)
-    print("ready", flush=True)
-    while not stop.is_set():
-        for item, _ in poller.poll(500):
-            if item is router:
-                while True:
-                    try:
-                        conn, header, body = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    request = cbor2.loads(header.bytes)
-                    pool.submit((conn.bytes, request["id"]), request["kind"], body)
-            else:
-                for (conn, job_id), ok, result in pool.readable(item):
-                    router.send_multipart([conn, job_id, b"ok" if ok else b"failed", result], copy=False)
+
+    def request(frames: list[zmq.Frame]) -> None:
+        conn, header, body = frames
+        fields = cbor2.loads(header.bytes)
+        pool.submit((conn.bytes, fields["id"]), fields["kind"], body)
+
+    def reply(tag: tuple[bytes, bytes], ok: bool, result: Any) -> None:
+        router.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
+
+    pool.serve(router, request, reply)
     pool.close()
     context.destroy(linger=0)
 
@@ -146,8 +165,7 @@ def serve_pebble(endpoint: str, workers: int) -> None:
         status, result, _, _ = future.result()
         push.send_multipart([conn, job_id, b"ok" if status == "succeeded" else b"failed", result or b""])
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _stop_event()
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     poller.register(results, zmq.POLLIN)

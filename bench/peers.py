@@ -49,8 +49,10 @@ from bench.run import (
     Baseline,
     cpu_only,
     cpu_rounds,
+    figure_rows,
     measure,
     progress,
+    render,
 )
 
 REPLY_TIMEOUT_S = 60.0
@@ -253,25 +255,12 @@ def run(ray: Any) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     a, r, cores = results["baseline_a"], results["ray"], results["cores"]
-    rows = [
-        ("no-op jobs/s (48 in flight)", "jobs_per_s", "{:,.0f}"),
-        ("round trip p50 (us)", "p50_us", "{:,.0f}"),
-        ("round trip p99 (us)", "p99_us", "{:,.0f}"),
-        ("8 MiB echo (MB/s, both ways)", "big_mb_per_s", "{:,.0f}"),
-        (f"CPU-bound, {CPU_JOBS} jobs, 1 worker (s)", "cpu_batch_1_s", "{:.2f}"),
-        (f"CPU-bound, {CPU_JOBS} jobs, {cores} workers (s)", "cpu_batch_s", "{:.2f}"),
-        ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
-    ]
+    rows = figure_rows(CPU_JOBS, cores, "worker")
     header = ["metric", "baseline (a)", f"Ray {r['version']}", "vs (a)"]
     lines = [header]
     for title, key, fmt in rows:
         lines.append([title, fmt.format(a[key]), fmt.format(r[key]), f"{r[key] / a[key]:.2f}x"])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = []
-    for n, row in enumerate(lines):
-        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
+    out = render(lines)
     out.append("")
     out.append(f"Ray {r['version']}: {r['mode']}")
     out.append(

@@ -14,6 +14,7 @@ Speaks baseline (a)'s protocol to clients. Roles, one process each:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import cbor2
 import zmq
@@ -59,25 +60,16 @@ def _exit(relay: str, relay_public: str, workers: int) -> None:
     context = zmq.Context()
     dealer = _link(context, b"exit", relay, relay_public)
     pool = RawPool(workers)
-    stop = _stop_event()
-    poller = zmq.Poller()
-    poller.register(dealer, zmq.POLLIN)
-    for fd in pool.socks:
-        poller.register(fd, zmq.POLLIN)
-    print("ready", flush=True)
-    while not stop.is_set():
-        for item, _ in poller.poll(500):
-            if item is dealer:
-                while True:
-                    try:
-                        source, conn, header, body = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    request = cbor2.loads(header.bytes)
-                    pool.submit((source.bytes, conn.bytes, request["id"]), request["kind"], body)
-            else:
-                for (source, conn, job_id), ok, result in pool.readable(item):
-                    dealer.send_multipart([source, conn, job_id, b"ok" if ok else b"failed", result], copy=False)
+
+    def request(frames: list[zmq.Frame]) -> None:
+        source, conn, header, body = frames
+        fields = cbor2.loads(header.bytes)
+        pool.submit((source.bytes, conn.bytes, fields["id"]), fields["kind"], body)
+
+    def reply(tag: tuple[bytes, bytes, bytes], ok: bool, result: Any) -> None:
+        dealer.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
+
+    pool.serve(dealer, request, reply)
     pool.close()
     context.destroy(linger=0)
 

@@ -268,6 +268,31 @@ def run() -> dict[str, Any]:
     return results
 
 
+def figure_rows(cpu_jobs: int, cores: int, runner: str = "executor") -> list[tuple[str, str, str]]:
+    """(title, key, format) of each figure, in the order tables print them."""
+    return [
+        ("no-op jobs/s (48 in flight)", "jobs_per_s", "{:,.0f}"),
+        ("round trip p50 (us)", "p50_us", "{:,.0f}"),
+        ("round trip p99 (us)", "p99_us", "{:,.0f}"),
+        ("8 MiB echo (MB/s, both ways)", "big_mb_per_s", "{:,.0f}"),
+        (f"CPU-bound, {cpu_jobs} jobs, 1 {runner} (s)", "cpu_batch_1_s", "{:.2f}"),
+        (f"CPU-bound, {cpu_jobs} jobs, {cores} {runner}s (s)", "cpu_batch_s", "{:.2f}"),
+        ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
+    ]
+
+
+def render(lines: list[list[str]]) -> list[str]:
+    """Rows of cells as aligned text: the first column left, the others right, a rule
+    under the header."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, row in enumerate(lines):
+        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
     a, b, pebble, local, raw, relayed, idle = (
         results[k] for k in ("baseline_a", "baseline_b", "pebble", "local", "raw_relayed", "relayed", "idle")
@@ -276,15 +301,7 @@ def table(results: dict[str, Any]) -> str:
     def ratio(value: float, base: float) -> str:
         return f"{value / base:.2f}x"
 
-    rows = [
-        ("no-op jobs/s (48 in flight)", "jobs_per_s", "{:,.0f}"),
-        ("round trip p50 (us)", "p50_us", "{:,.0f}"),
-        ("round trip p99 (us)", "p99_us", "{:,.0f}"),
-        ("8 MiB echo (MB/s, both ways)", "big_mb_per_s", "{:,.0f}"),
-        (f"CPU-bound, {results['cpu_jobs']} jobs, 1 executor (s)", "cpu_batch_1_s", "{:.2f}"),
-        (f"CPU-bound, {results['cpu_jobs']} jobs, {results['cores']} executors (s)", "cpu_batch_s", "{:.2f}"),
-        ("CPU-bound speedup", "cpu_speedup", "{:.2f}"),
-    ]
+    rows = figure_rows(results["cpu_jobs"], results["cores"])
     header = [
         "metric",
         "baseline (b)",
@@ -313,12 +330,7 @@ def table(results: dict[str, Any]) -> str:
                 ratio(relayed[key], raw[key]) if key in raw else "-",
             ]
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = []
-    for n, row in enumerate(lines):
-        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
+    out = render(lines)
     out.append("")
     out.append(
         f"idle node: {idle['idle_cpu_percent']:.2f}% of a core over {IDLE_WINDOW_S:g} s; "
