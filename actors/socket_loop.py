@@ -14,7 +14,8 @@ once its sockets have been quiet for that many seconds after some traffic: the b
 of large payloads do not stay with the process, a loop without traffic sleeps without a
 timer, and a loop under load keeps its freed buffers for reuse (trimming under load
 made every new large buffer fault its pages in again: measured, a third more CPU in a
-node moving 4 MiB payloads to its workers).
+node moving 4 MiB payloads to its workers). Traffic that never pauses that long still
+gets a trim every ``TRIM_AT_LEAST_EVERY`` windows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ log = structlog.get_logger("meshnet.loop")
 
 #: zmq_poll takes a C int of milliseconds; a timer further off wakes the loop once an hour.
 MAX_POLL_MS = 3_600_000
+#: A loop that trims memory does so at least once per this many quiet-window lengths of
+#: traffic (see ``trim_after``).
+TRIM_AT_LEAST_EVERY = 20
 
 # pyzmq's flags are enum members, and every | or & on them goes through the enum
 # machinery: on the per-message path these plain ints are measurably cheaper.
@@ -115,6 +119,7 @@ class SocketLoop:
         self._trim_delay = trim_after
         self._trim_armed = False
         self._busy_since_armed = False
+        self._trim_armed_at = 0.0
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
@@ -233,7 +238,10 @@ class SocketLoop:
 
     def _trim_if_quiet(self) -> None:
         assert self._trim_delay is not None
-        if self._busy_since_armed:
+        # Steady small traffic (many nodes' heartbeats at a relay) may never leave a quiet
+        # window: past TRIM_AT_LEAST_EVERY windows the memory is given back anyway.
+        overdue = time.monotonic() - self._trim_armed_at > TRIM_AT_LEAST_EVERY * self._trim_delay
+        if self._busy_since_armed and not overdue:
             self._busy_since_armed = False
             self.call_later(self._trim_delay, self._trim_if_quiet)
             return
@@ -305,6 +313,7 @@ class SocketLoop:
                             self._busy_since_armed = True
                         else:
                             self._trim_armed, self._busy_since_armed = True, False
+                            self._trim_armed_at = time.monotonic()
                             self.call_later(self._trim_delay, self._trim_if_quiet)
                 if woken:
                     self._run_calls()

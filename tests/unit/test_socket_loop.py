@@ -146,3 +146,38 @@ def test_a_loop_gives_memory_back_after_traffic(monkeypatch) -> None:
         loop.stop()
         outbox.close(0)
         context.term()
+
+
+def test_traffic_that_never_pauses_still_gets_a_trim(monkeypatch) -> None:
+    """A relay with many nodes' heartbeats may never be quiet for a whole window; it
+    must still give memory back now and then."""
+    import time
+
+    import actors.socket_loop as socket_loop
+
+    trimmed = threading.Event()
+    monkeypatch.setattr(socket_loop, "release_free_memory", trimmed.set)
+    context = zmq.Context()
+    loop = SocketLoop("test", trim_after=0.02).start()
+    inbox = context.socket(zmq.PAIR)
+    inbox.bind("inproc://steady")
+    loop.call_soon(loop.add_reader, inbox, lambda: inbox.recv())
+
+    def steady_traffic() -> None:  # a message every 5 ms: never a 20 ms pause
+        outbox = context.socket(zmq.PAIR)
+        outbox.connect("inproc://steady")
+        while not trimmed.is_set():
+            outbox.send(b"ping")
+            time.sleep(0.005)  # the pace of the traffic, not a wait for the loop
+        outbox.close(0)
+
+    producer = threading.Thread(target=steady_traffic)
+    producer.start()
+    try:
+        assert trimmed.wait(10)
+    finally:
+        trimmed.set()
+        producer.join()
+        loop.call_soon(loop.close_socket, inbox)
+        loop.stop()
+        context.term()
