@@ -185,9 +185,11 @@ class ClientApiActor(NodeActor):
         ready.set_result(router.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _io_close(self, closed: concurrent.futures.Future[None]) -> None:
-        self.loop.close_socket(self._router, linger=1000)  # the last results still go out
-        self._router = None
-        closed.set_result(None)
+        try:
+            self.loop.close_socket(self._router, linger=1000)  # the last results still go out
+        finally:
+            self._router = None
+            closed.set_result(None)
 
     def _io_send(self, conn: bytes, frames: list[Any]) -> None:
         if self._router is None:

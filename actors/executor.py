@@ -42,8 +42,12 @@ log = structlog.get_logger("meshnet.executor")
 SOCKET_BUFFER_BYTES = 1024 * 1024
 
 Report = Callable[[list[tuple[bytes, Outcome]]], None]
-#: Longest wait before replacing a worker after workers kept dying without a job.
+#: Longest wait before replacing a worker after workers kept failing to start.
 MAX_REPLACE_DELAY = 10.0
+SHUTTING_DOWN = "the node is shutting down"
+#: The most a worker's status line can be: status, and error type and message clipped
+#: to the wire's text limits, in UTF-8.
+STATUS_LINE_BYTES = 64 * 1024
 
 
 def _timed_out_text(job: JobSpec, *, started: bool) -> str:
@@ -63,7 +67,7 @@ def outcome_of(status_line: bytes, result: bytes | bytearray) -> Outcome:
 class Worker:
     """One worker process, as the pool sees it (loop thread only)."""
 
-    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "job", "timer", "ending")
+    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "job", "timer", "ending", "dead", "ran")
 
     def __init__(self, process: Any, sock: socket.socket, max_frame: int):
         self.process = process
@@ -76,6 +80,10 @@ class Worker:
         self.timer: TimerHandle | None = None
         #: Set when the pool kills the worker: the outcome its job ends with.
         self.ending: Outcome | None = None
+        #: Its socket reached its end (or refused a write): it takes no more jobs.
+        self.dead = False
+        #: It has finished a job: it started fine.
+        self.ran = False
 
 
 class WorkerPool:
@@ -100,15 +108,29 @@ class WorkerPool:
         #: Jobs handed over while no worker was idle (one being replaced).
         self._pending: deque[JobSpec] = deque()
         self._closing = False
-        #: Workers that died with no job since one last finished a job.
-        self._idle_deaths = 0
+        self._starting = False
+        #: Workers that failed to start (died before finishing any job, not killed by
+        #: the pool) since one last finished a job.
+        self._failed_starts = 0
+        #: Job ids cancelled before the call that starts them reached the loop.
+        self._cancelled_early: dict[bytes, str] = {}
 
     # -- any thread --
 
     def open(self) -> None:
         """Start the workers (blocks until they are forked); they take jobs once the
         loop has adopted them."""
-        started = [self._spawn() for _ in range(self.size)]
+        started: list[Worker] = []
+        try:
+            for _ in range(self.size):
+                started.append(self._spawn())
+        except BaseException:
+            for worker in started:
+                worker.sock.close()
+                worker.process.kill()
+                worker.process.join()
+                worker.process.close()
+            raise
         self.loop.call_soon(self._io_adopt, started)
 
     def run(self, job: JobSpec) -> None:
@@ -142,7 +164,9 @@ class WorkerPool:
         finally:
             theirs.close()
         ours.setblocking(False)
-        return Worker(process, ours, max_frame=self.max_payload + 1024)
+        # A frame is a result (at most max_payload: the worker fails larger ones) or a
+        # status line (clipped texts: a few KiB at most).
+        return Worker(process, ours, max_frame=max(self.max_payload, STATUS_LINE_BYTES))
 
     def _io_adopt(self, workers: list[Worker]) -> None:
         for worker in workers:
@@ -156,24 +180,36 @@ class WorkerPool:
         self._io_start_pending()
 
     def _io_run(self, job: JobSpec) -> None:
+        reason = self._cancelled_early.pop(job.id, None)
+        if reason is not None or self._closing:
+            self._report(job, Outcome("cancelled", error_type="Cancelled", message=reason or SHUTTING_DOWN))
+            return
         self._pending.append(job)
         self._io_start_pending()
 
     def _io_start_pending(self) -> None:
-        while self._pending and self._idle:
-            job = self._pending.popleft()
-            remaining = job.remaining(time.monotonic())
-            if remaining <= 0:
-                self._report(
-                    job, Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
-                )
-                continue
-            worker = self._idle.pop()
-            worker.job = job
-            worker.timer = self.loop.call_later(remaining, self._io_expire, worker, job)
-            log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
-            worker.outbox = frame_buffers([job.kind.encode(), job.payload])
-            self._io_flush(worker)
+        # Reporting a job that timed out before it started can hand this pool the next
+        # job (the book starts it) and so call this again: the outer call's loop takes
+        # it, rather than recursing once per job.
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._pending and self._idle:
+                job = self._pending.popleft()
+                remaining = job.remaining(time.monotonic())
+                if remaining <= 0:
+                    timed_out = Outcome("timed_out", error_type="TimedOut", message=_timed_out_text(job, started=False))
+                    self._report(job, timed_out)
+                    continue
+                worker = self._idle.pop()
+                worker.job = job
+                worker.timer = self.loop.call_later(remaining, self._io_expire, worker, job)
+                log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+                worker.outbox = frame_buffers([job.kind.encode(), job.payload])
+                self._io_flush(worker)
+        finally:
+            self._starting = False
 
     def _io_flush(self, worker: Worker) -> None:
         """Send what is left of the job to ``worker``; wait for room if it does not fit."""
@@ -181,48 +217,63 @@ class WorkerPool:
             worker.outbox = unsent(worker.outbox, worker.sock.sendmsg(worker.outbox))
         except BlockingIOError:
             pass
-        except OSError:  # the worker is gone: its sentinel reports the job
+        except OSError:  # the worker is gone and never got the job: another worker runs it
             worker.outbox = []
+            worker.dead = True
+            job = worker.job
+            if job is not None and worker.ending is None:
+                self._io_unassign(worker)
+                self._pending.appendleft(job)
+                self._io_start_pending()
         if worker.outbox:
             self.loop.add_writer(worker.sock, lambda: self._io_flush(worker))
         else:
             self.loop.remove_writer(worker.sock)
 
     def _io_readable(self, worker: Worker) -> None:
-        while True:
+        # Everything the worker sent is read first, its end included, and only then are
+        # its results reported: a worker whose socket has ended is never given the job
+        # that reporting its last result starts.
+        while not worker.dead:
             try:
                 n = worker.sock.recv_into(worker.reader.buffer())
             except BlockingIOError:
-                return
+                break
             except OSError:
                 n = 0
             if n == 0:  # the worker exited; its sentinel says how
+                worker.dead = True
                 self.loop.remove_reader(worker.sock)
-                return
+                break
             try:
                 worker.frames += worker.reader.received(n)
             except ProtocolError as exc:
                 log.error("worker_stream_corrupt", error=str(exc), pid=worker.process.pid)
+                worker.dead = True
+                self.loop.remove_reader(worker.sock)
                 self._io_kill(
                     worker, Outcome("failed", error_type="WorkerCrashed", message=f"worker sent garbage: {exc}")
                 )
-                self.loop.remove_reader(worker.sock)
                 return
-            while len(worker.frames) >= 2:
-                status_line, result = worker.frames[0], worker.frames[1]
-                del worker.frames[:2]
-                self._io_finished(worker, outcome_of(status_line, result))
+        while len(worker.frames) >= 2:
+            status_line, result = worker.frames[0], worker.frames[1]
+            del worker.frames[:2]
+            self._io_finished(worker, outcome_of(status_line, result))
 
-    def _io_finished(self, worker: Worker, outcome: Outcome) -> None:
-        job = worker.job
-        if job is None:
-            return
-        self._idle_deaths = 0  # workers run jobs: their start is not broken
-        worker.job = None
+    def _io_unassign(self, worker: Worker) -> JobSpec | None:
+        job, worker.job = worker.job, None
         if worker.timer is not None:
             worker.timer.cancel()
             worker.timer = None
-        if worker.ending is None:  # a worker being killed is replaced, not reused
+        return job
+
+    def _io_finished(self, worker: Worker, outcome: Outcome) -> None:
+        job = self._io_unassign(worker)
+        if job is None:
+            return
+        worker.ran = True
+        self._failed_starts = 0  # workers run jobs: their start is not broken
+        if worker.ending is None and not worker.dead:  # a dying worker is replaced, not reused
             self._idle.append(worker)
         self._report(job, outcome)
         self._io_start_pending()
@@ -235,12 +286,19 @@ class WorkerPool:
 
     def _io_cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
         cancelled = Outcome("cancelled", error_type="Cancelled", message=reason)
+        found: set[bytes] = set()
         for worker in self._workers:
             if worker.job is not None and (job_ids is None or worker.job.id in job_ids):
+                found.add(worker.job.id)
                 self._io_kill(worker, cancelled)
         for job in [j for j in self._pending if job_ids is None or j.id in job_ids]:
+            found.add(job.id)
             self._pending.remove(job)
             self._report(job, cancelled)
+        # The book cancels only jobs it has started; one not here yet is on its way
+        # (started from another thread): it ends cancelled when it arrives.
+        for job_id in (job_ids or set()) - found:
+            self._cancelled_early[job_id] = reason
 
     def _io_kill(self, worker: Worker, ending: Outcome) -> None:
         if worker.ending is None:
@@ -256,29 +314,29 @@ class WorkerPool:
         self._workers.remove(worker)
         if worker in self._idle:
             self._idle.remove(worker)
-        job = worker.job
-        if job is not None:
-            worker.job = None
-            if worker.timer is not None:
-                worker.timer.cancel()
-            outcome = worker.ending or Outcome(
-                "failed",
-                error_type="WorkerCrashed",
-                message=f"the worker running the job died (exit code {exit_code})",
-            )
-            self._report(job, outcome)
-        elif worker.ending is None and not self._closing:
-            # Died with no job: a broken start (a plugin failing to import in the worker,
-            # say) would die again at once, so replacements back off.
-            self._idle_deaths += 1
-            log.error("worker_died", pid=pid, exit_code=exit_code, replaced_in_s=self._replace_delay())
-        if not self._closing:
-            self._io_replace()
+        try:
+            job = self._io_unassign(worker)
+            if job is not None:
+                outcome = worker.ending or Outcome(
+                    "failed",
+                    error_type="WorkerCrashed",
+                    message=f"the worker running the job died (exit code {exit_code})",
+                )
+                self._report(job, outcome)
+            elif worker.ending is None and not self._closing:
+                if not worker.ran:
+                    # A broken start (a plugin failing to import in the worker, say)
+                    # would die again at once: replacements back off.
+                    self._failed_starts += 1
+                log.error("worker_died", pid=pid, exit_code=exit_code, replaced_in_s=self._replace_delay())
+        finally:
+            if not self._closing:
+                self._io_replace()
 
     def _replace_delay(self) -> float:
-        if not self._idle_deaths:
+        if not self._failed_starts:
             return 0.0
-        return min(MAX_REPLACE_DELAY, 0.1 * 2 ** (self._idle_deaths - 1))
+        return min(MAX_REPLACE_DELAY, 0.1 * 2 ** (self._failed_starts - 1))
 
     def _io_replace(self) -> None:
         """Start a worker in place of one that is gone (later, after failed starts)."""
@@ -294,7 +352,7 @@ class WorkerPool:
         try:
             worker = self._spawn()
         except Exception as exc:  # forkserver gone, out of processes or descriptors
-            self._idle_deaths += 1
+            self._failed_starts += 1
             log.error("worker_start_failed", error=str(exc), retry_in_s=self._replace_delay())
             self.loop.call_later(self._replace_delay(), self._io_spawn_now)
             return
@@ -313,7 +371,8 @@ class WorkerPool:
     def _io_close(self, done: concurrent.futures.Future[None]) -> None:
         try:
             self._closing = True
-            self._io_cancel(None, "the node is shutting down")
+            self._idle.clear()  # jobs handed over from now on end cancelled (see _io_run)
+            self._io_cancel(None, SHUTTING_DOWN)
             for worker in self._workers:
                 # Closing its socket ends an idle worker's loop; a killed one is gone.
                 self.loop.close_socket(worker.sock)
@@ -321,13 +380,15 @@ class WorkerPool:
             for worker in self._workers:
                 worker.process.join(max(0.0, deadline - time.monotonic()))
             for worker in self._workers:
-                job = worker.job
+                job = self._io_unassign(worker)
                 if job is not None:  # killed for the cancel above; its sentinel will not be read now
-                    worker.job = None
                     self._report(job, worker.ending or Outcome("cancelled", error_type="Cancelled"))
                 self._io_discard(worker)
             self._workers.clear()
-            self._idle.clear()
+            while self._pending:
+                self._report(
+                    self._pending.popleft(), Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN)
+                )
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc)
@@ -349,7 +410,12 @@ class ExecutorActor(NodeActor):
 
     def on_start(self) -> None:
         self.loop.start()
-        self._pool.open()
+        try:
+            self._pool.open()
+        except BaseException:  # pykka does not call on_stop after a failed on_start
+            self._pool.close()
+            self.loop.stop()
+            raise
         log.info("executors_started", workers=self._pool.size, kinds=self._pool.enabled)
 
     def runner(self) -> WorkerPool:

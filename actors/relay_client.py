@@ -176,10 +176,12 @@ class RelayClientActor(NodeActor):
             self.loop.stop()
 
     def _shut_down(self) -> None:
-        for job in list(self.ledger.jobs.values()):
-            self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
-        self._io_close()
-        self._stopped = True
+        try:
+            for job in list(self.ledger.jobs.values()):
+                self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message="the node is shutting down"))
+        finally:
+            self._io_close()
+            self._stopped = True
 
     def _on_loop(self, fn: Any, timeout: float = 10.0) -> Any:
         """Run ``fn()`` on the loop and return its result (from any other thread)."""

@@ -285,8 +285,8 @@ class SocketLoop:
             heapq.heappop(timers)
             fn, args = handle.fn, handle.args
             handle.cancelled, handle.fn, handle.args = True, None, ()  # fired: cancel() is a no-op now
-            assert fn is not None
-            self._guard(fn, args)
+            if fn is not None:  # None only if cancelled from another thread as it fired
+                self._guard(fn, args)
         return None
 
     def _run(self) -> None:
@@ -327,3 +327,4 @@ class SocketLoop:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
             self._calls.clear()
+            self._ident = None  # thread ids are reused: no later thread is "in" this loop

@@ -228,7 +228,10 @@ class Sealer:
         for view in views:
             sealed[at : at + len(view)] = view
             at += len(view)
-        base = _ffi.cast("unsigned char *", _ffi.from_buffer(sealed, require_writable=True))
+        # The cdata from from_buffer is kept in a local: it pins the buffer while the cast
+        # pointer into it is used.
+        pinned = _ffi.from_buffer(sealed, require_writable=True)
+        base = _ffi.cast("unsigned char *", pinned)
         # MAC and ciphertext overwrite the plaintext in place (libsodium allows exactly this).
         if _sodium.crypto_box_easy_afternm(base + NONCE_SIZE, base + SEAL_OVERHEAD, size, base, key) != 0:
             raise SealError("sealing failed")
@@ -243,7 +246,8 @@ class Sealer:
         if len(view) < SEAL_OVERHEAD:
             raise SealError(f"sealed message from {peer_id[:16]} did not authenticate: {len(view)} bytes is too short")
         plaintext = bytearray(len(view) - SEAL_OVERHEAD)
-        source = _ffi.cast("unsigned char *", _ffi.from_buffer(view))
+        pinned = _ffi.from_buffer(view)
+        source = _ffi.cast("unsigned char *", pinned)
         target = _ffi.from_buffer(plaintext, require_writable=True)
         if _sodium.crypto_box_open_easy_afternm(target, source + NONCE_SIZE, len(view) - NONCE_SIZE, source, key) != 0:
             raise SealError(f"sealed message from {peer_id[:16]} did not authenticate: forged or corrupted")

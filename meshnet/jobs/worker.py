@@ -8,6 +8,7 @@ handler's exception becomes a plain tuple (plugin exception types need not pickl
 from __future__ import annotations
 
 import ctypes
+import select
 import signal
 import socket
 import sys
@@ -17,10 +18,13 @@ import cbor2
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.registry import Handler, load_handlers
 from meshnet.memory import release_free_memory
+from meshnet.protocol.messages import clip
 
 PR_SET_PDEATHSIG = 1
-#: A job moving this much data makes the worker release free memory once it is idle.
+#: A job moving this much data makes the worker release free memory once it is idle
+#: for IDLE_TRIM_S seconds.
 LARGE_JOB_BYTES = 1024 * 1024
+IDLE_TRIM_S = 1.0
 _handlers: dict[str, Handler] = {}
 
 #: (outcome, result_cbor_or_None, error_type, error_message)
@@ -76,15 +80,16 @@ def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
     ``ResultTooLarge`` instead, so that the node never holds more than it may send.
     """
     init_worker(enabled)
-    reader = FrameReader(max_frame=max_payload + 1024)
+    reader = FrameReader(max_frame=max_payload + 64 * 1024)  # a payload (the node checks it), or a kind
     frames: list[bytes | bytearray] = []
+    trim_when_idle = False
     while True:
-        try:
-            n = sock.recv_into(reader.buffer())
-        except TimeoutError:  # quiet for a second after a large job: see below
-            sock.settimeout(None)
+        if trim_when_idle and not select.select([sock], [], [], IDLE_TRIM_S)[0]:
+            # A large job's buffers are free now but stay with the process: give them
+            # back once no job has come for a while.
             release_free_memory()
-            continue
+            trim_when_idle = False
+        n = sock.recv_into(reader.buffer())
         if n == 0:
             return  # the node closed our socket: it is stopping the pool
         frames += reader.received(n)
@@ -95,11 +100,8 @@ def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
             if result is not None and len(result) > max_payload:
                 message = f"result is {len(result)} bytes; this node sends at most {max_payload}"
                 status, result, error_type = "failed", None, "ResultTooLarge"
-            line = "\0".join((status, error_type, message)).encode("utf-8", "replace")
+            line = "\0".join((status, clip(error_type, 256), clip(message))).encode("utf-8", "replace")
             buffers = frame_buffers([line, result or b""])
             while buffers:
                 buffers = unsent(buffers, sock.sendmsg(buffers))
-            if len(payload) + len(result or b"") >= LARGE_JOB_BYTES:
-                # Its buffers are free now but stay with the process: give them back
-                # once no job has come for a second.
-                sock.settimeout(1.0)
+            trim_when_idle = trim_when_idle or len(payload) + len(result or b"") >= LARGE_JOB_BYTES
