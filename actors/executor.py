@@ -231,9 +231,11 @@ class WorkerPool:
             self.loop.remove_writer(worker.sock)
 
     def _io_readable(self, worker: Worker) -> None:
-        # Everything the worker sent is read first, its end included, and only then are
-        # its results reported: a worker whose socket has ended is never given the job
-        # that reporting its last result starts.
+        # Results are reported as they are read (the next job reaches the worker before
+        # the loop reads on: measured, reading to the end first cost a node a quarter
+        # more CPU per no-op job). A worker found dead after reporting a result may thus
+        # have been given the next job: its send fails and the job goes back to the
+        # queue (see _io_flush).
         while not worker.dead:
             try:
                 n = worker.sock.recv_into(worker.reader.buffer())
@@ -255,6 +257,10 @@ class WorkerPool:
                     worker, Outcome("failed", error_type="WorkerCrashed", message=f"worker sent garbage: {exc}")
                 )
                 return
+            self._io_report_results(worker)
+        self._io_report_results(worker)
+
+    def _io_report_results(self, worker: Worker) -> None:
         while len(worker.frames) >= 2:
             status_line, result = worker.frames[0], worker.frames[1]
             del worker.frames[:2]
