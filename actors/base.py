@@ -9,6 +9,7 @@ import structlog
 
 from actors.messages import Alive
 from meshnet.jobs.model import Outcome, job_id_text
+from meshnet.logs import debug_enabled
 
 log = structlog.get_logger("meshnet.actor")
 
@@ -21,7 +22,8 @@ def log_job_end(logger: Any, job_id: bytes, kind: str, outcome: Outcome, **where
     job when measured, more than the rest of its bookkeeping. ``log.level = "debug"``
     shows them all."""
     if outcome.status == "succeeded":
-        logger.debug("job_succeeded", job_id=job_id_text(job_id), kind=kind, **where)
+        if debug_enabled():
+            logger.debug("job_succeeded", job_id=job_id_text(job_id), kind=kind, **where)
         return
     logger.info(
         "job_" + outcome.status,

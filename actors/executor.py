@@ -34,6 +34,7 @@ from meshnet.errors import ProtocolError
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.worker import serve
+from meshnet.logs import debug_enabled
 
 log = structlog.get_logger("meshnet.executor")
 
@@ -205,7 +206,8 @@ class WorkerPool:
                 worker = self._idle.pop()
                 worker.job = job
                 worker.timer = self.loop.call_later(remaining, self._io_expire, worker, job)
-                log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
+                if debug_enabled():
+                    log.debug("job_started", job_id=job_id_text(job.id), kind=job.kind)
                 worker.outbox = frame_buffers([job.kind.encode(), job.payload])
                 self._io_flush(worker)
         finally:

@@ -8,6 +8,13 @@ import sys
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are logged: a per-job debug line's fields need not be built
+    otherwise (a structlog call that drops its event still costs its arguments)."""
+    return _debug
 
 
 def configure_logging(
@@ -21,6 +28,8 @@ def configure_logging(
     logs its terminal status, so this is on the hot path); a provisional configuration
     (before the config file is read) passes False so that it is not frozen in.
     """
+    global _debug
+    _debug = _LEVELS[level] <= logging.DEBUG
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
