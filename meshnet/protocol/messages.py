@@ -307,7 +307,7 @@ class Message:
     RULES: ClassVar[dict[str, Callable[[Any], Any]]] = {}
 
     def header_fields(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.RULES if getattr(self, name) is not None}
+        return {name: value for name in self.RULES if (value := getattr(self, name)) is not None}
 
 
 # client -> node
