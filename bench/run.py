@@ -357,7 +357,7 @@ def targets(results: dict[str, Any]) -> str:
     lines = ["targets:"]
     for name, value, bound, at_least in checks:
         met = value >= bound if at_least else value < bound if "idle" in name else value <= bound
-        lines.append(f"  [{'met' if met else 'MISSED'}] {name}: {value:.2f}")
+        lines.append(f"  [{'met' if met else 'MISSED'}] {name}: {value:.3f}")
     return "\n".join(lines)
 
 
