@@ -263,6 +263,10 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, Reconnected):
             if message.generation == self.generation:
                 self.log.info("relay_reconnected", action="registering again")
+                # A new connection to a relay that may not know us: registering anew, and
+                # its silence is counted from now (a liveness expiry measured from before
+                # would drop this connection just as it registers).
+                self.link.connecting(time.monotonic())
                 self._register()
         elif isinstance(message, Drain):
             self.draining = True

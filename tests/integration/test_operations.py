@@ -55,6 +55,7 @@ def test_relay_restart_under_running_nodes(mesh: Mesh) -> None:
         restarted = mesh.start_relay(pair.relay_path, "relay-again")
         restarted.wait_for("peer_registered", count=2)
         pair.a.wait_for("relay_registered", count=2)
+        pair.b.wait_for("relay_registered", count=2)
         assert client.run("echo", "after", to=pair.b_id.peer_id) == "after"
         assert client.status()["relay"]["state"] == "registered"
 
