@@ -1,81 +1,132 @@
-"""CPU cost per no-op job, by process: the server, its pool workers and the load generator.
+"""CPU cost per job, by process and thread: where a throughput gap comes from.
 
-``python -m bench.cost`` runs baseline (a) and a local MeshNet node side by side and prints
-microseconds of CPU per job for each part. It says where a throughput gap comes from when
-the machine's cores are the limit (which is the case on a small machine: everything shares them).
+``python -m bench.cost`` runs baseline (a), a local MeshNet node, the raw relayed route
+and MeshNet's relayed path side by side, drives each with the same load generator, and
+prints microseconds of CPU per job for each process of it (its ZeroMQ I/O threads apart
+from its Python threads) and for the load generator. On a small machine every process
+shares the cores, so jobs/s follows the total. ``--big`` does the same with 8 MiB echo
+payloads (milliseconds per job).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import cbor2
 import psutil
 
 from bench.load import Driver, Target
-from bench.run import CORES, Baseline
+from bench.run import CORES, Baseline, RawRelayChain
+from meshnet.identity import Identity
 from tests.harness import Mesh
 
 JOBS = 6000
+BIG_JOBS = 12
 
 
-def _cpu(process: psutil.Process) -> tuple[float, float]:
-    times = process.cpu_times()
-    return times.user, times.system
-
-
-def _children_cpu(process: psutil.Process) -> float:
-    total = 0.0
-    for child in process.children(recursive=True):
+def _threads(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds by kind of thread: ZeroMQ's I/O threads, and the rest (Python's)."""
+    totals = {"zmq": 0.0, "python": 0.0}
+    for thread in process.threads():
         try:
-            total += sum(_cpu(child))
-        except psutil.NoSuchProcess:
-            pass
-    return total
+            name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            name = ""
+        totals["zmq" if name.startswith("ZMQbg") else "python"] += thread.user_time + thread.system_time
+    return totals
 
 
-def _self_cpu() -> float:
+def _tree(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    seconds: dict[str, float] = {}
+    for name, process in processes.items():
+        for kind, value in _threads(process).items():
+            seconds[f"{name} {kind}"] = value
+        workers = 0.0
+        for child in process.children(recursive=True):
+            try:
+                workers += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        if workers:
+            seconds[f"{name} workers"] = workers
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    seconds["load generator"] = usage.ru_utime + usage.ru_stime
+    return seconds
 
 
-def measure(name: str, target: Target, pid: int) -> str:
+def measure(name: str, target: Target, processes: dict[str, psutil.Process], big: bool) -> str:
     driver = Driver(target)
     try:
-        driver.throughput(500, 48)
-        process = psutil.Process(pid)
-        user0, sys0 = _cpu(process)
-        kids0, me0 = _children_cpu(process), _self_cpu()
+        if big:
+            body = cbor2.dumps(os.urandom(8 * 1024 * 1024))
+            driver.batch_seconds(2, "echo", body)
+            jobs, unit, scale = BIG_JOBS, "ms", 1e3
+        else:
+            driver.throughput(500, 48)
+            jobs, unit, scale = JOBS, "us", 1e6
+        before = _tree(processes)
         started = time.perf_counter()
-        rate = driver.throughput(JOBS, 48)
+        if big:
+            driver.batch_seconds(jobs, "echo", body)
+        else:
+            driver.throughput(jobs, 48)
         wall = time.perf_counter() - started
-        user1, sys1 = _cpu(process)
-        kids, me = _children_cpu(process) - kids0, _self_cpu() - me0
-        server = (user1 - user0) + (sys1 - sys0)
-        per = 1e6 / JOBS
+        after = _tree(processes)
+        used = {key: after[key] - before.get(key, 0.0) for key in after}
+        parts = ", ".join(f"{key} {value * scale / jobs:.0f}" for key, value in used.items() if value > 0)
         return (
-            f"{name}: {rate:,.0f} jobs/s; CPU per job: server {server * per:.0f} us "
-            f"(user {(user1 - user0) * per:.0f}, system {(sys1 - sys0) * per:.0f}), "
-            f"workers {kids * per:.0f} us, load generator {me * per:.0f} us; "
-            f"cores busy {(server + kids + me) / wall:.2f} of {CORES}"
+            f"{name}: {jobs / wall:,.0f} jobs/s; CPU {unit} per job: total {sum(used.values()) * scale / jobs:.0f} "
+            f"({parts}); cores busy {sum(used.values()) / wall:.2f} of {CORES}"
         )
     finally:
         driver.close()
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--big", action="store_true", help="8 MiB echo payloads instead of no-op jobs")
+    big = parser.parse_args().big
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
         baseline = Baseline("baseline (a)", CORES)
+        chain = RawRelayChain(CORES)
         try:
-            path, _, api = mesh.node_config("a", jobs={"executors": CORES})
-            node = mesh.start_node("a", path)
-            print(measure("baseline (a)", baseline.target, baseline.proc.pid))
-            print(measure("MeshNet local", Target("local", api, "meshnet"), node.pid))
+            ids = {name: Identity.generate() for name in "ab"}
+            relay_path, relay_id, relay_endpoint = mesh.relay_config(
+                allowed=[i.peer_id for i in ids.values()], heartbeat=1.0
+            )
+            relay = mesh.start_relay(relay_path)
+            nodes = {}
+            for name in "ab":
+                path, _, api = mesh.node_config(
+                    name,
+                    ids[name],
+                    relay=(relay_endpoint, relay_id.peer_id),
+                    heartbeat=1.0,
+                    jobs={"executors": CORES},
+                )
+                nodes[name] = (psutil.Process(mesh.start_node(name, path, registered=True).pid), api)
+            entry, exit_node, raw_relay = (psutil.Process(p.pid) for p in reversed(chain.procs))
+            runs = [
+                ("baseline (a)", baseline.target, {"server": psutil.Process(baseline.proc.pid)}),
+                ("MeshNet local", Target("local", nodes["a"][1], "meshnet"), {"node": nodes["a"][0]}),
+                ("raw relayed route", chain.target, {"entry": entry, "relay": raw_relay, "exit": exit_node}),
+                (
+                    "MeshNet relayed",
+                    Target("relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id),
+                    {"A": nodes["a"][0], "relay": psutil.Process(relay.pid), "B": nodes["b"][0]},
+                ),
+            ]
+            for name, target, processes in runs:
+                print(measure(name, target, processes, big), flush=True)
         finally:
+            chain.stop()
             baseline.stop()
             mesh.close()
     return 0
