@@ -10,7 +10,6 @@ which may wait without holding up the socket.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,10 +123,8 @@ class ClientApiActor(NodeActor):
             self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowClients(keys))
         if self._owns_loop:
             self.loop.start()
-        ready: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self.loop.call_soon(self._io_open, ready)
         try:
-            self.endpoint = ready.result(timeout=10)
+            self.endpoint = self.loop.run_sync(self._io_open)
         except ConfigError:
             if self._owns_loop:
                 self.loop.stop()
@@ -139,12 +136,11 @@ class ClientApiActor(NodeActor):
         return self.endpoint
 
     def on_stop(self) -> None:
-        closed: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.loop.call_soon(self._io_close, closed)
         if self._owns_loop:
+            self.loop.call_soon(self._io_close)
             self.loop.stop()
         elif self.loop.running:
-            closed.result(timeout=10)
+            self.loop.run_sync(self._io_close)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -163,7 +159,7 @@ class ClientApiActor(NodeActor):
 
     # -- loop thread --
 
-    def _io_open(self, ready: concurrent.futures.Future[str]) -> None:
+    def _io_open(self) -> str:
         try:
             router = self.context.socket(zmq.ROUTER)
             if self.allowed_clients:
@@ -178,18 +174,16 @@ class ClientApiActor(NodeActor):
             router.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
-            ready.set_exception(ConfigError(f"api.endpoint = {self.requested_endpoint!r} cannot be bound: {exc}"))
-            return
+            raise ConfigError(f"api.endpoint = {self.requested_endpoint!r} cannot be bound: {exc}") from None
         self._router = router
         self.loop.add_reader(router, self._io_readable)
-        ready.set_result(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        return router.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _io_close(self, closed: concurrent.futures.Future[None]) -> None:
+    def _io_close(self) -> None:
         try:
             self.loop.close_socket(self._router, linger=1000)  # the last results still go out
         finally:
             self._router = None
-            closed.set_result(None)
 
     def _io_send(self, conn: bytes, frames: list[Any]) -> None:
         if self._router is None:

@@ -18,7 +18,6 @@ holding locks (pykka, ZeroMQ), could deadlock a child.
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import socket
 import time
@@ -146,9 +145,7 @@ class WorkerPool:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker and wait for them; a job still running ends ``cancelled``."""
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.loop.call_soon(self._io_close, done)
-        done.result(timeout)
+        self.loop.run_sync(self._io_close, timeout=timeout)
 
     # -- loop thread --
 
@@ -376,30 +373,24 @@ class WorkerPool:
         worker.process.join()
         worker.process.close()
 
-    def _io_close(self, done: concurrent.futures.Future[None]) -> None:
-        try:
-            self._closing = True
-            self._idle.clear()  # jobs handed over from now on end cancelled (see _io_run)
-            self._io_cancel(None, SHUTTING_DOWN)
-            for worker in self._workers:
-                # Closing its socket ends an idle worker's loop; a killed one is gone.
-                self.loop.close_socket(worker.sock)
-            deadline = time.monotonic() + 5
-            for worker in self._workers:
-                worker.process.join(max(0.0, deadline - time.monotonic()))
-            for worker in self._workers:
-                job = self._io_unassign(worker)
-                if job is not None:  # killed for the cancel above; its sentinel will not be read now
-                    self._report(job, worker.ending or Outcome("cancelled", error_type="Cancelled"))
-                self._io_discard(worker)
-            self._workers.clear()
-            while self._pending:
-                self._report(
-                    self._pending.popleft(), Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN)
-                )
-            done.set_result(None)
-        except BaseException as exc:
-            done.set_exception(exc)
+    def _io_close(self) -> None:
+        self._closing = True
+        self._idle.clear()  # jobs handed over from now on end cancelled (see _io_run)
+        self._io_cancel(None, SHUTTING_DOWN)
+        for worker in self._workers:
+            # Closing its socket ends an idle worker's loop; a killed one is gone.
+            self.loop.close_socket(worker.sock)
+        deadline = time.monotonic() + 5
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            job = self._io_unassign(worker)
+            if job is not None:  # killed for the cancel above; its sentinel will not be read now
+                self._report(job, worker.ending or Outcome("cancelled", error_type="Cancelled"))
+            self._io_discard(worker)
+        self._workers.clear()
+        while self._pending:
+            self._report(self._pending.popleft(), Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN))
 
     def _report(self, job: JobSpec, outcome: Outcome) -> None:
         assert self.report is not None

@@ -13,7 +13,6 @@ fresh connection and the node registers again.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import threading
 import time
@@ -163,7 +162,7 @@ class RelayClientActor(NodeActor):
     def on_start(self) -> None:
         if self._owns_loop:
             self.loop.start()
-        self._on_loop(self._start_link)
+        self.loop.run_sync(self._start_link)
 
     def _start_link(self) -> None:
         self._connect()
@@ -171,7 +170,7 @@ class RelayClientActor(NodeActor):
 
     def on_stop(self) -> None:
         if self.loop.running:
-            self._on_loop(self._shut_down)
+            self.loop.run_sync(self._shut_down)
         if self._owns_loop:
             self.loop.stop()
 
@@ -182,21 +181,6 @@ class RelayClientActor(NodeActor):
         finally:
             self._io_close()
             self._stopped = True
-
-    def _on_loop(self, fn: Any, timeout: float = 10.0) -> Any:
-        """Run ``fn()`` on the loop and return its result (from any other thread)."""
-        if self.loop.in_loop():
-            return fn()
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                done.set_result(fn())
-            except BaseException as exc:
-                done.set_exception(exc)
-
-        self.loop.call_soon(call)
-        return done.result(timeout)
 
     def post(self, message: Any) -> None:
         """Hand this relay client a message (thread-safe); on its loop, handled now."""
@@ -210,7 +194,7 @@ class RelayClientActor(NodeActor):
         return self.post
 
     def status(self) -> dict[str, Any]:
-        return self._on_loop(self._status, timeout=5)
+        return self.loop.run_sync(self._status, timeout=5)
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -228,7 +212,7 @@ class RelayClientActor(NodeActor):
     def handle(self, message: Any) -> Any:
         """Messages sent to the actor (``tell``/``ask``) are handled on the loop."""
         if isinstance(message, Drain):
-            return self._on_loop(lambda: self._handle(message))
+            return self.loop.run_sync(self._handle, message)
         self.post(message)
 
     def _handle(self, message: Any) -> Any:

@@ -20,6 +20,7 @@ gets a trim every ``TRIM_AT_LEAST_EVERY`` windows.
 
 from __future__ import annotations
 
+import concurrent.futures
 import heapq
 import itertools
 import math
@@ -157,6 +158,22 @@ class SocketLoop:
                         os.write(self._wake_w, b"\0")
                     except BlockingIOError:
                         pass  # pipe full: a wake-up is pending anyway
+
+    def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
+        """Run ``fn(*args)`` on the loop thread and return its result, or raise what it
+        raised; at once if called on the loop thread. ``TimeoutError`` past ``timeout``."""
+        if threading.get_ident() == self._ident:
+            return fn(*args)
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self.call_soon(call)
+        return done.result(timeout)
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` on the loop thread after ``delay`` seconds. Thread-safe."""

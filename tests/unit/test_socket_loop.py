@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import zmq
 
 from actors.socket_loop import SocketLoop, recv_message
@@ -181,3 +182,14 @@ def test_traffic_that_never_pauses_still_gets_a_trim(monkeypatch) -> None:
         loop.call_soon(loop.close_socket, inbox)
         loop.stop()
         context.term()
+
+
+def test_run_sync_returns_the_result_or_raises_the_error_from_the_loop_thread() -> None:
+    loop = SocketLoop("test").start()
+    try:
+        assert loop.run_sync(lambda a, b: (a + b, loop.in_loop()), 2, 3) == (5, True)
+        with pytest.raises(ValueError, match="on the loop"):
+            loop.run_sync(lambda: (_ for _ in ()).throw(ValueError("on the loop")))
+        assert loop.run_sync(lambda: loop.run_sync(lambda: "nested")) == "nested"  # no deadlock on the loop
+    finally:
+        loop.stop()
