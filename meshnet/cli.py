@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import structlog
 
 from meshnet.config import (
@@ -172,8 +171,6 @@ def _printable(value: Any) -> Any:
         return {str(k): _printable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_printable(v) for v in value]
-    if isinstance(value, cbor2.CBORTag):
-        return {"cbor_tag": value.tag, "value": _printable(value.value)}
     return value
 
 

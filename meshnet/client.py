@@ -44,6 +44,7 @@ from meshnet.protocol import (
     Submit,
     decode,
     encode,
+    strict_cbor,
     validate,
 )
 
@@ -330,11 +331,11 @@ class MeshClient:
             timer.cancel()
         if message.status == "succeeded":
             try:
-                _settle(future, result=cbor2.loads(bytes(message.body)) if message.body is not None else None)
-            except Exception as exc:
-                _settle(
-                    future, exception=JobFailed(f"the job's result is not valid CBOR: {exc}", job_id=message.id.hex())
-                )
+                value = strict_cbor.loads_value(message.body, "the job's result") if message.body is not None else None
+            except ProtocolError as exc:
+                _settle(future, exception=JobFailed(f"{exc} (results are plain CBOR data)", job_id=message.id.hex()))
+            else:
+                _settle(future, result=value)
             return
         error = message.error or {}
         cls = JOB_ERRORS_BY_STATUS.get(message.status, JobFailed)

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import platformdirs
 import tomli_w
 
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.identity import Identity, is_peer_id
 from meshnet.protocol.messages import capabilities
+from meshnet.protocol.strict_cbor import describe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -111,11 +113,19 @@ def _executors(value: Any) -> int | str:
         raise ValueError("'auto' (one per core) or an integer greater than 0") from None
 
 
+#: Capabilities go to the relay in a ``register`` (whose header may be 64 KiB) and from
+#: it to every node that lists peers: a few KiB describe any device.
+MAX_CAPABILITIES_BYTES = 16 * 1024
+
+
 def _capabilities(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("a table of capabilities")
     # Sent to the relay as CBOR, within the wire's limits: no TOML dates or times.
-    return dict(capabilities(value))
+    checked = dict(capabilities(value))
+    if len(cbor2.dumps(checked)) > MAX_CAPABILITIES_BYTES:
+        raise ValueError(f"a table of capabilities of at most {MAX_CAPABILITIES_BYTES} bytes as CBOR")
+    return checked
 
 
 def _private_key(value: Any) -> str:
@@ -240,7 +250,7 @@ def _build(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
             try:
                 values[name] = spec.metadata["check"](value)
             except ValueError as exc:
-                raise ConfigError(f"{where}: {key} = {value!r}: expected {exc}") from None
+                raise ConfigError(f"{where}: {key} = {describe(value)}: expected {exc}") from None
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table, got {type(value).__name__}")

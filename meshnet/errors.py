@@ -31,10 +31,16 @@ class RemoteProtocolError(ProtocolError):
     """A peer sent a frame that is not a valid message.
 
     ``ref`` is the job id an invalid ``submit`` named, when one could be read from it,
-    so that the refusal reaches the job's submitter as its terminal status.
+    so that the refusal reaches the job's submitter as its terminal status. ``header``
+    is the message as its valid header describes it (without its body) when only the
+    body was wrong (missing, forbidden, too large): a relay names the ``send`` it
+    refuses. ``unexpected`` marks an error a decoder did not foresee (a bug, turned into
+    this error so that it still cannot escape as anything else).
     """
 
     ref: bytes | None = None
+    header: object | None = None
+    unexpected: bool = False
 
 
 class MessageTooLarge(RemoteProtocolError):

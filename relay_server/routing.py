@@ -20,9 +20,9 @@ import structlog
 from meshnet.errors import ProtocolError
 from meshnet.identity import curve_public_z85
 from meshnet.protocol import (
-    MAX_HEADER_BYTES,
     MAX_LIST,
     NODE_TO_RELAY,
+    RELAY_TO_NODE,
     Deliver,
     Error,
     Message,
@@ -38,11 +38,14 @@ from meshnet.protocol import (
     decode,
     encode,
 )
+from meshnet.protocol.strict_cbor import count_items
 
 log = structlog.get_logger("meshnet.relay")
 
-#: Room for the peer list in a peers reply, under the header limit.
-PEERS_REPLY_BUDGET = MAX_HEADER_BYTES - 4096
+#: Room for the peer list in a peers reply, under the header limits of its link: bytes,
+#: and data items (which a node counts before it decodes anything).
+PEERS_REPLY_BUDGET = RELAY_TO_NODE.header_bytes - 4096
+PEERS_REPLY_ITEMS = RELAY_TO_NODE.items - 64
 #: Peers remembered per destination as having sent to it, to tell them when it leaves.
 MAX_CORRESPONDENTS = 1024
 
@@ -69,11 +72,15 @@ class NodeEntry:
     since: float
     last_seen: float
     correspondents: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    #: Encoded size of ``describe()``, so a peers reply can be kept within a header.
+    #: Encoded size and data items of ``describe()``, so that a peers reply can be kept
+    #: within a header.
     described_size: int = 0
+    described_items: int = 0
 
     def __post_init__(self) -> None:
-        self.described_size = len(cbor2.dumps(self.describe())) + 16
+        described = cbor2.dumps(self.describe())
+        self.described_size = len(described) + 16
+        self.described_items = count_items(described, PEERS_REPLY_ITEMS, RELAY_TO_NODE.depth)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -167,14 +174,19 @@ class RelayCore:
     def describe_peers(self, now: float) -> tuple[list[dict[str, Any]], int]:
         """The registered peers that fit in one reply, and how many were left out."""
         peers: list[dict[str, Any]] = []
-        size = 0
+        size = items = 0
         for entry in self.nodes.values():
-            if len(peers) >= MAX_LIST or size + entry.described_size > PEERS_REPLY_BUDGET:
+            if (
+                len(peers) >= MAX_LIST
+                or size + entry.described_size > PEERS_REPLY_BUDGET
+                or items + entry.described_items > PEERS_REPLY_ITEMS
+            ):
                 break
             info = entry.describe()
             info["connected_for"] = round(now - entry.since, 3)
             peers.append(info)
             size += entry.described_size
+            items += entry.described_items
         return peers, len(self.nodes) - len(peers)
 
     def _reply(self, conn: bytes, message: Message) -> Outgoing:

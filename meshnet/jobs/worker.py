@@ -15,9 +15,11 @@ import sys
 
 import cbor2
 
+from meshnet.errors import ProtocolError
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.registry import Handler, load_handlers
 from meshnet.memory import release_free_memory
+from meshnet.protocol import strict_cbor
 from meshnet.protocol.messages import clip
 
 PR_SET_PDEATHSIG = 1
@@ -57,9 +59,9 @@ def run_job(kind: str, payload: bytes) -> Outcome:
     if handler is None:  # the node checks first; this guards a config changed under a running pool
         return ("failed", None, "UnknownKind", f"job kind {kind!r} is not enabled on this node")
     try:
-        value = cbor2.loads(payload)
-    except Exception as exc:
-        return ("failed", None, "InvalidPayload", f"payload is not valid CBOR: {exc}")
+        value = strict_cbor.loads_value(payload, "payload")
+    except ProtocolError as exc:
+        return ("failed", None, "InvalidPayload", f"{exc} (payloads are plain CBOR data: no tags)")
     try:
         result = handler(value)
     except Exception as exc:

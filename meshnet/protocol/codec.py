@@ -1,20 +1,22 @@
 """CBOR encoding and validating decoding of protocol messages.
 
-``decode`` is the only door through which a peer's bytes enter MeshNet. Whatever the
-bytes, it returns a valid message of an expected type or raises a
-``RemoteProtocolError`` (``MessageTooLarge`` for size), never anything else.
+``decode`` is the only door through which a peer's bytes enter MeshNet (``decode_inner``
+for the plaintext of a sealed message). Whatever the bytes, it returns a valid message
+of an expected type or raises a ``RemoteProtocolError`` (``MessageTooLarge`` for size),
+never anything else, at a cost linear in their size (:mod:`strict_cbor`).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import cbor2
 
-from meshnet.errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
-from meshnet.protocol.messages import JOB_ID_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Body, Message, clip
+from meshnet.errors import LocalProtocolError, MessageTooLarge, ProtocolError, RemoteProtocolError
+from meshnet.protocol import strict_cbor
+from meshnet.protocol.messages import JOB_ID_BYTES, PROTOCOL_VERSION, Body, Message, MessageTable, clip
+from meshnet.protocol.strict_cbor import Limits
 
 MAX_ERROR_TEXT = 1024
 
@@ -31,29 +33,20 @@ def encode(message: Message) -> list[Any]:
     return frames
 
 
-def _load_map(data: Any, limit: int, what: str) -> dict[Any, Any]:
-    size = len(memoryview(data))
-    if size > limit:
-        raise MessageTooLarge(f"{what} is {size} bytes; the limit is {limit}")
-    stream = io.BytesIO(data)
-    try:
-        value = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 signals bad input with several exception types
-        raise RemoteProtocolError(f"{what} is not valid CBOR: {clip(str(exc), 200)}") from None
-    if stream.tell() != size:
-        raise RemoteProtocolError(f"{what} has {size - stream.tell()} bytes after its CBOR map")
+def _load_map(data: Any, limits: Limits, what: str) -> dict[Any, Any]:
+    value = strict_cbor.loads(data, limits, what)
     if not isinstance(value, dict):
-        raise RemoteProtocolError(f"{what} must be a CBOR map, got {type(value).__name__}")
+        raise RemoteProtocolError(f"{what} must be a CBOR map, got {strict_cbor.describe(value)}")
     return value
 
 
-def _build(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int = 0) -> Message:
+def _build(fields: dict[Any, Any], accept: MessageTable, body: Any, max_body: int = 0) -> Message:
     type_name = fields.get("t")
     try:
         return _build_checked(fields, accept, body, max_body)
     except RemoteProtocolError as exc:
-        # The text may quote what the peer sent (a type or field name of any length);
-        # it must fit in the error reply it becomes.
+        # The text may quote what the peer sent (a short string, clipped); it must fit
+        # in the error reply it becomes.
         exc.args = (clip(str(exc), MAX_ERROR_TEXT),)
         ref = fields.get("id")
         if type_name == "submit" and isinstance(ref, bytes) and len(ref) == JOB_ID_BYTES:
@@ -67,48 +60,76 @@ def validate(message: Message) -> None:
         try:
             rule(getattr(message, name))
         except ValueError as exc:
-            raise LocalProtocolError(f"{message.TYPE}.{name} = {getattr(message, name)!r}: expected {exc}") from None
+            shown = strict_cbor.describe(getattr(message, name))
+            raise LocalProtocolError(f"{message.TYPE}.{name} = {shown}: expected {exc}") from None
 
 
-def _build_checked(fields: dict[Any, Any], accept: dict[str, type[Message]], body: Any, max_body: int) -> Message:
+def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_body: int) -> Message:
+    # Error texts name what was expected and describe what came (strict_cbor.describe:
+    # constant cost), never format the value itself.
     version = fields.pop("v", None)
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(f"unsupported protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
+        shown = strict_cbor.describe(version)
+        raise RemoteProtocolError(f"unsupported protocol version {shown}; this side speaks {PROTOCOL_VERSION}")
     type_name = fields.pop("t", None)
     cls = accept.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        raise RemoteProtocolError(f"unexpected message type {type_name!r}; expected one of {', '.join(accept)}")
+        shown = strict_cbor.describe(type_name)
+        raise RemoteProtocolError(f"unexpected message type {shown}; expected one of {', '.join(accept)}")
     unknown = [k for k in fields if k not in cls.RULES]
     if unknown:
-        raise RemoteProtocolError(f"{cls.TYPE}: unknown field {unknown[0]!r}")
+        raise RemoteProtocolError(f"{cls.TYPE}: unknown field {strict_cbor.describe(unknown[0])}")
     values: dict[str, Any] = {}
     for name, rule in cls.RULES.items():
         try:
             values[name] = rule(fields.get(name))
         except ValueError as exc:
             raise RemoteProtocolError(f"{cls.TYPE}.{name}: expected {exc}") from None
+    problem: RemoteProtocolError | None = None
     if cls.BODY is Body.REQUIRED and body is None:
-        raise RemoteProtocolError(f"{cls.TYPE} must have a body frame")
-    if cls.BODY is Body.NONE and body is not None:
-        raise RemoteProtocolError(f"{cls.TYPE} takes no body frame")
-    if body is not None:
-        size = len(memoryview(body))
-        if size > max_body:
-            raise MessageTooLarge(f"{cls.TYPE} body is {size} bytes; the limit is {max_body}")
-    if cls.BODY is not Body.NONE:
+        problem = RemoteProtocolError(f"{cls.TYPE} must have a body frame")
+    elif cls.BODY is Body.NONE and body is not None:
+        problem = RemoteProtocolError(f"{cls.TYPE} takes no body frame")
+    elif body is not None and (size := len(memoryview(body))) > max_body:
+        problem = MessageTooLarge(f"{cls.TYPE} body is {size} bytes; the limit is {max_body}")
+    if cls.BODY is not Body.NONE and problem is None:
         values["body"] = body
     try:
-        return cls(**values)
+        message = cls(**values)
     except TypeError as exc:  # a required field was absent (its rule accepted None)
         raise RemoteProtocolError(f"{cls.TYPE}: {exc}") from None
+    if problem is not None:
+        # The header itself was valid: whoever answers may name what it was about.
+        problem.header = message
+        raise problem
+    return message
 
 
-def decode(frames: Sequence[Any], accept: dict[str, type[Message]], *, max_body: int) -> Message:
-    """Validate one message received as ``frames`` (bytes, memoryviews or zmq.Frames)."""
+def decode(frames: Sequence[Any], accept: MessageTable, *, max_body: int) -> Message:
+    """Validate one message received as ``frames`` (bytes, memoryviews or zmq.Frames).
+
+    Whatever the frames hold, this returns a message of a type ``accept`` holds or
+    raises ``RemoteProtocolError`` (``MessageTooLarge`` for size), in time linear in
+    their size (see :mod:`meshnet.protocol.strict_cbor`)."""
     if not 1 <= len(frames) <= 2:
         raise RemoteProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
     body = frames[1] if len(frames) == 2 else None
-    return _build(_load_map(frames[0], MAX_HEADER_BYTES, "header"), accept, body, max_body)
+    limits = Limits(size=accept.header_bytes, items=accept.items, depth=accept.depth)
+    return _guarded(lambda: _build(_load_map(frames[0], limits, "header"), accept, body, max_body))
+
+
+def _guarded(decode_step: Any) -> Message:
+    """Run ``decode_step``; any error but a protocol error is a bug in a decoder, and
+    still must not escape as anything but a typed error (``unexpected`` marks it, for
+    the fuzzer and the logs)."""
+    try:
+        return decode_step()
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        error = RemoteProtocolError(f"the message could not be decoded ({type(exc).__name__})")
+        error.unexpected = True
+        raise error from None
 
 
 #: A byte string this long or longer is left out of the CBOR encoding and passed on as
@@ -158,5 +179,8 @@ def _head(major: int, n: int) -> bytes:
     raise LocalProtocolError(f"a CBOR length of {n} does not fit 64 bits")
 
 
-def decode_inner(data: bytes, accept: dict[str, type[Message]], *, max_size: int) -> Message:
-    return _build(_load_map(data, max_size, "sealed message"), accept, None)
+def decode_inner(data: Any, accept: MessageTable, *, max_size: int) -> Message:
+    """Validate one node-to-node message (the plaintext of a sealed body), as
+    :func:`decode` does a header."""
+    limits = Limits(size=max_size, items=accept.items, depth=accept.depth)
+    return _guarded(lambda: _build(_load_map(data, limits, "sealed message"), accept, None))

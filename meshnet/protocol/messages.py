@@ -30,6 +30,7 @@ __all__ = [
     "clip",
     "plain_value",
     "MAX_HEADER_BYTES",
+    "MAX_DEPTH_ON_WIRE",
     "MAX_FRAMES",
     "MAX_LIST",
     "NONCE_BYTES",
@@ -40,6 +41,7 @@ __all__ = [
     "ERROR_CODES",
     "Body",
     "Message",
+    "MessageTable",
     "Submit",
     "Cancel",
     "StatusRequest",
@@ -69,8 +71,13 @@ __all__ = [
 PROTOCOL_VERSION = 1
 JOB_ID_BYTES = 16
 #: Headers carry ids, names and maps of metadata; payloads belong in the body. The
-#: largest header is a relay's list of peers: 4096 peers of some 200 bytes each.
+#: largest header is a relay's list of peers: 4096 peers of some 200 bytes each. Each
+#: link has its own, smaller limit where its headers are small (see the tables below).
 MAX_HEADER_BYTES = 1024 * 1024
+#: Containers nested in a decoded header or sealed message, the outermost map included:
+#: the deepest field allowed (a ``status_reply.info`` of plain data, 8 levels below its
+#: own map) needs 10.
+MAX_DEPTH_ON_WIRE = 12
 #: A message is a header frame and at most one body frame.
 MAX_FRAMES = 2
 #: Room for what travels with a body: the 40 bytes sealing adds, CBOR framing.
@@ -241,22 +248,33 @@ def capabilities(value: Any) -> dict[str, Any]:
     return plain_value(value, "a map", max_depth=MAX_CAPS_DEPTH, max_values=MAX_CAPS_VALUES)
 
 
-def list_or_empty(value: Any) -> list[str]:
-    return [] if value is None else text_list(value)
+#: Addresses a node may announce: a few interfaces and ports, each a short endpoint.
+MAX_LISTEN = 64
+MAX_ADDRESS = 256
 
 
-def text_list(value: Any) -> list[str]:
-    if not isinstance(value, list) or len(value) > MAX_LIST:
-        raise ValueError(f"a list of at most {MAX_LIST} strings")
-    return [text(v) for v in value]
+def addresses(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_LISTEN:
+        raise ValueError(f"a list of at most {MAX_LISTEN} addresses")
+    if not all(isinstance(v, str) and len(v) <= MAX_ADDRESS for v in value):
+        raise ValueError(f"a list of addresses, each a text of at most {MAX_ADDRESS} characters")
+    return list(value)
+
+
+#: The most data items a header of a link that carries lists of peers may hold (the
+#: decoder counts them before it builds anything): 4096 peers of about 30 items each,
+#: and room for capabilities.
+MAX_LIST_ITEMS = 1 << 17
 
 
 def map_list(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or len(value) > MAX_LIST or not all(isinstance(v, dict) for v in value):
         raise ValueError(f"a list of at most {MAX_LIST} maps")
     # A list of peers, each with its capabilities: deeper and larger than one map, and
-    # still bounded by the header's size.
-    return plain_value(value, "a list of maps", max_depth=MAX_CAPS_DEPTH + 3, max_values=MAX_HEADER_BYTES)
+    # bounded by the items its link's header may hold.
+    return plain_value(value, "a list of maps", max_depth=MAX_CAPS_DEPTH + 3, max_values=MAX_LIST_ITEMS)
 
 
 def byte_string(value: Any) -> bytes:
@@ -405,7 +423,7 @@ class Error(Message):
 @dataclass(frozen=True)
 class Register(Message):
     TYPE = "register"
-    RULES = {"peer_id": peer_id, "caps": capabilities, "listen": list_or_empty}
+    RULES = {"peer_id": peer_id, "caps": capabilities, "listen": addresses}
     peer_id: str
     caps: dict[str, Any] = field(default_factory=dict)
     listen: list[str] = field(default_factory=list)
@@ -524,12 +542,44 @@ class JobCancel(Message):
     id: bytes
 
 
-def _table(*classes: type[Message]) -> dict[str, type[Message]]:
-    return {cls.TYPE: cls for cls in classes}
+class MessageTable(dict):
+    """The message types one side accepts on one link (type name -> class), and what a
+    header there may hold: ``header_bytes`` and ``items`` (data items in all, counted
+    before anything is built). Headers are small on links that carry no lists; where
+    they are small, a hostile sender's worst header costs little to decode."""
+
+    def __init__(self, name: str, *classes: type[Message], header_bytes: int, items: int):
+        super().__init__((cls.TYPE, cls) for cls in classes)
+        self.name = name
+        self.header_bytes = header_bytes
+        self.items = items
+        self.depth = MAX_DEPTH_ON_WIRE
 
 
-CLIENT_TO_NODE = _table(Submit, Cancel, StatusRequest, PeersRequest)
-NODE_TO_CLIENT = _table(Result, StatusReply, PeersReply, Error)
-NODE_TO_RELAY = _table(Register, Ping, Send, PeersRequest)
-RELAY_TO_NODE = _table(Registered, Pong, Deliver, Unroutable, PeerDown, PeersReply, Error)
-NODE_TO_NODE = _table(Job, JobResult, JobCancel)
+#: A submit is about 150 bytes and 13 items; room is left for job requirements to come.
+CLIENT_TO_NODE = MessageTable(
+    "client to node", Submit, Cancel, StatusRequest, PeersRequest, header_bytes=64 * 1024, items=1024
+)
+#: Status and the relay's list of peers, passed on.
+NODE_TO_CLIENT = MessageTable(
+    "node to client", Result, StatusReply, PeersReply, Error, header_bytes=MAX_HEADER_BYTES, items=MAX_LIST_ITEMS
+)
+#: A register carries capabilities (at most 256 values) and listen addresses.
+NODE_TO_RELAY = MessageTable(
+    "node to relay", Register, Ping, Send, PeersRequest, header_bytes=64 * 1024, items=4096
+)
+RELAY_TO_NODE = MessageTable(
+    "relay to node",
+    Registered,
+    Pong,
+    Deliver,
+    Unroutable,
+    PeerDown,
+    PeersReply,
+    Error,
+    header_bytes=MAX_HEADER_BYTES,
+    items=MAX_LIST_ITEMS,
+)
+#: Sealed messages: a map of at most 6 fields (an error map in one); their size is the
+#: receiving node's body limit, so that a payload fits.
+NODE_TO_NODE = MessageTable("node to node", Job, JobResult, JobCancel, header_bytes=0, items=256)

@@ -120,7 +120,7 @@ def test_header_that_is_not_cbor_is_rejected():
 
 def test_header_that_is_not_a_map_is_rejected():
     error = rejected([cbor2.dumps(["submit", JOB_ID]), b""])
-    assert "must be a CBOR map" in str(error) and "list" in str(error)
+    assert "must be a CBOR map" in str(error) and "an array" in str(error)
 
 
 @pytest.mark.parametrize("version", [0, 2, "1", None])
@@ -199,9 +199,16 @@ def test_job_id_as_text_is_rejected():
 
 
 def test_header_over_the_limit_is_too_large_before_decoding():
-    error = rejected([b"\x00" * (MAX_HEADER_BYTES + 1), b""], error=MessageTooLarge)
+    error = rejected([b"\x00" * (MAX_HEADER_BYTES + 1), b""], NODE_TO_CLIENT, error=MessageTooLarge)
     assert str(MAX_HEADER_BYTES) in str(error)
     assert error.code == "too_large"
+
+
+@pytest.mark.parametrize("table", [CLIENT_TO_NODE, NODE_TO_RELAY], ids=lambda t: t.name)
+def test_links_that_carry_no_lists_take_smaller_headers(table):
+    assert table.header_bytes < MAX_HEADER_BYTES
+    error = rejected([b"\x00" * (table.header_bytes + 1), b""], table, error=MessageTooLarge)
+    assert str(table.header_bytes) in str(error)
 
 
 def test_header_at_the_limit_is_not_too_large():

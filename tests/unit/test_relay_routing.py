@@ -377,7 +377,8 @@ def test_register_with_shared_reference_bomb_in_caps_is_refused(core, a):
     header = cbor2.dumps({"v": 1, "t": "register", "peer_id": a.peer_id, "caps": {"x": nested}}, value_sharing=True)
     assert len(header) < 1000
     reply = read(only(send_from(core, a, [header])))
-    assert isinstance(reply, Error) and reply.code == "invalid" and "register.caps" in reply.message
+    # Refused while decoding, before any reference is followed.
+    assert isinstance(reply, Error) and reply.code == "invalid" and "not valid CBOR" in reply.message
     assert core.nodes == {}
 
 
@@ -398,3 +399,16 @@ def test_peers_reply_stays_within_a_header_and_counts_who_was_left_out(core, mon
     reply = read(only(send_from(core, nodes[0], PeersRequest(seq=7))))
     assert isinstance(reply, PeersReply) and reply.seq == 7
     assert len(reply.peers) == 2 and reply.more == 3
+
+
+def test_peers_reply_stays_within_the_items_a_node_decodes(core, monkeypatch):
+    import relay_server.routing as routing
+
+    nodes = [Node(f"conn-{i}".encode()) for i in range(5)]
+    for node in nodes:
+        register(core, node, caps={"kinds": ["echo"] * 50})
+    one = core.nodes[nodes[0].peer_id].described_items
+    assert one > 50
+    monkeypatch.setattr(routing, "PEERS_REPLY_ITEMS", 3 * one)
+    reply = read(only(send_from(core, nodes[0], PeersRequest(seq=8))))
+    assert len(reply.peers) == 3 and reply.more == 2
