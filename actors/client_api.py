@@ -10,6 +10,9 @@ which may wait without holding up the socket.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors.base import NodeActor
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, Drain, QueryPeers, RunThere
-from actors.socket_loop import SocketLoop, recv_message, send_message
+from actors.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 from meshnet.endpoints import is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError
 from meshnet.identity import Identity, curve_public_z85
@@ -41,6 +44,7 @@ from meshnet.protocol import (
     encode,
     frame_limit,
 )
+from meshnet.rejections import RejectionLog
 
 log = structlog.get_logger("meshnet.api")
 
@@ -58,6 +62,16 @@ class StatusFor:
 def client_origin(conn: bytes) -> str:
     """The origin of jobs submitted on client connection ``conn``."""
     return f"client:{conn.hex()}"
+
+
+_TAG_KEY = os.urandom(16)
+
+
+def client_tag(conn: bytes) -> str:
+    """How logs name client connection ``conn``: a keyed hash of its routing id, never
+    the id itself, which is what another client would need to take its results over
+    (docs/protocol.md §10)."""
+    return "client-" + hashlib.blake2s(conn, key=_TAG_KEY, digest_size=4).hexdigest()
 
 
 class _AllowClients:
@@ -112,6 +126,8 @@ class ClientApiActor(NodeActor):
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
+        self.rejections = RejectionLog()
+        self._rejections_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
 
     def open(self) -> str:
@@ -203,7 +219,8 @@ class ClientApiActor(NodeActor):
             except zmq.Again:
                 return
             if frames is None:
-                self.log.warning("client_message_rejected", error=f"more than {MAX_FRAMES} frames")
+                # Its routing id went with the frames dropped unread: counted under no client.
+                self._io_rejected(b"", f"a message of more than {MAX_FRAMES} frames")
                 continue
             conn = frames[0]
             try:
@@ -213,7 +230,7 @@ class ClientApiActor(NodeActor):
                     max_body=self.max_payload,
                 )
             except ProtocolError as exc:
-                self.log.warning("client_message_rejected", error=str(exc))
+                self._io_rejected(conn, str(exc))
                 ref = getattr(exc, "ref", None)
                 if ref is not None:  # a submit whose job we can name: it gets its terminal status
                     refusal = Outcome.refused(exc.code, str(exc))
@@ -222,6 +239,34 @@ class ClientApiActor(NodeActor):
                     self._io_send(conn, encode(Error(code=exc.code, message=str(exc))))
                 continue
             self._io_dispatch(conn, message)
+
+    def _io_rejected(self, conn: bytes, error: str) -> None:
+        """Log a client's rejected message if it is that client's first lately; count it
+        otherwise, for a summary line (a client sending garbage in a loop must not fill
+        the node's log)."""
+        now = time.monotonic()
+        client = client_tag(conn)
+        if self.rejections.on_rejected(client, error, now):
+            self.log.warning("client_message_rejected", client=client, error=error)
+        elif self._rejections_timer is None:
+            due = self.rejections.next_flush()
+            if due is not None:
+                self._rejections_timer = self.loop.call_later(due - now, self._io_log_rejections)
+
+    def _io_log_rejections(self) -> None:
+        self._rejections_timer = None
+        now = time.monotonic()
+        for summary in self.rejections.flush(now):
+            self.log.warning(
+                "client_messages_rejected",
+                client=summary.source,
+                count=summary.count,
+                over_s=round(now - summary.since, 1),
+                last_error=summary.last_error,
+            )
+        due = self.rejections.next_flush()
+        if due is not None:
+            self._rejections_timer = self.loop.call_later(max(0.0, due - now), self._io_log_rejections)
 
     def _io_dispatch(self, conn: bytes, message: Any) -> None:
         if isinstance(message, Submit):

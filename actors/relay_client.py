@@ -69,6 +69,7 @@ from meshnet.protocol import (
     encode_inner_parts,
     frame_limit,
 )
+from meshnet.rejections import RejectionLog
 from meshnet.relay_link import RelayLink
 
 log = structlog.get_logger("meshnet.relay_client")
@@ -144,6 +145,7 @@ class RelayClientActor(NodeActor):
         self.ledger_idle.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
         self._refusal_logged = -1
+        self.rejections = RejectionLog()
         #: Answers sent lately (job id -> (peer, result)), oldest first, within a byte
         #: budget; and answers waiting for the relay to know this node again.
         self.sent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
@@ -314,7 +316,7 @@ class RelayClientActor(NodeActor):
         try:
             message = decode(frames, RELAY_TO_NODE, max_body=self.max_payload + BODY_SLACK)
         except ProtocolError as exc:
-            self.log.warning("relay_message_rejected", error=str(exc))
+            self._rejected("relay", "relay_message_rejected", str(exc))
             return
         if isinstance(message, Deliver):
             self._on_deliver(message)
@@ -357,9 +359,10 @@ class RelayClientActor(NodeActor):
 
     def _on_error(self, message: Error) -> None:
         if message.code == "not_registered":
-            self.log.info("relay_forgot_us", message=message.message)
-            self._fail_peer_queries("the relay did not know this node; it is registering again")
-            self._register()
+            if self.link.on_not_registered(time.monotonic()):
+                self.log.info("relay_forgot_us", message=message.message, action="registering again")
+                self._fail_peer_queries("the relay did not know this node; it is registering again")
+                self._register()
         else:
             self.log.error("relay_error", code=message.code, message=message.message)
 
@@ -399,7 +402,7 @@ class RelayClientActor(NodeActor):
         """A sealed message failed to open (altered in transit, or not sealed by its
         claimed sender). A job is refused back to its sender; an unreadable answer ends
         our own job, and is never answered, so that no exchange can loop."""
-        self.log.warning("sealed_message_rejected", sender=message.sender, job_id=message.ref.hex(), error=error)
+        self._rejected(message.sender, "sealed_message_rejected", error, job_id=message.ref.hex())
         if message.op == "job" and len(message.ref) == JOB_ID_BYTES:
             refusal = Outcome.refused("invalid", f"the job's sealed message was rejected by {self.peer_id}: {error}")
             nonce = bytes(memoryview(message.body)[:NONCE_BYTES])
@@ -458,10 +461,25 @@ class RelayClientActor(NodeActor):
         for peer, result in held.values():
             self._send_result(peer, result)
 
+    def _rejected(self, source: str, event: str, error: str, **fields: Any) -> None:
+        """Log a rejected message if it is the first from ``source`` lately; count it
+        otherwise (summed up on the tick): a peer or relay sending garbage in a loop
+        must not fill the node's log."""
+        if self.rejections.on_rejected(source, error, time.monotonic()):
+            self.log.warning(event, source=source, error=error, **fields)
+
     # -- link --
 
     def _on_tick(self) -> None:
         now = time.monotonic()
+        for summary in self.rejections.flush(now):
+            self.log.warning(
+                "messages_rejected",
+                source=summary.source,
+                count=summary.count,
+                over_s=round(now - summary.since, 1),
+                last_error=summary.last_error,
+            )
         action = self.link.on_tick(now)
         if action == "ping":
             self.ping_seq += 1
@@ -606,7 +624,7 @@ class RelayClientActor(NodeActor):
                 except zmq.Again:
                     return
                 if frames is None:
-                    self.log.warning("relay_message_rejected", error=f"more than {MAX_FRAMES} frames")
+                    self._rejected("relay", "relay_message_rejected", f"a message of more than {MAX_FRAMES} frames")
                     continue
                 # Each message is handled as it is read: a job from a peer reaches a free
                 # worker before the rest of the batch is read.

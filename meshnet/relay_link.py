@@ -57,6 +57,17 @@ class RelayLink:
     def on_heard(self, now: float) -> None:
         self.last_heard = now
 
+    def on_not_registered(self, now: float) -> bool:
+        """The relay answered that it does not know this node (it restarted, or expired
+        us): True when a ``register`` should go out now. Every message the node had
+        queued draws the same answer; one ``register`` answers them all (a node once
+        sent 36 in 7 ms), so none is sent while one is on its way."""
+        if self.state is not LinkState.REGISTERED:
+            return False
+        self.state = LinkState.REGISTERING
+        self.last_heard = now
+        return True
+
     def on_tick(self, now: float) -> str | None:
         """``"lost"`` when the relay has been silent for ``liveness`` beats, ``"ping"``
         when registered and a heartbeat is due, else None."""

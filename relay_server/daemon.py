@@ -152,8 +152,8 @@ class RelayServer:
             except zmq.Again:
                 return
             if frames is None:
-                self.core.rejected += 1
-                self.log.warning("message_rejected", error=f"more than {MAX_FRAMES} frames")
+                # The routing id is the first frame, which recv_message does not keep here.
+                self.core.on_rejected(b"", f"a message of more than {MAX_FRAMES} frames", time.monotonic())
                 continue
             conn, data = frames[0].bytes, frames[1:]
             last = data[-1] if data else frames[0]

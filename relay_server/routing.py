@@ -39,6 +39,7 @@ from meshnet.protocol import (
     encode,
 )
 from meshnet.protocol.strict_cbor import count_items
+from meshnet.rejections import RejectionLog
 
 log = structlog.get_logger("meshnet.relay")
 
@@ -105,6 +106,7 @@ class RelayCore:
         self.by_conn: dict[bytes, str] = {}
         self.forwarded = 0
         self.rejected = 0
+        self.rejections = RejectionLog()
 
     # -- input --
 
@@ -118,8 +120,7 @@ class RelayCore:
         try:
             message = decode(frames, NODE_TO_RELAY, max_body=self.max_body)
         except ProtocolError as exc:
-            self.rejected += 1
-            log.warning("message_rejected", peer_id=self.by_conn.get(conn), error=str(exc))
+            self.on_rejected(conn, str(exc), now)
             return [self._reply(conn, Error(code=exc.code, message=str(exc)))]
         if isinstance(message, Register):
             return self._register(conn, key, message, observe(), now)
@@ -155,8 +156,25 @@ class RelayCore:
             bounce = replace(bounce, reason="relay_busy", message=f"peer {bounce.to}'s queue at the relay is full")
         return [self._reply(out.bounce_to, bounce)]
 
+    def on_rejected(self, conn: bytes, error: str, now: float) -> None:
+        """Count a message from ``conn`` that was refused; log it if it is the first
+        from there lately (the rest are summed up on the tick)."""
+        self.rejected += 1
+        source = self.by_conn.get(conn) or f"connection {conn.hex()}"
+        if self.rejections.on_rejected(source, error, now):
+            log.warning("message_rejected", source=source, error=error)
+
     def on_tick(self, now: float) -> list[Outgoing]:
-        """Expire nodes silent for ``liveness`` heartbeats; tell their correspondents."""
+        """Expire nodes silent for ``liveness`` heartbeats; tell their correspondents.
+        Log the rejections counted since the last summary."""
+        for summary in self.rejections.flush(now):
+            log.warning(
+                "messages_rejected",
+                source=summary.source,
+                count=summary.count,
+                over_s=round(now - summary.since, 1),
+                last_error=summary.last_error,
+            )
         limit = self.heartbeat * self.liveness
         out: list[Outgoing] = []
         for entry in [e for e in self.nodes.values() if now - e.last_seen > limit]:
@@ -194,8 +212,7 @@ class RelayCore:
 
     def _register(self, conn: bytes, key: bytes, message: Register, observed: str, now: float) -> list[Outgoing]:
         if curve_public_z85(message.peer_id) != key:
-            self.rejected += 1
-            log.warning("register_refused", claimed=message.peer_id, reason="key does not match peer id")
+            self.on_rejected(conn, f"register as {message.peer_id} refused: key does not match peer id", now)
             return [
                 self._reply(
                     conn,
@@ -206,8 +223,7 @@ class RelayCore:
                 )
             ]
         if self.allowed_peers is not None and message.peer_id not in self.allowed_peers:
-            self.rejected += 1
-            log.warning("register_refused", claimed=message.peer_id, reason="peer id not in allowed_peers")
+            self.on_rejected(conn, f"register as {message.peer_id} refused: peer id not in allowed_peers", now)
             error = Error(code="identity_mismatch", message=f"peer id {message.peer_id} is not in allowed_peers")
             return [self._reply(conn, error)]
         out: list[Outgoing] = []

@@ -137,3 +137,24 @@ def test_backoff_stays_capped_after_very_many_failures():
     relay = link(backoff_min=0.1, backoff_max=5.0)
     for _ in range(1100):
         assert relay.on_lost() <= 5.0
+
+
+def test_relay_forgetting_us_draws_one_register_for_many_answers():
+    relay = link()
+    relay.connecting(0.0)
+    relay.on_registered("1.2.3.4:5", 1.0, 0.0)
+    # The relay restarted: each queued message is answered "not_registered".
+    answers = [relay.on_not_registered(10.0 + i * 0.0002) for i in range(36)]
+    assert answers == [True] + [False] * 35
+    assert relay.state is LinkState.REGISTERING and not relay.registered
+    relay.on_registered("1.2.3.4:5", 1.0, 10.1)
+    assert relay.on_not_registered(20.0)  # a later episode registers again
+
+
+def test_an_unanswered_register_after_not_registered_ends_in_a_loss():
+    relay = link()
+    relay.connecting(0.0)
+    relay.on_registered("", 1.0, 0.0)
+    assert relay.on_not_registered(10.0)
+    assert relay.on_tick(12.0) is None  # registering: no pings
+    assert relay.on_tick(13.5) == "lost"  # the relay never answered: reconnect afresh
