@@ -38,7 +38,9 @@ from actors.messages import (
     Tick,
 )
 from actors.socket_loop import SocketLoop, recv_message, send_message
+from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.errors import ProtocolError, SealError
+from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.ledger import DEADLINE_GRACE, ForwardedJob, ForwardLedger
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
@@ -49,6 +51,7 @@ from meshnet.protocol import (
     NODE_TO_NODE,
     NONCE_BYTES,
     RELAY_TO_NODE,
+    Ack,
     Deliver,
     Error,
     Job,
@@ -118,6 +121,7 @@ class RelayClientActor(NodeActor):
         listen: list[str],
         context: zmq.Context,
         loop: SocketLoop | None = None,
+        max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
     ):
         super().__init__()
         self.identity = identity
@@ -129,6 +133,14 @@ class RelayClientActor(NodeActor):
         self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
         self.ledger = ForwardLedger()
         self.max_payload = max_payload
+        #: The largest deliver body this node decodes: told to the relay, which refuses
+        #: larger sends to us (our socket would drop the connection past it).
+        self.max_deliver_body = max_payload + BODY_SLACK
+        #: Bytes in flight each way on the link (meshnet.flow), and what waits for room.
+        self.flow = LinkFlow()
+        self.queue = SendQueue(budget=max_queued_bytes)
+        #: The largest send body the relay takes (from its ``registered``).
+        self.relay_max_body: int | None = None
         self.capabilities = capabilities
         self.listen = listen
         self.context = context
@@ -207,6 +219,8 @@ class RelayClientActor(NodeActor):
             "connects": self.link.connects,
             "forwarded_in_flight": len(self.ledger.jobs),
             "forwarded": dict(self.ledger.counts),
+            "unacknowledged_bytes": self.flow.in_flight,
+            "queued_bytes": self.queue.size,
         }
 
     # -- messages --
@@ -231,14 +245,14 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, CancelJob):
             job = self.ledger.jobs.get(message.job_id)
             if job is not None and message.requester == job.origin:
-                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+                self._send_cancel(job.peer, job.id)
         elif isinstance(message, QueryPeers):
             if not self.link.registered:
                 message.reply(None, f"not connected to the relay at {self.endpoint}")
             else:
                 self.peers_seq += 1
                 self.pending_peers[self.peers_seq] = (message.reply, time.monotonic() + PEERS_QUERY_TIMEOUT)
-                self._send(encode(PeersRequest(seq=self.peers_seq)))
+                self._send_control(encode(PeersRequest(seq=self.peers_seq)))
         elif isinstance(message, SendFailed):
             if message.generation == self.generation:
                 self._settle(message.ref, Outcome.refused("relay_busy", "the link to the relay is congested"))
@@ -259,7 +273,7 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, Abort):
             for job in list(self.ledger.jobs.values()):
                 if self.link.registered:
-                    self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+                    self._send_cancel(job.peer, job.id)
                 self._settle(job.id, Outcome("cancelled", error_type="Cancelled", message=message.reason))
         self._update_ledger_idle()
         return True
@@ -290,21 +304,57 @@ class RelayClientActor(NodeActor):
             return
         # The payload (a client's frame) is copied once: into the sealed message.
         inner = Job(id=job.id, kind=job.kind, timeout=job.timeout, payload=job.payload)
-        entry.nonce = bytes(self._send_sealed(peer, job.id, inner)[:NONCE_BYTES])
+        sealed = self.sealer.seal_parts(peer, encode_inner_parts(inner))
+        entry.nonce = bytes(sealed[:NONCE_BYTES])
+        if self.relay_max_body is not None and len(sealed) > self.relay_max_body:
+            too_large = f"the sealed job is {len(sealed)} bytes; the relay takes at most {self.relay_max_body}"
+            self._settle(job.id, Outcome.refused("too_large", too_large))
+            return
+        frames = encode(Send(to=peer, ref=job.id, op="job", body=sealed))
+        if not self._send_flowed(Queued(frames, frames_size(frames), job.id, "job", peer)):
+            busy = (
+                f"{self.queue.size} bytes of jobs and results already wait for the link to the relay "
+                f"(relay.max_queued_bytes is {self.queue.budget})"
+            )
+            self._settle(job.id, Outcome.refused("relay_busy", busy))
 
     def _settle(self, job_id: bytes, outcome: Outcome, *, peer: str | None = None) -> None:
         job = self.ledger.settle(job_id, outcome.status, peer=peer)
         if job is None:
             return
+        self._withdraw(job_id)
         log_job_end(self.log, job_id, job.kind, outcome, to=job.peer)
         job.reply(outcome)
 
-    def _send_sealed(self, peer: str, ref: bytes, inner: Job | JobResult | JobCancel) -> bytearray:
-        """Seal ``inner`` for ``peer`` and send it; return the sealed body."""
-        sealed = self.sealer.seal_parts(peer, encode_inner_parts(inner))
-        op = "job" if isinstance(inner, Job) else "result" if isinstance(inner, JobResult) else "cancel"
-        self._send(encode(Send(to=peer, ref=ref, op=op, body=sealed)), ref=ref if op == "job" else None)
-        return sealed
+    def _withdraw(self, job_id: bytes) -> None:
+        """A job that ended is not sent if it still waits for room on the link."""
+        if self.queue.entries:
+            self.queue.withdraw(job_id, "job")
+
+    def _send_cancel(self, peer: str, job_id: bytes) -> None:
+        sealed = self.sealer.seal_parts(peer, encode_inner_parts(JobCancel(id=job_id)))
+        frames = encode(Send(to=peer, ref=job_id, op="cancel", body=sealed))
+        if not self._send_flowed(Queued(frames, frames_size(frames), job_id, "cancel", peer)):
+            self.log.warning("cancel_not_sent", job_id=job_id.hex(), to=peer, reason="the queue to the relay is full")
+
+    def _send_flowed(self, item: Queued) -> bool:
+        """Send a job, result or cancel if the link's window has room and nothing waits
+        before it; else queue it (False when the queue's budget is spent)."""
+        if not self.queue.entries and self.flow.may_send(item.size):
+            self.flow.on_sent(item.size)
+            self._io_send(self.generation, item.frames, item.ref if item.op == "job" else None, item.size)
+            return True
+        if not self.queue.fits(item.size):
+            return False
+        self.queue.push(item)
+        return True
+
+    def _drain_queue(self) -> None:
+        """Send what waits, as far as the window now allows."""
+        for item in self.queue.pop_sendable(self.flow):
+            self._io_send(self.generation, item.frames, item.ref if item.op == "job" else None, item.size)
+        if not self.queue.entries and self.unsent_results and self.link.registered:
+            self._flush_results()
 
     # -- incoming --
 
@@ -314,17 +364,27 @@ class RelayClientActor(NodeActor):
             return  # from a socket replaced since
         self.link.on_heard(time.monotonic())
         try:
-            message = decode(frames, RELAY_TO_NODE, max_body=self.max_payload + BODY_SLACK)
+            message = decode(frames, RELAY_TO_NODE, max_body=self.max_deliver_body)
         except ProtocolError as exc:
+            self._count_received(frames)
             self._rejected("relay", "relay_message_rejected", str(exc))
             return
+        if isinstance(message, Ack):
+            self.flow.on_ack(message.received)
+            self._drain_queue()
+            return
+        self._count_received(frames)
         if isinstance(message, Deliver):
             self._on_deliver(message)
         elif isinstance(message, Pong):
             pass
         elif isinstance(message, Registered):
             self.link.on_registered(message.observed, message.heartbeat, time.monotonic())
+            # Both ends count the link's bytes from the message after this one.
+            self.flow.reset(message.window or DEFAULT_WINDOW)
+            self.relay_max_body = message.max_body
             self.log.info("relay_registered", observed=message.observed)
+            self._drain_queue()
             self._flush_results()
         elif isinstance(message, Unroutable):
             self._on_unroutable(message)
@@ -341,6 +401,14 @@ class RelayClientActor(NodeActor):
         elif isinstance(message, Error):
             self._on_error(message)
 
+    def _count_received(self, frames: list[Any]) -> None:
+        """Count a message read from the relay; acknowledge when a quarter window is in."""
+        if not self.link.registered:
+            return
+        received = self.flow.on_received(frames_size(frames))
+        if received is not None:
+            self._io_send(self.generation, encode(Ack(received=received)), None, 0)
+
     def _on_unroutable(self, message: Unroutable) -> None:
         if message.op == "job":  # never delivered: the peer never saw it
             self._settle(message.ref, Outcome.refused(message.reason, message.message), peer=message.to)
@@ -352,10 +420,23 @@ class RelayClientActor(NodeActor):
             if held is not None:
                 self.sent_bytes -= len(held[1].result or b"")
                 self._hold_result(*held)
+        elif message.op == "result" and message.reason == "too_large" and self._is_sent_success(message.ref):
+            # The result is more than its submitter takes: tell it so, in a few bytes,
+            # rather than leave its job to time out.
+            peer, result = self.sent_results.pop(message.ref)
+            self.sent_bytes -= len(result.result or b"")
+            why = f"the result could not be delivered: {message.message}"
+            failure = Outcome("failed", error_type="ResultTooLarge", message=why)
+            self.log.warning("result_too_large", job_id=message.ref.hex(), to=peer, error=message.message)
+            self._send_result(peer, JobResult(id=result.id, status="failed", error=failure.error))
         else:  # an answer whose asker is gone, or a cancel the relay could not pass on now
             self.log.warning(
                 "undeliverable", op=message.op, job_id=message.ref.hex(), to=message.to, reason=message.reason
             )
+
+    def _is_sent_success(self, job_id: bytes) -> bool:
+        held = self.sent_results.get(job_id)
+        return held is not None and held[1].status == "succeeded"
 
     def _on_error(self, message: Error) -> None:
         if message.code == "not_registered":
@@ -370,7 +451,7 @@ class RelayClientActor(NodeActor):
         sender = message.sender
         try:
             plaintext = self.sealer.open(sender, message.body)
-            inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_payload + BODY_SLACK)
+            inner = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_deliver_body)
         except (SealError, ProtocolError) as exc:
             self._on_unreadable(message, str(exc))
             return
@@ -439,7 +520,11 @@ class RelayClientActor(NodeActor):
         if not self.link.registered:
             self._hold_result(peer, result)
             return
-        self._send_sealed(peer, result.id, result)
+        sealed = self.sealer.seal_parts(peer, encode_inner_parts(result))
+        frames = encode(Send(to=peer, ref=result.id, op="result", body=sealed))
+        if not self._send_flowed(Queued(frames, frames_size(frames), result.id, "result", peer, result)):
+            self._hold_result(peer, result)  # sent once the queue has room again
+            return
         self.sent_results[result.id] = (peer, result)
         self.sent_bytes += len(result.result or b"")
         while self.sent_bytes > RESEND_BUDGET_BYTES or len(self.sent_results) > 4096:
@@ -483,7 +568,7 @@ class RelayClientActor(NodeActor):
         action = self.link.on_tick(now)
         if action == "ping":
             self.ping_seq += 1
-            self._send(encode(Ping(seq=self.ping_seq)))
+            self._send_control(encode(Ping(seq=self.ping_seq)))
         elif action == "lost":
             self._on_lost()
         for seq in [s for s, (_, deadline) in self.pending_peers.items() if deadline <= now]:
@@ -496,8 +581,9 @@ class RelayClientActor(NodeActor):
             )
             log_job_end(self.log, job.id, job.kind, outcome, to=job.peer)
             job.reply(outcome)
+            self._withdraw(job.id)
             if self.link.registered:  # the peer may still be running it: it need not
-                self._send_sealed(job.peer, job.id, JobCancel(id=job.id))
+                self._send_cancel(job.peer, job.id)
         self._schedule_tick()
 
     def _on_handshake_failed(self, message: HandshakeFailed) -> None:
@@ -531,6 +617,9 @@ class RelayClientActor(NodeActor):
                 Outcome("peer_lost", error_type="PeerLost", message="the node lost its connection to the relay"),
             )
         self._fail_peer_queries("the node lost its connection to the relay")
+        for item in self.queue.clear():
+            if item.op == "result":  # sent again once registered anew
+                self._hold_result(item.peer, item.extra)
         self.generation += 1
         self._io_close()
         self.loop.call_later(delay, self._handle, Reconnect())
@@ -542,14 +631,19 @@ class RelayClientActor(NodeActor):
         self._register()
 
     def _register(self) -> None:
-        register = Register(peer_id=self.peer_id, caps=self.capabilities, listen=self.listen)
-        self._send(encode(register))
+        register = Register(
+            peer_id=self.peer_id, caps=self.capabilities, listen=self.listen, max_body=self.max_deliver_body
+        )
+        self._io_send(self.generation, encode(register), None, 0)  # counting starts after it
 
     def _schedule_tick(self) -> None:
         self.loop.call_later(min(self.link.heartbeat, 1.0), self._handle, Tick())
 
-    def _send(self, frames: list[Any], ref: bytes | None = None) -> None:
-        self._io_send(self.generation, frames, ref)
+    def _send_control(self, frames: list[Any]) -> None:
+        """A small message outside the window's gate (ping, peers): counted, never held."""
+        size = frames_size(frames) if self.link.registered else 0
+        self.flow.on_sent(size)
+        self._io_send(self.generation, frames, None, size)
 
     # -- loop thread --
 
@@ -561,7 +655,7 @@ class RelayClientActor(NodeActor):
         sock.curve_secretkey = secret
         sock.curve_serverkey = curve_public_z85(self.relay_peer_id)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_deliver_body))
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 1000)
         # The relay refusing our key shows only as a socket event: watch for it.
@@ -597,10 +691,11 @@ class RelayClientActor(NodeActor):
                 )
             )
 
-    def _io_send(self, generation: int, frames: list[Any], ref: bytes | None) -> None:
+    def _io_send(self, generation: int, frames: list[Any], ref: bytes | None, counted: int) -> None:
+        """Send ``frames``; ``counted`` is what they were counted for in the window, taken
+        back if they cannot be sent. A failed job (``ref``) is handled after the step that
+        sent it (which may still be recording it)."""
         sock = self._sock
-        # A failed send is handled after the step that sent it (which may still be
-        # recording the job it failed for).
         if sock is None or generation != self._sock_generation:
             if ref is not None:
                 self.loop.call_soon(self._handle, SendFailed(ref, generation))
@@ -608,6 +703,7 @@ class RelayClientActor(NodeActor):
         try:
             send_message(sock, frames)
         except zmq.ZMQError as exc:
+            self.flow.on_unsent(counted)
             self.log.warning("relay_send_failed", error=str(exc))
             if ref is not None:
                 self.loop.call_soon(self._handle, SendFailed(ref, generation))

@@ -85,6 +85,7 @@ class Node:
                         listen=config.relay.listen,
                         context=self.context,
                         loop=runner.loop,
+                        max_queued_bytes=config.relay.max_queued_bytes,
                     )
                 )
             else:

@@ -22,7 +22,8 @@ import tomli_w
 
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.identity import Identity, is_peer_id
-from meshnet.protocol.messages import capabilities
+from meshnet.flow import DEFAULT_WINDOW
+from meshnet.protocol.messages import addresses, capabilities
 from meshnet.protocol.strict_cbor import describe
 
 if sys.version_info >= (3, 11):
@@ -35,6 +36,8 @@ DEFAULT_RELAY_BIND = "tcp://127.0.0.1:7700"
 #: Largest job payload or result. Large enough for model inputs of a few tensors, small
 #: enough that a full queue (64 jobs) cannot exhaust a small device's memory by itself.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+#: Jobs and results a node keeps waiting for room on its link to the relay.
+DEFAULT_RELAY_QUEUE_BYTES = 128 * 1024 * 1024
 
 
 def default_config_path(name: str = "node.toml") -> Path:
@@ -87,6 +90,11 @@ def _peer_ids(value: Any) -> list[str]:
     if not isinstance(value, list):
         raise ValueError("a list of peer ids")
     return [_peer_id(v) for v in value]
+
+
+def _addresses(value: Any) -> list[str]:
+    # Sent to the relay in every register, within the wire's limits.
+    return addresses(value)
 
 
 def _strings(value: Any) -> list[str]:
@@ -170,7 +178,10 @@ class RelayLinkSection:
     reconnect_min: float = field(default=0.1, metadata=_check(_positive_number))
     reconnect_max: float = field(default=5.0, metadata=_check(_positive_number))
     #: Addresses where this node accepts direct connections, told to peers.
-    listen: list[str] = field(default_factory=list, metadata=_check(_strings))
+    listen: list[str] = field(default_factory=list, metadata=_check(_addresses))
+    #: Bytes of jobs and results waiting for room on the link to the relay (which takes
+    #: a window of bytes at a time); past it, jobs for peers are refused ``relay_busy``.
+    max_queued_bytes: int = field(default=DEFAULT_RELAY_QUEUE_BYTES, metadata=_check(_positive_int))
 
 
 @dataclass
@@ -205,6 +216,9 @@ class RelayServerSection:
     max_message_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES + 65536, metadata=_check(_positive_int))
     #: Messages queued per connected node before the relay answers ``unroutable: busy``.
     high_water_mark: int = field(default=1000, metadata=_check(_positive_int))
+    #: Bytes the relay holds for a node that has not read them (past it, messages to the
+    #: node are refused ``relay_busy``), and takes from a node before acknowledging them.
+    max_unread_bytes: int = field(default=DEFAULT_WINDOW, metadata=_check(_positive_int))
 
 
 @dataclass

@@ -72,6 +72,7 @@ class RelayServer:
             liveness=settings.liveness,
             max_body=settings.max_message_bytes,
             allowed_peers=frozenset(settings.allowed_peers) if settings.access == "allow-list" else None,
+            window=settings.max_unread_bytes,
         )
         # A context of its own: ZAP is per context, and a process may hold a relay and nodes.
         self.context = zmq.Context()

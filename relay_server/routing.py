@@ -18,11 +18,13 @@ import cbor2
 import structlog
 
 from meshnet.errors import ProtocolError
+from meshnet.flow import DEFAULT_WINDOW, LinkFlow, frames_size
 from meshnet.identity import curve_public_z85
 from meshnet.protocol import (
     MAX_LIST,
     NODE_TO_RELAY,
     RELAY_TO_NODE,
+    Ack,
     Deliver,
     Error,
     Message,
@@ -54,12 +56,14 @@ MAX_CORRESPONDENTS = 1024
 @dataclass
 class Outgoing:
     """Frames to send to connection ``conn``. If it cannot be delivered, ``bounce`` is
-    the ``Unroutable`` to return to connection ``bounce_to`` instead."""
+    the ``Unroutable`` to return to connection ``bounce_to`` instead. ``counted`` is
+    what the frames were counted for in the receiving node's window (0: not counted)."""
 
     conn: bytes
     frames: list[Any]
     bounce_to: bytes | None = None
     bounce: Unroutable | None = None
+    counted: int = 0
 
 
 @dataclass
@@ -73,6 +77,11 @@ class NodeEntry:
     since: float
     last_seen: float
     correspondents: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: The largest ``deliver`` body the node takes (its ``register.max_body``).
+    max_body: int = 0
+    #: Bytes each way on its connection (meshnet.flow): what the relay holds for it is
+    #: at most the window.
+    flow: LinkFlow = field(default_factory=LinkFlow)
     #: Encoded size and data items of ``describe()``, so that a peers reply can be kept
     #: within a header.
     described_size: int = 0
@@ -94,7 +103,15 @@ class NodeEntry:
 
 
 class RelayCore:
-    def __init__(self, *, heartbeat: float, liveness: int, max_body: int, allowed_peers: frozenset[str] | None = None):
+    def __init__(
+        self,
+        *,
+        heartbeat: float,
+        liveness: int,
+        max_body: int,
+        allowed_peers: frozenset[str] | None = None,
+        window: int = DEFAULT_WINDOW,
+    ):
         #: None in ``open`` mode. ZAP admits keys, but two peer ids (differing in the
         #: sign of their Ed25519 key) share each CurveZMQ key, so registration checks
         #: the peer id itself too.
@@ -102,11 +119,21 @@ class RelayCore:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_body = max_body
+        #: Bytes the relay holds for a node that has not read them, and takes from a node
+        #: before acknowledging them (meshnet.flow).
+        self.window = window
         self.nodes: dict[str, NodeEntry] = {}
         self.by_conn: dict[bytes, str] = {}
         self.forwarded = 0
         self.rejected = 0
+        #: Messages for nodes that were not reading (their window full): forwards bounced
+        #: ``relay_busy``, replies dropped.
+        self.held_back = 0
         self.rejections = RejectionLog()
+        #: Nodes that stopped reading, logged like rejections: a line, then counts.
+        self.stalls = RejectionLog()
+        #: The ``now`` of the input being handled.
+        self._now = 0.0
 
     # -- input --
 
@@ -117,11 +144,15 @@ class RelayCore:
 
         ``observe()`` returns the address the relay sees for the connection; it costs
         system calls, so it is called only when a node registers."""
+        self._now = now
         try:
             message = decode(frames, NODE_TO_RELAY, max_body=self.max_body)
         except ProtocolError as exc:
             self.on_rejected(conn, str(exc), now)
-            return [self._reply(conn, Error(code=exc.code, message=str(exc)))]
+            header = exc.header
+            if isinstance(header, Send):  # a job, result or cancel: named, so its sender can end it
+                return self._reply_to(conn, self._unroutable(header, exc.code, str(exc)))
+            return self._reply_to(conn, Error(code=exc.code, message=str(exc)))
         if isinstance(message, Register):
             return self._register(conn, key, message, observe(), now)
         peer_id = self.by_conn.get(conn)
@@ -129,32 +160,43 @@ class RelayCore:
         if entry is None or entry.key != key:
             out = [self._reply(conn, Error(code="not_registered", message="register before sending anything else"))]
             if isinstance(message, Send):  # the job it carries is answered, not lost
-                bounce = Unroutable(
-                    to=message.to,
-                    ref=message.ref,
-                    op=message.op,
-                    reason="no_relay",
-                    message="the relay did not know this node yet (it reconnected, or the relay restarted); resubmit",
+                bounce = self._unroutable(
+                    message,
+                    "no_relay",
+                    "the relay did not know this node yet (it reconnected, or the relay restarted); resubmit",
                 )
                 out.insert(0, self._reply(conn, bounce))
             return out
         entry.last_seen = now
+        if isinstance(message, Ack):
+            entry.flow.on_ack(message.received)
+            return []
+        out = []
+        received = entry.flow.on_received(frames_size(frames))
+        if received is not None:
+            out.append(Outgoing(conn, encode(Ack(received=received))))
         if isinstance(message, Ping):
-            return [self._reply(conn, Pong(seq=message.seq))]
-        if isinstance(message, Send):
-            return self._forward(entry, message, now)
-        assert isinstance(message, PeersRequest)
-        peers, more = self.describe_peers(now)
-        return [self._reply(conn, PeersReply(peers=peers, seq=message.seq, more=more or None))]
+            out += self._reply_to(entry, Pong(seq=message.seq))
+        elif isinstance(message, Send):
+            out += self._forward(entry, message, now)
+        else:
+            assert isinstance(message, PeersRequest)
+            peers, more = self.describe_peers(now)
+            out += self._reply_to(entry, PeersReply(peers=peers, seq=message.seq, more=more or None))
+        return out
 
     def on_undeliverable(self, out: Outgoing, *, queue_full: bool) -> list[Outgoing]:
         """The daemon could not send ``out``: its peer is gone, or its queue is full."""
+        if out.counted:
+            entry = self._entry(out.conn)
+            if entry is not None:
+                entry.flow.on_unsent(out.counted)
         if out.bounce is None or out.bounce_to is None:
             return []
         bounce = out.bounce
         if queue_full:
             bounce = replace(bounce, reason="relay_busy", message=f"peer {bounce.to}'s queue at the relay is full")
-        return [self._reply(out.bounce_to, bounce)]
+        return self._reply_to(out.bounce_to, bounce)
 
     def on_rejected(self, conn: bytes, error: str, now: float) -> None:
         """Count a message from ``conn`` that was refused; log it if it is the first
@@ -166,7 +208,8 @@ class RelayCore:
 
     def on_tick(self, now: float) -> list[Outgoing]:
         """Expire nodes silent for ``liveness`` heartbeats; tell their correspondents.
-        Log the rejections counted since the last summary."""
+        Log the rejections and stalls counted since the last summary."""
+        self._now = now
         for summary in self.rejections.flush(now):
             log.warning(
                 "messages_rejected",
@@ -175,6 +218,8 @@ class RelayCore:
                 over_s=round(now - summary.since, 1),
                 last_error=summary.last_error,
             )
+        for summary in self.stalls.flush(now):
+            log.warning("peer_not_reading", peer_id=summary.source, held_back=summary.count, last=summary.last_error)
         limit = self.heartbeat * self.liveness
         out: list[Outgoing] = []
         for entry in [e for e in self.nodes.values() if now - e.last_seen > limit]:
@@ -208,7 +253,43 @@ class RelayCore:
         return peers, len(self.nodes) - len(peers)
 
     def _reply(self, conn: bytes, message: Message) -> Outgoing:
+        """``message`` for a connection that is not registered (nothing is counted)."""
         return Outgoing(conn, encode(message))
+
+    def _reply_to(self, to: NodeEntry | bytes, message: Message) -> list[Outgoing]:
+        """``message`` for a node, counted in its window; dropped (and counted) when the
+        node is not reading what it was sent. A connection that is not registered gets it
+        uncounted."""
+        entry = self._entry(to) if isinstance(to, bytes) else to
+        if entry is None:
+            assert isinstance(to, bytes)
+            return [self._reply(to, message)]
+        frames = encode(message)
+        size = frames_size(frames)
+        if not entry.flow.may_send(size):
+            self._stalled(entry, f"a {message.TYPE} was dropped")
+            return []
+        entry.flow.on_sent(size)
+        return [Outgoing(entry.conn, frames, counted=size)]
+
+    def _entry(self, conn: bytes) -> NodeEntry | None:
+        peer_id = self.by_conn.get(conn)
+        return self.nodes.get(peer_id) if peer_id else None
+
+    def _stalled(self, entry: NodeEntry, what: str) -> None:
+        self.held_back += 1
+        if self.stalls.on_rejected(entry.peer_id, what, self._now):
+            log.warning(
+                "peer_not_reading",
+                peer_id=entry.peer_id,
+                unread_bytes=entry.flow.in_flight,
+                window=entry.flow.window,
+                action=what,
+            )
+
+    @staticmethod
+    def _unroutable(send: Send, reason: str, message: str) -> Unroutable:
+        return Unroutable(to=send.to, ref=send.ref, op=send.op, reason=reason, message=message)
 
     def _register(self, conn: bytes, key: bytes, message: Register, observed: str, now: float) -> list[Outgoing]:
         if curve_public_z85(message.peer_id) != key:
@@ -244,35 +325,59 @@ class RelayCore:
             since=old.since if old is not None else now,
             last_seen=now,
             correspondents=old.correspondents if old is not None else OrderedDict(),
+            max_body=min(self.max_body, message.max_body if message.max_body is not None else self.max_body),
+            flow=LinkFlow(self.window),
         )
         self.nodes[message.peer_id] = entry
         self.by_conn[conn] = message.peer_id
         log.info("peer_registered", peer_id=message.peer_id, observed=observed, reconnected=old is not None)
-        out.append(self._reply(conn, Registered(peer_id=message.peer_id, observed=observed, heartbeat=self.heartbeat)))
+        # Not counted: both ends count from the message after this one (meshnet.flow).
+        registered = Registered(
+            peer_id=message.peer_id,
+            observed=observed,
+            heartbeat=self.heartbeat,
+            max_body=self.max_body,
+            window=self.window,
+        )
+        out.append(self._reply(conn, registered))
         return out
 
     def _forward(self, sender: NodeEntry, message: Send, now: float) -> list[Outgoing]:
-        bounce = Unroutable(
-            to=message.to,
-            ref=message.ref,
-            op=message.op,
-            reason="peer_not_connected",
-            message=f"peer {message.to} is not connected to the relay",
-        )
         target = self.nodes.get(message.to)
         if target is None:
-            return [self._reply(sender.conn, bounce)]
+            bounce = self._unroutable(message, "peer_not_connected", f"peer {message.to} is not connected to the relay")
+            return self._reply_to(sender, bounce)
+        size = len(message.body)
+        if size > target.max_body:
+            # Past it the node's socket would drop its connection to the relay, and
+            # every job in flight on it: refused here, to the sender, naming the limit.
+            too_large = f"the sealed message is {size} bytes; peer {message.to} takes at most {target.max_body}"
+            return self._reply_to(sender, self._unroutable(message, "too_large", too_large))
+        deliver = encode(Deliver(sender=sender.peer_id, ref=message.ref, op=message.op, body=message.body))
+        counted = frames_size(deliver)
+        if not target.flow.may_send(counted):
+            self._stalled(target, f"a {message.op} from {sender.peer_id} was refused relay_busy")
+            busy = (
+                f"peer {message.to} has not read the {target.flow.in_flight} bytes the relay sent it "
+                f"(it holds at most {target.flow.window} for a peer)"
+            )
+            return self._reply_to(sender, self._unroutable(message, "relay_busy", busy))
+        target.flow.on_sent(counted)
         target.correspondents[sender.peer_id] = None
         target.correspondents.move_to_end(sender.peer_id)
         if len(target.correspondents) > MAX_CORRESPONDENTS:
             target.correspondents.popitem(last=False)
         self.forwarded += 1
-        deliver = Deliver(sender=sender.peer_id, ref=message.ref, op=message.op, body=message.body)
-        return [Outgoing(target.conn, encode(deliver), bounce_to=sender.conn, bounce=bounce)]
+        bounce = self._unroutable(message, "peer_not_connected", f"peer {message.to} is not connected to the relay")
+        return [Outgoing(target.conn, deliver, bounce_to=sender.conn, bounce=bounce, counted=counted)]
 
     def _remove(self, entry: NodeEntry) -> list[Outgoing]:
         self.nodes.pop(entry.peer_id, None)
         if self.by_conn.get(entry.conn) == entry.peer_id:
             del self.by_conn[entry.conn]
-        notice = encode(PeerDown(peer_id=entry.peer_id))
-        return [Outgoing(self.nodes[peer].conn, list(notice)) for peer in entry.correspondents if peer in self.nodes]
+        notice = PeerDown(peer_id=entry.peer_id)
+        out: list[Outgoing] = []
+        for peer in entry.correspondents:
+            if peer in self.nodes:
+                out += self._reply_to(self.nodes[peer], notice)
+        return out

@@ -52,6 +52,7 @@ __all__ = [
     "Error",
     "Register",
     "Registered",
+    "Ack",
     "Ping",
     "Pong",
     "Send",
@@ -422,11 +423,16 @@ class Error(Message):
 
 @dataclass(frozen=True)
 class Register(Message):
+    """``max_body``: the largest ``deliver`` body this node takes (its socket drops the
+    connection past that, plus room for framing): the relay refuses larger ``send``s to
+    it with ``too_large``. Absent: the relay's own limit."""
+
     TYPE = "register"
-    RULES = {"peer_id": peer_id, "caps": capabilities, "listen": addresses}
+    RULES = {"peer_id": peer_id, "caps": capabilities, "listen": addresses, "max_body": optional(seq)}
     peer_id: str
     caps: dict[str, Any] = field(default_factory=dict)
     listen: list[str] = field(default_factory=list)
+    max_body: int | None = None
 
 
 @dataclass(frozen=True)
@@ -454,11 +460,33 @@ class Send(Message):
 
 @dataclass(frozen=True)
 class Registered(Message):
+    """``max_body``: the largest ``send`` body the relay takes. ``window``: the bytes
+    each end may have in flight on this link before the other acknowledges them
+    (``ack``); see :mod:`meshnet.flow`."""
+
     TYPE = "registered"
-    RULES = {"peer_id": peer_id, "observed": text, "heartbeat": seconds}
+    RULES = {
+        "peer_id": peer_id,
+        "observed": text,
+        "heartbeat": seconds,
+        "max_body": optional(seq),
+        "window": optional(seq),
+    }
     peer_id: str
     observed: str
     heartbeat: float
+    max_body: int | None = None
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Flow control, both ways on a relay link: ``received`` bytes of messages (``ack``
+    not counted) read since registration (:mod:`meshnet.flow`)."""
+
+    TYPE = "ack"
+    RULES = {"received": seq}
+    received: int
 
 
 @dataclass(frozen=True)
@@ -566,7 +594,7 @@ NODE_TO_CLIENT = MessageTable(
 )
 #: A register carries capabilities (at most 256 values) and listen addresses.
 NODE_TO_RELAY = MessageTable(
-    "node to relay", Register, Ping, Send, PeersRequest, header_bytes=64 * 1024, items=4096
+    "node to relay", Register, Ping, Send, PeersRequest, Ack, header_bytes=64 * 1024, items=4096
 )
 RELAY_TO_NODE = MessageTable(
     "relay to node",
@@ -577,6 +605,7 @@ RELAY_TO_NODE = MessageTable(
     PeerDown,
     PeersReply,
     Error,
+    Ack,
     header_bytes=MAX_HEADER_BYTES,
     items=MAX_LIST_ITEMS,
 )

@@ -31,6 +31,8 @@ SECTIONS = {
         "allowed_peers",
         "max_message_bytes",
         "high_water_mark",
+        "max_unread_bytes",
+        "max_queued_bytes",
     ],
     "jobs": [
         "enabled",

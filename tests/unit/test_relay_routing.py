@@ -11,6 +11,7 @@ from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import (
     PROTOCOL_VERSION,
     RELAY_TO_NODE,
+    Ack,
     Deliver,
     Error,
     PeerDown,
@@ -92,7 +93,9 @@ def table(core):
 def test_register_with_the_matching_key_is_answered_registered(core, a):
     out = only(register(core, a))
     assert out.conn == a.conn
-    assert read(out) == Registered(peer_id=a.peer_id, observed=OBSERVED, heartbeat=HEARTBEAT)
+    assert read(out) == Registered(
+        peer_id=a.peer_id, observed=OBSERVED, heartbeat=HEARTBEAT, max_body=MAX_BODY, window=core.window
+    )
     assert core.nodes[a.peer_id].conn == a.conn
     assert core.by_conn[a.conn] == a.peer_id
 
@@ -264,7 +267,6 @@ MALFORMED = {
     "unknown-field": [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "ping", "seq": 0, "x": 1})],
     "bad-seq": [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "ping", "seq": -1})],
     "ping-with-body": [*encode(Ping(seq=0)), b"x"],
-    "send-without-body": [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "send", "to": SOMEONE, "ref": REF, "op": "job"})],
     "three-frames": [b"", b"", b""],
     "no-frames": [],
 }
@@ -283,13 +285,138 @@ def test_malformed_frames_get_error_invalid_and_leave_the_table_unchanged(core, 
     assert core.rejected == 1
 
 
-def test_oversized_body_gets_error_too_large(core, a, b):
+def test_send_without_body_is_bounced_invalid_naming_its_job(core, a, b):
+    register(core, a)
+    register(core, b)
+    frames = [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "send", "to": b.peer_id, "ref": REF, "op": "job"})]
+    reply = read(only(send_from(core, a, frames)))
+    assert isinstance(reply, Unroutable) and reply.ref == REF and reply.op == "job" and reply.reason == "invalid"
+    assert core.rejected == 1
+
+
+def test_oversized_body_is_bounced_too_large_naming_the_relay_limit(core, a, b):
     register(core, a)
     register(core, b)
     out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * (MAX_BODY + 1))))
     assert out.conn == a.conn
     reply = read(out)
-    assert isinstance(reply, Error) and reply.code == "too_large"
+    assert isinstance(reply, Unroutable) and reply.reason == "too_large" and reply.ref == REF
+    assert str(MAX_BODY) in reply.message
+
+
+def test_body_over_the_receiving_nodes_limit_is_bounced_too_large(core, a, b):
+    register(core, a)
+    send_from(core, b, Register(peer_id=b.peer_id, max_body=100))
+    assert core.nodes[b.peer_id].max_body == 100
+    reply = read(only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * 101))))
+    assert isinstance(reply, Unroutable) and reply.reason == "too_large" and "at most 100" in reply.message
+    delivered = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * 100)))
+    assert delivered.conn == b.conn and isinstance(read(delivered), Deliver)
+
+
+def test_a_node_announcing_more_than_the_relay_takes_is_held_to_the_relay_limit(core, a):
+    send_from(core, a, Register(peer_id=a.peer_id, max_body=10 * MAX_BODY))
+    assert core.nodes[a.peer_id].max_body == MAX_BODY
+
+
+# -- flow control: the relay holds at most a window of unread bytes for a node --
+
+
+def window_core(window):
+    return RelayCore(heartbeat=HEARTBEAT, liveness=LIVENESS, max_body=MAX_BODY, window=window)
+
+
+def no_acks(outs):
+    """What the relay sent but its acknowledgements of what it read."""
+    return [out for out in outs if not isinstance(read(out), Ack)]
+
+
+def send_job(core, sender, to, size, ref=REF):
+    """The one thing the relay sends for a job of ``size`` bytes (acks aside)."""
+    return only(no_acks(send_from(core, sender, Send(to=to.peer_id, ref=ref, op="job", body=b"x" * size))))
+
+
+def test_forwards_beyond_a_nodes_unread_window_are_bounced_relay_busy():
+    core = window_core(2000)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    delivered = []
+    bounced = []
+    for i in range(10):
+        out = send_job(core, a, b, 500, ref=bytes([i]) * 16)
+        (delivered if out.conn == b.conn else bounced).append(out)
+    assert len(delivered) == 3  # 3 deliveries of ~600 bytes fit in 2000
+    assert all(read(out).reason == "relay_busy" for out in bounced)
+    assert "has not read" in read(bounced[0]).message
+    assert core.nodes[b.peer_id].flow.in_flight == sum(out.counted for out in delivered)
+    assert core.held_back == 7
+
+
+def test_an_ack_opens_the_window_again():
+    core = window_core(2000)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    sent = [send_job(core, a, b, 500) for _ in range(3)]
+    assert read(send_job(core, a, b, 500)).reason == "relay_busy"
+    assert send_from(core, b, Ack(received=sum(out.counted for out in sent))) == []
+    assert send_job(core, a, b, 500).conn == b.conn
+
+
+def test_an_ack_for_more_than_was_sent_counts_as_everything():
+    core = window_core(2000)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    send_job(core, a, b, 500)
+    send_from(core, b, Ack(received=10**12))
+    assert core.nodes[b.peer_id].flow.in_flight == 0
+
+
+def test_one_message_larger_than_the_window_goes_when_nothing_is_in_flight():
+    core = window_core(100)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    assert send_job(core, a, b, 900).conn == b.conn
+    assert read(send_job(core, a, b, 1)).reason == "relay_busy"
+
+
+def test_replies_to_a_node_that_does_not_read_them_are_dropped():
+    core = window_core(1000)
+    a = Node(b"conn-a")
+    register(core, a)
+    answered = sum(len(no_acks(send_from(core, a, Ping(seq=i)))) for i in range(200))
+    assert answered < 200
+    assert core.held_back == 200 - answered
+
+
+def test_the_relay_acknowledges_what_it_reads_every_quarter_window():
+    core = window_core(4000)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    acks = []
+    for _ in range(20):
+        for out in send_from(core, a, Send(to=b.peer_id, ref=REF, op="cancel", body=b"x" * 100)):
+            if out.conn == a.conn:
+                acks.append(read(out))
+        send_from(core, b, Ack(received=core.nodes[b.peer_id].flow.sent))
+    assert acks and all(isinstance(ack, Ack) for ack in acks)
+    assert acks[-1].received == core.nodes[a.peer_id].flow.acked
+    assert 2 <= len(acks) <= 4
+
+
+def test_undeliverable_counted_messages_are_taken_out_of_the_window():
+    core = window_core(10_000)
+    a, b = Node(b"conn-a"), Node(b"conn-b")
+    register(core, a)
+    register(core, b)
+    out = send_job(core, a, b, 500)
+    assert core.nodes[b.peer_id].flow.in_flight == out.counted
+    core.on_undeliverable(out, queue_full=True)
+    assert core.nodes[b.peer_id].flow.in_flight == 0
 
 
 def test_malformed_register_does_not_register(core, a):
