@@ -10,11 +10,13 @@ which may wait without holding up the socket.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -25,10 +27,12 @@ from actors.base import NodeActor
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, Drain, QueryPeers, RunThere
 from actors.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
-from meshnet.endpoints import is_local_endpoint
-from meshnet.errors import ConfigError, ProtocolError
+from meshnet.endpoints import bind_failure, is_local_endpoint
+from meshnet.errors import ConfigError, ProtocolError, StartupError
+from meshnet.flow import frames_size
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, Outboxes
 from meshnet.protocol import (
     CLIENT_TO_NODE,
     MAX_FRAMES,
@@ -93,13 +97,14 @@ class ClientApiActor(NodeActor):
         endpoint: str,
         allowed_clients: list[str],
         book: JobBook,
-        relay: Callable[[Any], None] | None,
         status: Callable[[], dict[str, Any]],
         default_timeout: float,
         max_timeout: float,
         max_payload: int,
         context: zmq.Context,
         loop: SocketLoop | None = None,
+        config_path: Path | None = None,
+        max_unread: int = DEFAULT_MAX_UNREAD_BYTES,
     ):
         super().__init__()
         if not is_local_endpoint(endpoint) and not allowed_clients:
@@ -112,7 +117,9 @@ class ClientApiActor(NodeActor):
         self.requested_endpoint = endpoint
         self.allowed_clients = allowed_clients
         self.book = book
-        self.relay = relay
+        #: Where jobs for other peers go; None: no relay configured. Set by :meth:`serve`.
+        self.relay: Callable[[Any], None] | None = None
+        self.config_path = config_path
         self.gather_status = status
         self.default_timeout = default_timeout
         self.max_timeout = max_timeout
@@ -128,10 +135,17 @@ class ClientApiActor(NodeActor):
         self._router: zmq.Socket | None = None
         self.rejections = RejectionLog()
         self._rejections_timer: TimerHandle | None = None
+        self.outboxes = Outboxes(max_unread)
+        self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
 
-    def open(self) -> str:
-        """Bind the endpoint; raise ``ConfigError`` (to the asker) if it cannot be."""
+    def bind(self) -> str:
+        """Bind the endpoint, without reading from it yet (:meth:`serve` does); raise
+        ``StartupError`` (to the asker) if it cannot be bound.
+
+        The supervisor binds before the relay client connects: a node that cannot serve
+        its clients (a second node on the same endpoint) stops before it registers
+        anywhere, and so never displaces a running node of the same identity."""
         if self.allowed_clients:
             self._auth = ThreadAuthenticator(self.context)
             self._auth.start()
@@ -140,16 +154,21 @@ class ClientApiActor(NodeActor):
         if self._owns_loop:
             self.loop.start()
         try:
-            self.endpoint = self.loop.run_sync(self._io_open)
-        except ConfigError:
+            self.endpoint = self.loop.run_sync(self._io_bind)
+        except StartupError:
             if self._owns_loop:
                 self.loop.stop()
             if self._auth is not None:
                 self._auth.stop()
                 self._auth = None
             raise
-        self.log.info("api_listening", endpoint=self.endpoint, curve=bool(self.allowed_clients))
         return self.endpoint
+
+    def serve(self, relay: Callable[[Any], None] | None) -> None:
+        """Start reading the bound endpoint; jobs for other peers go to ``relay`` (None
+        when no relay is configured)."""
+        self.loop.run_sync(self._io_serve, relay)
+        self.log.info("api_listening", endpoint=self.endpoint, curve=bool(self.allowed_clients))
 
     def on_stop(self) -> None:
         if self._owns_loop:
@@ -175,7 +194,7 @@ class ClientApiActor(NodeActor):
 
     # -- loop thread --
 
-    def _io_open(self) -> str:
+    def _io_bind(self) -> str:
         try:
             router = self.context.socket(zmq.ROUTER)
             if self.allowed_clients:
@@ -187,13 +206,23 @@ class ClientApiActor(NodeActor):
             # A client that reconnects (same routing id) takes its old identity over, so
             # the results of jobs it submitted before still reach it.
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # A full queue for a client is an error (EAGAIN), not a silent drop: the answer
+            # waits in self.outboxes, counted in bytes, and ZeroMQ's own queue per client
+            # stays a few messages long (see meshnet.outbox).
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.SNDHWM, API_SEND_HWM)
             router.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
-            raise ConfigError(f"api.endpoint = {self.requested_endpoint!r} cannot be bound: {exc}") from None
+            cause = zmq.strerror(exc.errno)
+            raise bind_failure("api.endpoint", self.requested_endpoint, exc.errno, cause, self.config_path) from None
         self._router = router
-        self.loop.add_reader(router, self._io_readable)
         return router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _io_serve(self, relay: Callable[[Any], None] | None) -> None:
+        self.relay = relay
+        if self._router is not None:
+            self.loop.add_reader(self._router, self._io_readable)
 
     def _io_close(self) -> None:
         try:
@@ -202,12 +231,67 @@ class ClientApiActor(NodeActor):
             self._router = None
 
     def _io_send(self, conn: bytes, frames: list[Any]) -> None:
-        if self._router is None:
+        router = self._router
+        if router is None:
+            return
+        outboxes = self.outboxes
+        if outboxes.backlogs and outboxes.holds(conn):  # behind what already waits for it
+            self._io_hold(conn, frames)
             return
         try:
-            send_message(self._router, [conn, *frames])
-        except zmq.ZMQError as exc:  # the client went away or stopped reading
-            self.log.warning("client_send_failed", error=str(exc))
+            send_message(router, [conn, *frames])
+        except zmq.Again:  # ZeroMQ's queue for this client is full: it is not reading
+            self._io_hold(conn, frames)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            outboxes.discarded += 1  # the client went away; its answers have nowhere to go
+        else:
+            if outboxes.dropped and outboxes.reading_again(conn):
+                self.log.info("client_reading_again", client=client_tag(conn))
+
+    def _io_hold(self, conn: bytes, frames: list[Any]) -> None:
+        now = time.monotonic()
+        state = self.outboxes.hold(conn, frames, frames_size(frames), now)
+        if state == "pushed_back":
+            self.log.warning(
+                "client_pushed_back",
+                client=client_tag(conn),
+                unread_bytes=self.outboxes.unread(conn),
+                action="its new jobs are refused busy until it reads",
+            )
+        elif state == "dropped":
+            self.log.warning(
+                "client_dropped",
+                client=client_tag(conn),
+                reason=f"more than {self.outboxes.budget} bytes of answers unread (api.max_unread_bytes)",
+                action="its waiting answers were discarded; its jobs are refused until it reads",
+            )
+        if self._retry_timer is None and self.outboxes.backlogs:
+            self._retry_timer = self.loop.call_later(self.outboxes.next_retry() or 0.0, self._io_retry_held)
+
+    def _io_retry_held(self) -> None:
+        """Send what waits for slow clients, as far as ZeroMQ takes it."""
+        self._retry_timer = None
+        router = self._router
+        if router is None:
+            return
+        outboxes = self.outboxes
+        for conn in list(outboxes.backlogs):
+            while (frames := outboxes.head(conn)) is not None:
+                try:
+                    send_message(router, [conn, *frames])
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != errno.EHOSTUNREACH:
+                        raise
+                    outboxes.gone(conn)
+                    break
+                outboxes.sent_head(conn)
+        delay = outboxes.next_retry()
+        if delay is not None:
+            self._retry_timer = self.loop.call_later(delay, self._io_retry_held)
 
     def _io_readable(self) -> None:
         router = self._router
@@ -303,6 +387,14 @@ class ClientApiActor(NodeActor):
         )
         if self.draining:
             reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+        elif (self.outboxes.backlogs or self.outboxes.dropped) and self.outboxes.refuses(conn):
+            unread = (
+                f"this client has not read {self.outboxes.unread(conn)} bytes of answers"
+                if self.outboxes.holds(conn)
+                else "this client stopped reading its answers and they were discarded"
+            )
+            limit = f"api.max_unread_bytes is {self.outboxes.budget}"
+            reply(Outcome.refused("busy", f"{unread} ({limit}); read them first"))
         elif timeout > self.max_timeout:
             reply(Outcome.refused("invalid", f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"))
         elif peer is None:
@@ -325,6 +417,6 @@ class ClientApiActor(NodeActor):
                 loop.call_soon(send, conn, encode(PeersReply(peers=peers, seq=seq)))
 
         if self.relay is None:
-            reply(None, "this node has no relay configured")
+            reply([], "")  # a node alone has no peers: an answer, not an error
         else:
             self.relay(QueryPeers(reply))

@@ -44,9 +44,10 @@ class JobBook:
         enabled: list[str],
         max_payload: int,
         max_timeout: float,
+        max_bytes: int | None = None,
     ):
         self.runner = runner
-        self.queue = JobQueue(slots=slots, capacity=capacity)
+        self.queue = JobQueue(slots=slots, capacity=capacity, max_bytes=max_bytes)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
         self.max_timeout = max_timeout
@@ -120,6 +121,7 @@ class JobBook:
                 "queued": len(self.queue.waiting),
                 "running": len(self.queue.running),
                 "queue_size": self.queue.capacity,
+                "queued_bytes": self.queue.bytes,
                 "executors": self.queue.slots,
                 "draining": self.queue.draining,
                 "jobs": dict(self.queue.counts),
@@ -143,11 +145,17 @@ class JobBook:
             return Outcome.refused(
                 "invalid", f"timeout {job.timeout:g} s exceeds this node's jobs.max_timeout ({self.max_timeout:g} s)"
             )
-        size = len(memoryview(job.payload))
+        size = job.payload_bytes = len(memoryview(job.payload))
         if size > self.max_payload:
             return Outcome.refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload}")
         reason = self.queue.admission(job)
         if reason == "busy":
+            if len(self.queue.waiting) < self.queue.capacity:
+                return Outcome.refused(
+                    "busy",
+                    f"jobs with {self.queue.bytes} bytes of payloads already wait or run here "
+                    f"(jobs.max_queued_bytes is {self.queue.max_bytes})",
+                )
             return Outcome.refused(
                 "busy", f"all {self.queue.slots} executors are busy and the queue of {self.queue.capacity} is full"
             )

@@ -1,7 +1,12 @@
 """Starts the node's actors in order, stops them in reverse, and drains on SIGTERM.
 
-Order: identity → executors → job queue → relay client → client API. Stopping
-reverses it after a drain: new jobs are refused, waiting ones are cancelled, running
+Order: identity → executors → job queue → client API (bound, not yet read) → relay
+client → client API serving. The API endpoint is bound before the relay client
+connects, so that a node that cannot take its endpoint (another node holds it) stops
+with one line before it registers anywhere: registering would displace the running
+node of the same identity at the relay. Stopping reverses the order (the relay client
+before the client API, which so still carries the last answers of forwarded jobs to
+their clients) after a drain: new jobs are refused, waiting ones are cancelled, running
 ones get ``drain_grace`` seconds to finish and are then killed and reported, results
 are flushed to clients, and the pool is stopped with its workers.
 """
@@ -65,9 +70,27 @@ class Node:
                     enabled=jobs.enabled,
                     max_payload=jobs.max_payload_bytes,
                     max_timeout=jobs.max_timeout,
+                    max_bytes=jobs.max_queued_bytes,
                 )
             )
             self.book = self.queue.proxy().book().get()
+            self.api = self._start(
+                ClientApiActor.start(
+                    identity=identity,
+                    endpoint=config.api.endpoint,
+                    allowed_clients=config.api.allowed_clients,
+                    book=self.book,
+                    status=self.status,
+                    default_timeout=jobs.default_timeout,
+                    max_timeout=jobs.max_timeout,
+                    max_payload=jobs.max_payload_bytes,
+                    context=self.context,
+                    loop=runner.loop,
+                    config_path=config.path,
+                    max_unread=config.api.max_unread_bytes,
+                )
+            )
+            self.endpoint = self.api.proxy().bind().get()
             if config.relay.endpoint:
                 self.relay = self._start(
                     RelayClientActor.start(
@@ -90,22 +113,8 @@ class Node:
                 )
             else:
                 self.log.info("running_alone", reason="no relay configured (relay.endpoint is empty)")
-            self.api = self._start(
-                ClientApiActor.start(
-                    identity=identity,
-                    endpoint=config.api.endpoint,
-                    allowed_clients=config.api.allowed_clients,
-                    book=self.book,
-                    relay=self.relay.proxy().poster().get() if self.relay is not None else None,
-                    status=self.status,
-                    default_timeout=jobs.default_timeout,
-                    max_timeout=jobs.max_timeout,
-                    max_payload=jobs.max_payload_bytes,
-                    context=self.context,
-                    loop=runner.loop,
-                )
-            )
-            self.endpoint = self.api.proxy().open().get()
+            relay_poster = self.relay.proxy().poster().get() if self.relay is not None else None
+            self.api.proxy().serve(relay_poster).get()
         except BaseException:
             self._stop_actors()
             raise

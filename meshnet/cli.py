@@ -190,10 +190,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     with _client(args) as client:
         peers = client.peers()
+        alone = not peers and not args.json and client.status().get("relay") is None
     if args.json:
         print(json.dumps(peers, default=str))
         return 0
-    if not peers:
+    if alone:
+        print("no peers: this node runs alone (no relay configured)")
+    elif not peers:
         print("no peers connected to the relay")
     for peer in peers:
         caps = peer.get("caps", {})

@@ -2,8 +2,10 @@
 
 One DEALER socket on a private :class:`SocketLoop` thread; any number of threads may
 call :meth:`MeshClient.submit` at once. Every future ends: with the job's result, with
-the :class:`~meshnet.errors.JobError` for its terminal status, or, if the node does not
-answer within the job's timeout plus a grace, with :class:`~meshnet.errors.NodeUnreachable`.
+the :class:`~meshnet.errors.JobError` for its terminal status, or with
+:class:`~meshnet.errors.NodeUnreachable`: when the client has no connection to its node
+for ``connect_timeout`` seconds (none came up, or one was lost and did not come back),
+or when a connected node does not answer within the job's timeout plus a grace.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import cbor2
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.socket_loop import SocketLoop, TimerHandle, recv_message
 from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
@@ -52,6 +55,29 @@ DEFAULT_TIMEOUT = 60.0
 #: How long past a job's timeout the client waits for its node before giving up on it.
 CLIENT_GRACE = 5.0
 REQUEST_TIMEOUT = 10.0
+#: How long a client goes without a connection to its node (at first, or after losing
+#: one) before it fails what is pending with ``NodeUnreachable``. A running node accepts
+#: within milliseconds on a LAN (libzmq retries a refused connection every 0.1-0.2 s),
+#: so a few seconds tells "not running" from "slow to answer" without waiting out a
+#: job's timeout.
+DEFAULT_CONNECT_TIMEOUT = 3.0
+#: Socket events that tell whether the client is connected to its node. Success is the
+#: ZeroMQ handshake (libzmq reports it for plain TCP as for CurveZMQ), not the TCP
+#: connection: a port held by another program accepts TCP and never completes one.
+LINK_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_DISCONNECTED
+)
+#: What the client saw of its node when it gives up on it: the cause, and what to check.
+NOTHING_THERE = ("no connection", "is `meshnet node` running there?")
+CONNECTION_LOST = ("the connection was lost and not re-established", "is `meshnet node` running there?")
+NOT_ZEROMQ = ("a TCP connection opened but no ZeroMQ handshake completed", "is it `meshnet node` that listens there?")
+HANDSHAKE_FAILED = ("the ZeroMQ handshake failed", "is it `meshnet node` that listens there?")
+CURVE_FAILED = ("the CurveZMQ handshake failed", "is `meshnet node` running there, and is node_peer_id its peer id?")
 #: Jobs ``map`` keeps in flight: half the default queue, leaving room for others.
 DEFAULT_MAP_WINDOW = 32
 
@@ -61,6 +87,12 @@ class MeshClient:
 
     ``identity`` and ``node_peer_id`` are needed only when the node's endpoint is not
     loopback (it then requires CurveZMQ and admits the client's peer id).
+
+    ``connect_timeout``: seconds without a connection to the node (none yet, or the one
+    there was is lost) after which every pending job and request fails with
+    ``NodeUnreachable``, and :meth:`submit`, :meth:`status` and :meth:`peers` fail the
+    same way at once until a connection comes up again. While connected, a job waits for
+    its node up to its timeout plus ``CLIENT_GRACE``.
     """
 
     def __init__(
@@ -70,11 +102,15 @@ class MeshClient:
         identity: Identity | None = None,
         node_peer_id: str | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ):
         if (identity is None) != (node_peer_id is None):
             raise LocalProtocolError("pass both identity and node_peer_id for CurveZMQ, or neither")
+        if not connect_timeout > 0:
+            raise ValueError("connect_timeout must be a positive number of seconds")
         self.endpoint = endpoint
         self.max_payload = max_payload
+        self.connect_timeout = connect_timeout
         self._context = zmq.Context()
         self._loop = SocketLoop("mesh-client")
         #: Jobs in flight: their future and the timer that gives up on them.
@@ -85,9 +121,17 @@ class MeshClient:
         self._lock = threading.Lock()
         self._closed = False
         self._refused: MeshError | None = None
+        #: Why the node cannot be reached, while it cannot (set and cleared on the loop
+        #: thread, under the lock; read by submit).
+        self._unreachable: str | None = None
         self._identity = identity
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        # loop thread: the state of the connection to the node
+        self._linked = False
+        self._link_timer: TimerHandle | None = None
+        #: What the last connection attempt came to, for the error if none comes up.
+        self._link_trouble = NOTHING_THERE
         self._loop.start()
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop.call_soon(self._io_open, identity, node_peer_id, opened)
@@ -102,7 +146,10 @@ class MeshClient:
     def submit(
         self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> concurrent.futures.Future:
-        """Submit one job; the future resolves to its decoded result."""
+        """Submit one job; the future resolves to its decoded result.
+
+        Raises ``NodeUnreachable`` at once while the client knows it cannot reach its
+        node (see ``connect_timeout``)."""
         body = cbor2.dumps(payload)
         if len(body) > self.max_payload:
             raise LocalProtocolError(f"payload is {len(body)} bytes encoded; the limit is {self.max_payload}")
@@ -117,6 +164,8 @@ class MeshClient:
                 raise MeshError("the client is closed")
             if self._refused is not None:
                 raise self._refused
+            if self._unreachable is not None:
+                raise NodeUnreachable(self._unreachable)
             self._pending[job_id] = (future, None)
         self._loop.call_soon(self._io_submit, job_id, frames, timeout)
         return future
@@ -160,7 +209,7 @@ class MeshClient:
         return self._request(StatusRequest(seq=next(self._seq)), StatusReply, timeout).info
 
     def peers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
-        """The peers the node's relay knows."""
+        """The peers the node's relay knows; none for a node that runs alone (no relay)."""
         return self._request(PeersRequest(seq=next(self._seq)), PeersReply, timeout).peers
 
     def close(self) -> None:
@@ -200,9 +249,10 @@ class MeshClient:
                 sock.curve_publickey = public
                 sock.curve_secretkey = secret
                 sock.curve_serverkey = curve_public_z85(node_peer_id)
-                # A node refusing our key shows only as a socket event: watch for it.
-                self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-                self._loop.add_reader(self._monitor, self._io_monitor)
+            # Whether the node is there at all (and, with CurveZMQ, whether it refuses our
+            # key) shows only as socket events: watch them.
+            self._monitor = sock.get_monitor_socket(LINK_EVENTS)
+            self._loop.add_reader(self._monitor, self._io_monitor)
             sock.setsockopt(zmq.LINGER, 0)
             # A routing id of our own survives reconnections: results of jobs submitted
             # before a reconnect still find us, and we can still cancel them. (libzmq
@@ -214,14 +264,57 @@ class MeshClient:
             return
         self._sock = sock
         self._loop.add_reader(sock, self._io_readable)
+        self._link_timer = self._loop.call_later(self.connect_timeout, self._io_link_timed_out)
         opened.set_result(None)
 
     def _io_monitor(self) -> None:
-        assert self._monitor is not None
-        try:
-            self._monitor.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
+        monitor = self._monitor
+        while monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._io_linked()
+            elif event == zmq.EVENT_DISCONNECTED:
+                if self._linked:
+                    self._linked = False
+                    self._link_trouble = CONNECTION_LOST
+                    self._link_timer = self._loop.call_later(self.connect_timeout, self._io_link_timed_out)
+            elif event == zmq.EVENT_CONNECTED:
+                if not self._linked:
+                    self._link_trouble = NOT_ZEROMQ
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._io_refused()
+            else:  # a handshake failed otherwise: a wrong server key, or not ZeroMQ at all
+                self._link_trouble = CURVE_FAILED if self._identity is not None else HANDSHAKE_FAILED
+
+    def _io_linked(self) -> None:
+        self._linked = True
+        self._link_trouble = NOTHING_THERE
+        if self._link_timer is not None:
+            self._link_timer.cancel()
+            self._link_timer = None
+        with self._lock:
+            self._unreachable = None
+
+    def _io_link_timed_out(self) -> None:
+        """No connection for ``connect_timeout``: fail what is pending, and what comes
+        until a connection does."""
+        self._link_timer = None
+        if self._linked or self._sock is None:
             return
+        cause, hint = self._link_trouble
+        why = f"cannot reach the node at {self.endpoint}: {cause} within {self.connect_timeout:g} s; {hint}"
+        with self._lock:
+            self._unreachable = why
+        self._io_fail_all(NodeUnreachable(why))
+        # What is still queued for the node belongs to jobs that have just failed: a node
+        # that comes up later must not run them. Reconnecting drops the queue (LINGER 0).
+        self._sock.disconnect(self.endpoint)
+        self._sock.connect(self.endpoint)
+
+    def _io_refused(self) -> None:
         peer_id = self._identity.peer_id if self._identity else "?"
         refused = MeshError(
             f"the node at {self.endpoint} refused this client's key; add {peer_id} to its api.allowed_clients"
@@ -231,6 +324,9 @@ class MeshClient:
         self._io_fail_all(refused)
 
     def _io_close(self) -> None:
+        if self._link_timer is not None:
+            self._link_timer.cancel()
+            self._link_timer = None
         self._loop.close_socket(self._monitor)
         self._loop.close_socket(self._sock)
         self._monitor = self._sock = None
@@ -272,6 +368,9 @@ class MeshClient:
     def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future) -> None:
         if self._refused is not None:
             _settle(future, exception=self._refused)
+            return
+        if self._unreachable is not None:
+            _settle(future, exception=NodeUnreachable(self._unreachable))
             return
         self._requests[request.seq] = (reply_type, future)
         if not self._io_send(encode(request)):

@@ -21,8 +21,9 @@ import platformdirs
 import tomli_w
 
 from meshnet.errors import ConfigError, IdentityError
-from meshnet.identity import Identity, is_peer_id
 from meshnet.flow import DEFAULT_WINDOW
+from meshnet.identity import Identity, is_peer_id
+from meshnet.outbox import DEFAULT_MAX_UNREAD_BYTES
 from meshnet.protocol.messages import addresses, capabilities
 from meshnet.protocol.strict_cbor import describe
 
@@ -36,6 +37,8 @@ DEFAULT_RELAY_BIND = "tcp://127.0.0.1:7700"
 #: Largest job payload or result. Large enough for model inputs of a few tensors, small
 #: enough that a full queue (64 jobs) cannot exhaust a small device's memory by itself.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+#: Payload bytes of the jobs a node holds waiting and running.
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
 #: Jobs and results a node keeps waiting for room on its link to the relay.
 DEFAULT_RELAY_QUEUE_BYTES = 128 * 1024 * 1024
 
@@ -164,6 +167,9 @@ class ApiSection:
     #: and ``allowed_clients``.
     endpoint: str = field(default=DEFAULT_API_ENDPOINT, metadata=_check(_endpoint))
     allowed_clients: list[str] = field(default_factory=list, metadata=_check(_peer_ids))
+    #: Bytes of answers a client connection may leave unread: past half of it its new
+    #: jobs are refused ``busy``, past all of it what waits is discarded (meshnet.outbox).
+    max_unread_bytes: int = field(default=DEFAULT_MAX_UNREAD_BYTES, metadata=_check(_positive_int))
 
 
 @dataclass
@@ -192,6 +198,9 @@ class JobsSection:
     default_timeout: float = field(default=60.0, metadata=_check(_positive_number))
     max_timeout: float = field(default=24 * 3600.0, metadata=_check(_positive_number))
     max_payload_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES, metadata=_check(_positive_int))
+    #: Payload bytes of the jobs waiting and running at once; past it new jobs are
+    #: refused ``busy`` (a full queue of largest payloads would be 64 x 64 MiB).
+    max_queued_bytes: int = field(default=DEFAULT_MAX_QUEUED_BYTES, metadata=_check(_positive_int))
     #: On SIGTERM, how long running jobs may take to finish before they are killed.
     drain_grace: float = field(default=10.0, metadata=_check(_positive_number))
     #: Advertised to the relay (e.g. ``gpus = 1``, ``memory_gb = 16``); cores and

@@ -16,6 +16,11 @@ class ConfigError(MeshError):
     """A config file or value is unusable; the message names file, key and expectation."""
 
 
+class StartupError(MeshError):
+    """A node or relay cannot start because of this machine, not its config file (an
+    endpoint another process holds); the message names the cause and the fix."""
+
+
 class IdentityError(MeshError):
     """A key or peer id is malformed."""
 

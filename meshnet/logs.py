@@ -61,6 +61,20 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [_StdlibToStructlog()]
     root.setLevel(_LEVELS[level])
+    pykka_log = logging.getLogger("pykka")
+    if not any(isinstance(f, _ExceptionReturnedToCaller) for f in pykka_log.filters):
+        pykka_log.addFilter(_ExceptionReturnedToCaller())
+
+
+class _ExceptionReturnedToCaller(logging.Filter):
+    """Drops pykka's info record of an exception that an actor method raised to its asker
+    ("Exception returned from ... to caller", with its traceback): the asker gets the
+    exception and handles or reports it. A node whose API endpoint is taken printed 20
+    lines of traceback from it before its one-line error. Exceptions that end an actor
+    (an error record) still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.exc_info)
 
 
 class _StdlibToStructlog(logging.Handler):

@@ -23,6 +23,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from actors.socket_loop import SocketLoop, recv_message, send_message
 from meshnet.config import RelayConfig
+from meshnet.endpoints import bind_failure
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import MAX_FRAMES, frame_limit
 from relay_server.routing import Outgoing, RelayCore
@@ -96,7 +97,12 @@ class RelayServer:
         self.loop.call_soon(self._open)
         self._ready.wait(10)
         if self._error is not None:
-            self.stop()
+            # It never served: undo what started, quietly (no relay_stopped line under the
+            # one line the error makes), and let the error name the cause.
+            self.loop.stop()
+            self._auth.stop()
+            self._auth = None
+            self.context.destroy(linger=0)
             raise self._error
         self.log.info(
             "relay_started", endpoint=self.endpoint, access=settings.access, allowed=len(settings.allowed_peers)
@@ -132,7 +138,8 @@ class RelayServer:
             router.bind(settings.bind)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
-            self._error = OSError(f"relay cannot bind {settings.bind}: {exc}")
+            error_text = zmq.strerror(exc.errno)
+            self._error = bind_failure("relay.bind", settings.bind, exc.errno, error_text, self.config.path)
             self._ready.set()
             return
         self._router = router

@@ -28,6 +28,18 @@ from meshnet.identity import Identity
 REPO = Path(__file__).resolve().parent.parent
 
 
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``meshnet ARGS`` to its end, as a user would; its output is captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshnet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -28,6 +28,8 @@ class JobSpec:
     #: When this node received it (``time.monotonic``). The timeout counts from here, so
     #: that time spent waiting in the queue is part of it, as it is for the submitter.
     received_at: float = field(default_factory=time.monotonic, compare=False)
+    #: The payload's size, as the node that admits it counts it.
+    payload_bytes: int = field(default=0, compare=False)
 
     def remaining(self, now: float) -> float:
         """Seconds left of the job's timeout at ``now``."""

@@ -1,7 +1,8 @@
 """The job life-cycle on the node that runs jobs, without threads or processes.
 
-``waiting`` holds at most ``capacity`` jobs; ``running`` at most ``slots``. A job that
-fits nowhere is refused ``busy``, never dropped. ``finish`` returns the job only the
+``waiting`` holds at most ``capacity`` jobs; ``running`` at most ``slots``; together
+their payloads hold at most ``max_bytes`` (a job alone may be larger: else it could
+never run). A job that fits nowhere is refused ``busy``, never dropped. ``finish`` returns the job only the
 first time it is called for it, so a job can end in exactly one terminal status however
 its ending is reported (result, timeout, cancel, drain).
 """
@@ -17,9 +18,12 @@ RECENT_IDS = 4096
 
 
 class JobQueue:
-    def __init__(self, slots: int, capacity: int):
+    def __init__(self, slots: int, capacity: int, max_bytes: int | None = None):
         self.slots = slots
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        #: Payload bytes of the jobs waiting and running.
+        self.bytes = 0
         self.waiting: deque[JobSpec] = deque()
         self.running: dict[bytes, JobSpec] = {}
         self._waiting_ids: set[bytes] = set()
@@ -38,11 +42,14 @@ class JobQueue:
             return "duplicate"
         if len(self.running) >= self.slots and len(self.waiting) >= self.capacity:
             return "busy"
+        if self.max_bytes is not None and self.bytes and self.bytes + job.payload_bytes > self.max_bytes:
+            return "busy"
         return None
 
     def admit(self, job: JobSpec) -> None:
         self.waiting.append(job)
         self._waiting_ids.add(job.id)
+        self.bytes += job.payload_bytes
 
     def record_refusal(self) -> None:
         self.counts["refused"] += 1
@@ -66,6 +73,7 @@ class JobQueue:
             self._waiting_ids.discard(job_id)
         if job is None:
             return None
+        self.bytes -= job.payload_bytes
         self.counts[status] += 1
         self._recent[job_id] = None
         if len(self._recent) > RECENT_IDS:

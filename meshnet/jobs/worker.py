@@ -82,6 +82,16 @@ def serve(sock: socket.socket, enabled: list[str], max_payload: int) -> None:
     ``ResultTooLarge`` instead, so that the node never holds more than it may send.
     """
     init_worker(enabled)
+    try:
+        _serve_jobs(sock, max_payload)
+    except (BrokenPipeError, ConnectionResetError):
+        # The node closed its end while we sent or received: it killed or cancelled this
+        # job, or it is stopping. Nobody is left to answer; a traceback would only land
+        # in the node's log.
+        return
+
+
+def _serve_jobs(sock: socket.socket, max_payload: int) -> None:
     reader = FrameReader(max_frame=max_payload + 64 * 1024)  # a payload (the node checks it), or a kind
     frames: list[bytes | bytearray] = []
     trim_when_idle = False

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,18 +15,7 @@ from meshnet import JobCancelled, JobRefused, MeshClient
 from meshnet.config import DEFAULT_API_ENDPOINT
 from meshnet.errors import MeshError
 from meshnet.identity import Identity
-from tests.harness import REPO, Mesh, free_port
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "meshnet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
+from tests.harness import Mesh, cli, free_port
 
 
 def test_first_start_creates_config_and_serves_the_readme_submit(mesh: Mesh, tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +19,9 @@ import pytest
 
 from actors.executor import WorkerPool
 from actors.socket_loop import SocketLoop
+from meshnet.jobs.framing import frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome
+from tests.harness import REPO
 
 KINDS = ["echo", "sha256", "sleep", "fail", "crash"]
 
@@ -204,3 +209,38 @@ def test_a_cancel_that_overtakes_its_job_and_jobs_after_close_still_end(pool: tu
     runner.close()
     runner.run(job(b"too late", "echo", 1))
     assert reports.wait(b"too late")[0].status == "cancelled"
+
+
+def test_a_worker_whose_node_end_closes_while_it_sends_exits_quietly() -> None:
+    """The node closes a worker's socket when it stops, or gives up on a job: a worker in
+    the middle of sending a large result must end without a traceback (its stderr is
+    the node's log)."""
+    node_end, worker_end = socket.socketpair()
+    serve = (
+        "import socket, sys; from meshnet.jobs.worker import serve; "
+        "serve(socket.socket(fileno=int(sys.argv[1])), ['echo'], 64 << 20)"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", serve, str(worker_end.fileno())],
+        pass_fds=[worker_end.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    worker_end.close()
+    try:
+        buffers = frame_buffers([b"echo", cbor2.dumps(b"x" * (16 * 1024 * 1024))])
+        while buffers:
+            buffers = unsent(buffers, node_end.sendmsg(buffers))
+        # The first byte of the answer: the worker is sending 16 MiB, far more than the
+        # socket pair buffers, so it is still sending when the node's end closes.
+        assert node_end.recv(1)
+        node_end.close()
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        node_end.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert "Traceback" not in stderr, stderr
+    assert worker.returncode == 0

@@ -17,7 +17,7 @@ from meshnet.identity import Identity, is_peer_id, public_key_from_peer_id
 KEY = Identity.generate().private_key_text
 SECTIONS = {
     "identity": ["private_key", "peer_id"],
-    "api": ["endpoint", "allowed_clients"],
+    "api": ["endpoint", "allowed_clients", "max_unread_bytes"],
     "relay": [
         "endpoint",
         "peer_id",
@@ -41,6 +41,7 @@ SECTIONS = {
         "default_timeout",
         "max_timeout",
         "max_payload_bytes",
+        "max_queued_bytes",
         "drain_grace",
         "capabilities",
     ],

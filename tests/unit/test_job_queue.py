@@ -162,3 +162,28 @@ def test_waiting_jobs_run_out_of_time_from_their_arrival():
     assert queue.next_waiting_deadline() == 51.0
     queue.finish(long.id, "timed_out")
     assert queue.next_waiting_deadline() is None
+
+
+def sized(n: int, size: int) -> JobSpec:
+    spec = job(n)
+    spec.payload_bytes = size
+    return spec
+
+
+def test_payload_bytes_waiting_and_running_are_bounded():
+    queue = JobQueue(slots=2, capacity=10, max_bytes=1000)
+    assert submit(queue, sized(1, 600))[0] is None
+    assert submit(queue, sized(2, 400))[0] is None
+    assert submit(queue, sized(3, 1))[0] == "busy"
+    assert queue.bytes == 1000
+    queue.finish(job(1).id, "succeeded")
+    assert queue.bytes == 400
+    assert submit(queue, sized(3, 600))[0] is None
+
+
+def test_a_job_larger_than_the_byte_budget_runs_when_nothing_else_is_held():
+    queue = JobQueue(slots=1, capacity=10, max_bytes=1000)
+    assert submit(queue, sized(1, 5000))[0] is None
+    assert submit(queue, sized(2, 1))[0] == "busy"
+    queue.finish(job(1).id, "succeeded")
+    assert queue.bytes == 0

@@ -1,0 +1,132 @@
+"""Answers waiting for clients that do not read them, bounded in bytes per client.
+
+ZeroMQ queues up to its high-water mark of *messages* per connection, and a result may
+be 64 MiB: a client that submitted 2 MiB echo jobs and never read the results grew its
+node to 1.5 GB in 8 s. The client API therefore keeps ZeroMQ's queue per connection
+short (``API_SEND_HWM`` messages) and holds what does not fit here, counted in bytes:
+
+* within half the budget, the answers wait and are sent as the client reads;
+* past half the budget the client is *pushed back*: its new jobs are refused ``busy``
+  (those refusals are answers too, and wait like the rest);
+* past the budget the client is *dropped*: what waited is thrown away, with a logged
+  reason, and until the client reads again its jobs are refused and answers to it that
+  do not fit ZeroMQ's queue are thrown away at once.
+
+Sans-IO: the client API tries a send; when ZeroMQ's queue for the connection is full it
+hands the message to :meth:`Outboxes.hold`, and retries held messages on a timer (a
+ROUTER socket cannot say *which* connection has room again).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Messages ZeroMQ queues per client connection beyond what the kernel takes: a few, so
+#: that what a stalled client costs is counted here, in bytes.
+API_SEND_HWM = 8
+#: Bytes of answers a client connection may have waiting by default (``api.max_unread_bytes``):
+#: room for one largest result.
+DEFAULT_MAX_UNREAD_BYTES = 64 * 1024 * 1024
+#: Dropped connections remembered (to refuse their jobs); past it the oldest are forgotten.
+MAX_DROPPED = 1024
+#: Retry delays for held answers: from the first to the longest, doubling.
+FIRST_RETRY_S = 0.001
+LONGEST_RETRY_S = 0.1
+
+
+@dataclass
+class Backlog:
+    """Answers held for one connection, oldest first."""
+
+    messages: deque[tuple[list[Any], int]] = field(default_factory=deque)
+    size: int = 0
+    since: float = 0.0
+    pushed_back: bool = False
+
+
+class Outboxes:
+    def __init__(self, budget: int = DEFAULT_MAX_UNREAD_BYTES):
+        self.budget = budget
+        self.backlogs: dict[bytes, Backlog] = {}
+        #: Connections dropped for not reading, with when.
+        self.dropped: OrderedDict[bytes, float] = OrderedDict()
+        #: Answers thrown away because their client did not read (dropped, or gone).
+        self.discarded = 0
+        self.retry_delay = FIRST_RETRY_S
+
+    def holds(self, conn: bytes) -> bool:
+        """Whether answers wait for ``conn`` (a new one must wait behind them)."""
+        return conn in self.backlogs
+
+    def hold(self, conn: bytes, frames: list[Any], size: int, now: float) -> str:
+        """Keep an answer that ZeroMQ's queue for ``conn`` did not take. Returns
+        ``"held"``; ``"pushed_back"`` when that crossed half the budget (refuse the
+        client's new jobs from now on); ``"dropped"`` when it crossed the budget: what
+        was held is discarded and ``conn`` counts as dropped; ``"discarded"`` when
+        ``conn`` was dropped already (the answer is thrown away)."""
+        if conn in self.dropped:
+            self.discarded += 1
+            return "discarded"
+        backlog = self.backlogs.get(conn)
+        if backlog is None:
+            backlog = self.backlogs[conn] = Backlog(since=now)
+        backlog.messages.append((frames, size))
+        backlog.size += size
+        if backlog.size > self.budget:
+            self.discarded += len(backlog.messages)
+            del self.backlogs[conn]
+            self.dropped[conn] = now
+            while len(self.dropped) > MAX_DROPPED:
+                self.dropped.popitem(last=False)
+            return "dropped"
+        if not backlog.pushed_back and backlog.size > self.budget // 2:
+            backlog.pushed_back = True
+            return "pushed_back"
+        return "held"
+
+    def refuses(self, conn: bytes) -> bool:
+        """Whether ``conn``'s new jobs are refused: pushed back, or dropped."""
+        if conn in self.dropped:
+            return True
+        backlog = self.backlogs.get(conn)
+        return backlog is not None and backlog.pushed_back
+
+    def unread(self, conn: bytes) -> int:
+        backlog = self.backlogs.get(conn)
+        return backlog.size if backlog is not None else 0
+
+    def head(self, conn: bytes) -> list[Any] | None:
+        backlog = self.backlogs.get(conn)
+        return backlog.messages[0][0] if backlog is not None else None
+
+    def sent_head(self, conn: bytes) -> None:
+        """The oldest held answer for ``conn`` went out."""
+        backlog = self.backlogs[conn]
+        _, size = backlog.messages.popleft()
+        backlog.size -= size
+        if not backlog.messages:
+            del self.backlogs[conn]
+        self.retry_delay = FIRST_RETRY_S
+
+    def gone(self, conn: bytes) -> int:
+        """``conn`` disconnected: its held answers are discarded; returns how many."""
+        backlog = self.backlogs.pop(conn, None)
+        count = len(backlog.messages) if backlog is not None else 0
+        self.discarded += count
+        return count
+
+    def reading_again(self, conn: bytes) -> bool:
+        """A send to ``conn`` went through: True if it had been dropped (and is not now)."""
+        return self.dropped.pop(conn, None) is not None
+
+    def next_retry(self) -> float | None:
+        """Seconds until held answers should be tried again (None: nothing held); each
+        call without progress doubles the delay, up to ``LONGEST_RETRY_S``."""
+        if not self.backlogs:
+            self.retry_delay = FIRST_RETRY_S
+            return None
+        delay = self.retry_delay
+        self.retry_delay = min(LONGEST_RETRY_S, delay * 2)
+        return delay

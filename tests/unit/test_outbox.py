@@ -1,0 +1,67 @@
+"""Answers held for clients that do not read them (meshnet.outbox)."""
+
+from __future__ import annotations
+
+from meshnet.outbox import FIRST_RETRY_S, LONGEST_RETRY_S, Outboxes
+
+A, B = b"client-a", b"client-b"
+
+
+def test_held_answers_are_sent_in_order():
+    boxes = Outboxes(budget=1000)
+    assert not boxes.holds(A)
+    for i in range(3):
+        assert boxes.hold(A, [bytes([i])], 100, now=0.0) == "held"
+    assert boxes.holds(A) and boxes.unread(A) == 300 and not boxes.holds(B)
+    sent = []
+    while (frames := boxes.head(A)) is not None:
+        sent.append(frames)
+        boxes.sent_head(A)
+    assert sent == [[b"\x00"], [b"\x01"], [b"\x02"]]
+    assert not boxes.holds(A) and boxes.backlogs == {}
+
+
+def test_past_half_the_budget_the_client_is_pushed_back_once():
+    boxes = Outboxes(budget=1000)
+    states = [boxes.hold(A, [b"x"], 200, now=0.0) for _ in range(4)]
+    assert states == ["held", "held", "pushed_back", "held"]
+    assert boxes.refuses(A) and not boxes.refuses(B)
+
+
+def test_past_the_budget_what_waits_is_discarded_and_the_client_dropped():
+    boxes = Outboxes(budget=1000)
+    for _ in range(5):
+        boxes.hold(A, [b"x"], 200, now=0.0)
+    assert boxes.hold(A, [b"x"], 200, now=1.0) == "dropped"
+    assert not boxes.holds(A) and boxes.refuses(A)
+    assert boxes.discarded == 6
+    assert boxes.hold(A, [b"x"], 10, now=2.0) == "discarded"
+    assert boxes.discarded == 7
+    assert boxes.reading_again(A) and not boxes.refuses(A)
+    assert not boxes.reading_again(A)
+
+
+def test_other_clients_are_not_affected():
+    boxes = Outboxes(budget=1000)
+    for _ in range(6):
+        boxes.hold(A, [b"x"], 200, now=0.0)
+    assert boxes.refuses(A)
+    assert boxes.hold(B, [b"y"], 100, now=0.0) == "held" and not boxes.refuses(B)
+
+
+def test_a_client_that_went_away_takes_its_answers_with_it():
+    boxes = Outboxes(budget=1000)
+    boxes.hold(A, [b"x"], 100, now=0.0)
+    boxes.hold(A, [b"x"], 100, now=0.0)
+    assert boxes.gone(A) == 2 and not boxes.holds(A) and boxes.discarded == 2
+
+
+def test_retries_back_off_while_nothing_moves_and_restart_after_progress():
+    boxes = Outboxes(budget=1000)
+    assert boxes.next_retry() is None
+    boxes.hold(A, [b"x"], 100, now=0.0)
+    boxes.hold(A, [b"x"], 100, now=0.0)
+    delays = [boxes.next_retry() for _ in range(10)]
+    assert delays[0] == FIRST_RETRY_S and delays == sorted(delays) and delays[-1] == LONGEST_RETRY_S
+    boxes.sent_head(A)
+    assert boxes.next_retry() == FIRST_RETRY_S
