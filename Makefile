@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lint bench bench-peers clean install
+.PHONY: run-node run-relay demo test lint bench bench-peers fuzz clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 BENCH_JSON ?= bench-results.json
 bench: $(STAMP)
 	BENCH_JSON=$(BENCH_JSON) $(BIN)/python -m bench.run
+
+## Fuzz every decoder with $(FUZZ_INPUTS) inputs each (FUZZ_SEED picks the seed); report also to $(FUZZ_JSON).
+FUZZ_INPUTS ?= 100000
+FUZZ_JSON ?= fuzz-results.json
+fuzz: $(STAMP)
+	FUZZ_INPUTS=$(FUZZ_INPUTS) FUZZ_JSON=$(FUZZ_JSON) $(BIN)/python -m tests.fuzz
 
 ## Optional extra: Ray on this machine against baseline (a) from the same run; Ray lives in its
 ## own virtualenv ($(PEERS_VENV)), never in $(VENV). Figures also to $(BENCH_PEERS_JSON).

@@ -24,7 +24,7 @@ from meshnet.errors import ConfigError, IdentityError
 from meshnet.flow import DEFAULT_WINDOW
 from meshnet.identity import Identity, is_peer_id
 from meshnet.outbox import DEFAULT_MAX_UNREAD_BYTES
-from meshnet.protocol.messages import addresses, capabilities
+from meshnet.protocol.messages import addresses, capabilities, clip
 from meshnet.protocol.strict_cbor import describe
 
 if sys.version_info >= (3, 11):
@@ -54,7 +54,10 @@ def default_config_path(name: str = "node.toml") -> Path:
 def _positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError("a number greater than 0")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past a float's range (TOML integers have no bound)
+        raise ValueError("a number greater than 0 that fits a 64-bit float") from None
 
 
 def _positive_int(value: Any) -> int:
@@ -281,10 +284,43 @@ def _build(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
     return cls(**values)
 
 
+#: A config is a few kilobytes; anything far larger is not one (and tomllib's cost grows
+#: faster than linearly on some shapes).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+#: Parts a dotted key may have. MeshNet's deepest key has 3 (``jobs.capabilities.gpus``);
+#: tomllib's cost grows with the square of a key's parts (8000 parts, 16 KB: a second).
+MAX_KEY_PARTS = 64
+
+
+def _check_key_parts(text: str, path: Path) -> None:
+    """Refuse a key or table header of more than ``MAX_KEY_PARTS`` dotted parts before
+    tomllib reads it (a quoted part with dots in it counts them too: no real key has
+    that many)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.lstrip()
+        if "=" in stripped:
+            key = stripped.split("=", 1)[0]
+        elif stripped.startswith("["):
+            key = stripped
+        else:
+            continue
+        if key.count(".") >= MAX_KEY_PARTS:
+            raise ConfigError(
+                f"{path}: line {number}: a key of more than {MAX_KEY_PARTS} dotted parts; MeshNet's have at most 3"
+            )
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+        text = data.decode("utf-8")
+        _check_key_parts(text, path)
+        return tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; create one with `meshnet init --config {path}`") from None
     except PermissionError:
@@ -293,6 +329,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    except RecursionError:  # arrays or inline tables nested hundreds deep
+        raise ConfigError(f"{path}: not valid TOML for MeshNet: values nested too deep") from None
+    except ValueError as exc:  # tomllib: an integer of more than 4300 digits
+        raise ConfigError(f"{path}: not valid TOML for MeshNet: {clip(str(exc), 200)}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 

@@ -31,6 +31,7 @@ of dict and an 8-byte slot for one byte of input).
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -71,12 +72,29 @@ class Limits:
 VALUE_DEPTH = 100
 
 
+#: The bytes that may begin a simple value other than false, true, null or a float
+#: (``0xe0``-``0xf3``: simple 0-19; ``0xf7``: undefined; ``0xf8``: a one-byte simple value).
+_MAYBE_SIMPLE = re.compile(rb"[\xe0-\xf3\xf7\xf8]")
+
+
 def loads_value(data: Any, what: str = "value") -> Any:
-    """Decode a job's payload or result: plain CBOR data (no tags, map keys text or
-    byte strings), of any size. Its items are bounded by its size (each takes a byte
-    at least), so decoding it takes at most about 100 bytes of memory per byte."""
+    """Decode a job's payload or result: plain CBOR data (no tags, no simple values but
+    false, true and null, map keys text or byte strings), of any size. Its items are
+    bounded by its size (each takes a byte at least), so decoding it takes at most about
+    100 bytes of memory per byte.
+
+    cbor2 would decode the other simple values (as ``CBORSimpleValue``, ``undefined``);
+    they are found by a walk of the heads, which runs only when a byte that could start
+    one appears at all (a search at C speed): most data has none, and a large byte
+    string is skipped whole by the walk."""
     size = len(memoryview(data))
-    return loads(data, Limits(size=size, items=size, depth=VALUE_DEPTH), what)
+    value = loads(data, Limits(size=size, items=size, depth=VALUE_DEPTH), what)
+    if _MAYBE_SIMPLE.search(memoryview(data).cast("B")) is not None:
+        try:
+            count_items(data, size, VALUE_DEPTH, plain=True)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"{what} is not plain data: {exc}") from None
+    return value
 
 
 class TooManyItems(RemoteProtocolError):
@@ -95,13 +113,13 @@ def _refuse_tag(*args: Any) -> Any:
 _REFUSE_SEMANTIC = {tag: _refuse_tag for tag in CBOR2_SEMANTIC_TAGS}
 
 
-def count_items(data: Any, budget: int, depth_limit: int) -> int:
-    """The number of data items in the well-formed CBOR item ``data`` starts with, and
-    the offset just past it, walking heads only. Raises ``RemoteProtocolError`` at the
-    first thing that :func:`loads` refuses anyway (a tag, an indefinite length, a
-    declared length past the end) or once ``budget`` items or ``depth_limit`` nested
-    containers are exceeded: the walk's cost is bounded by the budget, whatever the
-    frame says."""
+def count_items(data: Any, budget: int, depth_limit: int, *, plain: bool = False) -> int:
+    """The number of data items in the CBOR item ``data`` starts with, walking heads
+    only. Raises ``RemoteProtocolError`` at the first thing that :func:`loads` refuses
+    anyway (a tag, an indefinite length, a declared length past the end) or once
+    ``budget`` items or ``depth_limit`` nested containers are exceeded: the walk's cost
+    is bounded by the budget, whatever the frame says. ``plain`` also refuses the simple
+    values other than false, true and null (``undefined`` and the unassigned ones)."""
     view = memoryview(data).cast("B")
     end = len(view)
     pos = 0
@@ -153,6 +171,8 @@ def count_items(data: Any, budget: int, depth_limit: int) -> int:
                 continue
         elif major == 6:
             raise RemoteProtocolError("CBOR tags are not allowed")
+        elif plain and major == 7 and (info < 20 or info == 23 or info == 24):
+            raise RemoteProtocolError("CBOR simple values other than false, true and null are not allowed")
         while open_counts and open_counts[-1] == 0:
             open_counts.pop()
     return items

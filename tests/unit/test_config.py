@@ -230,6 +230,27 @@ def test_section_that_is_not_a_table_is_refused(tmp_path):
     assert "[log] must be a table" in message
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("x = " + "[" * 500 + "]" * 500, "nested too deep"),  # tomllib recurses
+        ("x = 1" + "0" * 4300, "not valid TOML for MeshNet"),  # int() refuses > 4300 digits
+        ("[relay]\nheartbeat_interval = 0x" + "f" * 400, "fits a 64-bit float"),  # float() overflows
+        ("# " + "x" * (1024 * 1024), "larger than"),
+        (".".join(["a"] * 8000) + " = 1", "dotted parts"),  # tomllib is quadratic in them
+        ("[" + ".".join(["a"] * 8000) + "]", "dotted parts"),
+    ],
+    ids=["deep", "long-integer", "huge-number", "huge-file", "long-dotted-key", "long-dotted-table"],
+)
+def test_toml_that_breaks_the_parser_or_the_numbers_is_one_config_error(tmp_path, text, expected):
+    """Found by make fuzz: these escaped as RecursionError, ValueError, OverflowError, or
+    took a second of CPU for 16 KB."""
+    path = write(tmp_path, f"{IDENTITY_TOML}{text}\n")
+    for loader in (load_node_config, load_relay_config):
+        message = config_error(loader, path)
+        assert expected in message
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     path = write(tmp_path, "[identity\nprivate_key = \n")
     message = config_error(load_node_config, path)

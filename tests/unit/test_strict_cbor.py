@@ -197,3 +197,14 @@ def test_payload_values_refuse_tags_and_integer_keys():
 )
 def test_describe_never_formats_a_whole_value(value, shown):
     assert describe(value) == shown
+
+
+@pytest.mark.parametrize("data", ["f8fc", "e0", "f3", "f7", "a26464617461f066726f756e647302", "8201f7"])
+def test_payload_values_refuse_simple_values_but_false_true_and_null(data):
+    with pytest.raises(RemoteProtocolError, match="simple values"):
+        loads_value(bytes.fromhex(data))
+
+
+def test_bytes_that_look_like_simple_values_inside_strings_are_plain():
+    value = [b"\xf7\xe0\xf8", "\u00f7", True, None, 1.5]
+    assert loads_value(cbor2.dumps(value)) == value
