@@ -310,8 +310,7 @@ class RelayClientActor(NodeActor):
             too_large = f"the sealed job is {len(sealed)} bytes; the relay takes at most {self.relay_max_body}"
             self._settle(job.id, Outcome.refused("too_large", too_large))
             return
-        frames = encode(Send(to=peer, ref=job.id, op="job", body=sealed))
-        if not self._send_flowed(Queued(frames, frames_size(frames), job.id, "job", peer)):
+        if not self._send_flowed(encode(Send(to=peer, ref=job.id, op="job", body=sealed)), job.id, "job", peer):
             busy = (
                 f"{self.queue.size} bytes of jobs and results already wait for the link to the relay "
                 f"(relay.max_queued_bytes is {self.queue.budget})"
@@ -333,20 +332,22 @@ class RelayClientActor(NodeActor):
 
     def _send_cancel(self, peer: str, job_id: bytes) -> None:
         sealed = self.sealer.seal_parts(peer, encode_inner_parts(JobCancel(id=job_id)))
-        frames = encode(Send(to=peer, ref=job_id, op="cancel", body=sealed))
-        if not self._send_flowed(Queued(frames, frames_size(frames), job_id, "cancel", peer)):
+        if not self._send_flowed(encode(Send(to=peer, ref=job_id, op="cancel", body=sealed)), job_id, "cancel", peer):
             self.log.warning("cancel_not_sent", job_id=job_id.hex(), to=peer, reason="the queue to the relay is full")
 
-    def _send_flowed(self, item: Queued) -> bool:
-        """Send a job, result or cancel if the link's window has room and nothing waits
-        before it; else queue it (False when the queue's budget is spent)."""
-        if not self.queue.entries and self.flow.may_send(item.size):
-            self.flow.on_sent(item.size)
-            self._io_send(self.generation, item.frames, item.ref if item.op == "job" else None, item.size)
+    def _send_flowed(self, frames: list[Any], ref: bytes, op: str, peer: str, result: Any = None) -> bool:
+        """Send a job, result or cancel (about job ``ref``) if the link's window has room
+        and nothing waits before it; else queue it (False when the queue's budget is
+        spent). ``result``: the ``JobResult`` a result message carries, kept to hold it
+        again should the link be lost while it waits."""
+        size = frames_size(frames)
+        if not self.queue.entries and self.flow.may_send(size):
+            self.flow.on_sent(size)
+            self._io_send(self.generation, frames, ref if op == "job" else None, size)
             return True
-        if not self.queue.fits(item.size):
+        if not self.queue.fits(size):
             return False
-        self.queue.push(item)
+        self.queue.push(Queued(frames, size, ref, op, peer, result))
         return True
 
     def _drain_queue(self) -> None:
@@ -522,7 +523,7 @@ class RelayClientActor(NodeActor):
             return
         sealed = self.sealer.seal_parts(peer, encode_inner_parts(result))
         frames = encode(Send(to=peer, ref=result.id, op="result", body=sealed))
-        if not self._send_flowed(Queued(frames, frames_size(frames), result.id, "result", peer, result)):
+        if not self._send_flowed(frames, result.id, "result", peer, result):
             self._hold_result(peer, result)  # sent once the queue has room again
             return
         self.sent_results[result.id] = (peer, result)
@@ -619,7 +620,7 @@ class RelayClientActor(NodeActor):
         self._fail_peer_queries("the node lost its connection to the relay")
         for item in self.queue.clear():
             if item.op == "result":  # sent again once registered anew
-                self._hold_result(item.peer, item.extra)
+                self._hold_result(item.peer, item.result)
         self.generation += 1
         self._io_close()
         self.loop.call_later(delay, self._handle, Reconnect())

@@ -32,7 +32,7 @@ DEFAULT_WINDOW = 64 * 1024 * 1024
 
 def frames_size(frames: Iterable[Any]) -> int:
     """What a message counts for: the sum of its frames' lengths."""
-    return sum(len(frame) for frame in frames)
+    return sum(map(len, frames))
 
 
 class LinkFlow:
@@ -91,7 +91,8 @@ class Queued:
     ref: bytes
     op: str
     peer: str = ""
-    extra: Any = None
+    #: The JobResult a result message carries (held again if the link is lost meanwhile).
+    result: Any = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ never anything else, at a cost linear in their size (:mod:`strict_cbor`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,22 +115,30 @@ def decode(frames: Sequence[Any], accept: MessageTable, *, max_body: int) -> Mes
     if not 1 <= len(frames) <= 2:
         raise RemoteProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
     body = frames[1] if len(frames) == 2 else None
-    limits = Limits(size=accept.header_bytes, items=accept.items, depth=accept.depth)
-    return _guarded(lambda: _build(_load_map(frames[0], limits, "header"), accept, body, max_body))
+    try:
+        return _build(_load_map(frames[0], accept.limits, "header"), accept, body, max_body)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise _unexpected(exc) from None
 
 
 def _guarded(decode_step: Any) -> Message:
-    """Run ``decode_step``; any error but a protocol error is a bug in a decoder, and
-    still must not escape as anything but a typed error (``unexpected`` marks it, for
-    the fuzzer and the logs)."""
+    """Run ``decode_step``, with :func:`decode`'s guarantee: only protocol errors leave it."""
     try:
         return decode_step()
     except ProtocolError:
         raise
     except Exception as exc:
-        error = RemoteProtocolError(f"the message could not be decoded ({type(exc).__name__})")
-        error.unexpected = True
-        raise error from None
+        raise _unexpected(exc) from None
+
+
+def _unexpected(exc: Exception) -> RemoteProtocolError:
+    """Any error but a protocol error is a bug in a decoder, and still must not escape as
+    anything but a typed error (``unexpected`` marks it, for the fuzzer and the logs)."""
+    error = RemoteProtocolError(f"the message could not be decoded ({type(exc).__name__})")
+    error.unexpected = True
+    return error
 
 
 #: A byte string this long or longer is left out of the CBOR encoding and passed on as
@@ -182,5 +191,10 @@ def _head(major: int, n: int) -> bytes:
 def decode_inner(data: Any, accept: MessageTable, *, max_size: int) -> Message:
     """Validate one node-to-node message (the plaintext of a sealed body), as
     :func:`decode` does a header."""
-    limits = Limits(size=max_size, items=accept.items, depth=accept.depth)
+    limits = _inner_limits(max_size, accept.items, accept.depth)
     return _guarded(lambda: _build(_load_map(data, limits, "sealed message"), accept, None))
+
+
+@functools.lru_cache(maxsize=16)
+def _inner_limits(size: int, items: int, depth: int) -> Limits:
+    return Limits(size=size, items=items, depth=depth)

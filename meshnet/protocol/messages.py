@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from meshnet.identity import is_peer_id
+from meshnet.protocol.strict_cbor import Limits
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -582,6 +583,7 @@ class MessageTable(dict):
         self.header_bytes = header_bytes
         self.items = items
         self.depth = MAX_DEPTH_ON_WIRE
+        self.limits = Limits(size=header_bytes, items=items, depth=MAX_DEPTH_ON_WIRE)
 
 
 #: A submit is about 150 bytes and 13 items; room is left for job requirements to come.

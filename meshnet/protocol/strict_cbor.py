@@ -33,8 +33,8 @@ from __future__ import annotations
 import io
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -54,9 +54,9 @@ _U32 = struct.Struct(">I").unpack_from
 _U64 = struct.Struct(">Q").unpack_from
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one decoded CBOR item may hold."""
+class Limits(NamedTuple):
+    """What one decoded CBOR item may hold. (A named tuple: one is made per payload
+    decoded, and a frozen dataclass costs several times as much to make.)"""
 
     #: The most bytes; checked before anything is read.
     size: int
@@ -87,9 +87,10 @@ def loads_value(data: Any, what: str = "value") -> Any:
     they are found by a walk of the heads, which runs only when a byte that could start
     one appears at all (a search at C speed): most data has none, and a large byte
     string is skipped whole by the walk."""
-    size = len(memoryview(data))
+    view = memoryview(data).cast("B")
+    size = len(view)
     value = loads(data, Limits(size=size, items=size, depth=VALUE_DEPTH), what)
-    if _MAYBE_SIMPLE.search(memoryview(data).cast("B")) is not None:
+    if _MAYBE_SIMPLE.search(view) is not None:
         try:
             count_items(data, size, VALUE_DEPTH, plain=True)
         except RemoteProtocolError as exc:
@@ -191,25 +192,47 @@ def loads(data: Any, limits: Limits, what: str) -> Any:
         raise MessageTooLarge(f"{what} is {size} bytes; the limit is {limits.size}")
     if size > limits.items:
         count_items(data, limits.items, limits.depth)
+    decoder = _decoder(limits.depth)
+    decoder.fp = _source(data, size)
     try:
-        decoder = cbor2.CBORDecoder(
-            _source(data, size),
+        value = decoder.decode()
+        trailing = size - decoder.fp.tell()
+    except Exception as exc:  # cbor2 reports bad input with several exception types
+        # A decoder that failed half-way is not reused: its state is not to be trusted.
+        del _decoders.by_depth[limits.depth]
+        if isinstance(exc, RecursionError):
+            raise RemoteProtocolError(f"{what} nests too deep") from None
+        raise RemoteProtocolError(f"{what} is not valid CBOR: {_diagnose(data, limits, exc)}") from None
+    finally:
+        decoder.fp = _NOTHING  # not to keep the data (a payload of megabytes) alive
+    if trailing:
+        raise RemoteProtocolError(f"{what} has {trailing} bytes after its CBOR item")
+    return value
+
+
+#: One decoder per thread and depth, reused: building one with these options costs as
+#: much as decoding a small header with it.
+_decoders = threading.local()
+_NOTHING = io.BytesIO(b"")
+
+
+def _decoder(depth: int) -> cbor2.CBORDecoder:
+    try:
+        by_depth = _decoders.by_depth
+    except AttributeError:
+        by_depth = _decoders.by_depth = {}
+    decoder = by_depth.get(depth)
+    if decoder is None:
+        decoder = by_depth[depth] = cbor2.CBORDecoder(
+            _NOTHING,
             tag_hook=_refuse_tag,
             semantic_decoders=_REFUSE_SEMANTIC,
-            max_depth=limits.depth,
+            max_depth=depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
             strict_hashable_types=True,
         )
-        value = decoder.decode()
-        trailing = size - decoder.fp.tell()
-    except RecursionError:
-        raise RemoteProtocolError(f"{what} nests too deep") from None
-    except Exception as exc:  # cbor2 reports bad input with several exception types
-        raise RemoteProtocolError(f"{what} is not valid CBOR: {_diagnose(data, limits, exc)}") from None
-    if trailing:
-        raise RemoteProtocolError(f"{what} has {trailing} bytes after its CBOR item")
-    return value
+    return decoder
 
 
 #: A buffer other than ``bytes`` this large is read in place (see :func:`_source`).
