@@ -252,7 +252,9 @@ class ClientApiActor(NodeActor):
 
     def _io_hold(self, conn: bytes, frames: list[Any]) -> None:
         now = time.monotonic()
-        state = self.outboxes.hold(conn, frames, frames_size(frames), now)
+        size = frames_size(frames)
+        waiting = self.outboxes.unread(conn) + size
+        state = self.outboxes.hold(conn, frames, size, now)
         if state == "pushed_back":
             self.log.warning(
                 "client_pushed_back",
@@ -261,14 +263,18 @@ class ClientApiActor(NodeActor):
                 action="its new jobs are refused busy until it reads",
             )
         elif state == "dropped":
-            self.log.warning(
-                "client_dropped",
-                client=client_tag(conn),
-                reason=f"more than {self.outboxes.budget} bytes of answers unread (api.max_unread_bytes)",
-                action="its waiting answers were discarded; its jobs are refused until it reads",
-            )
+            self._log_dropped(conn, waiting)
         if self._retry_timer is None and self.outboxes.backlogs:
             self._retry_timer = self.loop.call_later(self.outboxes.next_retry() or 0.0, self._io_retry_held)
+
+    def _log_dropped(self, conn: bytes, unread: int) -> None:
+        self.log.warning(
+            "client_dropped",
+            client=client_tag(conn),
+            reason=f"it stopped reading: {unread} bytes of answers waited for it (api.max_unread_bytes is "
+            f"{self.outboxes.budget})",
+            action="its waiting answers were discarded; its jobs are refused until it reads",
+        )
 
     def _io_retry_held(self) -> None:
         """Send what waits for slow clients, as far as ZeroMQ takes it."""
@@ -277,6 +283,7 @@ class ClientApiActor(NodeActor):
         if router is None:
             return
         outboxes = self.outboxes
+        now = time.monotonic()
         for conn in list(outboxes.backlogs):
             while (frames := outboxes.head(conn)) is not None:
                 try:
@@ -288,7 +295,9 @@ class ClientApiActor(NodeActor):
                         raise
                     outboxes.gone(conn)
                     break
-                outboxes.sent_head(conn)
+                outboxes.sent_head(conn, now)
+        for conn, unread in outboxes.drop_stalled(now):
+            self._log_dropped(conn, unread)
         delay = outboxes.next_retry()
         if delay is not None:
             self._retry_timer = self.loop.call_later(delay, self._io_retry_held)

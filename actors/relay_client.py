@@ -86,6 +86,12 @@ HANDSHAKE_FAILURES = (
 #: Results kept after sending, to send again if the relay bounces them because it
 #: restarted and did not know this node yet: a finished job's answer is not thrown away.
 RESEND_BUDGET_BYTES = 32 * 1024 * 1024
+#: A result bounced ``relay_busy`` (its submitter had a window of bytes unread at the
+#: relay: a burst of large results) is sent again after each of these delays in turn,
+#: about 13 s in all, then given up (logged ``undeliverable``).
+RESULT_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
+#: Results whose bounces are counted at once (the oldest counts are forgotten first).
+MAX_RESULT_RETRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,13 @@ class HandshakeFailed:
     generation: int
     auth: bool
     status: int
+
+
+@dataclass(frozen=True)
+class ResendResult:
+    """Send the result of job ``job_id`` again (the relay bounced it ``relay_busy``)."""
+
+    job_id: bytes
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,8 @@ class RelayClientActor(NodeActor):
         self.sent_bytes = 0
         self.unsent_results: OrderedDict[bytes, tuple[str, JobResult]] = OrderedDict()
         self.unsent_bytes = 0
+        #: Results bounced relay_busy: how often each was sent again.
+        self.result_retries: OrderedDict[bytes, int] = OrderedDict()
         # loop-thread state
         self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
@@ -268,6 +283,11 @@ class RelayClientActor(NodeActor):
                 # would drop this connection just as it registers).
                 self.link.connecting(time.monotonic())
                 self._register()
+        elif isinstance(message, ResendResult):
+            held = self.sent_results.pop(message.job_id, None)
+            if held is not None:
+                self.sent_bytes -= len(held[1].result or b"")
+                self._send_result(*held)
         elif isinstance(message, Drain):
             self.draining = True
         elif isinstance(message, Abort):
@@ -325,10 +345,13 @@ class RelayClientActor(NodeActor):
         log_job_end(self.log, job_id, job.kind, outcome, to=job.peer)
         job.reply(outcome)
 
-    def _withdraw(self, job_id: bytes) -> None:
-        """A job that ended is not sent if it still waits for room on the link."""
-        if self.queue.entries:
-            self.queue.withdraw(job_id, "job")
+    def _withdraw(self, job_id: bytes) -> bool:
+        """A job that ended is not sent if it still waits for room on the link: True
+        when it was waiting (its peer never saw it). What waited behind it may go now."""
+        if not self.queue.entries or self.queue.withdraw(job_id, "job") is None:
+            return False
+        self._drain_queue()
+        return True
 
     def _send_cancel(self, peer: str, job_id: bytes) -> None:
         sealed = self.sealer.seal_parts(peer, encode_inner_parts(JobCancel(id=job_id)))
@@ -430,10 +453,27 @@ class RelayClientActor(NodeActor):
             failure = Outcome("failed", error_type="ResultTooLarge", message=why)
             self.log.warning("result_too_large", job_id=message.ref.hex(), to=peer, error=message.message)
             self._send_result(peer, JobResult(id=result.id, status="failed", error=failure.error))
+        elif message.op == "result" and message.reason == "relay_busy" and self._retry_result(message.ref):
+            pass  # its submitter has more unread than the relay holds for it: sent again shortly
         else:  # an answer whose asker is gone, or a cancel the relay could not pass on now
             self.log.warning(
                 "undeliverable", op=message.op, job_id=message.ref.hex(), to=message.to, reason=message.reason
             )
+
+    def _retry_result(self, job_id: bytes) -> bool:
+        """Send a result again after a delay (growing with each bounce); False when it is
+        not kept any more, or has been bounced too often."""
+        attempt = self.result_retries.pop(job_id, 0)
+        if job_id not in self.sent_results or attempt >= len(RESULT_RETRY_DELAYS):
+            return False
+        self.result_retries[job_id] = attempt + 1
+        while len(self.result_retries) > MAX_RESULT_RETRIES:
+            self.result_retries.popitem(last=False)
+        delay = RESULT_RETRY_DELAYS[attempt]
+        peer = self.sent_results[job_id][0]
+        self.log.info("result_held_back", job_id=job_id.hex(), to=peer, attempt=attempt + 1, retry_in_s=delay)
+        self.loop.call_later(delay, self._handle, ResendResult(job_id))
+        return True
 
     def _is_sent_success(self, job_id: bytes) -> bool:
         held = self.sent_results.get(job_id)
@@ -522,6 +562,14 @@ class RelayClientActor(NodeActor):
             self._hold_result(peer, result)
             return
         sealed = self.sealer.seal_parts(peer, encode_inner_parts(result))
+        if self.relay_max_body is not None and len(sealed) > self.relay_max_body and result.status == "succeeded":
+            # Past the relay's limit the relay would refuse it (or past its frame cap drop
+            # this node's link): the submitter is told so, in a few bytes.
+            why = f"the result is {len(sealed)} bytes sealed; the relay takes at most {self.relay_max_body}"
+            self.log.warning("result_too_large", job_id=result.id.hex(), to=peer, error=why)
+            failure = Outcome("failed", error_type="ResultTooLarge", message=why)
+            result = JobResult(id=result.id, status="failed", error=failure.error)
+            sealed = self.sealer.seal_parts(peer, encode_inner_parts(result))
         frames = encode(Send(to=peer, ref=result.id, op="result", body=sealed))
         if not self._send_flowed(frames, result.id, "result", peer, result):
             self._hold_result(peer, result)  # sent once the queue has room again
@@ -582,9 +630,16 @@ class RelayClientActor(NodeActor):
             )
             log_job_end(self.log, job.id, job.kind, outcome, to=job.peer)
             job.reply(outcome)
-            self._withdraw(job.id)
-            if self.link.registered:  # the peer may still be running it: it need not
+            never_sent = self._withdraw(job.id)
+            if self.link.registered and not never_sent:  # the peer may still be running it: it need not
                 self._send_cancel(job.peer, job.id)
+        if self.link.registered:
+            # Whatever was read since the last ack, acknowledged on each heartbeat: on a
+            # quiet link less than a quarter window would otherwise stay unacknowledged.
+            received = self.flow.ack_all()
+            if received is not None:
+                self._io_send(self.generation, encode(Ack(received=received)), None, 0)
+            self._drain_queue()
         self._schedule_tick()
 
     def _on_handshake_failed(self, message: HandshakeFailed) -> None:

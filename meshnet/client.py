@@ -302,6 +302,7 @@ class MeshClient:
         """No connection for ``connect_timeout``: fail what is pending, and what comes
         until a connection does."""
         self._link_timer = None
+        self._io_monitor()  # a handshake may have succeeded just now: its event decides
         if self._linked or self._sock is None:
             return
         cause, hint = self._link_trouble

@@ -228,8 +228,9 @@ class RelayServerSection:
     max_message_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES + 65536, metadata=_check(_positive_int))
     #: Messages queued per connected node before the relay answers ``unroutable: busy``.
     high_water_mark: int = field(default=1000, metadata=_check(_positive_int))
-    #: Bytes the relay holds for a node that has not read them (past it, messages to the
-    #: node are refused ``relay_busy``), and takes from a node before acknowledging them.
+    #: Bytes the relay sends a node that it has not read, and as much again that waits
+    #: for it (past both, messages to it are refused ``relay_busy``); and bytes it takes
+    #: from a node before acknowledging them.
     max_unread_bytes: int = field(default=DEFAULT_WINDOW, metadata=_check(_positive_int))
 
 

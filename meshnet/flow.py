@@ -10,8 +10,12 @@ each end of the link counts bytes, as TCP and HTTP/2 do with their windows:
   count the same messages.
 * A receiver acknowledges what it has read with ``ack`` (``received``: bytes since
   registration) each time a quarter of the window has come in since its last ``ack``.
-* A sender keeps at most ``window`` bytes sent and not acknowledged. One message
-  larger than the window may go when nothing else is in flight (else it never could).
+* Each heartbeat also acknowledges whatever was read since the last ``ack`` (on a
+  quiet link, less than a quarter window would otherwise stay unacknowledged).
+* A sender keeps at most ``window`` bytes sent and not acknowledged. A message that
+  does not fit may still go when no more than a quarter window is in flight (else a
+  message near the window's size might never go): in flight is then at most a quarter
+  window and that one message.
 
 Sans-IO: :class:`LinkFlow` is one end's account of both directions; :class:`SendQueue`
 holds, within a byte budget, what a node may not send yet.
@@ -57,8 +61,12 @@ class LinkFlow:
         return self.sent - self.peer_received
 
     def may_send(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may go now: it fits the window, or it is
+        larger than the window allows and what is in flight is no more than a receiver
+        may leave unacknowledged (a quarter window): then it goes alone, else it never
+        could. In flight: at most a window, or a quarter window and one message."""
         in_flight = self.in_flight
-        return in_flight == 0 or in_flight + size <= self.window
+        return in_flight + size <= self.window or in_flight <= self.window // 4
 
     def on_sent(self, size: int) -> None:
         self.sent += size
@@ -76,6 +84,15 @@ class LinkFlow:
         """``size`` bytes were read; the ``received`` total to acknowledge now, if due."""
         self.received += size
         if self.received - self.acked >= max(1, self.window // 4):
+            self.acked = self.received
+            return self.received
+        return None
+
+    def ack_all(self) -> int | None:
+        """The ``received`` total to acknowledge on a heartbeat, if anything was read
+        since the last ``ack``: on a quiet link what is left below a quarter window is
+        acknowledged too (and an ``ack`` that could not be sent is made good)."""
+        if self.received > self.acked:
             self.acked = self.received
             return self.received
         return None

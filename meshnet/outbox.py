@@ -5,12 +5,20 @@ be 64 MiB: a client that submitted 2 MiB echo jobs and never read the results gr
 node to 1.5 GB in 8 s. The client API therefore keeps ZeroMQ's queue per connection
 short (``API_SEND_HWM`` messages) and holds what does not fit here, counted in bytes:
 
-* within half the budget, the answers wait and are sent as the client reads;
+* the answers wait and are sent, in order, as the client reads;
 * past half the budget the client is *pushed back*: its new jobs are refused ``busy``
-  (those refusals are answers too, and wait like the rest);
-* past the budget the client is *dropped*: what waited is thrown away, with a logged
+  (those refusals are answers too, and wait like the rest), while the answers of the
+  jobs it already has keep coming;
+* the client is *dropped* when it stops reading: past the budget with nothing sent to
+  it for ``STALL_OVER_BUDGET_S``, past ``HARD_LIMIT`` budgets at once, or with anything
+  waiting and nothing sent for ``STALL_S``. What waited is thrown away, with a logged
   reason, and until the client reads again its jobs are refused and answers to it that
   do not fit ZeroMQ's queue are thrown away at once.
+
+A client that reads, if more slowly than its answers come (a burst of large results
+to a slow link), is pushed back and not dropped: what waits for it is then at most the
+budget's half and the answers of the jobs it had in flight, and at most ``HARD_LIMIT``
+budgets in any case.
 
 Sans-IO: the client API tries a send; when ZeroMQ's queue for the connection is full it
 hands the message to :meth:`Outboxes.hold`, and retries held messages on a timer (a
@@ -29,11 +37,19 @@ API_SEND_HWM = 8
 #: Bytes of answers a client connection may have waiting by default (``api.max_unread_bytes``):
 #: room for one largest result.
 DEFAULT_MAX_UNREAD_BYTES = 64 * 1024 * 1024
+#: Budgets of answers past which a client is dropped whether or not it reads.
+HARD_LIMIT = 4
+#: Seconds without an answer going out after which a client over its budget is dropped,
+#: and one with anything waiting at all.
+STALL_OVER_BUDGET_S = 5.0
+STALL_S = 60.0
 #: Dropped connections remembered (to refuse their jobs); past it the oldest are forgotten.
 MAX_DROPPED = 1024
-#: Retry delays for held answers: from the first to the longest, doubling.
+#: Retry delays for held answers: from the first to the longest, doubling while nothing
+#: goes out (a client that reads gets its answers within milliseconds; one that does not
+#: costs a wake-up a second until it is dropped).
 FIRST_RETRY_S = 0.001
-LONGEST_RETRY_S = 0.1
+LONGEST_RETRY_S = 1.0
 
 
 @dataclass
@@ -42,7 +58,8 @@ class Backlog:
 
     messages: deque[tuple[list[Any], int]] = field(default_factory=deque)
     size: int = 0
-    since: float = 0.0
+    #: When an answer last went out to the client (or the backlog began).
+    progress_at: float = 0.0
     pushed_back: bool = False
 
 
@@ -63,28 +80,46 @@ class Outboxes:
     def hold(self, conn: bytes, frames: list[Any], size: int, now: float) -> str:
         """Keep an answer that ZeroMQ's queue for ``conn`` did not take. Returns
         ``"held"``; ``"pushed_back"`` when that crossed half the budget (refuse the
-        client's new jobs from now on); ``"dropped"`` when it crossed the budget: what
-        was held is discarded and ``conn`` counts as dropped; ``"discarded"`` when
-        ``conn`` was dropped already (the answer is thrown away)."""
+        client's new jobs from now on); ``"dropped"`` when the client counts as not
+        reading any more (see the module's rules): what was held is discarded;
+        ``"discarded"`` when ``conn`` was dropped already (the answer is thrown away)."""
         if conn in self.dropped:
             self.discarded += 1
             return "discarded"
         backlog = self.backlogs.get(conn)
         if backlog is None:
-            backlog = self.backlogs[conn] = Backlog(since=now)
+            backlog = self.backlogs[conn] = Backlog(progress_at=now)
         backlog.messages.append((frames, size))
         backlog.size += size
-        if backlog.size > self.budget:
-            self.discarded += len(backlog.messages)
-            del self.backlogs[conn]
-            self.dropped[conn] = now
-            while len(self.dropped) > MAX_DROPPED:
-                self.dropped.popitem(last=False)
+        if self._stalled(backlog, now):
+            self._drop(conn, now)
             return "dropped"
         if not backlog.pushed_back and backlog.size > self.budget // 2:
             backlog.pushed_back = True
             return "pushed_back"
         return "held"
+
+    def _stalled(self, backlog: Backlog, now: float) -> bool:
+        if backlog.size > HARD_LIMIT * self.budget:
+            return True
+        quiet = now - backlog.progress_at
+        return quiet >= STALL_S or (backlog.size > self.budget and quiet >= STALL_OVER_BUDGET_S)
+
+    def _drop(self, conn: bytes, now: float) -> None:
+        backlog = self.backlogs.pop(conn)
+        self.discarded += len(backlog.messages)
+        self.dropped[conn] = now
+        while len(self.dropped) > MAX_DROPPED:
+            self.dropped.popitem(last=False)
+
+    def drop_stalled(self, now: float) -> list[tuple[bytes, int]]:
+        """Drop the clients that stopped reading (the module's rules); returns each with
+        the bytes that waited for it. The retry timer calls it, so that a client whose
+        answers stopped coming is dropped too."""
+        stalled = [(conn, backlog.size) for conn, backlog in self.backlogs.items() if self._stalled(backlog, now)]
+        for conn, _ in stalled:
+            self._drop(conn, now)
+        return stalled
 
     def refuses(self, conn: bytes) -> bool:
         """Whether ``conn``'s new jobs are refused: pushed back, or dropped."""
@@ -101,11 +136,12 @@ class Outboxes:
         backlog = self.backlogs.get(conn)
         return backlog.messages[0][0] if backlog is not None else None
 
-    def sent_head(self, conn: bytes) -> None:
+    def sent_head(self, conn: bytes, now: float) -> None:
         """The oldest held answer for ``conn`` went out."""
         backlog = self.backlogs[conn]
         _, size = backlog.messages.popleft()
         backlog.size -= size
+        backlog.progress_at = now
         if not backlog.messages:
             del self.backlogs[conn]
         self.retry_delay = FIRST_RETRY_S

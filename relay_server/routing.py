@@ -9,7 +9,7 @@ attributed to that peer id, whatever the message claims.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -79,9 +79,13 @@ class NodeEntry:
     correspondents: OrderedDict[str, None] = field(default_factory=OrderedDict)
     #: The largest ``deliver`` body the node takes (its ``register.max_body``).
     max_body: int = 0
-    #: Bytes each way on its connection (meshnet.flow): what the relay holds for it is
-    #: at most the window.
+    #: Bytes each way on its connection (meshnet.flow): what the relay sent it and it
+    #: has not read is at most the window.
     flow: LinkFlow = field(default_factory=LinkFlow)
+    #: Deliveries for it that did not fit the window, sent as it acknowledges what it
+    #: read: at most a window's worth more (past it, senders are told ``relay_busy``).
+    held: deque[Outgoing] = field(default_factory=deque)
+    held_bytes: int = 0
     #: Encoded size and data items of ``describe()``, so that a peers reply can be kept
     #: within a header.
     described_size: int = 0
@@ -145,19 +149,21 @@ class RelayCore:
         ``observe()`` returns the address the relay sees for the connection; it costs
         system calls, so it is called only when a node registers."""
         self._now = now
+        entry = self._entry(conn)
+        if entry is not None and entry.key != key:
+            entry = None
         try:
             message = decode(frames, NODE_TO_RELAY, max_body=self.max_body)
         except ProtocolError as exc:
+            out = self._count_received(entry, frames)  # its sender counted it as sent
             self.on_rejected(conn, str(exc), now)
             header = exc.header
             if isinstance(header, Send):  # a job, result or cancel: named, so its sender can end it
-                return self._reply_to(conn, self._unroutable(header, exc.code, str(exc)))
-            return self._reply_to(conn, Error(code=exc.code, message=str(exc)))
+                return out + self._reply_to(conn, self._unroutable(header, exc.code, str(exc)))
+            return out + self._reply_to(conn, Error(code=exc.code, message=str(exc)))
         if isinstance(message, Register):
             return self._register(conn, key, message, observe(), now)
-        peer_id = self.by_conn.get(conn)
-        entry = self.nodes.get(peer_id) if peer_id else None
-        if entry is None or entry.key != key:
+        if entry is None:
             out = [self._reply(conn, Error(code="not_registered", message="register before sending anything else"))]
             if isinstance(message, Send):  # the job it carries is answered, not lost
                 bounce = self._unroutable(
@@ -170,13 +176,15 @@ class RelayCore:
         entry.last_seen = now
         if isinstance(message, Ack):
             entry.flow.on_ack(message.received)
-            return []
-        out = []
-        received = entry.flow.on_received(frames_size(frames))
-        if received is not None:
-            out.append(Outgoing(conn, encode(Ack(received=received))))
+            return self._release_held(entry)
+        out = self._count_received(entry, frames)
         if isinstance(message, Ping):
             out += self._reply_to(entry, Pong(seq=message.seq))
+            # On every heartbeat, whatever is read and not acknowledged yet: less than a
+            # quarter window, which would otherwise stay unacknowledged on a quiet link.
+            received = entry.flow.ack_all()
+            if received is not None:
+                out.append(Outgoing(conn, encode(Ack(received=received))))
         elif isinstance(message, Send):
             out += self._forward(entry, message, now)
         else:
@@ -184,6 +192,13 @@ class RelayCore:
             peers, more = self.describe_peers(now)
             out += self._reply_to(entry, PeersReply(peers=peers, seq=message.seq, more=more or None))
         return out
+
+    def _count_received(self, entry: NodeEntry | None, frames: list[Any]) -> list[Outgoing]:
+        """Count a message read from a registered node; acknowledge when due."""
+        if entry is None:
+            return []
+        received = entry.flow.on_received(frames_size(frames))
+        return [] if received is None else [Outgoing(entry.conn, encode(Ack(received=received)))]
 
     def on_undeliverable(self, out: Outgoing, *, queue_full: bool) -> list[Outgoing]:
         """The daemon could not send ``out``: its peer is gone, or its queue is full."""
@@ -328,6 +343,12 @@ class RelayCore:
             max_body=min(self.max_body, message.max_body if message.max_body is not None else self.max_body),
             flow=LinkFlow(self.window),
         )
+        if old is not None and old.held:
+            # Deliveries held for the node go to it on its new connection (or its new
+            # registration), as its new window allows.
+            entry.held = deque(replace(delivery, conn=conn) for delivery in old.held)
+            entry.held_bytes = old.held_bytes
+            old.held.clear()
         self.nodes[message.peer_id] = entry
         self.by_conn[conn] = message.peer_id
         log.info("peer_registered", peer_id=message.peer_id, observed=observed, reconnected=old is not None)
@@ -340,7 +361,7 @@ class RelayCore:
             window=self.window,
         )
         out.append(self._reply(conn, registered))
-        return out
+        return out + self._release_held(entry)
 
     def _forward(self, sender: NodeEntry, message: Send, now: float) -> list[Outgoing]:
         target = self.nodes.get(message.to)
@@ -355,28 +376,50 @@ class RelayCore:
             return self._reply_to(sender, self._unroutable(message, "too_large", too_large))
         deliver = encode(Deliver(sender=sender.peer_id, ref=message.ref, op=message.op, body=message.body))
         counted = frames_size(deliver)
-        if not target.flow.may_send(counted):
+        sendable = not target.held and target.flow.may_send(counted)
+        if not sendable and target.held_bytes + counted > self.window:
             self._stalled(target, f"a {message.op} from {sender.peer_id} was refused relay_busy")
             busy = (
-                f"peer {message.to} has not read the {target.flow.in_flight} bytes the relay sent it "
-                f"(it holds at most {target.flow.window} for a peer)"
+                f"peer {message.to} has not read the {target.flow.in_flight} bytes the relay sent it, and "
+                f"{target.held_bytes} more wait for it (the relay holds at most {target.flow.window} of each)"
             )
             return self._reply_to(sender, self._unroutable(message, "relay_busy", busy))
-        target.flow.on_sent(counted)
         target.correspondents[sender.peer_id] = None
         target.correspondents.move_to_end(sender.peer_id)
         if len(target.correspondents) > MAX_CORRESPONDENTS:
             target.correspondents.popitem(last=False)
         self.forwarded += 1
         bounce = self._unroutable(message, "peer_not_connected", f"peer {message.to} is not connected to the relay")
-        return [Outgoing(target.conn, deliver, bounce_to=sender.conn, bounce=bounce, counted=counted)]
+        out = Outgoing(target.conn, deliver, bounce_to=sender.conn, bounce=bounce, counted=counted)
+        if not sendable:  # a burst past its window: sent as it reads (held, counted in bytes)
+            target.held.append(out)
+            target.held_bytes += counted
+            return []
+        target.flow.on_sent(counted)
+        return [out]
+
+    def _release_held(self, entry: NodeEntry) -> list[Outgoing]:
+        """The deliveries held for ``entry`` that its window has room for now."""
+        out: list[Outgoing] = []
+        held = entry.held
+        while held and entry.flow.may_send(held[0].counted):
+            delivery = held.popleft()
+            entry.held_bytes -= delivery.counted
+            entry.flow.on_sent(delivery.counted)
+            out.append(delivery)
+        return out
 
     def _remove(self, entry: NodeEntry) -> list[Outgoing]:
         self.nodes.pop(entry.peer_id, None)
         if self.by_conn.get(entry.conn) == entry.peer_id:
             del self.by_conn[entry.conn]
-        notice = PeerDown(peer_id=entry.peer_id)
         out: list[Outgoing] = []
+        for delivery in entry.held:  # never sent: each goes back to its sender
+            if delivery.bounce is not None and delivery.bounce_to is not None:
+                out += self._reply_to(delivery.bounce_to, delivery.bounce)
+        entry.held.clear()
+        entry.held_bytes = 0
+        notice = PeerDown(peer_id=entry.peer_id)
         for peer in entry.correspondents:
             if peer in self.nodes:
                 out += self._reply_to(self.nodes[peer], notice)

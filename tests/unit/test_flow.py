@@ -90,3 +90,20 @@ def test_a_job_that_ended_is_withdrawn_from_the_queue():
 
 def test_frames_size_counts_every_frame():
     assert frames_size([b"abc", bytearray(5), memoryview(b"12")]) == 10
+
+
+def test_a_message_larger_than_the_room_goes_when_at_most_a_quarter_window_is_in_flight():
+    flow = LinkFlow(window=1000)
+    flow.on_sent(250)  # what a receiver may leave unacknowledged on a quiet link
+    assert flow.may_send(990)
+    flow.on_sent(1)
+    assert not flow.may_send(990) and flow.may_send(749)
+
+
+def test_a_heartbeat_acknowledges_whatever_was_read():
+    flow = LinkFlow(window=1000)
+    assert flow.ack_all() is None
+    assert flow.on_received(100) is None
+    assert flow.ack_all() == 100
+    assert flow.ack_all() is None
+    assert flow.on_received(249) is None and flow.on_received(1) == 350

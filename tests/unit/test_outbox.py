@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from meshnet.outbox import FIRST_RETRY_S, LONGEST_RETRY_S, Outboxes
+from meshnet.outbox import (
+    FIRST_RETRY_S,
+    HARD_LIMIT,
+    LONGEST_RETRY_S,
+    STALL_OVER_BUDGET_S,
+    STALL_S,
+    Outboxes,
+)
 
 A, B = b"client-a", b"client-b"
 
@@ -16,7 +23,7 @@ def test_held_answers_are_sent_in_order():
     sent = []
     while (frames := boxes.head(A)) is not None:
         sent.append(frames)
-        boxes.sent_head(A)
+        boxes.sent_head(A, now=0.1)
     assert sent == [[b"\x00"], [b"\x01"], [b"\x02"]]
     assert not boxes.holds(A) and boxes.backlogs == {}
 
@@ -28,25 +35,56 @@ def test_past_half_the_budget_the_client_is_pushed_back_once():
     assert boxes.refuses(A) and not boxes.refuses(B)
 
 
-def test_past_the_budget_what_waits_is_discarded_and_the_client_dropped():
+def test_a_client_that_reads_slowly_is_kept_past_its_budget():
+    """A burst of results to a client that reads, if slower than they come: pushed back
+    (no new jobs), not dropped, while answers keep going out to it."""
     boxes = Outboxes(budget=1000)
-    for _ in range(5):
+    now = 0.0
+    for _ in range(30):  # 3 budgets of answers, one going out every second
+        assert boxes.hold(A, [b"x"], 100, now) in ("held", "pushed_back")
+        assert boxes.hold(A, [b"x"], 100, now) in ("held", "pushed_back")
+        boxes.sent_head(A, now)
+        now += 1.0
+        assert boxes.drop_stalled(now) == []
+    assert boxes.unread(A) == 3000 and boxes.refuses(A)
+
+
+def test_a_client_over_its_budget_that_stops_reading_is_dropped():
+    boxes = Outboxes(budget=1000)
+    for _ in range(6):
         boxes.hold(A, [b"x"], 200, now=0.0)
-    assert boxes.hold(A, [b"x"], 200, now=1.0) == "dropped"
+    assert boxes.drop_stalled(STALL_OVER_BUDGET_S - 0.1) == []
+    assert boxes.drop_stalled(STALL_OVER_BUDGET_S) == [(A, 1200)]
     assert not boxes.holds(A) and boxes.refuses(A)
     assert boxes.discarded == 6
-    assert boxes.hold(A, [b"x"], 10, now=2.0) == "discarded"
+    assert boxes.hold(A, [b"x"], 10, now=6.0) == "discarded"
     assert boxes.discarded == 7
     assert boxes.reading_again(A) and not boxes.refuses(A)
     assert not boxes.reading_again(A)
+
+
+def test_past_the_hard_limit_a_client_is_dropped_at_once():
+    boxes = Outboxes(budget=1000)
+    states = [boxes.hold(A, [b"x"], 500, now=0.0) for _ in range(2 * HARD_LIMIT + 1)]
+    assert states[-1] == "dropped" and "dropped" not in states[:-1]
+
+
+def test_anything_waiting_with_nothing_going_out_for_long_is_dropped():
+    """So that the retry timer of a client that never reads again stops in the end."""
+    boxes = Outboxes(budget=1000)
+    boxes.hold(A, [b"x"], 10, now=0.0)
+    assert boxes.drop_stalled(STALL_S - 1) == []
+    assert boxes.drop_stalled(STALL_S) == [(A, 10)]
+    assert boxes.next_retry() is None
 
 
 def test_other_clients_are_not_affected():
     boxes = Outboxes(budget=1000)
     for _ in range(6):
         boxes.hold(A, [b"x"], 200, now=0.0)
+    boxes.drop_stalled(STALL_OVER_BUDGET_S)
     assert boxes.refuses(A)
-    assert boxes.hold(B, [b"y"], 100, now=0.0) == "held" and not boxes.refuses(B)
+    assert boxes.hold(B, [b"y"], 100, now=10.0) == "held" and not boxes.refuses(B)
 
 
 def test_a_client_that_went_away_takes_its_answers_with_it():
@@ -61,7 +99,7 @@ def test_retries_back_off_while_nothing_moves_and_restart_after_progress():
     assert boxes.next_retry() is None
     boxes.hold(A, [b"x"], 100, now=0.0)
     boxes.hold(A, [b"x"], 100, now=0.0)
-    delays = [boxes.next_retry() for _ in range(10)]
+    delays = [boxes.next_retry() for _ in range(15)]
     assert delays[0] == FIRST_RETRY_S and delays == sorted(delays) and delays[-1] == LONGEST_RETRY_S
-    boxes.sent_head(A)
+    boxes.sent_head(A, now=1.0)
     assert boxes.next_retry() == FIRST_RETRY_S
