@@ -48,7 +48,7 @@ from meshnet.protocol import (
     encode,
     frame_limit,
 )
-from meshnet.rejections import RejectionLog
+from meshnet.rejections import RejectionLog, log_summaries
 
 log = structlog.get_logger("meshnet.api")
 
@@ -349,14 +349,7 @@ class ClientApiActor(NodeActor):
     def _io_log_rejections(self) -> None:
         self._rejections_timer = None
         now = time.monotonic()
-        for summary in self.rejections.flush(now):
-            self.log.warning(
-                "client_messages_rejected",
-                client=summary.source,
-                count=summary.count,
-                over_s=round(now - summary.since, 1),
-                last_error=summary.last_error,
-            )
+        log_summaries(self.log, "client_messages_rejected", self.rejections.flush(now), now, source="client")
         due = self.rejections.next_flush()
         if due is not None:
             self._rejections_timer = self.loop.call_later(max(0.0, due - now), self._io_log_rejections)

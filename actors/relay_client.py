@@ -72,7 +72,7 @@ from meshnet.protocol import (
     encode_inner_parts,
     frame_limit,
 )
-from meshnet.rejections import RejectionLog
+from meshnet.rejections import RejectionLog, log_summaries
 from meshnet.relay_link import RelayLink
 
 log = structlog.get_logger("meshnet.relay_client")
@@ -606,14 +606,7 @@ class RelayClientActor(NodeActor):
 
     def _on_tick(self) -> None:
         now = time.monotonic()
-        for summary in self.rejections.flush(now):
-            self.log.warning(
-                "messages_rejected",
-                source=summary.source,
-                count=summary.count,
-                over_s=round(now - summary.since, 1),
-                last_error=summary.last_error,
-            )
+        log_summaries(self.log, "messages_rejected", self.rejections.flush(now), now)
         action = self.link.on_tick(now)
         if action == "ping":
             self.ping_seq += 1

@@ -10,7 +10,9 @@ logs what :meth:`RejectionLog.flush` returns, one summary line per source.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 #: Seconds between summaries of the rejections of one source that were not logged.
 SUMMARY_INTERVAL = 10.0
@@ -90,3 +92,16 @@ class RejectionLog:
                 other.count += entry.count
                 other.since = min(other.since, entry.since)
                 other.last_error = entry.last_error
+
+
+def log_summaries(logger: Any, event: str, summaries: Iterable[Suppressed], now: float, source: str = "source") -> None:
+    """Log one warning per summary: how many rejections of a source were counted, over
+    how long, and the last one's error (``source`` names the field the source goes in)."""
+    for summary in summaries:
+        logger.warning(
+            event,
+            **{source: summary.source},
+            count=summary.count,
+            over_s=round(now - summary.since, 1),
+            last_error=summary.last_error,
+        )

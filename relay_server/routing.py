@@ -41,7 +41,7 @@ from meshnet.protocol import (
     encode,
 )
 from meshnet.protocol.strict_cbor import count_items
-from meshnet.rejections import RejectionLog
+from meshnet.rejections import RejectionLog, log_summaries
 
 log = structlog.get_logger("meshnet.relay")
 
@@ -225,14 +225,7 @@ class RelayCore:
         """Expire nodes silent for ``liveness`` heartbeats; tell their correspondents.
         Log the rejections and stalls counted since the last summary."""
         self._now = now
-        for summary in self.rejections.flush(now):
-            log.warning(
-                "messages_rejected",
-                source=summary.source,
-                count=summary.count,
-                over_s=round(now - summary.since, 1),
-                last_error=summary.last_error,
-            )
+        log_summaries(log, "messages_rejected", self.rejections.flush(now), now)
         for summary in self.stalls.flush(now):
             log.warning("peer_not_reading", peer_id=summary.source, held_back=summary.count, last=summary.last_error)
         limit = self.heartbeat * self.liveness

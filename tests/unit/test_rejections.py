@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from meshnet.rejections import OTHER_SOURCES, RejectionLog
+import structlog
+from structlog.testing import capture_logs
+
+from meshnet.rejections import OTHER_SOURCES, RejectionLog, log_summaries
 
 
 def test_first_rejection_of_a_source_is_logged_the_rest_counted():
@@ -51,3 +54,22 @@ def test_sources_are_bounded_and_evicted_counts_are_kept():
     counts = {entry.source: entry.count for entry in log.flush(20.0)}
     assert counts[OTHER_SOURCES] == 3
     assert sum(counts.values()) + 103 == log.total
+
+
+def test_summaries_are_logged_one_line_per_source():
+    log = RejectionLog(interval=10.0)
+    log.on_rejected("client-a", "bad", 0.0)
+    for _ in range(5):
+        log.on_rejected("client-a", "worse", 1.0)
+    with capture_logs() as lines:
+        log_summaries(structlog.get_logger(), "client_messages_rejected", log.flush(11.5), 11.5, source="client")
+    assert lines == [
+        {
+            "event": "client_messages_rejected",
+            "client": "client-a",
+            "count": 5,
+            "over_s": 10.5,
+            "last_error": "worse",
+            "log_level": "warning",
+        }
+    ]
