@@ -191,7 +191,12 @@ def loads(data: Any, limits: Limits, what: str) -> Any:
     if size > limits.size:
         raise MessageTooLarge(f"{what} is {size} bytes; the limit is {limits.size}")
     if size > limits.items:
-        count_items(data, limits.items, limits.depth)
+        try:
+            count_items(data, limits.items, limits.depth)
+        except TooManyItems as exc:
+            raise RemoteProtocolError(f"{what} is refused: {exc}") from None
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"{what} is not valid CBOR: {exc}") from None
     decoder = _decoder(limits.depth)
     decoder.fp = _source(data, size)
     try:
