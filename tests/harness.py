@@ -16,14 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import tomli_w
+import zmq
 
-from meshnet.identity import Identity
+from meshnet.identity import Identity, curve_public_z85
+from meshnet.protocol import decode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -269,3 +273,39 @@ class Mesh:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+
+
+@contextmanager
+def raw_dealer(
+    endpoint: str, identity: Identity | None = None, server_peer_id: str | None = None, *, reads: bool = True
+) -> Iterator[zmq.Socket]:
+    """A raw DEALER, as a hand-written client or node would open it (CurveZMQ with
+    ``identity`` towards ``server_peer_id`` when both are given). ``reads=False``: one
+    that never reads, down to libzmq's own queue (which would otherwise read up to 1000
+    messages for it) and the kernel's buffer."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    if not reads:
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    if identity is not None and server_peer_id is not None:
+        public, secret = identity.zmq_curve_keys()
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = curve_public_z85(server_peer_id)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        context.term()
+
+
+def receive(sock: zmq.Socket, accept: dict, timeout_ms: int = 10_000) -> Any:
+    """The next answer on ``sock``, decoded by the table ``accept``, past the relay's
+    acknowledgements of what it read (flow control, not answers)."""
+    while True:
+        assert sock.poll(timeout_ms), "no answer"
+        message = decode(sock.recv_multipart(), accept, max_body=1 << 30)
+        if type(message).TYPE != "ack":
+            return message

@@ -121,8 +121,10 @@ class Rerun:
 
 
 @dataclass
-class ChunkReport:
-    target: str
+class Tally:
+    """What inputs of one decoder came to: counts, failures, and each input's index,
+    size and CPU time. A chunk's tally is added to its decoder's."""
+
     ran: int = 0
     accepted: int = 0
     refusals: Counter = field(default_factory=Counter)
@@ -130,6 +132,20 @@ class ChunkReport:
     indices: array = field(default_factory=lambda: array("q"))
     sizes: array = field(default_factory=lambda: array("q"))
     cpu_ns: array = field(default_factory=lambda: array("q"))
+
+    def absorb(self, other: Tally) -> None:
+        self.ran += other.ran
+        self.accepted += other.accepted
+        self.refusals.update(other.refusals)
+        self.failures.extend(other.failures)
+        self.indices.extend(other.indices)
+        self.sizes.extend(other.sizes)
+        self.cpu_ns.extend(other.cpu_ns)
+
+
+@dataclass(kw_only=True)
+class ChunkReport(Tally):
+    target: str
 
 
 @dataclass(frozen=True)
@@ -189,7 +205,7 @@ class Session:
 
     def run_chunk(self, task: RunChunk, progress: MutableSequence[int]) -> ChunkReport:
         target = self.targets[task.target]
-        report = ChunkReport(task.target)
+        report = ChunkReport(target=task.target)
         for index in task.indices():
             progress[0], progress[1] = index, progress[1] + 1
             report.ran += 1
@@ -383,33 +399,17 @@ class Slowest:
     head_hex: str
 
 
-@dataclass
-class TargetResult:
+@dataclass(kw_only=True)
+class TargetResult(Tally):
     """Everything one decoder did in the campaign."""
 
     name: str
     call: str
-    ran: int = 0
-    accepted: int = 0
-    refusals: Counter = field(default_factory=Counter)
-    failures: list[Failure] = field(default_factory=list)
-    indices: array = field(default_factory=lambda: array("q"))
-    sizes: array = field(default_factory=lambda: array("q"))
-    cpu_ns: array = field(default_factory=lambda: array("q"))
     median_ns_per_byte: float = 0.0
     slowest: Slowest | None = None
     #: The inputs to rerun: index -> CPU time of the first run; and those the rule flagged.
     first_runs: dict[int, int] = field(default_factory=dict)
     flagged: set[int] = field(default_factory=set)
-
-    def absorb(self, report: ChunkReport) -> None:
-        self.ran += report.ran
-        self.accepted += report.accepted
-        self.refusals.update(report.refusals)
-        self.failures.extend(report.failures)
-        self.indices.extend(report.indices)
-        self.sizes.extend(report.sizes)
-        self.cpu_ns.extend(report.cpu_ns)
 
     def ns_per_byte(self) -> list[float]:
         return [cpu / max(size, SIZE_FLOOR) for size, cpu in zip(self.sizes, self.cpu_ns, strict=True)]
@@ -467,7 +467,7 @@ def run_campaign(settings: Settings, progress: ProgressCallback | None = None) -
     with tempfile.TemporaryDirectory(prefix="meshnet-fuzz-") as workdir:
         session = Session(settings.seed, settings.factory, Path(workdir))  # describes inputs workers lost
         names = list(settings.targets or session.targets)
-        result = CampaignResult(settings, {n: TargetResult(n, session.targets[n].call) for n in names})
+        result = CampaignResult(settings, {n: TargetResult(name=n, call=session.targets[n].call) for n in names})
         pool = WorkerPool(settings, Path(workdir))
         try:
             _run_inputs(pool, session, result, progress)

@@ -4,8 +4,6 @@ keeps being served."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import cbor2
 import pytest
@@ -13,7 +11,7 @@ import zmq
 
 from meshnet import JobRefused, MeshClient
 from meshnet.errors import LocalProtocolError
-from meshnet.identity import Identity, curve_public_z85
+from meshnet.identity import Identity
 from meshnet.protocol import (
     NODE_TO_CLIENT,
     RELAY_TO_NODE,
@@ -25,42 +23,16 @@ from meshnet.protocol import (
     Result,
     Submit,
     Unroutable,
-    decode,
     encode,
 )
-from tests.harness import Mesh
-
-
-@contextmanager
-def relay_connection(endpoint: str, relay_peer_id: str, identity: Identity) -> Iterator[zmq.Socket]:
-    """A raw CurveZMQ DEALER to the relay, as a hand-written node would open it."""
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    public, secret = identity.zmq_curve_keys()
-    sock.curve_publickey, sock.curve_secretkey = public, secret
-    sock.curve_serverkey = curve_public_z85(relay_peer_id)
-    sock.connect(endpoint)
-    try:
-        yield sock
-    finally:
-        sock.close(0)
-        context.term()
-
-
-def receive(sock: zmq.Socket, accept: dict, timeout_ms: int = 10_000):
-    """The next answer, past the relay's acknowledgements of what it read (flow control)."""
-    while True:
-        assert sock.poll(timeout_ms), "no answer"
-        message = decode(sock.recv_multipart(), accept, max_body=1 << 30)
-        if type(message).TYPE != "ack":
-            return message
+from tests.harness import Mesh, raw_dealer, receive
 
 
 def test_relay_answers_malformed_and_oversized_frames_and_keeps_serving(mesh: Mesh) -> None:
     intruder = Identity.generate()
     pair = mesh.start_pair(extra_allowed=(intruder.peer_id,))
     relay, a_api, b_id = pair.relay, pair.a_api, pair.b_id
-    with relay_connection(pair.relay_endpoint, pair.relay_id.peer_id, intruder) as sock:
+    with raw_dealer(pair.relay_endpoint, intruder, pair.relay_id.peer_id) as sock:
         sock.send(b"\xff\x00 not cbor")
         error = receive(sock, RELAY_TO_NODE)
         assert isinstance(error, Error) and error.code == "invalid" and "CBOR" in error.message
@@ -87,7 +59,7 @@ def test_node_claiming_another_peer_id_is_refused(mesh: Mesh) -> None:
     impostor = Identity.generate()
     pair = mesh.start_pair(extra_allowed=(impostor.peer_id,))
     a_api, a_id, b_id = pair.a_api, pair.a_id, pair.b_id
-    with relay_connection(pair.relay_endpoint, pair.relay_id.peer_id, impostor) as sock:
+    with raw_dealer(pair.relay_endpoint, impostor, pair.relay_id.peer_id) as sock:
         sock.send_multipart(encode(Register(peer_id=b_id.peer_id)))
         error = receive(sock, RELAY_TO_NODE)
         assert isinstance(error, Error) and error.code == "identity_mismatch"

@@ -27,8 +27,7 @@ from meshnet.protocol import (
     encode,
     encode_inner,
 )
-from tests.harness import Mesh, MeshProcess
-from tests.integration.test_hostile_input import dealer, receive_skipping_acks
+from tests.harness import Mesh, MeshProcess, raw_dealer, receive
 
 WINDOW = 1024 * 1024
 
@@ -86,17 +85,17 @@ def test_a_result_bounced_relay_busy_is_sent_again_once_its_submitter_reads(mesh
     b_path, _, _ = mesh.node_config("b", b_id, relay=(relay_endpoint, relay_id.peer_id))
     b = mesh.start_node("b", b_path, registered=True)
     with (
-        dealer(relay_endpoint, x, relay_id.peer_id, reads=False) as quiet,
-        dealer(relay_endpoint, y, relay_id.peer_id) as filler,
+        raw_dealer(relay_endpoint, x, relay_id.peer_id, reads=False) as quiet,
+        raw_dealer(relay_endpoint, y, relay_id.peer_id) as filler,
     ):
         for sock, identity in ((quiet, x), (filler, y)):
             sock.send_multipart(encode(Register(peer_id=identity.peer_id)))
-            assert isinstance(receive_skipping_acks(sock), Registered)
+            assert isinstance(receive(sock, RELAY_TO_NODE), Registered)
         # Y fills X's window and what the relay holds past it (1 MiB each): 3 MiB sent.
         for i in range(15):
             body = os.urandom(200 * 1024)
             filler.send_multipart(encode(Send(to=x.peer_id, ref=i.to_bytes(16, "big"), op="cancel", body=body)))
-        bounce = receive_skipping_acks(filler)
+        bounce = receive(filler, RELAY_TO_NODE)
         assert isinstance(bounce, Unroutable) and bounce.reason == "relay_busy"
         # X's job for B: B runs it, and its result (300 KiB) finds no room for X.
         job_id = os.urandom(16)

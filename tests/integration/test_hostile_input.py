@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import cbor2
@@ -17,7 +15,7 @@ import zmq
 
 from meshnet import MeshClient
 from meshnet.errors import JobError
-from meshnet.identity import Identity, Sealer, curve_public_z85
+from meshnet.identity import Identity, Sealer
 from meshnet.protocol import (
     NODE_TO_CLIENT,
     RELAY_TO_NODE,
@@ -32,7 +30,7 @@ from meshnet.protocol import (
     decode,
     encode,
 )
-from tests.harness import Mesh, MeshProcess
+from tests.harness import Mesh, MeshProcess, raw_dealer, receive
 
 #: Attack frames sent per measurement: psutil reads CPU time in clock ticks (10 ms), so
 #: the cost of one frame is the total over many, divided.
@@ -58,42 +56,6 @@ def cost(pid: int) -> tuple[float, int]:
     process = psutil.Process(pid)
     times = process.cpu_times()
     return times.user + times.system, process.memory_info().rss
-
-
-@contextmanager
-def dealer(
-    endpoint: str, identity: Identity | None = None, server_peer_id: str | None = None, *, reads: bool = True
-) -> Iterator[zmq.Socket]:
-    """A raw DEALER. ``reads=False``: one that never reads, down to libzmq's own queue
-    (which would otherwise read up to 1000 messages for it) and the kernel's buffer."""
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    if not reads:
-        sock.setsockopt(zmq.RCVHWM, 1)
-        sock.setsockopt(zmq.RCVBUF, 64 * 1024)
-    if identity is not None and server_peer_id is not None:
-        public, secret = identity.zmq_curve_keys()
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.curve_serverkey = curve_public_z85(server_peer_id)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        yield sock
-    finally:
-        sock.close(0)
-        context.term()
-
-
-def receive(sock: zmq.Socket, accept: dict, timeout_ms: int = 10_000) -> Any:
-    assert sock.poll(timeout_ms), "no answer"
-    return decode(sock.recv_multipart(), accept, max_body=1 << 30)
-
-
-def receive_skipping_acks(sock: zmq.Socket, timeout_ms: int = 10_000) -> Any:
-    while True:
-        message = receive(sock, RELAY_TO_NODE, timeout_ms)
-        if type(message).TYPE != "ack":
-            return message
 
 
 class RelayedLoad:
@@ -144,7 +106,7 @@ def test_shared_reference_headers_are_refused_cheaply_by_node_relay_and_sealed_p
     assert len(frame) < 400  # depth 8 is the 217-byte frame of the report
 
     # 1. A node's client API (no authentication on loopback).
-    with dealer(pair.a_api) as sock:
+    with raw_dealer(pair.a_api) as sock:
 
         def at_the_api() -> None:
             sock.send_multipart([frame, b"\xf6"])
@@ -155,7 +117,7 @@ def test_shared_reference_headers_are_refused_cheaply_by_node_relay_and_sealed_p
     print(f"depth {depth} at a node's API: {cpu * 1e3:.3f} ms of CPU per frame, RSS {rss / 1e6:+.1f} MB")
     assert cpu < 0.010 and rss < RSS_NOISE
 
-    with dealer(pair.relay_endpoint, attacker, pair.relay_id.peer_id) as sock:
+    with raw_dealer(pair.relay_endpoint, attacker, pair.relay_id.peer_id) as sock:
         # 2. The relay, from an admitted peer that has not registered.
         def at_the_relay() -> None:
             sock.send(dag_header(depth, t="register", peer_id=attacker.peer_id))
@@ -168,7 +130,7 @@ def test_shared_reference_headers_are_refused_cheaply_by_node_relay_and_sealed_p
 
         # 3. Node B, sealed inside a job sent through the relay.
         sock.send_multipart(encode(Register(peer_id=attacker.peer_id)))
-        assert isinstance(receive_skipping_acks(sock), Registered)
+        assert isinstance(receive(sock, RELAY_TO_NODE), Registered)
         sealer = Sealer(attacker)
 
         def sealed_to_b() -> None:
@@ -176,7 +138,7 @@ def test_shared_reference_headers_are_refused_cheaply_by_node_relay_and_sealed_p
             inner = dag_header(depth, t="job", id=ref, kind="echo", timeout=1.0, payload=b"")
             sealed = sealer.seal(pair.b_id.peer_id, inner)
             sock.send_multipart(encode(Send(to=pair.b_id.peer_id, ref=ref, op="job", body=sealed)))
-            answer = receive_skipping_acks(sock)
+            answer = receive(sock, RELAY_TO_NODE)
             assert isinstance(answer, Deliver) and answer.ref == ref and answer.op == "result"
             refusal = decode_inner_result(sealer, answer)
             assert refusal["status"] == "refused" and refusal["error"]["reason"] == "invalid"
@@ -186,12 +148,12 @@ def test_shared_reference_headers_are_refused_cheaply_by_node_relay_and_sealed_p
         assert cpu < 0.010 and rss < RSS_NOISE
 
         # The same attacks again, while relayed jobs run: every job succeeds.
-        with dealer(pair.a_api) as api_sock, RelayedLoad(pair.a_api, pair.b_id.peer_id) as load:
+        with raw_dealer(pair.a_api) as api_sock, RelayedLoad(pair.a_api, pair.b_id.peer_id) as load:
             for _ in range(REPEATS):
                 api_sock.send_multipart([frame, b"\xf6"])
                 assert isinstance(receive(api_sock, NODE_TO_CLIENT), Error)
                 sock.send(dag_header(depth, t="ping", seq=1))
-                assert isinstance(receive_skipping_acks(sock), Error)
+                assert isinstance(receive(sock, RELAY_TO_NODE), Error)
                 sealed_to_b()
         assert load.done > 0 and load.failures == []
 
@@ -229,7 +191,7 @@ def test_a_client_that_never_reads_is_pushed_back_and_dropped_within_the_nodes_b
     stop, peak = threading.Event(), [0]
     sampler = peak_rss_during(node.pid, stop, peak)
     try:
-        with dealer(endpoint, reads=False) as flood, MeshClient(endpoint) as other:
+        with raw_dealer(endpoint, reads=False) as flood, MeshClient(endpoint) as other:
             flood.setsockopt(zmq.SNDHWM, 0)
             for i in range(400):  # 800 MiB of jobs whose results are never read
                 flood.send_multipart(encode(Submit(id=os.urandom(16), kind="echo", body=payload)))
@@ -261,14 +223,14 @@ def test_a_peer_that_never_reads_costs_the_relay_one_window_and_senders_get_rela
     outcomes: dict[str, int] = {}
     try:
         with (
-            dealer(pair.relay_endpoint, stalled, pair.relay_id.peer_id, reads=False) as quiet,
-            dealer(pair.relay_endpoint, sender, pair.relay_id.peer_id) as loud,
+            raw_dealer(pair.relay_endpoint, stalled, pair.relay_id.peer_id, reads=False) as quiet,
+            raw_dealer(pair.relay_endpoint, sender, pair.relay_id.peer_id) as loud,
             RelayedLoad(pair.a_api, pair.b_id.peer_id) as load,
         ):
             quiet.send_multipart(encode(Register(peer_id=stalled.peer_id)))
-            assert isinstance(receive_skipping_acks(quiet), Registered)  # and never reads again
+            assert isinstance(receive(quiet, RELAY_TO_NODE), Registered)  # and never reads again
             loud.send_multipart(encode(Register(peer_id=sender.peer_id)))
-            assert isinstance(receive_skipping_acks(loud), Registered)
+            assert isinstance(receive(loud, RELAY_TO_NODE), Registered)
             # The stalled peer keeps its heartbeat (else the relay expires it): the worst
             # case, a node alive but reading nothing.
             heartbeat = encode(Ping(seq=1))
@@ -282,7 +244,7 @@ def test_a_peer_that_never_reads_costs_the_relay_one_window_and_senders_get_rela
                         outcomes[answer.reason] = outcomes.get(answer.reason, 0) + 1
             while sum(outcomes.values()) < 300:  # the rest of the bounces
                 quiet.send_multipart(heartbeat)
-                answer = receive_skipping_acks(loud, timeout_ms=30_000)
+                answer = receive(loud, RELAY_TO_NODE, 30_000)
                 if isinstance(answer, Unroutable):
                     outcomes[answer.reason] = outcomes.get(answer.reason, 0) + 1
             pair.relay.wait_for("peer_not_reading", peer_id=stalled.peer_id)
@@ -315,13 +277,13 @@ def test_sends_of_every_size_around_the_limits_are_delivered_or_refused_too_larg
     b = mesh.start_node("b", b_path, registered=True)
     sizes = sorted({limit + delta for limit in (relay_limit, b_limit) for delta in (-64, -34, -33, -1, 0, 1, 33, 64)})
     results: dict[int, str] = {}
-    with dealer(relay_endpoint, raw, relay_id.peer_id) as sock:
+    with raw_dealer(relay_endpoint, raw, relay_id.peer_id) as sock:
         sock.send_multipart(encode(Register(peer_id=raw.peer_id)))
-        assert isinstance(receive_skipping_acks(sock), Registered)
+        assert isinstance(receive(sock, RELAY_TO_NODE), Registered)
         for size in sizes:
             ref = size.to_bytes(16, "big")
             sock.send_multipart(encode(Send(to=b_id.peer_id, ref=ref, op="job", body=os.urandom(size))))
-            answer = receive_skipping_acks(sock)
+            answer = receive(sock, RELAY_TO_NODE)
             assert answer.ref == ref
             if isinstance(answer, Unroutable):
                 assert answer.reason == "too_large", answer
@@ -351,7 +313,7 @@ def test_sends_of_every_size_around_the_limits_are_delivered_or_refused_too_larg
 def test_a_flood_of_bad_frames_writes_one_log_line_not_one_per_frame(mesh: Mesh) -> None:
     path, _, endpoint = mesh.node_config("quiet")
     node = mesh.start_node("quiet", path)
-    with dealer(endpoint) as sock:
+    with raw_dealer(endpoint) as sock:
         for _ in range(2000):
             sock.send(b"\xff not cbor")
         for _ in range(2000):

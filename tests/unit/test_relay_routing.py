@@ -372,7 +372,8 @@ def test_an_ack_sends_what_was_held_and_opens_the_window_again():
     assert send_job(core, a, b, 500).conn == b.conn
 
 
-def test_deliveries_held_for_a_node_that_leaves_go_back_to_their_senders():
+def core_holding_one_delivery_for_b() -> tuple[RelayCore, Node, Node]:
+    """A relay whose window for b is full, and one delivery from a held for b."""
     core = window_core(2000)
     a, b = Node(b"conn-a"), Node(b"conn-b")
     register(core, a)
@@ -380,6 +381,11 @@ def test_deliveries_held_for_a_node_that_leaves_go_back_to_their_senders():
     for _ in range(3):
         send_job(core, a, b, 500)
     assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="job", body=b"x" * 500))) == []
+    return core, a, b
+
+
+def test_deliveries_held_for_a_node_that_leaves_go_back_to_their_senders():
+    core, a, b = core_holding_one_delivery_for_b()
     register(core, a, now=100.0)  # a stays; b goes silent and expires
     outs = core.on_tick(100.0)
     bounces = [read(out) for out in outs if out.conn == a.conn and isinstance(read(out), Unroutable)]
@@ -387,13 +393,7 @@ def test_deliveries_held_for_a_node_that_leaves_go_back_to_their_senders():
 
 
 def test_deliveries_held_for_a_node_follow_it_to_its_new_connection():
-    core = window_core(2000)
-    a, b = Node(b"conn-a"), Node(b"conn-b")
-    register(core, a)
-    register(core, b)
-    for _ in range(3):
-        send_job(core, a, b, 500)
-    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="job", body=b"x" * 500))) == []
+    core, a, b = core_holding_one_delivery_for_b()
     outs = register(core, b, conn=b"conn-b2")
     assert isinstance(read(outs[0]), Registered)
     assert [(out.conn, read(out).ref) for out in outs[1:]] == [(b"conn-b2", b"h" * 16)]

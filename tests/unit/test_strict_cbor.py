@@ -12,17 +12,9 @@ from hypothesis import strategies as st
 from meshnet.errors import MessageTooLarge, RemoteProtocolError
 from meshnet.protocol import strict_cbor
 from meshnet.protocol.strict_cbor import CBOR2_SEMANTIC_TAGS, Limits, count_items, describe, loads, loads_value
+from tests.fuzz.cbor_shapes import head
 
 LIMITS = Limits(size=1 << 20, items=1024, depth=12)
-
-
-def head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes([major << 5 | n])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
-    raise ValueError(n)
 
 
 def shared_reference_dag(depth: int) -> list:
