@@ -429,7 +429,10 @@ class RelayClientActor(NodeActor):
         """Count a message read from the relay; acknowledge when a quarter window is in."""
         if not self.link.registered:
             return
-        received = self.flow.on_received(frames_size(frames))
+        self._send_ack(self.flow.on_received(frames_size(frames)))
+
+    def _send_ack(self, received: int | None) -> None:
+        """Acknowledge ``received`` bytes read from the relay (None: nothing to say)."""
         if received is not None:
             self._io_send(self.generation, encode(Ack(received=received)), None, 0)
 
@@ -450,9 +453,7 @@ class RelayClientActor(NodeActor):
             peer, result = self.sent_results.pop(message.ref)
             self.sent_bytes -= len(result.result or b"")
             why = f"the result could not be delivered: {message.message}"
-            failure = Outcome("failed", error_type="ResultTooLarge", message=why)
-            self.log.warning("result_too_large", job_id=message.ref.hex(), to=peer, error=message.message)
-            self._send_result(peer, JobResult(id=result.id, status="failed", error=failure.error))
+            self._send_result(peer, self._result_too_large(result, peer, why))
         elif message.op == "result" and message.reason == "relay_busy" and self._retry_result(message.ref):
             pass  # its submitter has more unread than the relay holds for it: sent again shortly
         else:  # an answer whose asker is gone, or a cancel the relay could not pass on now
@@ -474,6 +475,13 @@ class RelayClientActor(NodeActor):
         self.log.info("result_held_back", job_id=job_id.hex(), to=peer, attempt=attempt + 1, retry_in_s=delay)
         self.loop.call_later(delay, self._handle, ResendResult(job_id))
         return True
+
+    def _result_too_large(self, result: JobResult, peer: str, why: str) -> JobResult:
+        """What goes to ``peer`` in place of a result too large to reach it: a failure
+        that says so, in a few bytes, rather than a job left to time out."""
+        self.log.warning("result_too_large", job_id=result.id.hex(), to=peer, error=why)
+        failure = Outcome("failed", error_type="ResultTooLarge", message=why)
+        return JobResult(id=result.id, status="failed", error=failure.error)
 
     def _is_sent_success(self, job_id: bytes) -> bool:
         held = self.sent_results.get(job_id)
@@ -566,9 +574,7 @@ class RelayClientActor(NodeActor):
             # Past the relay's limit the relay would refuse it (or past its frame cap drop
             # this node's link): the submitter is told so, in a few bytes.
             why = f"the result is {len(sealed)} bytes sealed; the relay takes at most {self.relay_max_body}"
-            self.log.warning("result_too_large", job_id=result.id.hex(), to=peer, error=why)
-            failure = Outcome("failed", error_type="ResultTooLarge", message=why)
-            result = JobResult(id=result.id, status="failed", error=failure.error)
+            result = self._result_too_large(result, peer, why)
             sealed = self.sealer.seal_parts(peer, encode_inner_parts(result))
         frames = encode(Send(to=peer, ref=result.id, op="result", body=sealed))
         if not self._send_flowed(frames, result.id, "result", peer, result):
@@ -629,9 +635,7 @@ class RelayClientActor(NodeActor):
         if self.link.registered:
             # Whatever was read since the last ack, acknowledged on each heartbeat: on a
             # quiet link less than a quarter window would otherwise stay unacknowledged.
-            received = self.flow.ack_all()
-            if received is not None:
-                self._io_send(self.generation, encode(Ack(received=received)), None, 0)
+            self._send_ack(self.flow.ack_all())
             self._drain_queue()
         self._schedule_tick()
 

@@ -182,9 +182,7 @@ class RelayCore:
             out += self._reply_to(entry, Pong(seq=message.seq))
             # On every heartbeat, whatever is read and not acknowledged yet: less than a
             # quarter window, which would otherwise stay unacknowledged on a quiet link.
-            received = entry.flow.ack_all()
-            if received is not None:
-                out.append(Outgoing(conn, encode(Ack(received=received))))
+            out += self._ack(entry, entry.flow.ack_all())
         elif isinstance(message, Send):
             out += self._forward(entry, message, now)
         else:
@@ -197,7 +195,12 @@ class RelayCore:
         """Count a message read from a registered node; acknowledge when due."""
         if entry is None:
             return []
-        received = entry.flow.on_received(frames_size(frames))
+        return self._ack(entry, entry.flow.on_received(frames_size(frames)))
+
+    @staticmethod
+    def _ack(entry: NodeEntry, received: int | None) -> list[Outgoing]:
+        """The ``ack`` of ``received`` bytes read from ``entry`` (none for None): never
+        counted itself (meshnet.flow)."""
         return [] if received is None else [Outgoing(entry.conn, encode(Ack(received=received)))]
 
     def on_undeliverable(self, out: Outgoing, *, queue_full: bool) -> list[Outgoing]:

@@ -580,10 +580,19 @@ class MessageTable(dict):
     def __init__(self, name: str, *classes: type[Message], header_bytes: int, items: int):
         super().__init__((cls.TYPE, cls) for cls in classes)
         self.name = name
-        self.header_bytes = header_bytes
-        self.items = items
-        self.depth = MAX_DEPTH_ON_WIRE
         self.limits = Limits(size=header_bytes, items=items, depth=MAX_DEPTH_ON_WIRE)
+
+    @property
+    def header_bytes(self) -> int:
+        return self.limits.size
+
+    @property
+    def items(self) -> int:
+        return self.limits.items
+
+    @property
+    def depth(self) -> int:
+        return self.limits.depth
 
 
 #: A submit is about 150 bytes and 13 items; room is left for job requirements to come.
