@@ -64,16 +64,6 @@ class ReplyToPeer:
     peer: str
     job_id: bytes
     outcome: Outcome
-    #: For the refusal of a sealed job that would not open: the nonce of that body.
-    nonce: bytes | None = None
-
-
-@dataclass(frozen=True)
-class SendFailed:
-    """The relay socket could not take the message about job ``ref``."""
-
-    ref: bytes
-    generation: int
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import psutil
 import tomli_w
 import zmq
 
-from meshnet.identity import Identity, curve_public_z85
-from meshnet.protocol import decode
+from meshnet.errors import ProtocolError, SealError
+from meshnet.identity import Identity, Sealer, curve_public_z85
+from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.protocol import (
+    NODE_TO_NODE,
+    RELAY_TO_NODE,
+    Ack,
+    Deliver,
+    PeerAck,
+    Register,
+    Registered,
+    Send,
+    Unroutable,
+    decode,
+    decode_inner,
+    encode,
+    encode_inner_parts,
+)
+from meshnet.session import Execute, SessionCore, Settled, Transmit, box_ref, split_box_ref
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -309,3 +327,88 @@ def receive(sock: zmq.Socket, accept: dict, timeout_ms: int = 10_000) -> Any:
         message = decode(sock.recv_multipart(), accept, max_body=1 << 30)
         if type(message).TYPE != "ack":
             return message
+
+
+class SessionPeer:
+    """A test's own node on a raw DEALER registered at a relay, speaking the node-to-node
+    protocol through the real :class:`SessionCore`: it submits jobs, answers and acks as
+    a node would, and reads only when the test says so (:meth:`pump`)."""
+
+    def __init__(self, sock: zmq.Socket, identity: Identity):
+        self.sock = sock
+        self.identity = identity
+        self.sealer = Sealer(identity)
+        self.core = SessionCore(budget=1 << 30)
+        self.settled: dict[bytes, Outcome] = {}
+        self.other: list[Any] = []
+        self._received = 0
+        sock.send_multipart(encode(Register(peer_id=identity.peer_id)))
+        assert isinstance(receive(sock, RELAY_TO_NODE), Registered)
+        self._apply(self.core.on_path("relay", True, time.monotonic()))
+
+    def submit(self, peer: str, kind: str, payload: Any, timeout: float = 30.0) -> bytes:
+        job_id = os.urandom(16)
+        spec = JobSpec(id=job_id, kind=kind, payload=cbor2.dumps(payload), timeout=timeout, origin="test")
+        self._apply(self.core.submit(spec, peer, time.monotonic()))
+        return job_id
+
+    def round_trip(self, peer: str) -> None:
+        """Probe ``peer`` and read until it answers: it has read all sent before."""
+        answers = self._acks()
+        self._apply(self.core.probe(peer, time.monotonic()))
+        self.pump(lambda: self._acks() > answers)
+
+    def _acks(self) -> int:
+        return sum(isinstance(box, PeerAck) for box in self.other)
+
+    def send_raw(self, peer: str, body: bytes, ref: bytes) -> None:
+        """Send ``body`` to ``peer`` as a sealed box, whatever it holds."""
+        self.sock.send_multipart(encode(Send(to=peer, ref=ref, op="sealed", body=body)))
+
+    def pump(self, until: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Read and answer what arrives, and keep the session's timers, until ``until()``."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            now = time.monotonic()
+            assert now < deadline, "the peer did not answer in time"
+            due = self.core.next_deadline()
+            wait = max(0.0, min(deadline, due if due is not None else deadline) - now)
+            if self.sock.poll(int(wait * 1000) + 1):
+                frames = self.sock.recv_multipart()
+                message = decode(frames, RELAY_TO_NODE, max_body=1 << 30)
+                if isinstance(message, Ack):
+                    continue
+                self._received += sum(len(frame) for frame in frames)
+                self.sock.send_multipart(encode(Ack(received=self._received)))
+                now = time.monotonic()
+                if isinstance(message, Deliver):
+                    try:
+                        plaintext = self.sealer.open(message.sender, message.body)
+                        box = decode_inner(plaintext, NODE_TO_NODE, max_size=1 << 30)
+                    except (SealError, ProtocolError) as exc:  # dropped, as a node does
+                        self.other.append(exc)
+                        continue
+                    self.other.append(box)
+                    self._apply(self.core.on_box(message.sender, box, now))
+                elif isinstance(message, Unroutable):
+                    self.other.append(message)
+                    named = split_box_ref(message.ref)
+                    if named is not None:
+                        self._apply(self.core.on_bounce(message.to, *named, message.reason, message.message, now))
+                else:
+                    self.other.append(message)
+            due = self.core.next_deadline()
+            if due is not None and due <= time.monotonic():
+                self._apply(self.core.on_tick(time.monotonic()))
+
+    def _apply(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, Transmit):
+                box = event.box
+                sealed = self.sealer.seal_parts(event.peer, encode_inner_parts(box))
+                self.sock.send_multipart(encode(Send(to=event.peer, ref=box_ref(box), op="sealed", body=sealed)))
+            elif isinstance(event, Settled):
+                self.settled[event.job.id] = event.outcome
+            elif isinstance(event, Execute):
+                outcome = Outcome.refused("unknown_kind", "a test's peer runs nothing")
+                self._apply(self.core.job_finished(event.peer, event.job.id, outcome, time.monotonic()))

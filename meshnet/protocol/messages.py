@@ -34,7 +34,6 @@ __all__ = [
     "MAX_DEPTH_ON_WIRE",
     "MAX_FRAMES",
     "MAX_LIST",
-    "NONCE_BYTES",
     "BODY_SLACK",
     "frame_limit",
     "STATUSES",
@@ -60,6 +59,11 @@ __all__ = [
     "Deliver",
     "Unroutable",
     "PeerDown",
+    "MAX_SACK",
+    "SESSION_RULES",
+    "Sealed",
+    "Hello",
+    "PeerAck",
     "Job",
     "JobResult",
     "JobCancel",
@@ -289,24 +293,15 @@ def optional_byte_string(value: Any) -> bytes | None:
     return None if value is None else byte_string(value)
 
 
-#: What a sealed body holds, told in the clear so that a node that cannot open one knows
-#: whether it may answer (a job: refuse it) or must not (a result or cancel: an answer to
-#: an answer could loop between two nodes forever through a tampering relay).
-SEALED_OPS = ("job", "result", "cancel")
+#: The one kind of body a relay forwards between nodes: a sealed node-to-node message.
+#: The relay knows nothing of what is inside, so new node-to-node messages need no relay
+#: change; ``op`` stays on the link so that another kind could be added beside it.
+SEALED_OPS = ("sealed",)
 
 
 def op(value: Any) -> str:
     if value not in SEALED_OPS:
         raise ValueError("one of " + ", ".join(SEALED_OPS))
-    return value
-
-
-NONCE_BYTES = 24
-
-
-def nonce(value: Any) -> bytes:
-    if not isinstance(value, bytes) or len(value) > NONCE_BYTES:
-        raise ValueError(f"a byte string of at most {NONCE_BYTES} bytes")
     return value
 
 
@@ -532,11 +527,78 @@ class PeerDown(Message):
 
 # node <-> node (sealed inside send/deliver bodies)
 
+#: The most sequence numbers a selective acknowledgement lists (those received above the
+#: cumulative ``ack``); a peer that has more out of order learns of the rest later.
+MAX_SACK = 64
+
+
+def sack_list(value: Any) -> list[int]:
+    if not isinstance(value, list) or len(value) > MAX_SACK:
+        raise ValueError(f"a list of at most {MAX_SACK} unsigned integers")
+    for item in value:
+        seq(item)
+    return value
+
+
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+#: The session header every sealed node-to-node message carries (meshnet.session):
+#: ``sid`` the sender's session id, ``rsid`` the receiver's as the sender knows it (absent
+#: only in a ``hello`` to a peer not yet known), ``ctr`` the sender's counter of sealed
+#: messages in this session (each copy sent gets a new one: the receiver drops a counter
+#: it has seen, so a replayed box is recognised), ``ack`` the highest sequence number up
+#: to which the sender has received every message of the receiver's stream, ``sack`` those
+#: received above it, ``seq`` the message's own place in the sender's stream (absent on
+#: ``hello`` and ``peer_ack``, which are not acknowledged).
+SESSION_RULES: dict[str, Callable[[Any], Any]] = {
+    "sid": seq,
+    "rsid": optional(seq),
+    "ctr": seq,
+    "ack": optional(seq),
+    "sack": optional(sack_list),
+    "seq": optional(seq),
+}
+
 
 @dataclass(frozen=True)
-class Job(Message):
+class Sealed(Message):
+    """A node-to-node message: sealed for its receiver, with its session header."""
+
+    sid: int = field(default=0, kw_only=True)
+    rsid: int | None = field(default=None, kw_only=True)
+    ctr: int = field(default=0, kw_only=True)
+    ack: int | None = field(default=None, kw_only=True)
+    sack: list[int] | None = field(default=None, kw_only=True)
+    seq: int | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Hello(Sealed):
+    """Opens a session, or tells the peer this side's current session id: answered with a
+    ``hello`` whenever its ``rsid`` is not the receiver's session id."""
+
+    TYPE = "hello"
+    RULES = SESSION_RULES
+
+
+@dataclass(frozen=True)
+class PeerAck(Sealed):
+    """Acknowledges what was received (``ack``, ``sack``) when nothing else is going the
+    other way. ``probe``: answer at once (the sender has heard nothing for a while)."""
+
+    TYPE = "peer_ack"
+    RULES = {**SESSION_RULES, "probe": optional(flag)}
+    probe: bool | None = None
+
+
+@dataclass(frozen=True)
+class Job(Sealed):
     TYPE = "job"
-    RULES = {"id": job_id, "kind": kind, "timeout": seconds, "payload": byte_string}
+    RULES = {**SESSION_RULES, "id": job_id, "kind": kind, "timeout": seconds, "payload": byte_string}
     id: bytes
     kind: str
     timeout: float
@@ -544,30 +606,23 @@ class Job(Message):
 
 
 @dataclass(frozen=True)
-class JobResult(Message):
-    """A job's terminal status. ``nonce`` is set only on the refusal of a job whose sealed
-    message would not open: the nonce of the body that failed, so that the submitter can
-    tell a refusal of what it sent from one a relay provoked with a forged message."""
+class JobResult(Sealed):
+    """A job's terminal status, sent by the node that ran (or refused) it."""
 
     TYPE = "job_result"
-    RULES = {
-        "id": job_id,
-        "status": status,
-        "error": error,
-        "result": optional_byte_string,
-        "nonce": optional(nonce),
-    }
+    RULES = {**SESSION_RULES, "id": job_id, "status": status, "error": error, "result": optional_byte_string}
     id: bytes
     status: str
     error: dict[str, str] | None = None
     result: bytes | None = None
-    nonce: bytes | None = None
 
 
 @dataclass(frozen=True)
-class JobCancel(Message):
+class JobCancel(Sealed):
+    """Stop job ``id`` if it runs, and do not run it if it arrives later."""
+
     TYPE = "job_cancel"
-    RULES = {"id": job_id}
+    RULES = {**SESSION_RULES, "id": job_id}
     id: bytes
 
 
@@ -620,6 +675,7 @@ RELAY_TO_NODE = MessageTable(
     header_bytes=MAX_HEADER_BYTES,
     items=MAX_LIST_ITEMS,
 )
-#: Sealed messages: a map of at most 6 fields (an error map in one); their size is the
-#: receiving node's body limit, so that a payload fits.
-NODE_TO_NODE = MessageTable("node to node", Job, JobResult, JobCancel, header_bytes=0, items=256)
+#: Sealed messages: a map of at most 11 fields (an error map and a list of at most
+#: ``MAX_SACK`` in them); their size is the receiving node's body limit, so that a
+#: payload fits.
+NODE_TO_NODE = MessageTable("node to node", Hello, PeerAck, Job, JobResult, JobCancel, header_bytes=0, items=512)

@@ -43,7 +43,10 @@ def test_relay_answers_malformed_and_oversized_frames_and_keeps_serving(mesh: Me
         assert isinstance(receive(sock, RELAY_TO_NODE), Registered)
         limit = 64 * 1024 * 1024 + 65536
         sock.send_multipart(
-            [cbor2.dumps({"v": 1, "t": "send", "to": b_id.peer_id, "ref": b"r", "op": "job"}), os.urandom(limit + 10)]
+            [
+                cbor2.dumps({"v": 1, "t": "send", "to": b_id.peer_id, "ref": b"r", "op": "sealed"}),
+                os.urandom(limit + 10),
+            ]
         )
         bounce = receive(sock, RELAY_TO_NODE)  # the send is named, so that its job can end
         assert isinstance(bounce, Unroutable) and bounce.reason == "too_large" and bounce.ref == b"r"
@@ -138,4 +141,3 @@ def test_messages_of_many_frames_are_dropped_without_harm(mesh: Mesh) -> None:
     pair.a.wait_for("client_message_rejected")
     with MeshClient(pair.a_api) as client:
         assert client.run("echo", 1, to=pair.b_id.peer_id) == 1
-

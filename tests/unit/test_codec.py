@@ -294,7 +294,8 @@ def test_decode_inner_rejects_garbage_with_remote_protocol_error():
 def test_only_a_submit_rejection_carries_its_id_as_ref():
     # Any other message naming a job (a cancel, a sealed job) must not end that job by
     # being invalid: only a submit's own refusal is that job's terminal status.
-    data = cbor2.dumps({"v": PROTOCOL_VERSION, "t": "job", "id": JOB_ID, "kind": "echo", "timeout": 0, "payload": b""})
+    job = {"v": PROTOCOL_VERSION, "t": "job", "sid": 1, "ctr": 1, "id": JOB_ID, "kind": "echo", "timeout": 0}
+    data = cbor2.dumps({**job, "payload": b""})
     with pytest.raises(RemoteProtocolError, match="job.timeout") as info:
         decode_inner(data, NODE_TO_NODE, max_size=MAX_BODY)
     assert info.value.ref is None

@@ -141,10 +141,12 @@ def test_any_other_message_before_registering_is_not_registered(core, a, message
 
 
 def test_send_before_registering_bounces_the_job_and_asks_to_register(core, a):
-    out = send_from(core, a, Send(to=SOMEONE, ref=REF, op="job", body=b"x"))
+    out = send_from(core, a, Send(to=SOMEONE, ref=REF, op="sealed", body=b"x"))
     assert [o.conn for o in out] == [a.conn, a.conn]
     bounce, error = read(out[0]), read(out[1])
-    assert isinstance(bounce, Unroutable) and bounce.ref == REF and bounce.op == "job" and bounce.reason == "no_relay"
+    assert (
+        isinstance(bounce, Unroutable) and bounce.ref == REF and bounce.op == "sealed" and bounce.reason == "no_relay"
+    )
     assert isinstance(error, Error) and error.code == "not_registered"
     assert core.nodes == {}
 
@@ -164,14 +166,14 @@ def test_reregistering_on_a_new_connection_replaces_the_old_one(core, a, b):
     assert core.nodes[a.peer_id].conn == b"conn-a2"
     assert a.conn not in core.by_conn
     assert read(only(send_from(core, a, Ping(seq=2), conn=a.conn))).code == "not_registered"
-    delivered = only(send_from(core, b, Send(to=a.peer_id, ref=REF, op="job", body=b"x")))
+    delivered = only(send_from(core, b, Send(to=a.peer_id, ref=REF, op="sealed", body=b"x")))
     assert delivered.conn == b"conn-a2"
 
 
 def test_reregistering_keeps_correspondents_so_peer_down_still_reaches_them(core, a, b):
     register(core, a, 0.0)
     register(core, b, 0.0)
-    send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x"), 0.0)
+    send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x"), 0.0)
     register(core, b, 1.0, conn=b"conn-b2")
     send_from(core, a, Ping(seq=1), 4.5)
     outs = core.on_tick(4.5)  # b silent since 1.0
@@ -185,11 +187,11 @@ def test_send_to_a_registered_peer_is_delivered_from_the_senders_registered_id(c
     register(core, a)
     register(core, b)
     body = b"\x00sealed job\xff"
-    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=body)))
+    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=body)))
     assert out.conn == b.conn
     assert out.frames[1] is body
     delivered = read(out)
-    assert delivered == Deliver(sender=a.peer_id, ref=REF, op="job", body=body)
+    assert delivered == Deliver(sender=a.peer_id, ref=REF, op="sealed", body=body)
     assert delivered.body is body
     assert out.bounce_to == a.conn
     assert core.forwarded == 1
@@ -198,7 +200,7 @@ def test_send_to_a_registered_peer_is_delivered_from_the_senders_registered_id(c
 def test_send_to_an_unknown_peer_is_unroutable_to_the_sender(core, a):
     register(core, a)
     stranger = Identity.generate().peer_id
-    out = only(send_from(core, a, Send(to=stranger, ref=REF, op="job", body=b"x")))
+    out = only(send_from(core, a, Send(to=stranger, ref=REF, op="sealed", body=b"x")))
     assert out.conn == a.conn
     reply = read(out)
     assert isinstance(reply, Unroutable)
@@ -209,7 +211,7 @@ def test_send_to_an_unknown_peer_is_unroutable_to_the_sender(core, a):
 def test_undeliverable_because_the_queue_is_full_bounces_relay_busy(core, a, b):
     register(core, a)
     register(core, b)
-    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x")))
+    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x")))
     bounce = only(core.on_undeliverable(out, queue_full=True))
     assert bounce.conn == a.conn
     reply = read(bounce)
@@ -220,7 +222,7 @@ def test_undeliverable_because_the_queue_is_full_bounces_relay_busy(core, a, b):
 def test_undeliverable_because_the_peer_is_gone_bounces_peer_not_connected(core, a, b):
     register(core, a)
     register(core, b)
-    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x")))
+    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x")))
     reply = read(only(core.on_undeliverable(out, queue_full=False)))
     assert (reply.to, reply.ref, reply.reason) == (b.peer_id, REF, "peer_not_connected")
 
@@ -290,16 +292,16 @@ def test_malformed_frames_get_error_invalid_and_leave_the_table_unchanged(core, 
 def test_send_without_body_is_bounced_invalid_naming_its_job(core, a, b):
     register(core, a)
     register(core, b)
-    frames = [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "send", "to": b.peer_id, "ref": REF, "op": "job"})]
+    frames = [cbor2.dumps({"v": PROTOCOL_VERSION, "t": "send", "to": b.peer_id, "ref": REF, "op": "sealed"})]
     reply = read(only(send_from(core, a, frames)))
-    assert isinstance(reply, Unroutable) and reply.ref == REF and reply.op == "job" and reply.reason == "invalid"
+    assert isinstance(reply, Unroutable) and reply.ref == REF and reply.op == "sealed" and reply.reason == "invalid"
     assert core.rejected == 1
 
 
 def test_oversized_body_is_bounced_too_large_naming_the_relay_limit(core, a, b):
     register(core, a)
     register(core, b)
-    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * (MAX_BODY + 1))))
+    out = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * (MAX_BODY + 1))))
     assert out.conn == a.conn
     reply = read(out)
     assert isinstance(reply, Unroutable) and reply.reason == "too_large" and reply.ref == REF
@@ -310,9 +312,9 @@ def test_body_over_the_receiving_nodes_limit_is_bounced_too_large(core, a, b):
     register(core, a)
     send_from(core, b, Register(peer_id=b.peer_id, max_body=100))
     assert core.nodes[b.peer_id].max_body == 100
-    reply = read(only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * 101))))
+    reply = read(only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * 101))))
     assert isinstance(reply, Unroutable) and reply.reason == "too_large" and "at most 100" in reply.message
-    delivered = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * 100)))
+    delivered = only(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * 100)))
     assert delivered.conn == b.conn and isinstance(read(delivered), Deliver)
 
 
@@ -335,7 +337,7 @@ def no_acks(outs):
 
 def send_job(core, sender, to, size, ref=REF):
     """The one thing the relay sends for a job of ``size`` bytes (acks aside)."""
-    return only(no_acks(send_from(core, sender, Send(to=to.peer_id, ref=ref, op="job", body=b"x" * size))))
+    return only(no_acks(send_from(core, sender, Send(to=to.peer_id, ref=ref, op="sealed", body=b"x" * size))))
 
 
 def test_forwards_beyond_a_nodes_unread_window_are_held_then_bounced_relay_busy():
@@ -345,7 +347,7 @@ def test_forwards_beyond_a_nodes_unread_window_are_held_then_bounced_relay_busy(
     register(core, b)
     delivered, held, bounced = [], 0, []
     for i in range(10):
-        outs = no_acks(send_from(core, a, Send(to=b.peer_id, ref=bytes([i]) * 16, op="job", body=b"x" * 500)))
+        outs = no_acks(send_from(core, a, Send(to=b.peer_id, ref=bytes([i]) * 16, op="sealed", body=b"x" * 500)))
         if not outs:
             held += 1
         elif outs[0].conn == b.conn:
@@ -366,7 +368,7 @@ def test_an_ack_sends_what_was_held_and_opens_the_window_again():
     register(core, a)
     register(core, b)
     sent = [send_job(core, a, b, 500) for _ in range(3)]
-    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="job", body=b"x" * 500))) == []
+    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="sealed", body=b"x" * 500))) == []
     released = send_from(core, b, Ack(received=sum(out.counted for out in sent)))
     assert [read(out).ref for out in released] == [b"h" * 16] and released[0].conn == b.conn
     assert send_job(core, a, b, 500).conn == b.conn
@@ -380,7 +382,7 @@ def core_holding_one_delivery_for_b() -> tuple[RelayCore, Node, Node]:
     register(core, b)
     for _ in range(3):
         send_job(core, a, b, 500)
-    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="job", body=b"x" * 500))) == []
+    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=b"h" * 16, op="sealed", body=b"x" * 500))) == []
     return core, a, b
 
 
@@ -410,12 +412,12 @@ def test_an_ack_for_more_than_was_sent_counts_as_everything():
 
 
 def test_one_message_larger_than_the_window_goes_when_nothing_is_in_flight():
-    core = window_core(100)
+    core = window_core(110)
     a, b = Node(b"conn-a"), Node(b"conn-b")
     register(core, a)
     register(core, b)
     assert send_job(core, a, b, 900).conn == b.conn
-    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x"))) == []  # held
+    assert no_acks(send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x"))) == []  # held
     assert read(send_job(core, a, b, 200)).reason == "relay_busy"  # past what is held too
 
 
@@ -435,7 +437,7 @@ def test_the_relay_acknowledges_what_it_reads_every_quarter_window():
     register(core, b)
     acks = []
     for _ in range(20):
-        for out in send_from(core, a, Send(to=b.peer_id, ref=REF, op="cancel", body=b"x" * 100)):
+        for out in send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * 100)):
             if out.conn == a.conn:
                 acks.append(read(out))
         send_from(core, b, Ack(received=core.nodes[b.peer_id].flow.sent))
@@ -480,7 +482,7 @@ def test_silent_node_is_removed_and_its_correspondents_told(core, a, b):
     c = Node(b"conn-c")
     for node in (a, b, c):
         register(core, node, 0.0)
-    send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x"), 0.5)
+    send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x"), 0.5)
     send_from(core, a, Ping(seq=1), 2.5)
     send_from(core, c, Ping(seq=1), 2.5)
     assert core.on_tick(3.0) == []  # b silent for exactly heartbeat * liveness: still there
@@ -500,7 +502,7 @@ def test_expired_node_must_register_again(core, a):
 def test_peer_down_is_not_sent_to_a_correspondent_that_is_gone_too(core, a, b):
     register(core, a, 0.0)
     register(core, b, 0.0)
-    send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x"), 0.0)
+    send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x"), 0.0)
     assert core.on_tick(5.0) == []
     assert core.nodes == {}
 
@@ -586,7 +588,7 @@ def test_a_message_near_the_window_goes_after_a_quiet_remainder_left_unacknowled
     register(core, b)
     send_job(core, a, b, 100)  # read by b, below a quarter window: not acknowledged
     assert 0 < core.nodes[b.peer_id].flow.in_flight < 1000
-    outs = send_from(core, a, Send(to=b.peer_id, ref=REF, op="job", body=b"x" * 3500))
+    outs = send_from(core, a, Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * 3500))
     assert [out.conn for out in outs if out.counted] == [b.conn]  # delivered, not bounced
 
 
@@ -597,7 +599,7 @@ def test_a_message_the_relay_could_not_decode_still_counts_as_read():
     a, b = Node(b"conn-a"), Node(b"conn-b")
     register(core, a)
     register(core, b)
-    oversized = encode(Send(to=b.peer_id, ref=REF, op="job", body=b"x" * (MAX_BODY + 1)))
+    oversized = encode(Send(to=b.peer_id, ref=REF, op="sealed", body=b"x" * (MAX_BODY + 1)))
     bounce = only(send_from(core, a, oversized))
     assert read(bounce).reason == "too_large"
     assert core.nodes[a.peer_id].flow.received == sum(len(frame) for frame in oversized)

@@ -1,0 +1,535 @@
+"""The node-to-node protocol as one object: jobs sent to peers and jobs run for them,
+over a :class:`~meshnet.session.peer.PeerSession` per peer.
+
+Sans-IO. The relay client (and, next, the direct links) feed it what the node's
+clients and peers send, path events and the clock; it returns :data:`Event`s: boxes to
+seal and send, jobs to run here, runs to stop, and the one terminal status of each job
+this node sent. The rules it keeps:
+
+- A job sent to a peer ends once (:class:`Settled`), with a status that happened: its
+  peer's answer; ``timed_out`` past its timeout and ``DEADLINE_GRACE``; ``refused`` only
+  when it never reached the peer (the relay bounced it, or its peer was never heard
+  from); ``peer_lost`` when the peer is gone (the relay expired it, it restarted, or it
+  answered nothing for ``PEER_SILENCE`` while its path was up), never because a path was.
+- A job from a peer runs at most once: its session hands each message on once, and a
+  session's messages are told from any other session's (ids, counters, sequence numbers).
+- Its answer is sent until the peer acknowledges it, on whichever path is current.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.protocol.messages import Job, JobCancel, JobResult, Sealed
+from meshnet.session.paths import PathTable
+from meshnet.session.peer import PeerSession, Pending
+
+#: How long past a job's own timeout the submitting node waits for the executing node's
+#: answer before it reports ``timed_out`` itself (the executing node enforces the
+#: timeout and normally answers first; this covers a silent or stuck peer).
+DEADLINE_GRACE = 2.0
+#: A peer that answers nothing (not an ack, not a probe) for this long while this node
+#: waits on it and has a path to it is given up: its jobs end ``peer_lost``. Longer than
+#: a relay restart takes to be noticed and mended (liveness 3 s, reconnect backoff up to
+#: 5 s, registration): the relay's own ``peer_down`` says sooner that a peer has gone.
+PEER_SILENCE = 20.0
+#: Ids of jobs cancelled before they arrived (re-ordered on the way), remembered per peer.
+MAX_EARLY_CANCELS = 1024
+#: Sessions kept at once; the idle ones beyond it are forgotten, oldest first.
+MAX_SESSIONS = 4096
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """Seal ``box`` for ``peer`` and send it on ``path``. ``box.ctr`` names it in a bounce."""
+
+    peer: str
+    path: str
+    box: Sealed
+
+
+@dataclass(frozen=True)
+class Execute:
+    """Run ``job`` here for ``peer``; report its end with :meth:`SessionCore.job_finished`."""
+
+    peer: str
+    job: Job
+
+
+@dataclass(frozen=True)
+class StopRun:
+    """Stop the run of ``job_id`` for ``peer`` (cancelled, or its session ended)."""
+
+    peer: str
+    job_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    """``job``, sent to a peer, ended with ``outcome``: answer its submitter."""
+
+    job: JobSpec
+    peer: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something to log: ``event`` with ``fields``."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+Event = Transmit | Execute | StopRun | Settled | Notice
+
+
+@dataclass(eq=False)
+class SentJob:
+    """A job this node sent to a peer, until it ends."""
+
+    spec: JobSpec
+    peer: str
+    deadline: float
+    size: int
+    #: Its message in the peer's current session.
+    pending: Pending | None = None
+
+
+@dataclass
+class PeerJobs:
+    """One peer's jobs, in the current session with it."""
+
+    #: Sent by us, not ended.
+    sent: dict[bytes, SentJob] = field(default_factory=dict)
+    #: Run by us for the peer: job id -> seq of its message.
+    running: dict[bytes, int] = field(default_factory=dict)
+    cancelled_early: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: Since when this node has waited on the peer (None: it does not).
+    waiting_since: float | None = None
+
+
+#: A box's name on a relay link (``send.ref``): its session id and counter, 8 bytes each,
+#: so that a bounce names the box; the relay echoes it and knows nothing of it.
+BOX_REF_BYTES = 16
+
+
+def box_ref(box: Sealed) -> bytes:
+    return box.sid.to_bytes(8, "big") + box.ctr.to_bytes(8, "big")
+
+
+def split_box_ref(ref: bytes) -> tuple[int, int] | None:
+    """The session id and counter a ``box_ref`` names (None: not one)."""
+    if len(ref) != BOX_REF_BYTES:
+        return None
+    return int.from_bytes(ref[:8], "big"), int.from_bytes(ref[8:], "big")
+
+
+def clock_session_id() -> int:
+    """A session id above any this node took before, in this life or an earlier one:
+    the wall clock in nanoseconds (a restarted node's ids are above its last life's
+    unless the clock was set back meanwhile)."""
+    return time.time_ns()
+
+
+class SessionCore:
+    def __init__(
+        self,
+        *,
+        budget: int,
+        new_sid: Callable[[], int] = clock_session_id,
+        silence: float = PEER_SILENCE,
+        grace: float = DEADLINE_GRACE,
+    ):
+        #: Bytes of jobs and results held for peers (sent and unacknowledged, or waiting).
+        self.budget = budget
+        self.held = 0
+        self.silence = silence
+        self.grace = grace
+        self._new_sid = new_sid
+        self.sessions: OrderedDict[str, PeerSession] = OrderedDict()
+        self.jobs: dict[str, PeerJobs] = {}
+        #: Every job sent and not ended, by id.
+        self.sent: dict[bytes, SentJob] = {}
+        self.paths = PathTable()
+        self._path_of: dict[str, str | None] = {}
+        self._path_since: dict[str, float] = {}
+        self._deadlines: list[tuple[float, int, SentJob]] = []
+        self._order = 0
+        self.counts: Counter[str] = Counter()
+
+    # -- this node's side --
+
+    def submit(self, spec: JobSpec, peer: str, now: float) -> list[Event]:
+        """Send job ``spec`` to ``peer``."""
+        if spec.id in self.sent:
+            refusal = Outcome.refused("duplicate", f"job {job_id_text(spec.id)} is already in flight")
+            return [Settled(spec, peer, refusal)]
+        size = len(memoryview(spec.payload))
+        if self.held + size > self.budget:
+            busy = (
+                f"{self.held} bytes of jobs and results already wait for peers to acknowledge them "
+                f"(relay.max_queued_bytes is {self.budget})"
+            )
+            return [Settled(spec, peer, Outcome.refused("relay_busy", busy))]
+        job = SentJob(spec, peer, now + spec.timeout + self.grace, size)
+        self.sent[spec.id] = job
+        jobs = self._jobs(peer)
+        jobs.sent[spec.id] = job
+        self._order += 1
+        heapq.heappush(self._deadlines, (job.deadline, self._order, job))
+        return self._send_job(job, now)
+
+    def _send_job(self, job: SentJob, now: float) -> list[Event]:
+        spec = job.spec
+        message = Job(id=spec.id, kind=spec.kind, timeout=spec.timeout, payload=spec.payload)
+        events = self._send(job.peer, message, job.size, now, job)
+        self.sessions[job.peer].awaiting = True
+        return events
+
+    def cancel(self, job_id: bytes, requester: str, now: float) -> list[Event]:
+        """Ask the peer to stop job ``job_id``, if ``requester`` submitted it; its answer
+        (``cancelled``, or how it ended first) ends it."""
+        job = self.sent.get(job_id)
+        if job is None or job.spec.origin != requester:
+            return []
+        return self._send(job.peer, JobCancel(id=job_id), 0, now)
+
+    def probe(self, peer: str, now: float) -> list[Event]:
+        """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
+        session = self.sessions.get(peer)
+        path = self._path_of.get(peer)
+        if session is None or path is None:
+            return []
+        return [Transmit(peer, path, box) for box in session.probe(now)]
+
+    def abort_all(self, reason: str, now: float) -> list[Event]:
+        """End every job sent (the node shuts down): ``cancelled``, and their peers asked
+        to stop them."""
+        events: list[Event] = []
+        for job in list(self.sent.values()):
+            events += self._end(job, Outcome("cancelled", error_type="Cancelled", message=reason), now)
+        return events
+
+    # -- the peer's side --
+
+    def job_finished(self, peer: str, job_id: bytes, outcome: Outcome, now: float) -> list[Event]:
+        """A job run here for ``peer`` ended: its answer goes to the peer."""
+        jobs = self.jobs.get(peer)
+        if jobs is None or jobs.running.pop(job_id, None) is None:
+            return [Notice("answer_dropped", {"job_id": job_id.hex(), "to": peer, "reason": "its session has ended"})]
+        result = JobResult(id=job_id, status=outcome.status, error=outcome.error, result=outcome.result)
+        size = len(memoryview(outcome.result)) if outcome.result is not None else 0
+        return self._send(peer, result, size, now)
+
+    # -- from the paths --
+
+    def on_box(self, peer: str, box: Sealed, now: float) -> list[Event]:
+        """A box ``peer`` sealed (opened and decoded), on any path."""
+        session = self._session(peer, now)
+        received = session.on_box(box, now)
+        events: list[Event] = []
+        if received.restarted is not None:
+            events += self._session_ended(peer, *received.restarted, now, restarted=True)
+        for pending in received.acked:
+            self.held -= pending.size
+            pending.size = 0
+        message = received.message
+        if isinstance(message, Job):
+            events += self._on_job(peer, message, now)
+        elif isinstance(message, JobResult):
+            job = self.sent.get(message.id)
+            if job is not None and job.peer == peer:
+                error = message.error or {}
+                outcome = Outcome(
+                    message.status,
+                    result=message.result,
+                    error_type=error.get("type", ""),
+                    message=error.get("message", ""),
+                    reason=error.get("reason", ""),
+                )
+                events += self._settle(job, outcome, now)
+        elif isinstance(message, JobCancel):
+            jobs = self._jobs(peer)
+            if message.id in jobs.running:
+                events.append(StopRun(peer, message.id, "cancelled by its submitter"))
+            else:
+                jobs.cancelled_early[message.id] = None
+                while len(jobs.cancelled_early) > MAX_EARLY_CANCELS:
+                    jobs.cancelled_early.popitem(last=False)
+        if received.dropped is not None:
+            self.counts["boxes_dropped"] += 1
+        # The replies first: after a restart, a hello's answer must reach the peer before
+        # the jobs sent again in the new session.
+        path = self._path_of.get(peer)
+        replies: list[Event] = [Transmit(peer, path, reply) for reply in received.replies if path is not None]
+        return replies + events
+
+    def _on_job(self, peer: str, job: Job, now: float) -> list[Event]:
+        jobs = self._jobs(peer)
+        if job.id in jobs.running:
+            return [Notice("job_ignored", {"job_id": job.id.hex(), "from": peer, "reason": "its id is running"})]
+        if job.id in jobs.cancelled_early:
+            del jobs.cancelled_early[job.id]
+            jobs.running[job.id] = job.seq or 0
+            cancelled = Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter")
+            return self.job_finished(peer, job.id, cancelled, now)
+        jobs.running[job.id] = job.seq or 0
+        return [Execute(peer, job)]
+
+    def on_bounce(self, peer: str, sid: int, counter: int, reason: str, text: str, now: float) -> list[Event]:
+        """The path could not deliver our box ``counter`` of session ``sid`` to ``peer``
+        (the relay's ``unroutable``)."""
+        session = self.sessions.get(peer)
+        if session is None or session.local_sid != sid:
+            return []  # a box of a session that has ended since
+        seq = session.seq_of(counter)
+        pending = session.find(seq) if seq is not None else None
+        if pending is None:
+            if session.remote_sid is None and reason == "peer_not_connected":
+                # Our hello found no such peer, and we never heard from it: its jobs never
+                # left this node, and are refused now rather than left to time out.
+                return self._refuse_waiting(peer, reason, text, now)
+            return []
+        if reason != "too_large":
+            return []  # sent again on its timer, or when the peer's path changes
+        message = pending.message
+        if isinstance(message, Job):
+            job = self.sent.get(message.id)
+            if job is None:
+                return []
+            # It never reached the peer, and never will: it goes on as a small cancel in
+            # its place (the peer's stream must have no hole), at once.
+            events = self._settle(job, Outcome.refused("too_large", text), now)
+            self.held -= pending.size
+            session.replace(pending.seq, JobCancel(id=message.id))
+            pending.due = now
+            return events + self._tick(peer, session, now)
+        elif isinstance(message, JobResult) and message.status == "succeeded":
+            why = f"the result could not be delivered: {text}"
+            failure = Outcome("failed", error_type="ResultTooLarge", message=why)
+            self.held -= pending.size
+            session.replace(pending.seq, JobResult(id=message.id, status="failed", error=failure.error))
+            pending.due = now
+            return [
+                Notice("result_too_large", {"job_id": message.id.hex(), "to": peer, "error": why}),
+                *self._tick(peer, session, now),
+            ]
+        return []
+
+    def on_path(self, path: str, up: bool, now: float, peer: str | None = None) -> list[Event]:
+        """Path ``path`` (``peer``'s own, or shared by all when None) went up or down."""
+        self.paths.set(path, up, peer)
+        events: list[Event] = []
+        for name in [peer] if peer is not None else list(self.sessions):
+            session = self.sessions.get(name)
+            if session is not None:
+                events += self._update_path(name, session, now)
+        return events
+
+    def on_peer_down(self, peer: str, reason: str, now: float) -> list[Event]:
+        """The peer is gone (its relay expired it): its jobs end, this side starts over."""
+        session = self.sessions.get(peer)
+        if session is None:
+            return []
+        sent, unsent = session.start_over(now)
+        return self._session_ended(peer, sent, unsent, now, lost=f"peer {peer} is gone: {reason}")
+
+    def on_tick(self, now: float) -> list[Event]:
+        """Deadlines, re-sends, delayed acks, probes, silent peers."""
+        events: list[Event] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, job = heapq.heappop(self._deadlines)
+            if self.sent.get(job.spec.id) is job:
+                message = f"no answer from peer {job.peer} within the job's timeout plus {self.grace:g} s"
+                events += self._end(job, Outcome("timed_out", error_type="TimedOut", message=message), now)
+        for peer, session in list(self.sessions.items()):
+            since = self._waiting_since(peer, session)
+            if since is not None and session.path_up:
+                heard = max(
+                    since if session.last_heard is None else session.last_heard,
+                    since,
+                    self._path_since.get(peer, since),
+                )
+                if now - heard >= self.silence:
+                    sent, unsent = session.start_over(now)
+                    lost = f"peer {peer} answered nothing for {self.silence:g} s"
+                    events += self._session_ended(peer, sent, unsent, now, lost=lost)
+                    continue
+            events += self._tick(peer, session, now)
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_tick` has work next (None: nothing is timed)."""
+        while self._deadlines and self.sent.get(self._deadlines[0][2].spec.id) is not self._deadlines[0][2]:
+            heapq.heappop(self._deadlines)
+        times = [self._deadlines[0][0]] if self._deadlines else []
+        for peer, session in self.sessions.items():
+            due = session.next_deadline()
+            if due is not None:
+                times.append(due)
+            since = self._waiting_since(peer, session)
+            if since is not None and session.path_up:
+                heard = max(
+                    since if session.last_heard is None else session.last_heard,
+                    since,
+                    self._path_since.get(peer, since),
+                )
+                times.append(heard + self.silence)
+        return min(times) if times else None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.sent)
+
+    # -- internals --
+
+    def _session(self, peer: str, now: float) -> PeerSession:
+        session = self.sessions.get(peer)
+        if session is not None:
+            self.sessions.move_to_end(peer)
+            return session
+        session = PeerSession(peer, self._new_sid)
+        self.sessions[peer] = session
+        path = self.paths.current(peer)
+        self._path_of[peer] = path
+        self._path_since[peer] = now
+        session.path_up = path is not None
+        if len(self.sessions) > MAX_SESSIONS:
+            idle = next((p for p, s in self.sessions.items() if not s.outstanding and not self._busy(p)), None)
+            if idle is not None:
+                self._forget(idle)
+        return session
+
+    def _busy(self, peer: str) -> bool:
+        jobs = self.jobs.get(peer)
+        return jobs is not None and bool(jobs.sent or jobs.running)
+
+    def _forget(self, peer: str) -> None:
+        del self.sessions[peer]
+        self.jobs.pop(peer, None)
+        self._path_of.pop(peer, None)
+        self._path_since.pop(peer, None)
+
+    def _waiting_since(self, peer: str, session: PeerSession) -> float | None:
+        """Since when this node has waited on ``peer`` (for an ack, or for the answer to a
+        job), without a pause; None when it does not."""
+        jobs = self.jobs.get(peer)
+        if jobs is None:
+            return None
+        if not (jobs.sent or session.unacked or session.waiting):
+            jobs.waiting_since = None
+        return jobs.waiting_since
+
+    def _jobs(self, peer: str) -> PeerJobs:
+        jobs = self.jobs.get(peer)
+        if jobs is None:
+            jobs = self.jobs[peer] = PeerJobs()
+        return jobs
+
+    def _send(self, peer: str, message: Sealed, size: int, now: float, job: SentJob | None = None) -> list[Event]:
+        session = self._session(peer, now)
+        jobs = self._jobs(peer)
+        if jobs.waiting_since is None:
+            jobs.waiting_since = now
+        self.held += size
+        boxes = session.send(message, size, now)
+        if job is not None:
+            job.pending = session.find(session.next_seq - 1)
+        path = self._path_of.get(peer)
+        return [Transmit(peer, path, box) for box in boxes if path is not None]
+
+    def _tick(self, peer: str, session: PeerSession, now: float) -> list[Event]:
+        path = self._path_of.get(peer)
+        return [Transmit(peer, path, box) for box in session.on_tick(now)] if path is not None else []
+
+    def _update_path(self, peer: str, session: PeerSession, now: float) -> list[Event]:
+        path = self.paths.current(peer)
+        if path == self._path_of.get(peer):
+            return []
+        self._path_of[peer] = path
+        self._path_since[peer] = now
+        boxes = session.set_path(path is not None, now)
+        return [Transmit(peer, path, box) for box in boxes] if path is not None else []
+
+    def _settle(self, job: SentJob, outcome: Outcome, now: float) -> list[Event]:
+        """End ``job`` with ``outcome`` (its peer's answer, or one decided here)."""
+        del self.sent[job.spec.id]
+        jobs = self.jobs.get(job.peer)
+        if jobs is not None:
+            jobs.sent.pop(job.spec.id, None)
+            session = self.sessions.get(job.peer)
+            if not jobs.sent and session is not None:
+                session.awaiting = False
+        self.counts[outcome.status] += 1
+        return [Settled(job.spec, job.peer, outcome)]
+
+    def _end(self, job: SentJob, outcome: Outcome, now: float) -> list[Event]:
+        """End ``job`` here (timed out, aborted): its message, if not yet acknowledged,
+        goes on as a small cancel (the peer's stream must have no hole), and if the peer
+        may have it, a cancel follows."""
+        events = self._settle(job, outcome, now)
+        pending = job.pending
+        session = self.sessions.get(job.peer)
+        if pending is None or session is None:
+            return events
+        if pending.size:
+            self.held -= pending.size
+        may_have_it = pending.sends > 0
+        if session.find(pending.seq) is pending:
+            session.replace(pending.seq, JobCancel(id=job.spec.id))
+        if may_have_it:
+            events += self._send(job.peer, JobCancel(id=job.spec.id), 0, now)
+        return events
+
+    def _refuse_waiting(self, peer: str, reason: str, text: str, now: float) -> list[Event]:
+        session = self.sessions[peer]
+        sent, unsent = session.start_over(now)
+        return self._session_ended(peer, sent, unsent, now, refused=(reason, text))
+
+    def _session_ended(
+        self,
+        peer: str,
+        sent: list[Pending],
+        unsent: list[Pending],
+        now: float,
+        *,
+        restarted: bool = False,
+        lost: str = "",
+        refused: tuple[str, str] | None = None,
+    ) -> list[Event]:
+        """The session with ``peer`` ended (``sent``/``unsent``: what it held). Jobs run
+        here for the peer stop (nobody will take their answers). Jobs sent that the peer
+        may have end ``peer_lost``. Jobs it never saw go again in the next session when
+        the peer merely restarted, else are refused."""
+        for pending in (*sent, *unsent):
+            self.held -= pending.size
+            pending.size = 0
+        jobs = self._jobs(peer)
+        jobs.waiting_since = None
+        events: list[Event] = [StopRun(peer, job_id, "its submitter's session ended") for job_id in jobs.running]
+        jobs.running.clear()
+        jobs.cancelled_early.clear()
+        never_sent = {id(p) for p in unsent} | {id(p) for p in sent if p.sends == 0}
+        why = lost or f"peer {peer} restarted; the job's fate there is unknown"
+        resend: list[SentJob] = []
+        for job in list(jobs.sent.values()):
+            if job.pending is not None and id(job.pending) in never_sent:
+                if restarted:
+                    resend.append(job)
+                    continue
+                reason, text = refused or ("peer_not_connected", why)
+                events += self._settle(job, Outcome.refused(reason, text), now)
+            else:
+                events += self._settle(job, Outcome("peer_lost", error_type="PeerLost", message=why), now)
+        events.append(Notice("session_ended", {"peer": peer, "why": why, "jobs_resent": len(resend)}))
+        for job in resend:
+            events += self._send_job(job, now)
+        return events

@@ -1,0 +1,331 @@
+"""One peer's session: a reliable stream each way over whatever path is current.
+
+Sans-IO. The session numbers the messages it sends (``seq``), keeps each until the peer
+acknowledges it, and sends it again on its timer or at once when the path changes. It
+stamps every box with the session header (``meshnet.protocol.messages.SESSION_RULES``),
+drops boxes replayed (their counter seen) or from another session, and hands on each
+message it receives exactly once. Acknowledgements are cumulative with a selective
+part, and ride on whatever goes the other way; alone (``peer_ack``) only after
+``ACK_DELAY`` or ``ACK_EVERY`` messages, as TCP's delayed acks do.
+
+What the messages mean (jobs, results, cancels) is :mod:`meshnet.session.core`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshnet.protocol.messages import Hello, PeerAck, Sealed
+from meshnet.session.state import Move, State, next_state
+from meshnet.session.windows import STREAM_WINDOW, ReceiveWindow, ReplayWindow, RoundTrip
+
+#: A message received is acknowledged within this (unless something else goes back
+#: first, carrying the ack): short against a round trip, long enough to gather a burst.
+ACK_DELAY = 0.02
+#: ... or at once when this many are unacknowledged.
+ACK_EVERY = 32
+#: A peer's hello is answered at most this often (a burst of its boxes for our old session
+#: id asks the same question many times).
+ANSWER_GAP = 0.2
+#: With something outstanding at the peer (a message unacknowledged, a job unanswered),
+#: a probe goes out after this long without a word from it.
+KEEPALIVE = 2.0
+
+
+@dataclass(eq=False)
+class Pending:
+    """A message of ours, kept until acknowledged."""
+
+    seq: int
+    message: Sealed
+    #: Bytes it holds (its payload or result), counted against the node's budget.
+    size: int
+    #: When it was last sent (None: not yet); how often; when to send it again.
+    sent_at: float | None = None
+    sends: int = 0
+    due: float = 0.0
+    counters: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Received:
+    """What one box from the peer came to."""
+
+    #: The message to act on (a job, a result, a cancel): new, handed on once. None when
+    #: the box carried nothing new (an ack, a hello, a duplicate, a stale or replayed box).
+    message: Sealed | None = None
+    #: Boxes to send back now (an answer to a hello, an ack).
+    replies: list[Sealed] = field(default_factory=list)
+    #: The peer started a new session: what ours held is handed back (see
+    #: :meth:`PeerSession.start_over`) and must be settled before ``message`` is handled.
+    restarted: tuple[list[Pending], list[Pending]] | None = None
+    #: Our messages the box acknowledged.
+    acked: list[Pending] = field(default_factory=list)
+    #: Why the box was dropped, for the log (None: it was not).
+    dropped: str | None = None
+
+
+class PeerSession:
+    def __init__(self, peer: str, new_sid: Callable[[], int]):
+        self.peer = peer
+        self._new_sid = new_sid
+        self.state = State.NEW
+        self.local_sid = new_sid()
+        self.remote_sid: int | None = None
+        self.replay = ReplayWindow()
+        self.counter = 0
+        self.next_seq = 1
+        #: Sent and not yet acknowledged, by seq (in the order sent first).
+        self.unacked: dict[int, Pending] = {}
+        #: Not sent yet: the session is not open, no path is up, or the window is full.
+        self.waiting: deque[Pending] = deque()
+        self.inbound = ReceiveWindow()
+        self.unacked_in = 0
+        self.ack_due: float | None = None
+        self.rtt = RoundTrip()
+        #: Box counter -> the seq it carried, for boxes the path bounced.
+        self.counters: dict[int, int] = {}
+        self.path_up = False
+        self.last_heard: float | None = None
+        self.hello_due: float | None = None
+        self.hellos = 0
+        self.answered_at = -1e9
+        self.probe_at = -1e9
+        #: Set by the core while it waits on the peer (jobs it has not answered).
+        self.awaiting = False
+
+    # -- sending --
+
+    def send(self, message: Sealed, size: int, now: float) -> list[Sealed]:
+        """Queue ``message`` (without its header) for the peer; the boxes to send now."""
+        pending = Pending(self.next_seq, dataclasses.replace(message, seq=self.next_seq), size)
+        self.next_seq += 1
+        self.waiting.append(pending)
+        self.state = next_state(self.state, Move.SEND)
+        return self._flush(now)
+
+    def replace(self, seq: int, message: Sealed) -> Pending | None:
+        """Send ``message`` in place of our message ``seq`` (not yet acknowledged) from now
+        on: a job the submitter has ended goes as a small cancel, a result too large for
+        the path as a failure. It keeps the seq: the peer's stream has no hole."""
+        pending = self.unacked.get(seq) or next((p for p in self.waiting if p.seq == seq), None)
+        if pending is not None:
+            pending.message = dataclasses.replace(message, seq=seq)
+            pending.size = 0
+        return pending
+
+    def find(self, seq: int) -> Pending | None:
+        return self.unacked.get(seq) or next((p for p in self.waiting if p.seq == seq), None)
+
+    def seq_of(self, counter: int) -> int | None:
+        """The seq that the box with ``counter`` carried (None: an ack, a hello, or acked)."""
+        return self.counters.get(counter)
+
+    def _flush(self, now: float) -> list[Sealed]:
+        """Boxes for what may go now."""
+        if not self.path_up:
+            return []
+        boxes: list[Sealed] = []
+        if self.state is State.HELLO_SENT:
+            if self.hello_due is None or self.hello_due <= now:
+                boxes.append(self._hello(now))
+            return boxes
+        if self.state is not State.OPEN:
+            return boxes
+        while self.waiting and len(self.unacked) < STREAM_WINDOW:
+            pending = self.waiting.popleft()
+            self.unacked[pending.seq] = pending
+            boxes.append(self._box_for(pending, now))
+        return boxes
+
+    def _hello(self, now: float) -> Hello:
+        self.hellos += 1
+        self.hello_due = now + self.rtt.backed_off(self.hellos)
+        return self._stamp(Hello())
+
+    def _box_for(self, pending: Pending, now: float) -> Sealed:
+        pending.sends += 1
+        pending.sent_at = now
+        pending.due = now + self.rtt.backed_off(pending.sends)
+        box = self._stamp(pending.message)
+        pending.counters.append(box.ctr)
+        self.counters[box.ctr] = pending.seq
+        return box
+
+    def _stamp(self, message: Sealed) -> Sealed:
+        """``message`` with this session's header and the current acknowledgement."""
+        self.counter += 1
+        self.unacked_in = 0
+        self.ack_due = None
+        return dataclasses.replace(
+            message,
+            sid=self.local_sid,
+            rsid=self.remote_sid,
+            ctr=self.counter,
+            ack=self.inbound.cumulative if self.remote_sid is not None else None,
+            sack=self.inbound.sack(),
+        )
+
+    # -- receiving --
+
+    def on_box(self, box: Sealed, now: float) -> Received:
+        """Take a box the peer sealed (opened and decoded)."""
+        if self.remote_sid is not None and box.sid < self.remote_sid:
+            return Received(dropped="from an earlier session of the peer")
+        restarted = None
+        if self.remote_sid is None or box.sid > self.remote_sid:
+            if not isinstance(box, Hello):
+                # A session we have not heard open: the peer takes us for someone we are
+                # not (we restarted, or started over); our hello tells it who we are now.
+                return Received(replies=self._answer(now), dropped="for a session not opened with us")
+            if self.remote_sid is not None:
+                restarted = self.start_over(now, renew=False)
+            else:
+                self.state = next_state(self.state, Move.HELLO)
+            self.remote_sid = box.sid
+            self.replay = ReplayWindow()
+        if not self.replay.accept(box.ctr):
+            return Received(dropped="replayed (its counter was seen)", restarted=restarted)
+        self.last_heard = now
+        if isinstance(box, Hello):
+            self.state = next_state(self.state, Move.HELLO)
+            self.hello_due = None
+            replies = self._answer(now) if box.rsid != self.local_sid else []
+            replies += self._flush(now)
+            return Received(replies=replies, restarted=restarted)
+        if box.rsid != self.local_sid:
+            # Sent to an earlier session of ours, before the peer heard our new id.
+            return Received(replies=self._answer(now), dropped="for an earlier session of ours")
+        received = Received(acked=self._on_ack(box.ack, box.sack, now))
+        if isinstance(box, PeerAck):
+            if box.probe:
+                received.replies.append(self._stamp(PeerAck()))
+        elif box.seq is not None:
+            if self.inbound.receive(box.seq):
+                received.message = box
+                self.unacked_in += 1
+                if self.ack_due is None:
+                    self.ack_due = now + ACK_DELAY
+            else:
+                self.ack_due = now  # a copy we had: our ack was lost, or is late
+        if self.unacked_in >= ACK_EVERY:
+            received.replies.append(self._stamp(PeerAck()))
+        received.replies += self._flush(now)
+        return received
+
+    def _answer(self, now: float) -> list[Sealed]:
+        if now - self.answered_at < ANSWER_GAP or not self.path_up:
+            return []
+        self.answered_at = now
+        return [self._stamp(Hello())]
+
+    def _on_ack(self, cumulative: int | None, sack: list[int] | None, now: float) -> list[Pending]:
+        acked: list[Pending] = []
+        if cumulative is None or not self.unacked:
+            return acked
+        for seq in [s for s in self.unacked if s <= cumulative]:
+            acked.append(self.unacked.pop(seq))
+        for seq in sack or ():
+            pending = self.unacked.pop(seq, None)
+            if pending is not None:
+                acked.append(pending)
+        for pending in acked:
+            for counter in pending.counters:
+                self.counters.pop(counter, None)
+        once = [p.sent_at for p in acked if p.sends == 1 and p.sent_at is not None]
+        if once:
+            self.rtt.sample(now - max(once))  # Karn: a re-sent message's ack is ambiguous
+        return acked
+
+    # -- time and paths --
+
+    def on_tick(self, now: float) -> list[Sealed]:
+        """Send again what is due; a delayed ack; a probe when the peer is silent."""
+        if not self.path_up:
+            return []
+        boxes = self._flush(now)
+        if self.state is not State.OPEN:
+            return boxes
+        for pending in self.unacked.values():
+            if pending.due <= now:
+                boxes.append(self._box_for(pending, now))
+        if self.ack_due is not None and self.ack_due <= now and not boxes:
+            boxes.append(self._stamp(PeerAck()))
+        probe_due = self._probe_due()
+        if probe_due is not None and probe_due <= now:
+            # Whatever goes now asks for an answer too (a message is acknowledged
+            # within ACK_DELAY): a probe of its own only when nothing else goes.
+            self.probe_at = now
+            if not boxes:
+                boxes.append(self._stamp(PeerAck(probe=True)))
+        return boxes
+
+    def probe(self, now: float) -> list[Sealed]:
+        """A probe to send now (none before the session is open)."""
+        if self.state is not State.OPEN or not self.path_up:
+            return []
+        self.probe_at = now
+        return [self._stamp(PeerAck(probe=True))]
+
+    def _probe_due(self) -> float | None:
+        """When to probe a peer silent while we wait on it (None: we do not)."""
+        if not self.awaiting or self.state is not State.OPEN:
+            return None
+        return max(-1e9 if self.last_heard is None else self.last_heard, self.probe_at) + KEEPALIVE
+
+    def next_deadline(self) -> float | None:
+        if not self.path_up:
+            return None
+        times = [p.due for p in self.unacked.values()]
+        if self.ack_due is not None:
+            times.append(self.ack_due)
+        if self.state is State.HELLO_SENT and self.hello_due is not None:
+            times.append(self.hello_due)
+        probe_due = self._probe_due()
+        if probe_due is not None:
+            times.append(probe_due)
+        return min(times) if times else None
+
+    def set_path(self, up: bool, now: float) -> list[Sealed]:
+        """The peer's current path came up (or changed) or went down. On a new path,
+        everything unacknowledged goes again now: what was in flight on the old one may
+        be lost with it."""
+        self.path_up = up
+        if not up:
+            return []
+        if self.state is State.HELLO_SENT:
+            self.hello_due = None
+        for pending in self.unacked.values():
+            pending.due = now
+        return self.on_tick(now)
+
+    @property
+    def outstanding(self) -> bool:
+        return bool(self.unacked or self.waiting or self.awaiting or self.state is State.HELLO_SENT)
+
+    def start_over(self, now: float, *, renew: bool = True) -> tuple[list[Pending], list[Pending]]:
+        """End both streams; return what was sent (the peer may have it) and what never
+        was. ``renew``: this side gives the peer up and takes a new session id (the
+        peer's is kept as a floor); else the peer started a new session, and the new pair
+        of ids already tells the new streams from the old."""
+        sent, unsent = list(self.unacked.values()), list(self.waiting)
+        self.state = next_state(self.state, Move.STARTED_OVER if renew else Move.PEER_RESTARTED)
+        if renew:
+            # Counters are per session id: the peer keeps a replay window for each.
+            self.local_sid = max(self._new_sid(), self.local_sid + 1)
+            self.counter = 0
+        self.next_seq = 1
+        self.unacked = {}
+        self.waiting = deque()
+        self.counters = {}
+        self.inbound = ReceiveWindow()
+        self.unacked_in = 0
+        self.ack_due = None
+        self.hello_due = None
+        self.hellos = 0
+        self.answered_at = -1e9
+        self.awaiting = False
+        return sent, unsent
