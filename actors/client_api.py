@@ -136,6 +136,9 @@ class ClientApiActor(NodeActor):
         self.rejections = RejectionLog()
         self._rejections_timer: TimerHandle | None = None
         self.outboxes = Outboxes(max_unread)
+        #: Ids of the jobs submitted here that have no result yet (loop thread only): a
+        #: submit reusing one is refused with an ``error``, never a ``result``.
+        self.in_flight: set[bytes] = set()
         self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
 
@@ -325,7 +328,10 @@ class ClientApiActor(NodeActor):
             except ProtocolError as exc:
                 self._io_rejected(conn, str(exc))
                 ref = getattr(exc, "ref", None)
-                if ref is not None:  # a submit whose job we can name: it gets its terminal status
+                if ref is not None and ref in self.in_flight:
+                    # Its id is a job in flight: that job keeps its id and its one result.
+                    self._io_send(conn, encode(Error(code=exc.code, message=str(exc), id=ref)))
+                elif ref is not None:  # a submit whose job we can name: it gets its terminal status
                     refusal = Outcome.refused(exc.code, str(exc))
                     self._io_send(conn, encode(Result(id=ref, status="refused", error=refusal.error)))
                 else:
@@ -370,18 +376,30 @@ class ClientApiActor(NodeActor):
 
     def _io_submit(self, conn: bytes, message: Submit) -> None:
         loop = self.loop
-        send = self._io_send
         job_id = message.id
         peer = message.to if message.to != self.peer_id else None
+        if job_id in self.in_flight:
+            # Refused with an error, not a result: a result with this id would be taken
+            # for the terminal status of the job in flight under it.
+            duplicate = f"job {job_id.hex()} is in flight already; its result will come; use a new id for a new job"
+            self._io_send(conn, encode(Error(code="duplicate", message=duplicate, id=job_id)))
+            return
+        in_flight = self.in_flight
+        in_flight.add(job_id)
+        send = self._io_send
+
+        def answer(frames: list[Any]) -> None:
+            in_flight.discard(job_id)
+            send(conn, frames)
 
         def reply(outcome: Outcome) -> None:
             frames = encode(
                 Result(id=job_id, status=outcome.status, error=outcome.error, body=outcome.result, peer=peer)
             )
             if loop.in_loop():  # a job that ended on the loop (most do): its answer goes now
-                send(conn, frames)
+                answer(frames)
             else:
-                loop.call_soon(send, conn, frames)
+                loop.call_soon(answer, frames)
 
         timeout = message.timeout or self.default_timeout
         job = JobSpec(

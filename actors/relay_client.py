@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from meshnet.protocol import (
     frame_limit,
 )
 from meshnet.rejections import RejectionLog, log_summaries
-from meshnet.relay_link import RelayLink
+from meshnet.relay_link import LinkState, RelayLink
 from meshnet.session import (
     BOX_REF_BYTES,
     Execute,
@@ -76,6 +77,10 @@ from meshnet.session.core import Event
 log = structlog.get_logger("meshnet.relay_client")
 
 RECV_BATCH = 256
+#: libzmq's own reconnection interval, drawn per socket, and its backed-off cap (ms).
+RECONNECT_IVL_MS = (100.0, 1000.0)
+RECONNECT_IVL_MAX_MS = 5000
+DISPLACED = "another process with this node's identity took its place at the relay; this node no longer uses it"
 #: Shorter than a client's own wait (10 s), so that the client hears why.
 PEERS_QUERY_TIMEOUT = 5.0
 HANDSHAKE_FAILURES = (
@@ -235,7 +240,10 @@ class RelayClientActor(NodeActor):
         now = time.monotonic()
         if isinstance(message, RunThere):
             for job, peer in message.jobs:
-                self._apply(self.sessions.submit(job, peer, now))
+                if self.link.state is LinkState.DISPLACED:
+                    job.reply(Outcome.refused("no_relay", DISPLACED))
+                else:
+                    self._apply(self.sessions.submit(job, peer, now))
         elif isinstance(message, ReplyToPeer):
             self._apply(self.sessions.job_finished(message.peer, message.job_id, message.outcome, now))
         elif isinstance(message, Tick):
@@ -250,7 +258,8 @@ class RelayClientActor(NodeActor):
                 self.pending_peers[self.peers_seq] = (message.reply, now + PEERS_QUERY_TIMEOUT)
                 self._send_control(encode(PeersRequest(seq=self.peers_seq)))
         elif isinstance(message, Reconnect):
-            self._connect()
+            if self.link.state is not LinkState.DISPLACED:
+                self._connect()
         elif isinstance(message, HandshakeFailed):
             self._on_handshake_failed(message)
         elif isinstance(message, Reconnected):
@@ -412,8 +421,30 @@ class RelayClientActor(NodeActor):
                 self._fail_peer_queries("the relay did not know this node; it is registering again")
                 self._path_down(now)
                 self._register()
+        elif message.code == "replaced":
+            self._on_displaced(message.message, now)
         else:
             self.log.error("relay_error", code=message.code, message=message.message)
+
+    def _on_displaced(self, why: str, now: float) -> None:
+        """Another process registered at the relay with this node's identity. Registering
+        again would take the place back, and have it taken again: the two would flap and
+        split the jobs sent to this identity. This node stops using the relay, says why
+        once, and ends the jobs it sent (their answers would reach the other process)."""
+        if self.link.state is LinkState.DISPLACED:
+            return
+        self.log.error(
+            "identity_in_use",
+            reason=why,
+            fix=f"run one node per identity: stop the other process with peer id {self.peer_id}, "
+            "or give this one its own identity (`meshnet init`)",
+        )
+        self.link.on_displaced()
+        self._fail_peer_queries(DISPLACED)
+        self._path_down(now)
+        self._apply(self.sessions.abort_all(DISPLACED, now))
+        self.generation += 1
+        self._io_close()
 
     def _on_deliver(self, message: Deliver, now: float) -> None:
         sender = message.sender
@@ -542,6 +573,11 @@ class RelayClientActor(NodeActor):
         sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_deliver_body))
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 1000)
+        # libzmq reconnects by itself when the relay restarts, every 100 ms by default: in
+        # step with every other node of the relay, a burst its listen backlog overflows.
+        # Each node waits its own random interval instead, and backs off.
+        sock.setsockopt(zmq.RECONNECT_IVL, int(random.uniform(*RECONNECT_IVL_MS)))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # The relay refusing our key shows only as a socket event: watch for it.
         monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._handshakes = 0

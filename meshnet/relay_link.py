@@ -14,6 +14,8 @@ class LinkState(Enum):
     DISCONNECTED = "disconnected"
     REGISTERING = "registering"
     REGISTERED = "registered"
+    #: Another process registered with this node's identity: the relay is not used.
+    DISPLACED = "displaced"
 
 
 class RelayLink:
@@ -71,11 +73,17 @@ class RelayLink:
     def on_tick(self, now: float) -> str | None:
         """``"lost"`` when the relay has been silent for ``liveness`` beats, ``"ping"``
         when registered and a heartbeat is due, else None."""
-        if self.state is LinkState.DISCONNECTED:
+        if self.state in (LinkState.DISCONNECTED, LinkState.DISPLACED):
             return None
         if now - self.last_heard > self.heartbeat * self.liveness:
             return "lost"
         return "ping" if self.state is LinkState.REGISTERED else None
+
+    def on_displaced(self) -> None:
+        """Another process took this identity's place at the relay: going back would only
+        take it again, and be taken from again (the two would flap), so this link stays
+        down."""
+        self.state = LinkState.DISPLACED
 
     def on_lost(self) -> float:
         """Mark the link down; return how long to wait before reconnecting: exponential

@@ -321,8 +321,15 @@ class RelayCore:
         out: list[Outgoing] = []
         old = self.nodes.get(message.peer_id)
         if old is not None and old.conn != conn:
-            # The same key on a new connection: the node reconnected; the old link is dead.
+            # The same key on a new connection: the node reconnected (its old link is
+            # dead, and this goes nowhere), or a second process runs with its identity.
+            # The old connection is told so, once, and is served no more.
             self.by_conn.pop(old.conn, None)
+            replaced = (
+                f"peer id {message.peer_id} registered again on another connection (from {observed}); "
+                "this connection is served no more"
+            )
+            out.append(self._reply(old.conn, Error(code="replaced", message=replaced)))
         previous_peer = self.by_conn.get(conn)
         if previous_peer and previous_peer != message.peer_id:
             out.extend(self._remove(self.nodes[previous_peer]))

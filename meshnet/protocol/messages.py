@@ -117,8 +117,20 @@ REFUSAL_REASONS = (
 #: Codes of ``error`` messages: ``invalid`` and ``too_large`` for a message that could not
 #: be decoded; ``not_registered`` (register first), ``identity_mismatch`` (the peer id is
 #: not the connection's key), ``no_relay`` (the node has no relay link now) and
-#: ``unavailable`` (the node could not gather what was asked).
-ERROR_CODES = ("invalid", "too_large", "not_registered", "identity_mismatch", "no_relay", "unavailable")
+#: ``unavailable`` (the node could not gather what was asked); ``duplicate`` (a ``submit``
+#: whose id is in flight already, from this client: the job in flight goes on);
+#: ``replaced`` (the relay took this node's registration over for another connection
+#: with the same key: two processes run with one identity).
+ERROR_CODES = (
+    "invalid",
+    "too_large",
+    "not_registered",
+    "identity_mismatch",
+    "no_relay",
+    "unavailable",
+    "duplicate",
+    "replaced",
+)
 
 
 class Body(Enum):
@@ -407,11 +419,14 @@ class Error(Message):
     """A request could not be handled at all (malformed, unknown, not registered)."""
 
     TYPE = "error"
-    RULES = {"code": text, "message": text, "seq": optional(seq)}
+    RULES = {"code": text, "message": text, "seq": optional(seq), "id": optional(job_id)}
     code: str
     message: str
     #: The ``seq`` of the request it answers, when that request had one.
     seq: int | None = None
+    #: A ``submit`` refused because its id is in flight already: that id. An ``error``
+    #: never ends a job: the job in flight under the id goes on to its own ``result``.
+    id: bytes | None = None
 
 
 # node -> relay

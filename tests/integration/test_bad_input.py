@@ -141,3 +141,22 @@ def test_messages_of_many_frames_are_dropped_without_harm(mesh: Mesh) -> None:
     pair.a.wait_for("client_message_rejected")
     with MeshClient(pair.a_api) as client:
         assert client.run("echo", 1, to=pair.b_id.peer_id) == 1
+
+
+@pytest.mark.parametrize("where", ["here", "on_b"])
+def test_a_duplicate_job_id_is_refused_with_an_error_and_the_original_keeps_its_result(mesh: Mesh, where: str) -> None:
+    pair = mesh.start_pair()
+    to = None if where == "here" else pair.b_id.peer_id
+    job_id = os.urandom(16)
+    with raw_dealer(pair.a_api) as sock:
+        sock.send_multipart(encode(Submit(id=job_id, kind="sleep", body=cbor2.dumps(0.5), to=to, timeout=30)))
+        sock.send_multipart(encode(Submit(id=job_id, kind="echo", body=cbor2.dumps("again"), to=to, timeout=30)))
+        # An invalid submit reusing the id is refused the same way: with an error.
+        sock.send_multipart([cbor2.dumps({"v": 1, "t": "submit", "id": job_id, "kind": "Not A Kind"}), b"\xf6"])
+        answers = [receive(sock, NODE_TO_CLIENT) for _ in range(3)]
+    errors = [a for a in answers if isinstance(a, Error)]
+    results = [a for a in answers if isinstance(a, Result)]
+    assert [e.code for e in errors] == ["duplicate", "invalid"] and all(e.id == job_id for e in errors)
+    assert "in flight already" in errors[0].message
+    assert len(results) == 1 and results[0].id == job_id and results[0].status == "succeeded"
+    assert cbor2.loads(results[0].body) == 0.5

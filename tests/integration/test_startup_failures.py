@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from meshnet import MeshClient
+import pytest
+
+from meshnet import JobRefused, MeshClient
 from tests.harness import Mesh, cli
 
 
@@ -41,3 +43,28 @@ def test_second_node_on_a_taken_api_endpoint_fails_before_it_registers(mesh: Mes
     with MeshClient(pair.a_api) as client:
         assert client.run("echo", "from a", to=pair.b_id.peer_id) == "from a"
     assert len(pair.relay.find("peer_registered", peer_id=pair.a_id.peer_id)) == 1
+
+
+def test_two_nodes_with_one_identity_do_not_flap_the_older_one_says_why_once(mesh: Mesh) -> None:
+    """Two processes with one identity on different API endpoints (a copied config): the
+    one that registered last holds the place at the relay; the older one is told, logs
+    one clear error, and stays off the relay. Jobs for that identity all go to one."""
+    pair = mesh.start_pair(b_log="debug")
+    twin_path, _, twin_api = mesh.node_config("b-twin", pair.b_id, relay=(pair.relay_endpoint, pair.relay_id.peer_id))
+    text = twin_path.read_text().replace('level = "info"', 'level = "debug"')
+    twin_path.write_text(text)
+    twin = mesh.start_node("b-twin", twin_path, registered=True)
+    displaced = pair.b.wait_for("identity_in_use")
+    assert "another connection" in displaced["reason"] and "meshnet init" in displaced["fix"]
+    with MeshClient(pair.a_api) as client:
+        assert [client.run("echo", i, to=pair.b_id.peer_id) for i in range(20)] == list(range(20))
+    with MeshClient(pair.b_api) as client:  # the displaced node says so to its own clients
+        with pytest.raises(JobRefused, match="took its place at the relay"):
+            client.run("echo", "out", to=pair.a_id.peer_id)
+        assert client.run("echo", "here") == "here"  # and still runs local jobs
+    assert len(twin.find("job_succeeded")) == 20 and not pair.b.find(
+        "job_succeeded", kind="echo", submitter=pair.a_id.peer_id
+    )
+    assert len(pair.b.find("identity_in_use")) == 1
+    assert len(pair.b.find("relay_registered")) == 1 and not pair.b.find("relay_forgot_us")
+    assert len(pair.relay.find("peer_registered", peer_id=pair.b_id.peer_id)) == 2

@@ -160,7 +160,10 @@ def test_message_on_a_registered_connection_with_another_key_is_not_registered(c
 def test_reregistering_on_a_new_connection_replaces_the_old_one(core, a, b):
     register(core, a, 0.0)
     register(core, b, 0.0)
-    out = only(register(core, a, 1.0, conn=b"conn-a2"))
+    told, out = register(core, a, 1.0, conn=b"conn-a2")
+    # The old connection is told (a second process with the same key reads it; a node's
+    # own dead connection does not), and is served no more.
+    assert told.conn == a.conn and read(told).code == "replaced" and "another connection" in read(told).message
     assert out.conn == b"conn-a2"
     assert isinstance(read(out), Registered)
     assert core.nodes[a.peer_id].conn == b"conn-a2"
@@ -396,7 +399,8 @@ def test_deliveries_held_for_a_node_that_leaves_go_back_to_their_senders():
 
 def test_deliveries_held_for_a_node_follow_it_to_its_new_connection():
     core, a, b = core_holding_one_delivery_for_b()
-    outs = register(core, b, conn=b"conn-b2")
+    told, *outs = register(core, b, conn=b"conn-b2")
+    assert told.conn == b.conn and read(told).code == "replaced"
     assert isinstance(read(outs[0]), Registered)
     assert [(out.conn, read(out).ref) for out in outs[1:]] == [(b"conn-b2", b"h" * 16)]
 
