@@ -26,7 +26,6 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors.base import NodeActor
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, Drain, QueryPeers, RunThere
-from actors.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 from meshnet.endpoints import bind_failure, is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
@@ -49,6 +48,7 @@ from meshnet.protocol import (
     frame_limit,
 )
 from meshnet.rejections import RejectionLog, log_summaries
+from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.api")
 

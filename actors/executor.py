@@ -28,12 +28,12 @@ from typing import Any
 import structlog
 
 from actors.base import NodeActor
-from actors.socket_loop import SocketLoop, TimerHandle
 from meshnet.errors import ProtocolError
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.worker import serve
 from meshnet.logs import debug_enabled
+from meshnet.socket_loop import SocketLoop, TimerHandle
 
 log = structlog.get_logger("meshnet.executor")
 
@@ -398,14 +398,14 @@ class WorkerPool:
 
 
 class ExecutorActor(NodeActor):
-    """Owns the node's job loop and worker pool for their life: starts them with the
-    node, stops them (and multiprocessing's helper processes) with it. Running jobs goes
-    through its :class:`WorkerPool`; the client API serves on the same loop."""
+    """Supervises the node's job loop and worker pool (both made by the supervisor, which
+    hands them to the parts that run on the loop): starts them with the node, stops them
+    (and multiprocessing's helper processes) with it."""
 
-    def __init__(self, *, workers: int, enabled: list[str], max_payload: int):
+    def __init__(self, *, loop: SocketLoop, pool: WorkerPool):
         super().__init__()
-        self.loop = SocketLoop("jobs", trim_after=0.5)
-        self._pool = WorkerPool(self.loop, workers=workers, enabled=enabled, max_payload=max_payload)
+        self.loop = loop
+        self._pool = pool
 
     def on_start(self) -> None:
         self.loop.start()
@@ -416,9 +416,6 @@ class ExecutorActor(NodeActor):
             self.loop.stop()
             raise
         log.info("executors_started", workers=self._pool.size, kinds=self._pool.enabled)
-
-    def runner(self) -> WorkerPool:
-        return self._pool
 
     def on_stop(self) -> None:
         if self.loop.running:

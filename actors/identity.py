@@ -1,7 +1,8 @@
-"""IdentityActor: holds the node's key pair; hands out what others need of it.
+"""IdentityActor: holds the node's key pair for the node's life.
 
-The secret key never leaves this actor except inside the thread-safe :class:`Sealer`
-and the CurveZMQ key pair that the socket-owning actors need to open their sockets.
+The supervisor loads the identity and makes the thread-safe :class:`Sealer` from it; the
+parts that need them get them when they are made (the socket owners their CurveZMQ key
+pair, the relay client the sealer), never by asking this actor.
 """
 
 from __future__ import annotations
@@ -11,19 +12,13 @@ from meshnet.identity import Identity, Sealer
 
 
 class IdentityActor(NodeActor):
-    def __init__(self, identity: Identity):
+    def __init__(self, identity: Identity, sealer: Sealer):
         super().__init__()
         self._identity = identity
-        self._sealer = Sealer(identity)
+        self._sealer = sealer
 
     def peer_id(self) -> str:
         return self._identity.peer_id
-
-    def identity(self) -> Identity:
-        return self._identity
-
-    def sealer(self) -> Sealer:
-        return self._sealer
 
     def sign(self, data: bytes) -> bytes:
         return self._identity.sign(data)

@@ -2,12 +2,12 @@
 
 The book drives :class:`meshnet.jobs.queue.JobQueue`, which decides admission and
 guarantees one terminal status per job; every job's terminal status is logged here,
-once. The book is safe to call from any thread, and is called directly: by the client
-API's socket loop as submissions arrive, by the relay client for jobs from peers, by
-the pool's callback thread as jobs end. Measured on the local no-op path, handing each
-of those to an actor thread cost more than all the queue's own work; a lock held for
-microseconds costs nothing comparable. What the book decides is carried out (jobs
-started, answers sent, lines logged) after its lock is released.
+once. The book lives on the node's job loop, like everything on the job path: the
+client API and the relay client submit to it and cancel through it as they read, the
+worker pool reports to it as jobs end, all on that loop's thread, so a job crosses no
+thread and the book takes no lock. Its one timer (the first waiting job's timeout) is
+a loop timer. Other threads (the supervisor draining the node, a status request) go
+through the loop: :meth:`JobBook.on_loop`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -24,6 +24,7 @@ from actors.base import NodeActor, log_job_end
 from actors.executor import WorkerPool
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
+from meshnet.socket_loop import TimerHandle
 
 log = structlog.get_logger("meshnet.jobs")
 
@@ -47,6 +48,7 @@ class JobBook:
         max_bytes: int | None = None,
     ):
         self.runner = runner
+        self.loop = runner.loop
         self.queue = JobQueue(slots=slots, capacity=capacity, max_bytes=max_bytes)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
@@ -54,61 +56,60 @@ class JobBook:
         #: Set while no job waits or runs (the supervisor waits on it to drain).
         self.idle = threading.Event()
         self.idle.set()
-        self._lock = threading.Lock()
         # One timer at a time, armed for the first waiting job to run out of time, so
         # that a job stuck behind long ones ends when its timeout does, not when an
         # executor frees up.
-        self._expiry: threading.Timer | None = None
+        self._expiry: TimerHandle | None = None
         self._expiry_at = math.inf
         self._closed = False
 
-    # -- any thread --
+    def on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the job loop and return its result (from another thread)."""
+        if self.loop.in_loop():
+            return fn(*args)
+        return self.loop.run_sync(fn, *args)
+
+    # -- the job loop --
 
     def submit(self, jobs: Iterable[JobSpec]) -> None:
         """Admit each job, or answer it with its refusal; start what fits."""
         answers: list[tuple[JobSpec, Outcome]] = []
         started: list[JobSpec] = []
-        with self._lock:
-            for job in jobs:
-                refusal = self._refusal(job)
-                if refusal is not None:
-                    self.queue.record_refusal()
-                    answers.append((job, refusal))
-                    continue
-                self.queue.admit(job)
-                started += self._start()  # before the next admission looks at what runs
-                if self.queue.is_waiting(job.id):
-                    self._arm_expiry(job.received_at + job.timeout)
+        for job in jobs:
+            refusal = self._refusal(job)
+            if refusal is not None:
+                self.queue.record_refusal()
+                answers.append((job, refusal))
+                continue
+            self.queue.admit(job)
+            started += self._start()  # before the next admission looks at what runs
+            if self.queue.is_waiting(job.id):
+                self._arm_expiry(job.received_at + job.timeout)
         self._carry_out(started, answers)
 
     def finish(self, outcomes: Iterable[tuple[bytes, Outcome]]) -> None:
         """Jobs ended with these outcomes (a job that already ended is ignored)."""
         answers: list[tuple[JobSpec, Outcome]] = []
-        with self._lock:
-            for job_id, outcome in outcomes:
-                job = self.queue.finish(job_id, outcome.status)
-                if job is not None:
-                    answers.append((job, outcome))
-            started = self._start()
-        self._carry_out(started, answers)
+        for job_id, outcome in outcomes:
+            job = self.queue.finish(job_id, outcome.status)
+            if job is not None:
+                answers.append((job, outcome))
+        self._carry_out(self._start(), answers)
 
     def cancel(self, job_id: bytes, requester: str) -> None:
         """Cancel a job if ``requester`` submitted it: a waiting one ends now, a running
         one when the pool has killed its worker."""
-        with self._lock:
-            job = self.queue.running.get(job_id) or next((j for j in self.queue.waiting if j.id == job_id), None)
-            if job is None or job.origin != requester:
-                return
-            waiting = self.queue.is_waiting(job_id)
-        if waiting:
+        job = self.queue.running.get(job_id) or next((j for j in self.queue.waiting if j.id == job_id), None)
+        if job is None or job.origin != requester:
+            return
+        if self.queue.is_waiting(job_id):
             self.finish([(job_id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))])
         else:
             self.runner.cancel({job_id}, "cancelled by its submitter")
 
     def drain(self) -> None:
         """Refuse new jobs from now on; end the waiting ones as cancelled."""
-        with self._lock:
-            waiting = self.queue.start_drain()
+        waiting = self.queue.start_drain()
         self.finish([(job.id, Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN)) for job in waiting])
 
     def abort(self, reason: str) -> None:
@@ -116,24 +117,23 @@ class JobBook:
         self.runner.cancel(None, reason)
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "queued": len(self.queue.waiting),
-                "running": len(self.queue.running),
-                "queue_size": self.queue.capacity,
-                "queued_bytes": self.queue.bytes,
-                "executors": self.queue.slots,
-                "draining": self.queue.draining,
-                "jobs": dict(self.queue.counts),
-            }
+        return {
+            "queued": len(self.queue.waiting),
+            "running": len(self.queue.running),
+            "queue_size": self.queue.capacity,
+            "queued_bytes": self.queue.bytes,
+            "executors": self.queue.slots,
+            "draining": self.queue.draining,
+            "jobs": dict(self.queue.counts),
+        }
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._expiry is not None:
-                self._expiry.cancel()
+        self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
-    # -- internals (lock held unless said otherwise) --
+    # -- internals --
 
     def _refusal(self, job: JobSpec) -> Outcome | None:
         if job.kind not in self.enabled:
@@ -173,7 +173,7 @@ class JobBook:
         return started
 
     def _carry_out(self, started: list[JobSpec], answers: list[tuple[JobSpec, Outcome]]) -> None:
-        """Lock released: start jobs, then log and send answers."""
+        """Start jobs, then log and send answers."""
         for job in started:
             self.runner.run(job)
         for job, outcome in answers:
@@ -190,36 +190,32 @@ class JobBook:
             return
         if self._expiry is not None:
             self._expiry.cancel()
-        self._expiry = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire_waiting)
-        self._expiry.daemon = True
-        self._expiry.start()
+        self._expiry = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_waiting)
         self._expiry_at = deadline
 
     def _expire_waiting(self) -> None:
-        """The timer thread (lock not held)."""
-        with self._lock:
-            self._expiry, self._expiry_at = None, math.inf
-            overdue = self.queue.overdue_waiting(time.monotonic())
+        self._expiry, self._expiry_at = None, math.inf
+        overdue = self.queue.overdue_waiting(time.monotonic())
         self.finish(
             [(job.id, Outcome("timed_out", error_type="TimedOut", message=waited_too_long(job))) for job in overdue]
         )
-        with self._lock:
-            self._arm_expiry(self.queue.next_waiting_deadline())
+        self._arm_expiry(self.queue.next_waiting_deadline())
 
 
 class JobQueueActor(NodeActor):
-    """Owns the node's :class:`JobBook` for its life; others get it with :meth:`book`
-    and call it directly."""
+    """Supervises the node's :class:`JobBook` (made by the supervisor and handed to the
+    parts on the job loop, which call it directly there): connects the pool's reports to
+    it at start, closes it at stop."""
 
-    def __init__(self, **book: Any):
+    def __init__(self, book: JobBook):
         super().__init__()
-        self._book = JobBook(**book)
+        self._book = book
 
     def on_start(self) -> None:
         self._book.runner.report = self._book.finish
 
-    def book(self) -> JobBook:
-        return self._book
-
     def on_stop(self) -> None:
-        self._book.close()
+        if self._book.loop.running:
+            self._book.on_loop(self._book.close)
+        else:
+            self._book.close()

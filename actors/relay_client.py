@@ -30,7 +30,6 @@ from zmq.utils.monitor import recv_monitor_message
 from actors.base import NodeActor, log_job_end
 from actors.job_queue import JobBook
 from actors.messages import Abort, CancelJob, Drain, QueryPeers, Reconnect, ReplyToPeer, RunThere, Tick
-from actors.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.errors import ProtocolError, SealError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
@@ -73,6 +72,7 @@ from meshnet.session import (
     split_box_ref,
 )
 from meshnet.session.core import Event
+from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.relay_client")
 
@@ -103,7 +103,10 @@ class Reconnected:
     generation: int
 
 
-class RelayClientActor(NodeActor):
+class RelayClient:
+    """The relay link and the sessions, on the job loop (``loop``). Made by the supervisor,
+    which hands :meth:`post` to the client API; supervised by :class:`RelayClientActor`."""
+
     def __init__(
         self,
         *,
@@ -123,7 +126,6 @@ class RelayClientActor(NodeActor):
         loop: SocketLoop | None = None,
         max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
     ):
-        super().__init__()
         self.identity = identity
         self.peer_id = identity.peer_id
         self.sealer = sealer
@@ -131,8 +133,8 @@ class RelayClientActor(NodeActor):
         self.relay_peer_id = relay_peer_id
         self.book = book
         self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
-        #: Jobs and results held for peers until acknowledged share one byte budget with
-        #: what waits for room on the relay link.
+        #: Jobs and results held for peers until acknowledged, within max_queued_bytes;
+        #: their sealed copies waiting for room on the relay link have a budget as large.
         self.sessions = SessionCore(budget=max_queued_bytes)
         self.max_payload = max_payload
         #: The largest deliver body this node decodes: told to the relay, which refuses
@@ -173,7 +175,7 @@ class RelayClientActor(NodeActor):
 
     # -- life cycle --
 
-    def on_start(self) -> None:
+    def start(self) -> None:
         if self._owns_loop:
             self.loop.start()
         self.loop.run_sync(self._start_link)
@@ -182,7 +184,7 @@ class RelayClientActor(NodeActor):
         self._connect()
         self._schedule_tick()
 
-    def on_stop(self) -> None:
+    def stop(self) -> None:
         if self.loop.running:
             self.loop.run_sync(self._shut_down)
         if self._owns_loop:
@@ -204,10 +206,6 @@ class RelayClientActor(NodeActor):
         else:
             self.loop.call_soon(self._handle, message)
 
-    def poster(self) -> Any:
-        """:meth:`post`, for those that hold only this actor's ref."""
-        return self.post
-
     def status(self) -> dict[str, Any]:
         return self.loop.run_sync(self._status, timeout=5)
 
@@ -228,7 +226,8 @@ class RelayClientActor(NodeActor):
     # -- messages --
 
     def handle(self, message: Any) -> Any:
-        """Messages sent to the actor (``tell``/``ask``) are handled on the loop."""
+        """A message from another thread (the supervisor's): handled on the loop; a
+        ``Drain`` is answered once it is (new jobs are refused from then on)."""
         if isinstance(message, Drain):
             return self.loop.run_sync(self._handle, message)
         self.post(message)
@@ -642,6 +641,24 @@ class RelayClientActor(NodeActor):
                 self._on_frames([generation, *frames])
         finally:
             self._update_ledger_idle()
+
+
+class RelayClientActor(NodeActor):
+    """Supervises the node's :class:`RelayClient`: starts its link with the node and
+    stops it (ending what it held) before the client API stops."""
+
+    def __init__(self, client: RelayClient):
+        super().__init__()
+        self.client = client
+
+    def on_start(self) -> None:
+        self.client.start()
+
+    def on_stop(self) -> None:
+        self.client.stop()
+
+    def handle(self, message: Any) -> Any:
+        return self.client.handle(message)
 
 
 def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:

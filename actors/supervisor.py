@@ -21,14 +21,16 @@ import structlog
 import zmq
 
 from actors.client_api import ClientApiActor
-from actors.executor import ExecutorActor
+from actors.executor import ExecutorActor, WorkerPool
 from actors.identity import IdentityActor
 from actors.job_queue import JobBook, JobQueueActor
 from actors.messages import Abort, Alive, Drain
-from actors.relay_client import RelayClientActor, node_capabilities
+from actors.relay_client import RelayClient, RelayClientActor, node_capabilities
 from meshnet.config import NodeConfig
 from meshnet.errors import MeshError
+from meshnet.identity import Sealer
 from meshnet.jobs.registry import check_enabled
+from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.node")
 
@@ -47,6 +49,7 @@ class Node:
         self.queue: pykka.ActorRef | None = None
         self.book: JobBook | None = None
         self.relay: pykka.ActorRef | None = None
+        self.relay_client: RelayClient | None = None
         self.api: pykka.ActorRef | None = None
         self.endpoint = ""
         self.log = log.bind(peer_id=self.peer_id)
@@ -56,24 +59,24 @@ class Node:
         jobs = config.jobs
         workers = config.executor_count
         try:
-            self.identity_actor = self._start(IdentityActor.start(self.identity))
-            identity = self.identity_actor.proxy().identity().get()
-            self.executor = self._start(
-                ExecutorActor.start(workers=workers, enabled=jobs.enabled, max_payload=jobs.max_payload_bytes)
+            identity = self.identity
+            sealer = Sealer(identity)
+            self.identity_actor = self._start(IdentityActor.start(identity, sealer))
+            # The job loop and the parts that run on it are made here and handed to each
+            # other; the actors supervise them (start, stop, in order).
+            loop = SocketLoop("jobs", trim_after=0.5)
+            runner = WorkerPool(loop, workers=workers, enabled=jobs.enabled, max_payload=jobs.max_payload_bytes)
+            self.book = JobBook(
+                runner=runner,
+                slots=workers,
+                capacity=jobs.queue_size,
+                enabled=jobs.enabled,
+                max_payload=jobs.max_payload_bytes,
+                max_timeout=jobs.max_timeout,
+                max_bytes=jobs.max_queued_bytes,
             )
-            runner = self.executor.proxy().runner().get()
-            self.queue = self._start(
-                JobQueueActor.start(
-                    runner=runner,
-                    slots=workers,
-                    capacity=jobs.queue_size,
-                    enabled=jobs.enabled,
-                    max_payload=jobs.max_payload_bytes,
-                    max_timeout=jobs.max_timeout,
-                    max_bytes=jobs.max_queued_bytes,
-                )
-            )
-            self.book = self.queue.proxy().book().get()
+            self.executor = self._start(ExecutorActor.start(loop=loop, pool=runner))
+            self.queue = self._start(JobQueueActor.start(self.book))
             self.api = self._start(
                 ClientApiActor.start(
                     identity=identity,
@@ -92,29 +95,28 @@ class Node:
             )
             self.endpoint = self.api.proxy().bind().get()
             if config.relay.endpoint:
-                self.relay = self._start(
-                    RelayClientActor.start(
-                        identity=identity,
-                        sealer=self.identity_actor.proxy().sealer().get(),
-                        endpoint=config.relay.endpoint,
-                        relay_peer_id=config.relay.peer_id,
-                        book=self.book,
-                        heartbeat=config.relay.heartbeat_interval,
-                        liveness=config.relay.liveness,
-                        backoff_min=config.relay.reconnect_min,
-                        backoff_max=config.relay.reconnect_max,
-                        max_payload=jobs.max_payload_bytes,
-                        capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
-                        listen=config.relay.listen,
-                        context=self.context,
-                        loop=runner.loop,
-                        max_queued_bytes=config.relay.max_queued_bytes,
-                    )
+                self.relay_client = RelayClient(
+                    identity=identity,
+                    sealer=sealer,
+                    endpoint=config.relay.endpoint,
+                    relay_peer_id=config.relay.peer_id,
+                    book=self.book,
+                    heartbeat=config.relay.heartbeat_interval,
+                    liveness=config.relay.liveness,
+                    backoff_min=config.relay.reconnect_min,
+                    backoff_max=config.relay.reconnect_max,
+                    max_payload=jobs.max_payload_bytes,
+                    capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
+                    listen=config.relay.listen,
+                    context=self.context,
+                    loop=runner.loop,
+                    max_queued_bytes=config.relay.max_queued_bytes,
                 )
+                self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:
                 self.log.info("running_alone", reason="no relay configured (relay.endpoint is empty)")
-            relay_poster = self.relay.proxy().poster().get() if self.relay is not None else None
-            self.api.proxy().serve(relay_poster).get()
+            relay_post = self.relay_client.post if self.relay_client is not None else None
+            self.api.proxy().serve(relay_post).get()
         except BaseException:
             self._stop_actors()
             raise
@@ -138,9 +140,9 @@ class Node:
             "peer_id": self.peer_id,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "api": self.endpoint,
-            **self.book.status(),
+            **self.book.on_loop(self.book.status),
         }
-        info["relay"] = self.relay.proxy().status().get(timeout=5) if self.relay is not None else None
+        info["relay"] = self.relay_client.status() if self.relay_client is not None else None
         return info
 
     def drain(self, grace: float | None = None) -> None:
@@ -151,18 +153,18 @@ class Node:
             if ref is not None:
                 ref.ask(Drain(), timeout=10)  # answered once they refuse new jobs
         self.log.info("node_draining", grace_s=grace)  # from here on, new jobs are refused
-        self.book.drain()
+        self.book.on_loop(self.book.drain)
         deadline = time.monotonic() + grace
         if not self.book.idle.wait(max(0.0, deadline - time.monotonic())):
             self.log.warning("drain_grace_over", action="killing running jobs")
             self.book.abort(f"the node shut down and the job did not finish within {grace:g} s")
             self.book.idle.wait(10)
-        if self.relay is not None:
+        if self.relay_client is not None:
             # Answers to jobs this node forwarded may still arrive within the grace; the
             # rest end now, while the client API is still up to deliver their status.
-            ledger_idle = self.relay.proxy().ledger_idle.get()
+            ledger_idle = self.relay_client.ledger_idle
             if not ledger_idle.wait(max(0.0, deadline - time.monotonic())):
-                self.relay.tell(Abort("the node shut down before the peer answered"))
+                self.relay_client.post(Abort("the node shut down before the peer answered"))
                 ledger_idle.wait(10)
 
     def stop(self, grace: float | None = None) -> None:

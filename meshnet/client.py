@@ -22,7 +22,6 @@ import cbor2
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.socket_loop import SocketLoop, TimerHandle, recv_message
 from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
 from meshnet.errors import (
     JOB_ERRORS_BY_STATUS,
@@ -50,6 +49,7 @@ from meshnet.protocol import (
     strict_cbor,
     validate,
 )
+from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message
 
 DEFAULT_TIMEOUT = 60.0
 #: How long past a job's timeout the client waits for its node before giving up on it.

@@ -100,16 +100,14 @@ class LinkFlow:
 
 @dataclass
 class Queued:
-    """A message waiting for room in the window: its frames, size, and what it is about
-    (``ref``: a job id; ``op``: job, result or cancel) so that it can be withdrawn."""
+    """A message waiting for room in the window: its frames and size, and what it is
+    (``ref``, ``op``: a sealed box's name and kind, ``peer``: its destination)."""
 
     frames: list[Any]
     size: int
     ref: bytes
     op: str
     peer: str = ""
-    #: The JobResult a result message carries (held again if the link is lost meanwhile).
-    result: Any = None
 
 
 @dataclass
@@ -136,15 +134,6 @@ class SendQueue:
             flow.on_sent(entry.size)
             out.append(entry)
         return out
-
-    def withdraw(self, ref: bytes, op: str) -> Queued | None:
-        """Take back the waiting message about ``ref`` (a job that ended meanwhile)."""
-        for entry in self.entries:
-            if entry.ref == ref and entry.op == op:
-                self.entries.remove(entry)
-                self.size -= entry.size
-                return entry
-        return None
 
     def clear(self) -> list[Queued]:
         out = list(self.entries)

@@ -21,11 +21,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from actors.socket_loop import SocketLoop, recv_message, send_message
 from meshnet.config import RelayConfig
 from meshnet.endpoints import bind_failure
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import MAX_FRAMES, frame_limit
+from meshnet.socket_loop import SocketLoop, recv_message, send_message
 from relay_server.routing import Outgoing, RelayCore
 
 log = structlog.get_logger("meshnet.relay")

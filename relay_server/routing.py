@@ -165,11 +165,11 @@ class RelayCore:
             return self._register(conn, key, message, observe(), now)
         if entry is None:
             out = [self._reply(conn, Error(code="not_registered", message="register before sending anything else"))]
-            if isinstance(message, Send):  # the job it carries is answered, not lost
+            if isinstance(message, Send):  # its sender learns at once that it was not passed on
                 bounce = self._unroutable(
                     message,
                     "no_relay",
-                    "the relay did not know this node yet (it reconnected, or the relay restarted); resubmit",
+                    "the relay did not know this node yet (it reconnected, or the relay restarted); register first",
                 )
                 out.insert(0, self._reply(conn, bounce))
             return out

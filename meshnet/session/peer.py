@@ -30,8 +30,8 @@ ACK_EVERY = 32
 #: A peer's hello is answered at most this often (a burst of its boxes for our old session
 #: id asks the same question many times).
 ANSWER_GAP = 0.2
-#: With something outstanding at the peer (a message unacknowledged, a job unanswered),
-#: a probe goes out after this long without a word from it.
+#: While a job sent to the peer is unanswered, a probe goes out after this long without
+#: a word from it (an unacknowledged message is sent again on its own timer instead).
 KEEPALIVE = 2.0
 
 

@@ -49,7 +49,8 @@ TRANSITIONS: dict[tuple[State, Move], State] = {
     (State.HELLO_SENT, Move.SEND): State.HELLO_SENT,
     (State.HELLO_SENT, Move.HELLO): State.OPEN,
     (State.HELLO_SENT, Move.PEER_RESTARTED): State.OPEN,
-    (State.HELLO_SENT, Move.STARTED_OVER): State.HELLO_SENT,
+    # Nothing is left to send (what waited was settled or goes again, as a new send).
+    (State.HELLO_SENT, Move.STARTED_OVER): State.NEW,
     (State.OPEN, Move.SEND): State.OPEN,
     (State.OPEN, Move.HELLO): State.OPEN,
     (State.OPEN, Move.PEER_RESTARTED): State.OPEN,

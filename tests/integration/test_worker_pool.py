@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from actors.executor import WorkerPool
-from actors.socket_loop import SocketLoop
 from meshnet.jobs.framing import frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.socket_loop import SocketLoop
 from tests.harness import REPO
 
 KINDS = ["echo", "sha256", "sleep", "fail", "crash"]

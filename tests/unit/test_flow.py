@@ -78,16 +78,6 @@ def test_the_queue_is_bounded_in_bytes():
     assert queue.fits(400) and not queue.fits(401)
 
 
-def test_a_job_that_ended_is_withdrawn_from_the_queue():
-    queue = SendQueue(budget=10_000)
-    queue.push(item(100, ref=b"a" * 16))
-    queue.push(item(200, ref=b"b" * 16))
-    queue.push(item(300, ref=b"b" * 16, op="result"))
-    assert queue.withdraw(b"b" * 16, "job").size == 200
-    assert queue.withdraw(b"b" * 16, "job") is None
-    assert queue.size == 400 and [e.op for e in queue.entries] == ["job", "result"]
-
-
 def test_frames_size_counts_every_frame():
     assert frames_size([b"abc", bytearray(5), memoryview(b"12")]) == 10
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import zmq
 
-from actors.socket_loop import SocketLoop, recv_message
+from meshnet.socket_loop import SocketLoop, recv_message
 
 
 def test_callbacks_from_many_threads_all_run_in_order_per_thread() -> None:
@@ -126,7 +126,7 @@ def test_a_cancelled_timer_lets_go_of_its_arguments_at_once() -> None:
 
 
 def test_a_loop_gives_memory_back_after_traffic(monkeypatch) -> None:
-    import actors.socket_loop as socket_loop
+    import meshnet.socket_loop as socket_loop
 
     trimmed = threading.Event()
     monkeypatch.setattr(socket_loop, "release_free_memory", trimmed.set)
@@ -154,7 +154,7 @@ def test_traffic_that_never_pauses_still_gets_a_trim(monkeypatch) -> None:
     must still give memory back now and then."""
     import time
 
-    import actors.socket_loop as socket_loop
+    import meshnet.socket_loop as socket_loop
 
     trimmed = threading.Event()
     monkeypatch.setattr(socket_loop, "release_free_memory", trimmed.set)
