@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lint bench bench-peers fuzz clean install
+.PHONY: run-node run-relay demo test lint bench bench-storm bench-peers fuzz clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: $(STAMP)
 BENCH_JSON ?= bench-results.json
 bench: $(STAMP)
 	BENCH_JSON=$(BENCH_JSON) $(BIN)/python -m bench.run
+
+## A relay SIGKILLed and restarted under $(STORM_NODES) simulated nodes, with listen backlog 100
+## (libzmq's default) and relay.listen_backlog's default; figures also to $(BENCH_STORM_JSON).
+STORM_NODES ?= 2000
+BENCH_STORM_JSON ?= bench-storm-results.json
+bench-storm: $(STAMP)
+	BENCH_STORM_JSON=$(BENCH_STORM_JSON) $(BIN)/python -m bench.relay_storm --nodes $(STORM_NODES)
 
 ## Fuzz every decoder with $(FUZZ_INPUTS) inputs each (FUZZ_SEED picks the seed); report also to $(FUZZ_JSON).
 FUZZ_INPUTS ?= 100000

@@ -77,6 +77,8 @@ from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_mess
 log = structlog.get_logger("meshnet.relay_client")
 
 RECV_BATCH = 256
+#: A libzmq reconnection seen this soon after a register draws no other one.
+RECENT_REGISTER = 0.5
 #: libzmq's own reconnection interval, drawn per socket, and its backed-off cap (ms).
 RECONNECT_IVL_MS = (100.0, 1000.0)
 RECONNECT_IVL_MAX_MS = 5000
@@ -93,6 +95,13 @@ class HandshakeFailed:
     generation: int
     auth: bool
     status: int
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """The socket's connection to the relay broke (libzmq reconnects it by itself)."""
+
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,7 @@ class RelayClient:
         self._handshakes = 0
         self._sock_generation = -1
         self._stopped = False
+        self._last_register = -math.inf
 
     # -- life cycle --
 
@@ -264,6 +274,16 @@ class RelayClient:
         elif isinstance(message, Reconnected):
             if message.generation == self.generation:
                 self._on_reconnected(now)
+        elif isinstance(message, Disconnected):
+            if message.generation == self.generation and self.link.registered:
+                # The relay went away (it restarted, or the connection broke): nothing
+                # more goes out on this path until it registers this node again, and
+                # the node waits for that with a registering link's patience, not the
+                # three heartbeats of silence that would make it start over meanwhile.
+                self.log.info("relay_disconnected", action="waiting for libzmq to reconnect")
+                self.link.connecting(now)
+                self._fail_peer_queries("the node lost its connection to the relay")
+                self._path_down(now)
         elif isinstance(message, Drain):
             self.draining = True
         elif isinstance(message, Abort):
@@ -497,6 +517,10 @@ class RelayClient:
             self.log.info("relay_reconnected", action="asking whether it knows us")
             self.ping_seq += 1
             self._send_control(encode(Ping(seq=self.ping_seq)))
+        elif now - self._last_register < RECENT_REGISTER:
+            # A register went out just now (the relay's not_registered, read before this
+            # event, drew it): on the new connection, as that answer came on it.
+            self.log.info("relay_reconnected", action="registering already")
         else:
             self.log.info("relay_reconnected", action="registering again")
             self._register()
@@ -545,6 +569,7 @@ class RelayClient:
         self._register()
 
     def _register(self) -> None:
+        self._last_register = time.monotonic()
         register = Register(
             peer_id=self.peer_id, caps=self.capabilities, listen=self.listen, max_body=self.max_deliver_body
         )
@@ -578,7 +603,7 @@ class RelayClient:
         sock.setsockopt(zmq.RECONNECT_IVL, int(random.uniform(*RECONNECT_IVL_MS)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # The relay refusing our key shows only as a socket event: watch for it.
-        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._handshakes = 0
         sock.connect(self.endpoint)
         self._sock = sock
@@ -588,6 +613,13 @@ class RelayClient:
         self.loop.add_reader(monitor, self._io_monitor)
 
     def _io_close(self) -> None:
+        if self._sock is not None and self._monitor is not None:
+            # libzmq's I/O thread sends monitor events with a blocking send: one sent
+            # after the monitor's reading end is closed blocks that thread for good, and
+            # with it every socket of the context (seen under a relay restart; closing
+            # the DEALER first does not help: the monitor stays attached until the socket
+            # is torn down). Detached first, no event can be sent.
+            self._sock.disable_monitor()
         self.loop.close_socket(self._monitor)
         self.loop.close_socket(self._sock)
         self._monitor = self._sock = None
@@ -603,6 +635,9 @@ class RelayClient:
                 self._handshakes += 1
                 if self._handshakes > 1:
                     self._handle(Reconnected(self._sock_generation))
+                continue
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._handle(Disconnected(self._sock_generation))
                 continue
             self._handle(
                 HandshakeFailed(

@@ -41,6 +41,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
 #: Jobs and results a node keeps waiting for room on its link to the relay.
 DEFAULT_RELAY_QUEUE_BYTES = 128 * 1024 * 1024
+#: Connections the relay's listening socket holds until it accepts them (relay.listen_backlog).
+DEFAULT_LISTEN_BACKLOG = 4096
+#: listen(2) takes a C int.
+MAX_LISTEN_BACKLOG = 2**31 - 1
 
 
 def default_config_path(name: str = "node.toml") -> Path:
@@ -63,6 +67,12 @@ def _positive_number(value: Any) -> float:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError("an integer greater than 0")
+    return value
+
+
+def _listen_backlog(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_LISTEN_BACKLOG:
+        raise ValueError(f"an integer from 1 to {MAX_LISTEN_BACKLOG} (the kernel caps it at net.core.somaxconn)")
     return value
 
 
@@ -232,6 +242,10 @@ class RelayServerSection:
     #: for it (past both, messages to it are refused ``relay_busy``); and bytes it takes
     #: from a node before acknowledging them.
     max_unread_bytes: int = field(default=DEFAULT_WINDOW, metadata=_check(_positive_int))
+    #: Connections waiting to be accepted (listen(2)'s backlog); the kernel caps it at
+    #: net.core.somaxconn. libzmq's default, 100, overflowed under a burst of nodes
+    #: reconnecting after a relay restart.
+    listen_backlog: int = field(default=DEFAULT_LISTEN_BACKLOG, metadata=_check(_listen_backlog))
 
 
 @dataclass

@@ -9,6 +9,9 @@ from __future__ import annotations
 import random
 from enum import Enum
 
+#: How many liveness windows a node waits for ``registered`` before it starts over.
+REGISTERING_PATIENCE = 3
+
 
 class LinkState(Enum):
     DISCONNECTED = "disconnected"
@@ -75,7 +78,13 @@ class RelayLink:
         when registered and a heartbeat is due, else None."""
         if self.state in (LinkState.DISCONNECTED, LinkState.DISPLACED):
             return None
-        if now - self.last_heard > self.heartbeat * self.liveness:
+        patience = self.heartbeat * self.liveness
+        if self.state is LinkState.REGISTERING:
+            # Connecting or registering: a relay just restarted is busy with every node's
+            # handshake at once; giving up and starting over only adds to its work (seen
+            # under 2,000 nodes). libzmq keeps reconnecting the socket meanwhile.
+            patience *= REGISTERING_PATIENCE
+        if now - self.last_heard > patience:
             return "lost"
         return "ping" if self.state is LinkState.REGISTERED else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import resource
 import socket
 import threading
 import time
@@ -63,6 +64,28 @@ def _observe(frame: zmq.Frame) -> str:
     return observed_address(frame.get(zmq.SRCFD))
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit, if lower: a
+    relay holds a file descriptor per connected node, and the soft limit is often 1024.
+    Returns the soft limit before and after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open_files_limit_kept", soft=soft, hard=hard, error=str(exc))
+        return soft, soft
+    return soft, target
+
+
 class RelayServer:
     def __init__(self, config: RelayConfig, *, core: RelayCore | None = None):
         self.config = config
@@ -76,6 +99,8 @@ class RelayServer:
             window=settings.max_unread_bytes,
         )
         # A context of its own: ZAP is per context, and a process may hold a relay and nodes.
+        # Its MAX_SOCKETS counts sockets, not connections: one ROUTER serves every node,
+        # each connection a file descriptor (raise_open_files_limit).
         self.context = zmq.Context()
         self.loop = SocketLoop("relay", trim_after=0.5)
         self.endpoint = ""
@@ -87,6 +112,9 @@ class RelayServer:
 
     def start(self) -> RelayServer:
         settings = self.config.relay
+        before, after = raise_open_files_limit()
+        if after != before:
+            self.log.info("open_files_limit_raised", soft_from=before, soft_to=after)
         self._auth = ThreadAuthenticator(self.context)
         self._auth.start()
         if settings.access == "open":
@@ -135,6 +163,9 @@ class RelayServer:
             router.setsockopt(zmq.SNDHWM, settings.high_water_mark)
             router.setsockopt(zmq.RCVHWM, settings.high_water_mark)
             router.setsockopt(zmq.LINGER, 0)
+            # Nodes reconnect together when the relay restarts: past the backlog the kernel
+            # drops their connections' SYNs, and each waits 1 s, then 3 s, to try again.
+            router.setsockopt(zmq.BACKLOG, settings.listen_backlog)
             router.bind(settings.bind)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:

@@ -182,12 +182,24 @@ def test_bad_value_names_file_key_and_expectation(tmp_path, section, line, key):
         ('access = "closed"', "relay.access"),
         ('allowed_peers = ["nope"]', "relay.allowed_peers"),
         ("high_water_mark = 0", "relay.high_water_mark"),
+        ("listen_backlog = 0", "relay.listen_backlog"),
     ],
 )
 def test_bad_relay_server_value_names_file_key_and_expectation(tmp_path, line, key):
     path = write(tmp_path, f"{IDENTITY_TOML}[relay]\n{line}\n")
     message = config_error(load_relay_config, path)
     assert key in message and "expected" in message
+
+
+def test_relay_listen_backlog_defaults_past_libzmqs_100_and_refuses_what_listen_cannot_take(tmp_path):
+    assert load_relay_config(write(tmp_path, IDENTITY_TOML)).relay.listen_backlog == 4096
+    kept = load_relay_config(write(tmp_path, f"{IDENTITY_TOML}[relay]\nlisten_backlog = 100\n", "kept.toml"))
+    assert kept.relay.listen_backlog == 100
+    for value in ("-1", "2.5", "true", '"4096"', str(2**31)):
+        path = write(tmp_path, f"{IDENTITY_TOML}[relay]\nlisten_backlog = {value}\n", "bad.toml")
+        message = config_error(load_relay_config, path)
+        assert "relay.listen_backlog = " in message
+        assert "expected an integer from 1 to 2147483647" in message, message
 
 
 @pytest.mark.parametrize(

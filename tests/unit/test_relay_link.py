@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from meshnet.relay_link import LinkState, RelayLink
+from meshnet.relay_link import REGISTERING_PATIENCE, LinkState, RelayLink
 
 SEED = 1234
 
@@ -28,13 +28,16 @@ def test_connecting_link_waits_for_registration_without_pinging():
     relay.connecting(100.0)
     assert relay.state is LinkState.REGISTERING and not relay.registered
     assert relay.on_tick(100.5) is None
-    assert relay.on_tick(103.0) is None  # exactly heartbeat * liveness: not yet lost
+    # Registering, a node waits REGISTERING_PATIENCE liveness windows: a relay that has
+    # just restarted is busy with every node's handshake, and starting over adds to it.
+    assert relay.on_tick(103.5) is None
+    assert relay.on_tick(100.0 + 3.0 * REGISTERING_PATIENCE) is None  # exactly: not yet lost
 
 
 def test_connecting_link_is_lost_when_registration_never_comes():
     relay = link()
     relay.connecting(100.0)
-    assert relay.on_tick(103.01) == "lost"
+    assert relay.on_tick(100.01 + 3.0 * REGISTERING_PATIENCE) == "lost"
 
 
 def test_registered_link_pings_on_each_tick():
@@ -157,4 +160,4 @@ def test_an_unanswered_register_after_not_registered_ends_in_a_loss():
     relay.on_registered("", 1.0, 0.0)
     assert relay.on_not_registered(10.0)
     assert relay.on_tick(12.0) is None  # registering: no pings
-    assert relay.on_tick(13.5) == "lost"  # the relay never answered: reconnect afresh
+    assert relay.on_tick(10.0 + 3.0 * REGISTERING_PATIENCE + 0.5) == "lost"  # never answered: afresh
