@@ -72,6 +72,7 @@ from meshnet.session import (
     split_box_ref,
 )
 from meshnet.session.core import Event
+from meshnet.session.peer import ACK_DELAY
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.relay_client")
@@ -316,6 +317,13 @@ class RelayClient:
         self._arm_session_timer()
 
     def _arm_session_timer(self) -> None:
+        # Nothing a message or a job does makes the sessions due sooner than ACK_DELAY
+        # from now (a delayed ack; re-sends, probes and deadlines are further off): with
+        # the timer already that close, the scan of every session for its next deadline
+        # (a cost per message that grew with what is in flight) is skipped. Under load
+        # an ack is nearly always pending, so the timer is.
+        if self._session_timer_at - time.monotonic() <= ACK_DELAY:
+            return
         deadline = self.sessions.next_deadline()
         if deadline is None or deadline >= self._session_timer_at:
             return

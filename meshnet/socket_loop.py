@@ -38,6 +38,8 @@ from meshnet.memory import release_free_memory
 
 log = structlog.get_logger("meshnet.loop")
 
+#: Set to a directory, each loop writes a cProfile of its thread there when it stops.
+PROFILE_ENV = "MESHNET_PROFILE_DIR"
 #: zmq_poll takes a C int of milliseconds; a timer further off wakes the loop once an hour.
 MAX_POLL_MS = 3_600_000
 #: A loop that trims memory does so at least once per this many quiet-window lengths of
@@ -307,6 +309,23 @@ class SocketLoop:
         return None
 
     def _run(self) -> None:
+        profile_dir = os.environ.get(PROFILE_ENV)
+        if not profile_dir:
+            self._serve()
+            return
+        # A profile of this loop's thread (cProfile sees one thread only), written when
+        # the loop stops: how MeshNet's figures in `make bench` are explained.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            self._serve()
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{self.name}-{os.getpid()}.prof"))
+
+    def _serve(self) -> None:
         self._ident = threading.get_ident()
         try:
             while self._running:

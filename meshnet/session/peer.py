@@ -13,6 +13,7 @@ What the messages mean (jobs, results, cancels) is :mod:`meshnet.session.core`'s
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,7 +229,8 @@ class PeerSession:
         acked: list[Pending] = []
         if cumulative is None or not self.unacked:
             return acked
-        for seq in [s for s in self.unacked if s <= cumulative]:
+        # ``unacked`` is in seq order (sent first, first in): the acknowledged ones lead.
+        for seq in list(itertools.takewhile(lambda s: s <= cumulative, self.unacked)):
             acked.append(self.unacked.pop(seq))
         for seq in sack or ():
             pending = self.unacked.pop(seq, None)

@@ -193,3 +193,23 @@ def test_run_sync_returns_the_result_or_raises_the_error_from_the_loop_thread() 
         assert loop.run_sync(lambda: loop.run_sync(lambda: "nested")) == "nested"  # no deadlock on the loop
     finally:
         loop.stop()
+
+
+def test_a_loop_writes_a_profile_of_its_thread_when_asked(tmp_path, monkeypatch) -> None:
+    import os
+    import pstats
+
+    monkeypatch.setenv("MESHNET_PROFILE_DIR", str(tmp_path))
+    loop = SocketLoop("profiled").start()
+
+    def marker_of_this_test() -> int:
+        return 42
+
+    try:
+        assert loop.run_sync(marker_of_this_test) == 42
+    finally:
+        loop.stop()
+    [written] = tmp_path.iterdir()
+    assert written.name == f"profiled-{os.getpid()}.prof"
+    functions = {name for _, _, name in pstats.Stats(str(written)).stats}
+    assert "marker_of_this_test" in functions
