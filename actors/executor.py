@@ -45,6 +45,8 @@ Report = Callable[[list[tuple[bytes, Outcome]]], None]
 #: Longest wait before replacing a worker after workers kept failing to start.
 MAX_REPLACE_DELAY = 10.0
 SHUTTING_DOWN = "the node is shutting down"
+#: Ids of jobs cancelled before the call that starts them reached the loop, kept at most.
+MAX_EARLY_CANCELS = 4096
 #: The most a worker's status line can be: status, and error type and message clipped
 #: to the wire's text limits, in UTF-8.
 STATUS_LINE_BYTES = 64 * 1024
@@ -140,8 +142,13 @@ class WorkerPool:
             self.loop.call_soon(self._io_run, job)
 
     def cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
-        """Kill running jobs (all when ``job_ids`` is None); their outcome is ``cancelled``."""
-        self.loop.call_soon(self._io_cancel, job_ids, reason)
+        """Kill running jobs (all when ``job_ids`` is None); their outcome is ``cancelled``.
+        On the loop, at once: deferred, a job that ended meanwhile would leave its id
+        among the early cancels for good."""
+        if self.loop.in_loop():
+            self._io_cancel(job_ids, reason)
+        else:
+            self.loop.call_soon(self._io_cancel, job_ids, reason)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker and wait for them; a job still running ends ``cancelled``."""
@@ -304,6 +311,8 @@ class WorkerPool:
         # (started from another thread): it ends cancelled when it arrives.
         for job_id in (job_ids or set()) - found:
             self._cancelled_early[job_id] = reason
+            while len(self._cancelled_early) > MAX_EARLY_CANCELS:
+                del self._cancelled_early[next(iter(self._cancelled_early))]
 
     def _io_kill(self, worker: Worker, ending: Outcome) -> None:
         if worker.ending is None:

@@ -183,6 +183,7 @@ class RelayClient:
         self._sock_generation = -1
         self._stopped = False
         self._last_register = -math.inf
+        self._monitors = 0
 
     # -- life cycle --
 
@@ -246,6 +247,9 @@ class RelayClient:
     def _handle(self, message: Any) -> Any:
         """Loop thread."""
         if self._stopped:
+            if isinstance(message, RunThere):  # the node is stopping: still one answer each
+                for job, _ in message.jobs:
+                    job.reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
             return None
         now = time.monotonic()
         if isinstance(message, RunThere):
@@ -611,7 +615,14 @@ class RelayClient:
         sock.setsockopt(zmq.RECONNECT_IVL, int(random.uniform(*RECONNECT_IVL_MS)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # The relay refusing our key shows only as a socket event: watch for it.
-        monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        # An address of its own: pyzmq's default names the socket's descriptor, which a
+        # socket opened after this one closes can take again while the old monitor's
+        # address is still bound.
+        self._monitors += 1
+        monitor = sock.get_monitor_socket(
+            HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
+            addr=f"inproc://relay-monitor-{id(self):x}-{self._monitors}",
+        )
         self._handshakes = 0
         sock.connect(self.endpoint)
         self._sock = sock

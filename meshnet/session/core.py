@@ -101,6 +101,8 @@ class SentJob:
     size: int
     #: Its message in the peer's current session.
     pending: Pending | None = None
+    #: Its place in the deadline heap.
+    order: int = 0
 
 
 @dataclass
@@ -161,7 +163,9 @@ class SessionCore:
         self.paths = PathTable()
         self._path_of: dict[str, str | None] = {}
         self._path_since: dict[str, float] = {}
-        self._deadlines: list[tuple[float, int, SentJob]] = []
+        #: (deadline, order, job id): ids, not jobs, so that an ended job's payload is not
+        #: kept until its deadline comes up in the heap (behind a slow job, for a day).
+        self._deadlines: list[tuple[float, int, bytes]] = []
         self._order = 0
         self.counts: Counter[str] = Counter()
 
@@ -184,7 +188,8 @@ class SessionCore:
         jobs = self._jobs(peer)
         jobs.sent[spec.id] = job
         self._order += 1
-        heapq.heappush(self._deadlines, (job.deadline, self._order, job))
+        job.order = self._order
+        heapq.heappush(self._deadlines, (job.deadline, self._order, spec.id))
         return self._send_job(job, now)
 
     def _send_job(self, job: SentJob, now: float) -> list[Event]:
@@ -346,8 +351,9 @@ class SessionCore:
         """Deadlines, re-sends, delayed acks, probes, silent peers."""
         events: list[Event] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, job = heapq.heappop(self._deadlines)
-            if self.sent.get(job.spec.id) is job:
+            _, order, job_id = heapq.heappop(self._deadlines)
+            job = self.sent.get(job_id)
+            if job is not None and job.order == order:
                 message = f"no answer from peer {job.peer} within the job's timeout plus {self.grace:g} s"
                 events += self._end(job, Outcome("timed_out", error_type="TimedOut", message=message), now)
         for peer, session in list(self.sessions.items()):
@@ -368,7 +374,7 @@ class SessionCore:
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_tick` has work next (None: nothing is timed)."""
-        while self._deadlines and self.sent.get(self._deadlines[0][2].spec.id) is not self._deadlines[0][2]:
+        while self._deadlines and not self._live(self._deadlines[0]):
             heapq.heappop(self._deadlines)
         times = [self._deadlines[0][0]] if self._deadlines else []
         for peer, session in self.sessions.items():
@@ -384,6 +390,10 @@ class SessionCore:
                 )
                 times.append(heard + self.silence)
         return min(times) if times else None
+
+    def _live(self, entry: tuple[float, int, bytes]) -> bool:
+        job = self.sent.get(entry[2])
+        return job is not None and job.order == entry[1]
 
     @property
     def in_flight(self) -> int:
@@ -403,7 +413,9 @@ class SessionCore:
         self._path_since[peer] = now
         session.path_up = path is not None
         if len(self.sessions) > MAX_SESSIONS:
-            idle = next((p for p, s in self.sessions.items() if not s.outstanding and not self._busy(p)), None)
+            idle = next(
+                (p for p, s in self.sessions.items() if p != peer and not s.outstanding and not self._busy(p)), None
+            )
             if idle is not None:
                 self._forget(idle)
         return session
@@ -442,7 +454,7 @@ class SessionCore:
         self.held += size
         boxes = session.send(message, size, now)
         if job is not None:
-            job.pending = session.find(session.next_seq - 1)
+            job.pending = session.last_sent
         path = self._path_of.get(peer)
         return [Transmit(peer, path, box) for box in boxes if path is not None]
 
@@ -469,6 +481,9 @@ class SessionCore:
             if not jobs.sent and session is not None:
                 session.awaiting = False
         self.counts[outcome.status] += 1
+        if len(self._deadlines) > 2 * len(self.sent) + 64:
+            self._deadlines = [entry for entry in self._deadlines if self._live(entry)]
+            heapq.heapify(self._deadlines)
         return [Settled(job.spec, job.peer, outcome)]
 
     def _end(self, job: SentJob, outcome: Outcome, now: float) -> list[Event]:

@@ -83,6 +83,7 @@ class PeerSession:
         self.unacked: dict[int, Pending] = {}
         #: Not sent yet: the session is not open, no path is up, or the window is full.
         self.waiting: deque[Pending] = deque()
+        self.waiting_by_seq: dict[int, Pending] = {}
         self.inbound = ReceiveWindow()
         self.unacked_in = 0
         self.ack_due: float | None = None
@@ -97,6 +98,8 @@ class PeerSession:
         self.probe_at = -1e9
         #: Set by the core while it waits on the peer (jobs it has not answered).
         self.awaiting = False
+        #: The message :meth:`send` queued last.
+        self.last_sent: Pending | None = None
 
     # -- sending --
 
@@ -105,6 +108,8 @@ class PeerSession:
         pending = Pending(self.next_seq, with_fields(message, {"seq": self.next_seq}), size)
         self.next_seq += 1
         self.waiting.append(pending)
+        self.waiting_by_seq[pending.seq] = pending
+        self.last_sent = pending
         self.state = next_state(self.state, Move.SEND)
         return self._flush(now)
 
@@ -112,14 +117,15 @@ class PeerSession:
         """Send ``message`` in place of our message ``seq`` (not yet acknowledged) from now
         on: a job the submitter has ended goes as a small cancel, a result too large for
         the path as a failure. It keeps the seq: the peer's stream has no hole."""
-        pending = self.unacked.get(seq) or next((p for p in self.waiting if p.seq == seq), None)
+        pending = self.find(seq)
         if pending is not None:
             pending.message = with_fields(message, {"seq": seq})
             pending.size = 0
         return pending
 
     def find(self, seq: int) -> Pending | None:
-        return self.unacked.get(seq) or next((p for p in self.waiting if p.seq == seq), None)
+        """Our message ``seq``, sent or waiting (None: acknowledged, or of another stream)."""
+        return self.unacked.get(seq) or self.waiting_by_seq.get(seq)
 
     def seq_of(self, counter: int) -> int | None:
         """The seq that the box with ``counter`` carried (None: an ack, a hello, or acked)."""
@@ -138,6 +144,7 @@ class PeerSession:
             return boxes
         while self.waiting and len(self.unacked) < STREAM_WINDOW:
             pending = self.waiting.popleft()
+            del self.waiting_by_seq[pending.seq]
             self.unacked[pending.seq] = pending
             boxes.append(self._box_for(pending, now))
         return boxes
@@ -196,7 +203,11 @@ class PeerSession:
         if isinstance(box, Hello):
             self.state = next_state(self.state, Move.HELLO)
             self.hello_due = None
-            replies = self._answer(now) if box.rsid != self.local_sid else []
+            # Answered when the peer does not know our current id, and whenever its hello
+            # started a new session where we had one: a peer that started over (keeping
+            # our id) waits for this answer before it sends anything.
+            renewed = restarted is not None
+            replies = self._answer(now, force=renewed) if box.rsid != self.local_sid or renewed else []
             replies += self._flush(now)
             return Received(replies=replies, restarted=restarted)
         if box.rsid != self.local_sid:
@@ -219,8 +230,8 @@ class PeerSession:
         received.replies += self._flush(now)
         return received
 
-    def _answer(self, now: float) -> list[Sealed]:
-        if now - self.answered_at < ANSWER_GAP or not self.path_up:
+    def _answer(self, now: float, *, force: bool = False) -> list[Sealed]:
+        if not self.path_up or (now - self.answered_at < ANSWER_GAP and not force):
             return []
         self.answered_at = now
         return [self._stamp(Hello())]
@@ -324,6 +335,7 @@ class PeerSession:
         self.next_seq = 1
         self.unacked = {}
         self.waiting = deque()
+        self.waiting_by_seq = {}
         self.counters = {}
         self.inbound = ReceiveWindow()
         self.unacked_in = 0

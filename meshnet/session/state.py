@@ -20,7 +20,9 @@ The moves (``Move``):
   side starts over too, with a new id of its own, so that no message of the old pair
   can be taken for the new one.
 - ``STARTED_OVER``: this side gave the peer up (it said nothing for too long, or its
-  relay expired it) and starts over with a new id; the peer's id is kept, as a floor.
+  relay expired it) and starts over with a new id; the peer's id is kept, as a floor,
+  and a hello goes first again (answered by the peer whatever its ``rsid``, since it
+  opens a session there).
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ TRANSITIONS: dict[tuple[State, Move], State] = {
     (State.OPEN, Move.SEND): State.OPEN,
     (State.OPEN, Move.HELLO): State.OPEN,
     (State.OPEN, Move.PEER_RESTARTED): State.OPEN,
-    # The peer's id is known, and the new local id reaches it with the next message.
-    (State.OPEN, Move.STARTED_OVER): State.OPEN,
+    # The peer's id is kept, but the peer takes every box of our new id for a stranger's
+    # until it has seen our hello: messages wait for its answer (sent before it, they
+    # would be dropped, and taken for lost when the answer says the peer restarted).
+    (State.OPEN, Move.STARTED_OVER): State.HELLO_SENT,
 }
 
 

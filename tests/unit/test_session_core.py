@@ -625,3 +625,28 @@ def test_a_box_from_an_old_session_of_the_peer_changes_nothing() -> None:
     assert statuses(log[A]) == {job_id(1): ["peer_lost"]}
     assert duo.deliver(A, old_answer, 1.5) == []
     assert duo.a.counts["boxes_dropped"] >= 1
+
+
+def test_after_peer_down_a_restarted_peer_gets_the_next_job_not_a_false_peer_lost() -> None:
+    """B dies, the relay says so, B starts again: A's next job waits for a hello's answer
+    (B's new life would drop a job of A's new session it has not heard open), then runs."""
+    duo = Duo()
+    duo.open_with(1)
+    assert statuses(duo.a.on_peer_down(B, "it left the relay", 1.0)) == {job_id(1): ["peer_lost"]}
+    duo.restart_b(2.0)
+    log = duo.converse(A, duo.a.submit(spec(2), B, 3.0), 3.0)
+    assert [type(box) for box in boxes(log[A])][:1] == [Hello]
+    assert executed(log[B]) == [job_id(2)]
+    assert statuses(duo.finish(2, 3.1)[A]) == {job_id(2): ["succeeded"]}
+
+
+def test_after_giving_a_silent_peer_up_the_next_job_reaches_it_when_it_speaks_again() -> None:
+    """A gives B up (peer_down, though B lives on): A's new session opens with a hello that
+    B answers although it names B's current id, and the next job runs on B."""
+    duo = Duo()
+    duo.open_with(1)
+    duo.a.on_peer_down(B, "it left the relay", 1.0)
+    log = duo.converse(A, duo.a.submit(spec(2), B, 2.0), 2.0)
+    assert job_id(2) in executed(log[B])
+    assert job_id(1) in stopped(log[B])  # B's run for A's old session stops
+    assert statuses(duo.finish(2, 2.1)[A]) == {job_id(2): ["succeeded"]}
