@@ -170,6 +170,10 @@ class RelayClient:
         #: to drain).
         self.ledger_idle = threading.Event()
         self.ledger_idle.set()
+        #: Set while every message to a peer has been acknowledged (a stopping node waits
+        #: on it within its grace: the answers of jobs it ran reach their submitters).
+        self.delivered = threading.Event()
+        self.delivered.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
         self._refusal_logged = -1
         self.rejections = RejectionLog()
@@ -301,6 +305,10 @@ class RelayClient:
             self.ledger_idle.clear()
         else:
             self.ledger_idle.set()
+        if self.sessions.holding:
+            self.delivered.clear()
+        else:
+            self.delivered.set()
 
     # -- the sessions' events --
 

@@ -34,6 +34,10 @@ from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.node")
 
+#: At least this long a stopping node waits for its peers to acknowledge what it sent
+#: them last (its answers, its cancels), after the drain grace.
+DELIVERY_WAIT = 1.0
+
 
 class Node:
     def __init__(self, config: NodeConfig):
@@ -166,6 +170,10 @@ class Node:
             if not ledger_idle.wait(max(0.0, deadline - time.monotonic())):
                 self.relay_client.post(Abort("the node shut down before the peer answered"))
                 ledger_idle.wait(10)
+            # The answers of peers' jobs that ran here, and cancels, are sent until
+            # acknowledged: within the grace (and a moment for the cancels of an abort),
+            # the peers get them before the link closes.
+            self.relay_client.delivered.wait(max(DELIVERY_WAIT, deadline - time.monotonic()))
 
     def stop(self, grace: float | None = None) -> None:
         try:

@@ -399,6 +399,12 @@ class SessionCore:
     def in_flight(self) -> int:
         return len(self.sent)
 
+    @property
+    def holding(self) -> bool:
+        """Whether a message to a peer (a job's answer, a cancel, a job) is not yet
+        acknowledged: a node stopping waits for this, within its grace."""
+        return any(session.unacked or session.waiting for session in self.sessions.values())
+
     # -- internals --
 
     def _session(self, peer: str, now: float) -> PeerSession:

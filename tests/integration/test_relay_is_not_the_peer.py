@@ -121,3 +121,16 @@ def test_jobs_on_a_node_killed_mid_stream_end_peer_lost_within_the_stated_bound(
     # A keeps serving: a local job still runs.
     with MeshClient(pair.a_api) as client:
         assert client.run("echo", "still here") == "still here"
+
+
+def test_a_node_stopped_with_sigterm_delivers_the_answers_of_its_peers_jobs(mesh: Mesh) -> None:
+    """B drains on SIGTERM: the jobs it runs for A finish within its grace, and their
+    answers reach A before B's link closes (they are sent until A acknowledges them)."""
+    pair = mesh.start_pair(b_jobs={"drain_grace": 10}, b_log="debug")
+    with MeshClient(pair.a_api) as client:
+        futures = [client.submit("sleep", 0.5, to=pair.b_id.peer_id, timeout=30) for _ in range(2)]
+        pair.b.wait_for("job_started", count=2)
+        pair.b.signal(signal.SIGTERM)
+        assert [future.result(timeout=20) for future in futures] == [0.5, 0.5]
+    assert pair.b.wait(30) == 0
+    assert not pair.a.find("job_peer_lost")
