@@ -359,11 +359,7 @@ class SessionCore:
         for peer, session in list(self.sessions.items()):
             since = self._waiting_since(peer, session)
             if since is not None and session.path_up:
-                heard = max(
-                    since if session.last_heard is None else session.last_heard,
-                    since,
-                    self._path_since.get(peer, since),
-                )
+                heard = self._answered_since(peer, session, since)
                 if now - heard >= self.silence:
                     sent, unsent = session.start_over(now)
                     lost = f"peer {peer} answered nothing for {self.silence:g} s"
@@ -383,12 +379,7 @@ class SessionCore:
                 times.append(due)
             since = self._waiting_since(peer, session)
             if since is not None and session.path_up:
-                heard = max(
-                    since if session.last_heard is None else session.last_heard,
-                    since,
-                    self._path_since.get(peer, since),
-                )
-                times.append(heard + self.silence)
+                times.append(self._answered_since(peer, session, since) + self.silence)
         return min(times) if times else None
 
     def _live(self, entry: tuple[float, int, bytes]) -> bool:
@@ -435,6 +426,18 @@ class SessionCore:
         self.jobs.pop(peer, None)
         self._path_of.pop(peer, None)
         self._path_since.pop(peer, None)
+
+    def _answered_since(self, peer: str, session: PeerSession, since: float) -> float:
+        """When ``peer`` last answered what this node waits for, counting from when it
+        started waiting and its path came up: an ack that acknowledged something, while
+        messages to it are unacknowledged (a peer that probes but never acknowledges
+        would otherwise have its answers held for ever); else any box (probes answered:
+        it lives, and runs a long job)."""
+        if session.unacked:
+            answered = session.progress_at
+        else:
+            answered = session.last_heard
+        return max(since if answered is None else answered, since, self._path_since.get(peer, since))
 
     def _waiting_since(self, peer: str, session: PeerSession) -> float | None:
         """Since when this node has waited on ``peer`` (for an ack, or for the answer to a

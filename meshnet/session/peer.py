@@ -92,6 +92,8 @@ class PeerSession:
         self.counters: dict[int, int] = {}
         self.path_up = False
         self.last_heard: float | None = None
+        #: When an ack last acknowledged one of our messages.
+        self.progress_at: float | None = None
         self.hello_due: float | None = None
         self.hellos = 0
         self.answered_at = -1e9
@@ -247,6 +249,8 @@ class PeerSession:
             pending = self.unacked.pop(seq, None)
             if pending is not None:
                 acked.append(pending)
+        if acked:
+            self.progress_at = now
         for pending in acked:
             for counter in pending.counters:
                 self.counters.pop(counter, None)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
 from meshnet.protocol.messages import MAX_SACK, Hello, Job, JobCancel, JobResult, PeerAck, Sealed
-from meshnet.session import DEADLINE_GRACE, PEER_SILENCE, Execute, SessionCore, Settled, StopRun, Transmit
+from meshnet.session import DEADLINE_GRACE, PEER_SILENCE, Execute, Notice, SessionCore, Settled, StopRun, Transmit
 from meshnet.session.core import Event
 from meshnet.session.peer import ACK_DELAY, ACK_EVERY
 from meshnet.session.windows import REPLAY_WINDOW, STREAM_WINDOW, ReceiveWindow, ReplayWindow, RoundTrip
@@ -650,3 +650,21 @@ def test_after_giving_a_silent_peer_up_the_next_job_reaches_it_when_it_speaks_ag
     assert job_id(2) in executed(log[B])
     assert job_id(1) in stopped(log[B])  # B's run for A's old session stops
     assert statuses(duo.finish(2, 2.1)[A]) == {job_id(2): ["succeeded"]}
+
+
+def test_a_peer_that_probes_but_never_acknowledges_is_given_up_and_its_answers_freed() -> None:
+    """A hostile or stuck peer: it sends a job and then only probes, acknowledging none of
+    this node's answers. Its answers are not held for ever: with no acknowledgement for
+    PEER_SILENCE the session ends, and what it held is released."""
+    core = SessionCore(budget=1 << 30, new_sid=itertools.count(100).__next__)
+    core.on_path("relay", True, 0.0)
+    [answer] = boxes(core.on_box(B, wire(Hello(sid=500, ctr=1)), 0.0), Hello)
+    job = Job(id=job_id(1), kind="echo", timeout=30.0, payload=b"x", sid=500, rsid=answer.sid, ctr=2, ack=0, seq=1)
+    assert executed(core.on_box(B, wire(job), 0.0)) == [job_id(1)]
+    core.job_finished(B, job_id(1), Outcome("succeeded", result=b"r" * 100_000), 0.1)
+    assert core.held == 100_000
+    for n, now in enumerate(range(5, 25, 5)):
+        probe = PeerAck(sid=500, rsid=answer.sid, ctr=3 + n, ack=0, probe=True)
+        assert boxes(core.on_box(B, wire(probe), float(now)), PeerAck)  # answered: it is heard
+    ended = [e for e in core.on_tick(0.1 + PEER_SILENCE) if isinstance(e, Notice) and e.event == "session_ended"]
+    assert ended and core.held == 0
