@@ -301,14 +301,9 @@ class RelayClient:
         return True
 
     def _update_ledger_idle(self) -> None:
-        if self.sessions.in_flight:
-            self.ledger_idle.clear()
-        else:
-            self.ledger_idle.set()
-        if self.sessions.holding:
-            self.delivered.clear()
-        else:
-            self.delivered.set()
+        # Called per message: an Event's set or clear takes its lock, is_set does not.
+        _mirror(self.ledger_idle, not self.sessions.in_flight)
+        _mirror(self.delivered, not self.sessions.holding)
 
     # -- the sessions' events --
 
@@ -721,6 +716,12 @@ class RelayClientActor(NodeActor):
 
     def handle(self, message: Any) -> Any:
         return self.client.handle(message)
+
+
+def _mirror(event: threading.Event, value: bool) -> None:
+    """Make ``event`` show ``value``, touching it only when it changes."""
+    if value != event.is_set():
+        event.set() if value else event.clear()
 
 
 def node_capabilities(executors: int, kinds: list[str], extra: dict[str, Any]) -> dict[str, Any]:
