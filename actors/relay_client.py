@@ -83,6 +83,7 @@ RECENT_REGISTER = 0.5
 #: libzmq's own reconnection interval, drawn per socket, and its backed-off cap (ms).
 RECONNECT_IVL_MS = (100.0, 1000.0)
 RECONNECT_IVL_MAX_MS = 5000
+LINK_LOST = "the node lost its connection to the relay"
 DISPLACED = "another process with this node's identity took its place at the relay; this node no longer uses it"
 #: Shorter than a client's own wait (10 s), so that the client hears why.
 PEERS_QUERY_TIMEOUT = 5.0
@@ -291,8 +292,7 @@ class RelayClient:
                 # three heartbeats of silence that would make it start over meanwhile.
                 self.log.info("relay_disconnected", action="waiting for libzmq to reconnect")
                 self.link.connecting(now)
-                self._fail_peer_queries("the node lost its connection to the relay")
-                self._path_down(now)
+                self._path_down(now, LINK_LOST)
         elif isinstance(message, Drain):
             self.draining = True
         elif isinstance(message, Abort):
@@ -452,8 +452,7 @@ class RelayClient:
         if message.code == "not_registered":
             if self.link.on_not_registered(now):
                 self.log.info("relay_forgot_us", message=message.message, action="registering again")
-                self._fail_peer_queries("the relay did not know this node; it is registering again")
-                self._path_down(now)
+                self._path_down(now, "the relay did not know this node; it is registering again")
                 self._register()
         elif message.code == "replaced":
             self._on_displaced(message.message, now)
@@ -474,8 +473,7 @@ class RelayClient:
             "or give this one its own identity (`meshnet init`)",
         )
         self.link.on_displaced()
-        self._fail_peer_queries(DISPLACED)
-        self._path_down(now)
+        self._path_down(now, DISPLACED)
         self._apply(self.sessions.abort_all(DISPLACED, now))
         self.generation += 1
         self._io_close()
@@ -540,9 +538,11 @@ class RelayClient:
             self.log.info("relay_reconnected", action="registering again")
             self._register()
 
-    def _path_down(self, now: float) -> None:
+    def _path_down(self, now: float, why: str) -> None:
         """The relay path is down until the relay registers this node again: what was in
-        flight on it, or waits for room, is sent again then (by the sessions)."""
+        flight on it, or waits for room, is sent again then (by the sessions); the peers
+        queries waiting for the relay's answer fail now, saying ``why``."""
+        self._fail_peer_queries(why)
         self.queue.clear()
         self._apply(self.sessions.on_path("relay", False, now))
 
@@ -571,8 +571,7 @@ class RelayClient:
     def _on_lost(self, now: float) -> None:
         delay = self.link.on_lost()
         self.log.warning("relay_lost", reconnect_in_s=round(delay, 2))
-        self._fail_peer_queries("the node lost its connection to the relay")
-        self._path_down(now)
+        self._path_down(now, LINK_LOST)
         self.generation += 1
         self._io_close()
         self.loop.call_later(delay, self._handle, Reconnect())

@@ -210,10 +210,7 @@ class SessionCore:
     def probe(self, peer: str, now: float) -> list[Event]:
         """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
         session = self.sessions.get(peer)
-        path = self._path_of.get(peer)
-        if session is None or path is None:
-            return []
-        return [Transmit(peer, path, box) for box in session.probe(now)]
+        return self._transmits(peer, session.probe(now)) if session is not None else []
 
     def abort_all(self, reason: str, now: float) -> list[Event]:
         """End every job sent (the node shuts down): ``cancelled``, and their peers asked
@@ -244,8 +241,7 @@ class SessionCore:
         if received.restarted is not None:
             events += self._session_ended(peer, *received.restarted, now, restarted=True)
         for pending in received.acked:
-            self.held -= pending.size
-            pending.size = 0
+            self._release(pending)
         message = received.message
         if isinstance(message, Job):
             events += self._on_job(peer, message, now)
@@ -273,9 +269,7 @@ class SessionCore:
             self.counts["boxes_dropped"] += 1
         # The replies first: after a restart, a hello's answer must reach the peer before
         # the jobs sent again in the new session.
-        path = self._path_of.get(peer)
-        replies: list[Event] = [Transmit(peer, path, reply) for reply in received.replies if path is not None]
-        return replies + events
+        return self._transmits(peer, received.replies) + events
 
     def _on_job(self, peer: str, job: Job, now: float) -> list[Event]:
         jobs = self._jobs(peer)
@@ -313,15 +307,13 @@ class SessionCore:
             # It never reached the peer, and never will: it goes on as a small cancel in
             # its place (the peer's stream must have no hole), at once.
             events = self._settle(job, Outcome.refused("too_large", text), now)
-            self.held -= pending.size
-            session.replace(pending.seq, JobCancel(id=message.id))
+            self._replace(session, pending, JobCancel(id=message.id))
             pending.due = now
             return events + self._tick(peer, session, now)
         elif isinstance(message, JobResult) and message.status == "succeeded":
             why = f"the result could not be delivered: {text}"
             failure = Outcome("failed", error_type="ResultTooLarge", message=why)
-            self.held -= pending.size
-            session.replace(pending.seq, JobResult(id=message.id, status="failed", error=failure.error))
+            self._replace(session, pending, JobResult(id=message.id, status="failed", error=failure.error))
             pending.due = now
             return [
                 Notice("result_too_large", {"job_id": message.id.hex(), "to": peer, "error": why}),
@@ -464,12 +456,15 @@ class SessionCore:
         boxes = session.send(message, size, now)
         if job is not None:
             job.pending = session.last_sent
-        path = self._path_of.get(peer)
-        return [Transmit(peer, path, box) for box in boxes if path is not None]
+        return self._transmits(peer, boxes)
 
     def _tick(self, peer: str, session: PeerSession, now: float) -> list[Event]:
+        return self._transmits(peer, session.on_tick(now))
+
+    def _transmits(self, peer: str, boxes: list[Sealed]) -> list[Event]:
+        """``boxes`` to send to ``peer`` on its current path (none while it has none)."""
         path = self._path_of.get(peer)
-        return [Transmit(peer, path, box) for box in session.on_tick(now)] if path is not None else []
+        return [Transmit(peer, path, box) for box in boxes] if path is not None else []
 
     def _update_path(self, peer: str, session: PeerSession, now: float) -> list[Event]:
         path = self.paths.current(peer)
@@ -477,8 +472,21 @@ class SessionCore:
             return []
         self._path_of[peer] = path
         self._path_since[peer] = now
-        boxes = session.set_path(path is not None, now)
-        return [Transmit(peer, path, box) for box in boxes] if path is not None else []
+        return self._transmits(peer, session.set_path(path is not None, now))
+
+    def _release(self, pending: Pending) -> None:
+        """``pending`` holds nothing against the budget from now on (acknowledged, ended,
+        or replaced by a small message)."""
+        self.held -= pending.size
+        pending.size = 0
+
+    def _replace(self, session: PeerSession, pending: Pending, message: Sealed) -> None:
+        """Send ``message`` under ``pending``'s seq from now on, if it is still to be sent
+        or acknowledged in this session (see :meth:`PeerSession.replace`); what it held
+        is released."""
+        self._release(pending)
+        if session.find(pending.seq) is pending:
+            session.replace(pending.seq, message)
 
     def _settle(self, job: SentJob, outcome: Outcome, now: float) -> list[Event]:
         """End ``job`` with ``outcome`` (its peer's answer, or one decided here)."""
@@ -504,11 +512,8 @@ class SessionCore:
         session = self.sessions.get(job.peer)
         if pending is None or session is None:
             return events
-        if pending.size:
-            self.held -= pending.size
         may_have_it = pending.sends > 0
-        if session.find(pending.seq) is pending:
-            session.replace(pending.seq, JobCancel(id=job.spec.id))
+        self._replace(session, pending, JobCancel(id=job.spec.id))
         if may_have_it:
             events += self._send(job.peer, JobCancel(id=job.spec.id), 0, now)
         return events
@@ -534,8 +539,7 @@ class SessionCore:
         may have end ``peer_lost``. Jobs it never saw go again in the next session when
         the peer merely restarted, else are refused."""
         for pending in (*sent, *unsent):
-            self.held -= pending.size
-            pending.size = 0
+            self._release(pending)
         jobs = self._jobs(peer)
         jobs.waiting_since = None
         events: list[Event] = [StopRun(peer, job_id, "its submitter's session ended") for job_id in jobs.running]

@@ -122,7 +122,6 @@ class PeerSession:
         pending = self.find(seq)
         if pending is not None:
             pending.message = with_fields(message, {"seq": seq})
-            pending.size = 0
         return pending
 
     def find(self, seq: int) -> Pending | None:
