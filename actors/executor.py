@@ -187,7 +187,7 @@ class WorkerPool:
     def _io_run(self, job: JobSpec) -> None:
         reason = self._cancelled_early.pop(job.id, None)
         if reason is not None or self._closing:
-            self._report(job, Outcome("cancelled", error_type="Cancelled", message=reason or SHUTTING_DOWN))
+            self._report(job, Outcome.cancelled(reason or SHUTTING_DOWN))
             return
         self._pending.append(job)
         self._io_start_pending()
@@ -297,7 +297,7 @@ class WorkerPool:
             )
 
     def _io_cancel(self, job_ids: set[bytes] | None, reason: str) -> None:
-        cancelled = Outcome("cancelled", error_type="Cancelled", message=reason)
+        cancelled = Outcome.cancelled(reason)
         found: set[bytes] = set()
         for worker in self._workers:
             if worker.job is not None and (job_ids is None or worker.job.id in job_ids):
@@ -395,11 +395,11 @@ class WorkerPool:
         for worker in self._workers:
             job = self._io_unassign(worker)
             if job is not None:  # killed for the cancel above; its sentinel will not be read now
-                self._report(job, worker.ending or Outcome("cancelled", error_type="Cancelled"))
+                self._report(job, worker.ending or Outcome.cancelled())
             self._io_discard(worker)
         self._workers.clear()
         while self._pending:
-            self._report(self._pending.popleft(), Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN))
+            self._report(self._pending.popleft(), Outcome.cancelled(SHUTTING_DOWN))
 
     def _report(self, job: JobSpec, outcome: Outcome) -> None:
         assert self.report is not None

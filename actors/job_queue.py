@@ -22,7 +22,7 @@ import structlog
 
 from actors.base import NodeActor, log_job_end
 from actors.executor import WorkerPool
-from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 from meshnet.socket_loop import TimerHandle
 
@@ -103,14 +103,14 @@ class JobBook:
         if job is None or job.origin != requester:
             return
         if self.queue.is_waiting(job_id):
-            self.finish([(job_id, Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter"))])
+            self.finish([(job_id, Outcome.cancelled(CANCELLED_BY_SUBMITTER))])
         else:
-            self.runner.cancel({job_id}, "cancelled by its submitter")
+            self.runner.cancel({job_id}, CANCELLED_BY_SUBMITTER)
 
     def drain(self) -> None:
         """Refuse new jobs from now on; end the waiting ones as cancelled."""
         waiting = self.queue.start_drain()
-        self.finish([(job.id, Outcome("cancelled", error_type="Cancelled", message=SHUTTING_DOWN)) for job in waiting])
+        self.finish([(job.id, Outcome.cancelled(SHUTTING_DOWN)) for job in waiting])
 
     def abort(self, reason: str) -> None:
         """Kill every running job; each ends as cancelled with ``reason``."""

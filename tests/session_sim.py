@@ -153,7 +153,7 @@ class Simulation:
                 self.at(self.now + delay, "finish", node, event.peer, event.job.id, run)
             elif isinstance(event, StopRun):
                 if self.running.pop((node, event.peer, event.job_id), None) is not None:
-                    cancelled = Outcome("cancelled", error_type="Cancelled", message=event.reason)
+                    cancelled = Outcome.cancelled(event.reason)
                     self._apply(node, self.cores[node].job_finished(event.peer, event.job_id, cancelled, self.now))
             elif isinstance(event, Settled):
                 self.settled[event.job.id].append(event.outcome)

@@ -57,6 +57,14 @@ class Outcome:
     def refused(cls, reason: str, message: str) -> Outcome:
         return cls("refused", reason=reason, message=message, error_type="Refused")
 
+    @classmethod
+    def cancelled(cls, message: str = "") -> Outcome:
+        return cls("cancelled", error_type="Cancelled", message=message)
+
+
+#: Why a job cancelled by whoever submitted it ended.
+CANCELLED_BY_SUBMITTER = "cancelled by its submitter"
+
 
 def job_id_text(job_id: bytes) -> str:
     """How job ids are printed in logs and errors."""

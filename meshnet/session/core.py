@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnet.jobs.model import JobSpec, Outcome, job_id_text
+from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
 from meshnet.protocol.messages import Job, JobCancel, JobResult, Sealed
 from meshnet.session.paths import PathTable
 from meshnet.session.peer import PeerSession, Pending
@@ -217,7 +217,7 @@ class SessionCore:
         to stop them."""
         events: list[Event] = []
         for job in list(self.sent.values()):
-            events += self._end(job, Outcome("cancelled", error_type="Cancelled", message=reason), now)
+            events += self._end(job, Outcome.cancelled(reason), now)
         return events
 
     # -- the peer's side --
@@ -260,7 +260,7 @@ class SessionCore:
         elif isinstance(message, JobCancel):
             jobs = self._jobs(peer)
             if message.id in jobs.running:
-                events.append(StopRun(peer, message.id, "cancelled by its submitter"))
+                events.append(StopRun(peer, message.id, CANCELLED_BY_SUBMITTER))
             else:
                 jobs.cancelled_early[message.id] = None
                 while len(jobs.cancelled_early) > MAX_EARLY_CANCELS:
@@ -278,7 +278,7 @@ class SessionCore:
         if job.id in jobs.cancelled_early:
             del jobs.cancelled_early[job.id]
             jobs.running[job.id] = job.seq or 0
-            cancelled = Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter")
+            cancelled = Outcome.cancelled(CANCELLED_BY_SUBMITTER)
             return self.job_finished(peer, job.id, cancelled, now)
         jobs.running[job.id] = job.seq or 0
         return [Execute(peer, job)]

@@ -359,7 +359,7 @@ def test_a_cancel_whose_first_copy_is_lost_still_stops_the_run() -> None:
         now = next_due
         log = duo.tick(A, now)
     assert stopped(log[B]) == [job_id(1)]
-    cancelled = Outcome("cancelled", error_type="Cancelled", message="cancelled by its submitter")
+    cancelled = Outcome.cancelled("cancelled by its submitter")
     assert statuses(duo.finish(1, now, cancelled)[A]) == {job_id(1): ["cancelled"]}
 
 
@@ -522,7 +522,7 @@ def test_a_job_past_its_deadline_times_out_once_and_its_peer_is_told_to_cancel()
     log = duo.converse(A, events, 7.0)
     assert stopped(log[B]) == [job_id(1)]
     # B's answer to the cancel comes back: the job has ended, nothing more happens.
-    cancelled = Outcome("cancelled", error_type="Cancelled", message="stopped")
+    cancelled = Outcome.cancelled("stopped")
     log = duo.finish(1, 7.1, cancelled)
     assert settled(log[A]) == []
     assert settled(duo.tick(A, 60.0)[A]) == []
