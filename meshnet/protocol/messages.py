@@ -622,11 +622,21 @@ class Job(Sealed):
 
 @dataclass(frozen=True)
 class JobResult(Sealed):
-    """A job's terminal status, sent by the node that ran (or refused) it."""
+    """A job's terminal status, sent by the node that ran (or refused) it. ``job_seq`` is
+    the ``seq`` of the job's message in the submitter's stream: a submitter that reused
+    the id since (the first job ended there) tells this answer from the new job's."""
 
     TYPE = "job_result"
-    RULES = {**SESSION_RULES, "id": job_id, "status": status, "error": error, "result": optional_byte_string}
+    RULES = {
+        **SESSION_RULES,
+        "id": job_id,
+        "job_seq": seq,
+        "status": status,
+        "error": error,
+        "result": optional_byte_string,
+    }
     id: bytes
+    job_seq: int
     status: str
     error: dict[str, str] | None = None
     result: bytes | None = None
@@ -634,11 +644,14 @@ class JobResult(Sealed):
 
 @dataclass(frozen=True)
 class JobCancel(Sealed):
-    """Stop job ``id`` if it runs, and do not run it if it arrives later."""
+    """Stop job ``id``, sent as message ``job_seq`` of this stream, if it runs, and do
+    not run it if it arrives later. The seq, not the id alone, names the job: a cancel of
+    a job that ended is not taken for one of a later job reusing its id."""
 
     TYPE = "job_cancel"
-    RULES = {**SESSION_RULES, "id": job_id}
+    RULES = {**SESSION_RULES, "id": job_id, "job_seq": seq}
     id: bytes
+    job_seq: int
 
 
 class MessageTable(dict):

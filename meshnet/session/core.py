@@ -113,7 +113,8 @@ class PeerJobs:
     sent: dict[bytes, SentJob] = field(default_factory=dict)
     #: Run by us for the peer: job id -> seq of its message.
     running: dict[bytes, int] = field(default_factory=dict)
-    cancelled_early: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: Seqs of the peer's job messages cancelled before they arrived.
+    cancelled_early: OrderedDict[int, None] = field(default_factory=OrderedDict)
     #: Since when this node has waited on the peer (None: it does not).
     waiting_since: float | None = None
 
@@ -203,9 +204,9 @@ class SessionCore:
         """Ask the peer to stop job ``job_id``, if ``requester`` submitted it; its answer
         (``cancelled``, or how it ended first) ends it."""
         job = self.sent.get(job_id)
-        if job is None or job.spec.origin != requester:
+        if job is None or job.spec.origin != requester or job.pending is None:
             return []
-        return self._send(job.peer, JobCancel(id=job_id), 0, now)
+        return self._send(job.peer, JobCancel(id=job_id, job_seq=job.pending.seq), 0, now)
 
     def probe(self, peer: str, now: float) -> list[Event]:
         """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
@@ -225,9 +226,15 @@ class SessionCore:
     def job_finished(self, peer: str, job_id: bytes, outcome: Outcome, now: float) -> list[Event]:
         """A job run here for ``peer`` ended: its answer goes to the peer."""
         jobs = self.jobs.get(peer)
-        if jobs is None or jobs.running.pop(job_id, None) is None:
+        job_seq = jobs.running.pop(job_id, None) if jobs is not None else None
+        if job_seq is None:
             return [Notice("answer_dropped", {"job_id": job_id.hex(), "to": peer, "reason": "its session has ended"})]
-        result = JobResult(id=job_id, status=outcome.status, error=outcome.error, result=outcome.result)
+        return self._answer(peer, job_id, job_seq, outcome, now)
+
+    def _answer(self, peer: str, job_id: bytes, job_seq: int, outcome: Outcome, now: float) -> list[Event]:
+        result = JobResult(
+            id=job_id, job_seq=job_seq, status=outcome.status, error=outcome.error, result=outcome.result
+        )
         size = len(memoryview(outcome.result)) if outcome.result is not None else 0
         return self._send(peer, result, size, now)
 
@@ -247,7 +254,9 @@ class SessionCore:
             events += self._on_job(peer, message, now)
         elif isinstance(message, JobResult):
             job = self.sent.get(message.id)
-            if job is not None and job.peer == peer:
+            # The job's own answer: not one to an earlier job with its id (ended here,
+            # answered late), which would end this one with another's result.
+            if job is not None and job.peer == peer and job.pending is not None and job.pending.seq == message.job_seq:
                 error = message.error or {}
                 outcome = Outcome(
                     message.status,
@@ -259,10 +268,12 @@ class SessionCore:
                 events += self._settle(job, outcome, now)
         elif isinstance(message, JobCancel):
             jobs = self._jobs(peer)
-            if message.id in jobs.running:
+            if jobs.running.get(message.id) == message.job_seq:
                 events.append(StopRun(peer, message.id, CANCELLED_BY_SUBMITTER))
-            else:
-                jobs.cancelled_early[message.id] = None
+            elif not session.inbound.has(message.job_seq):
+                # Overtook its job on the way: the job is answered ``cancelled`` when it
+                # comes. (Had it come, it has ended here: the cancel is too late.)
+                jobs.cancelled_early[message.job_seq] = None
                 while len(jobs.cancelled_early) > MAX_EARLY_CANCELS:
                     jobs.cancelled_early.popitem(last=False)
         if received.dropped is not None:
@@ -273,14 +284,16 @@ class SessionCore:
 
     def _on_job(self, peer: str, job: Job, now: float) -> list[Event]:
         jobs = self._jobs(peer)
+        job_seq = job.seq or 0
         if job.id in jobs.running:
-            return [Notice("job_ignored", {"job_id": job.id.hex(), "from": peer, "reason": "its id is running"})]
-        if job.id in jobs.cancelled_early:
-            del jobs.cancelled_early[job.id]
-            jobs.running[job.id] = job.seq or 0
-            cancelled = Outcome.cancelled(CANCELLED_BY_SUBMITTER)
-            return self.job_finished(peer, job.id, cancelled, now)
-        jobs.running[job.id] = job.seq or 0
+            # The peer ended the first job with this id (timed out there) and reused the
+            # id before this node's run of it ended: the new one cannot run beside it.
+            busy = f"a job with id {job_id_text(job.id)} from this peer still runs here"
+            return self._answer(peer, job.id, job_seq, Outcome.refused("duplicate", busy), now)
+        if job_seq in jobs.cancelled_early:
+            del jobs.cancelled_early[job_seq]
+            return self._answer(peer, job.id, job_seq, Outcome.cancelled(CANCELLED_BY_SUBMITTER), now)
+        jobs.running[job.id] = job_seq
         return [Execute(peer, job)]
 
     def on_bounce(self, peer: str, sid: int, counter: int, reason: str, text: str, now: float) -> list[Event]:
@@ -307,13 +320,14 @@ class SessionCore:
             # It never reached the peer, and never will: it goes on as a small cancel in
             # its place (the peer's stream must have no hole), at once.
             events = self._settle(job, Outcome.refused("too_large", text), now)
-            self._replace(session, pending, JobCancel(id=message.id))
+            self._replace(session, pending, JobCancel(id=message.id, job_seq=pending.seq))
             pending.due = now
             return events + self._tick(peer, session, now)
         elif isinstance(message, JobResult) and message.status == "succeeded":
             why = f"the result could not be delivered: {text}"
             failure = Outcome("failed", error_type="ResultTooLarge", message=why)
-            self._replace(session, pending, JobResult(id=message.id, status="failed", error=failure.error))
+            failed = JobResult(id=message.id, job_seq=message.job_seq, status="failed", error=failure.error)
+            self._replace(session, pending, failed)
             pending.due = now
             return [
                 Notice("result_too_large", {"job_id": message.id.hex(), "to": peer, "error": why}),
@@ -513,9 +527,10 @@ class SessionCore:
         if pending is None or session is None:
             return events
         may_have_it = pending.sends > 0
-        self._replace(session, pending, JobCancel(id=job.spec.id))
+        cancel = JobCancel(id=job.spec.id, job_seq=pending.seq)
+        self._replace(session, pending, cancel)
         if may_have_it:
-            events += self._send(job.peer, JobCancel(id=job.spec.id), 0, now)
+            events += self._send(job.peer, cancel, 0, now)
         return events
 
     def _refuse_waiting(self, peer: str, reason: str, text: str, now: float) -> list[Event]:

@@ -66,6 +66,11 @@ class ReceiveWindow:
             self.above.add(seq)
         return True
 
+    def has(self, seq: int) -> bool:
+        """Whether ``seq`` was received (or is too far below the window to tell, which
+        only an old message is)."""
+        return seq <= self.cumulative or seq in self.above
+
     def sack(self) -> list[int] | None:
         """The sequence numbers received above ``cumulative``, the lowest first (None: none)."""
         if not self.above:

@@ -84,9 +84,10 @@ SAMPLES = {
         PeerAck(sid=2, rsid=1, ctr=9, ack=4, sack=[6, 7]),
         PeerAck(sid=2, rsid=1, ctr=10, ack=7, probe=True),
         Job(id=JOB_ID, kind="echo", timeout=30.0, payload=PAYLOAD, sid=1, rsid=2, ctr=2, ack=0, seq=1),
-        JobResult(id=JOB_ID, status="succeeded", result=PAYLOAD, sid=2, rsid=1, ctr=3, ack=1, seq=1),
+        JobResult(id=JOB_ID, job_seq=1, status="succeeded", result=PAYLOAD, sid=2, rsid=1, ctr=3, ack=1, seq=1),
         JobResult(
             id=JOB_ID,
+            job_seq=1,
             status="refused",
             error={"type": "Refused", "message": "busy", "reason": "busy"},
             sid=2,
@@ -95,7 +96,7 @@ SAMPLES = {
             ack=1,
             seq=2,
         ),
-        JobCancel(id=JOB_ID, sid=1, rsid=2, ctr=5, ack=2, seq=2),
+        JobCancel(id=JOB_ID, job_seq=1, sid=1, rsid=2, ctr=5, ack=2, seq=2),
     ],
 }
 

@@ -351,7 +351,7 @@ def test_inner_parts_join_to_exactly_the_cbor_of_the_message(size: int, wrap: An
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     job = Job(id=JOB_ID, kind="echo", timeout=1.5, payload=wrap(data))
     result = JobResult(
-        id=JOB_ID, status="succeeded" if succeeded else "failed", result=wrap(data) if succeeded else None
+        id=JOB_ID, job_seq=1, status="succeeded" if succeeded else "failed", result=wrap(data) if succeeded else None
     )
     for message, plain in (
         (job, replace(job, payload=data)),

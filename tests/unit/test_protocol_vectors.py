@@ -161,10 +161,14 @@ def expected_boxes() -> dict[str, Any]:
         "hello_a": Hello(sid=SID_A, ctr=1),
         "hello_b": Hello(**head_b, ctr=1, ack=0),
         "job": Job(**head_a, ctr=2, ack=0, seq=1, id=JOB_ID, kind="echo", timeout=30.0, payload=PAYLOAD),
-        "job_result": JobResult(**head_b, ctr=2, ack=1, seq=1, id=JOB_ID, status="succeeded", result=PAYLOAD),
+        "job_result": JobResult(
+            **head_b, ctr=2, ack=1, seq=1, id=JOB_ID, job_seq=1, status="succeeded", result=PAYLOAD
+        ),
         "peer_ack": PeerAck(**head_a, ctr=3, ack=1),
-        "refusal": JobResult(**head_b, ctr=3, ack=2, seq=2, id=bytes(range(16)), status="refused", error=BUSY.error),
-        "job_cancel": JobCancel(**head_a, ctr=6, ack=2, seq=4, id=bytes(range(16, 32))),
+        "refusal": JobResult(
+            **head_b, ctr=3, ack=2, seq=2, id=bytes(range(16)), job_seq=2, status="refused", error=BUSY.error
+        ),
+        "job_cancel": JobCancel(**head_a, ctr=6, ack=2, seq=4, id=bytes(range(16, 32)), job_seq=3),
         "probe": PeerAck(**head_a, ctr=7, ack=2, probe=True),
     }
 

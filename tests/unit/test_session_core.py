@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import pytest
+
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
 from meshnet.protocol.messages import MAX_SACK, Hello, Job, JobCancel, JobResult, PeerAck, Sealed
@@ -121,10 +123,12 @@ class Duo:
         assert executed(log[B]) == [job_id(n)]
         return log
 
-    def finish(self, n: int, now: float, outcome: Outcome | None = None) -> dict[str, list[Event]]:
+    def finish(
+        self, n: int, now: float, outcome: Outcome | None = None, drop: Callable[[Sealed], bool] = never
+    ) -> dict[str, list[Event]]:
         """B's run of job ``n`` ends (``succeeded`` unless told) and its answer goes to A."""
         outcome = outcome or Outcome("succeeded", result=b"done:%d" % n)
-        return self.converse(B, self.b.job_finished(A, job_id(n), outcome, now), now)
+        return self.converse(B, self.b.job_finished(A, job_id(n), outcome, now), now, drop)
 
     def tick(self, name: str, now: float, drop: Callable[[Sealed], bool] = never) -> dict[str, list[Event]]:
         """``name``'s timers at ``now``, and all that follows."""
@@ -567,6 +571,70 @@ def test_a_duplicate_job_id_in_flight_is_refused_and_the_original_still_succeeds
     log = duo.finish(1, 0.2, Outcome("succeeded", result=b"original"))
     [done] = settled(log[A])
     assert (done.job.id, done.outcome.status, done.outcome.result) == (job_id(1), "succeeded", b"original")
+
+
+def is_result(box: Sealed) -> bool:
+    return isinstance(box, JobResult)
+
+
+def _past_the_deadline_of_job_1(
+    duo: Duo, drop: Callable[[Sealed], bool] = never, answer: Outcome | None = None
+) -> tuple[float, list[Event]]:
+    """Job 1 (timeout 5 s) runs on B (and ends at 1 s with ``answer``, if given); the two
+    keep talking, with what ``drop`` takes held up on the way, until A gives up on the
+    job at its deadline. That time, and A's events then (a cancel, not yet sent)."""
+    log = duo.converse(A, duo.a.submit(spec(1, timeout=5.0), B, 0.0), 0.0)
+    assert executed(log[B]) == [job_id(1)]
+    if answer is not None:
+        duo.finish(1, 1.0, answer, drop)
+    deadline = 5.0 + DEADLINE_GRACE
+    duo.run(deadline - 0.01, drop)
+    events = duo.a.on_tick(deadline)
+    assert statuses(events) == {job_id(1): ["timed_out"]}
+    assert [box.id for box in boxes(events, JobCancel)] == [job_id(1)]
+    return deadline, events
+
+
+def test_a_late_answer_to_a_timed_out_job_is_not_taken_for_a_new_job_reusing_its_id() -> None:
+    duo = Duo()
+    late: list[Event] = []
+
+    def hold(box: Sealed) -> bool:
+        if isinstance(box, JobResult):
+            late.append(Transmit(A, "relay", box))
+            return True
+        return False
+
+    now, _ = _past_the_deadline_of_job_1(duo, hold, Outcome("succeeded", result=b"first"))
+    log = duo.converse(A, duo.a.submit(spec(1), B, now), now)
+    assert executed(log[B]) == [job_id(1)]
+    assert settled(duo.deliver(A, late, now + 0.1)) == []  # the first job's answers: not the new one's
+    [done] = settled(duo.finish(1, now + 0.2, Outcome("succeeded", result=b"second"))[A])
+    assert (done.outcome.status, done.outcome.result) == ("succeeded", b"second")
+
+
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel_first", "job_first"])
+def test_a_late_cancel_of_a_timed_out_job_does_not_touch_a_new_job_reusing_its_id(cancel_first: bool) -> None:
+    duo = Duo()
+    # B's run ends, and A never hears.
+    now, cancel = _past_the_deadline_of_job_1(duo, is_result, Outcome("succeeded", result=b"first"))
+    again = duo.a.submit(spec(1), B, now)
+    log = duo.converse(A, cancel + again if cancel_first else again + cancel, now)
+    assert executed(log[B]) == [job_id(1)] and stopped(log[B]) == []
+    [done] = settled(duo.finish(1, now + 0.1, Outcome("succeeded", result=b"second"))[A])
+    assert (done.outcome.status, done.outcome.result) == ("succeeded", b"second")
+
+
+def test_a_job_reusing_the_id_of_one_still_running_for_that_peer_is_refused_not_ignored() -> None:
+    duo = Duo()
+    now, cancel = _past_the_deadline_of_job_1(duo)
+    log = duo.converse(A, duo.a.submit(spec(1), B, now), now)  # the new job overtakes the cancel
+    assert executed(log[B]) == []
+    [refusal] = settled(log[A])
+    assert (refusal.outcome.status, refusal.outcome.reason) == ("refused", "duplicate")
+    log = duo.converse(A, cancel, now + 0.1)
+    assert stopped(log[B]) == [job_id(1)]  # the first run is still stopped by its cancel
+    assert settled(duo.finish(1, now + 0.2, Outcome.cancelled("stopped"))[A]) == []
 
 
 def _restart_with_a_job_waiting(duo: Duo) -> tuple[int, dict[str, list[Event]]]:
