@@ -31,6 +31,7 @@ from actors.base import NodeActor, log_job_end
 from actors.job_queue import JobBook
 from actors.messages import Abort, CancelJob, Drain, QueryPeers, Reconnect, ReplyToPeer, RunThere, Tick
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
+from meshnet.endpoints import connect_from, free_tcp_port, tcp_address
 from meshnet.errors import ProtocolError, SealError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
 from meshnet.identity import Identity, Sealer, curve_public_z85
@@ -136,11 +137,16 @@ class RelayClient:
         context: zmq.Context,
         loop: SocketLoop | None = None,
         max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
+        local_port: int = 0,
     ):
         self.identity = identity
         self.peer_id = identity.peer_id
         self.sealer = sealer
         self.endpoint = endpoint
+        #: relay.local_port (0: a free port for each new socket), and the port the
+        #: current socket connects from (None: not a tcp:// relay).
+        self.local_port_setting = local_port
+        self.local_port: int | None = None
         self.relay_peer_id = relay_peer_id
         self.book = book
         self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
@@ -232,6 +238,7 @@ class RelayClient:
             "relay_peer_id": self.relay_peer_id,
             "state": self.link.state.value,
             "observed": self.link.observed,
+            "local_port": self.local_port,
             "connects": self.link.connects,
             "forwarded_in_flight": self.sessions.in_flight,
             "forwarded": dict(self.sessions.counts),
@@ -416,7 +423,7 @@ class RelayClient:
             # Both ends count the link's bytes from the message after this one.
             self.flow.reset(message.window or DEFAULT_WINDOW)
             self.relay_max_body = message.max_body
-            self.log.info("relay_registered", observed=message.observed)
+            self.log.info("relay_registered", observed=message.observed, local_port=self.local_port)
             self._apply(self.sessions.on_path("relay", True, now))
         elif isinstance(message, Unroutable):
             self._on_unroutable(message, now)
@@ -626,7 +633,14 @@ class RelayClient:
             addr=f"inproc://relay-monitor-{id(self):x}-{self._monitors}",
         )
         self._handshakes = 0
-        sock.connect(self.endpoint)
+        # From one local port, which libzmq's reconnects keep: the relay's `observed` is
+        # then the NAT's mapping of that port, the one a punch from it will use. A new
+        # socket takes a new port (the old one may linger in TIME_WAIT towards the relay).
+        address = tcp_address(self.endpoint)
+        self.local_port = None
+        if address is not None:
+            self.local_port = self.local_port_setting or free_tcp_port(ipv6=":" in address[0])
+        sock.connect(connect_from(self.endpoint, self.local_port) if self.local_port else self.endpoint)
         self._sock = sock
         self._monitor = monitor
         self._sock_generation = generation

@@ -115,6 +115,7 @@ class Node:
                     context=self.context,
                     loop=runner.loop,
                     max_queued_bytes=config.relay.max_queued_bytes,
+                    local_port=config.relay.local_port,
                 )
                 self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:

@@ -216,7 +216,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"peer id:    {info['peer_id']}")
     print(f"api:        {info['api']}")
     if relay:
-        print(f"relay:      {relay['endpoint']} ({relay['state']}, observed {relay['observed'] or '-'})")
+        port = relay.get("local_port")
+        origin = f" from local port {port}" if port else ""
+        print(f"relay:      {relay['endpoint']}{origin} ({relay['state']}, observed {relay['observed'] or '-'})")
     else:
         print("relay:      none (running alone)")
     print(f"executors:  {info['executors']}  running: {info['running']}")

@@ -70,6 +70,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _port_or_zero(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError("a TCP port from 1 to 65535, or 0 for one chosen at each connection")
+    return value
+
+
 def _listen_backlog(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_LISTEN_BACKLOG:
         raise ValueError(f"an integer from 1 to {MAX_LISTEN_BACKLOG} (the kernel caps it at net.core.somaxconn)")
@@ -196,6 +202,10 @@ class RelayLinkSection:
     liveness: int = field(default=3, metadata=_check(_positive_int))
     reconnect_min: float = field(default=0.1, metadata=_check(_positive_number))
     reconnect_max: float = field(default=5.0, metadata=_check(_positive_number))
+    #: The local TCP port the node connects to the relay from, kept while the connection
+    #: lasts (libzmq reconnects from it too): what the relay observes on it is what a peer
+    #: sees when this node punches from the same port. 0: a free port for each new socket.
+    local_port: int = field(default=0, metadata=_check(_port_or_zero))
     #: Addresses where this node accepts direct connections, told to peers.
     listen: list[str] = field(default_factory=list, metadata=_check(_addresses))
     #: Bytes of jobs and results waiting for room on the link to the relay (which takes

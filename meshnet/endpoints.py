@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from pathlib import Path
 
 from meshnet.errors import StartupError
@@ -39,3 +40,35 @@ def bind_failure(
     else:
         fix = f"set {key} in {where} to an address this machine can listen on"
     return StartupError(f"{key} = {endpoint} cannot be bound ({cause}): {fix}")
+
+
+def tcp_address(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of a ``tcp://HOST:PORT`` endpoint (an IPv6 host without its
+    brackets); None for any other endpoint, or a port that is not a number."""
+    if not endpoint.startswith("tcp://") or ";" in endpoint:
+        return None
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect_from(endpoint: str, local_port: int) -> str:
+    """``endpoint`` connected from local port ``local_port``, in libzmq's
+    ``tcp://SRC:PORT;HOST:PORT`` form: the address a NAT maps that port to, which the
+    relay sees, is then the one a peer sees when this node punches from the same port.
+    Endpoints other than ``tcp://`` are returned as they are."""
+    address = tcp_address(endpoint)
+    if address is None:
+        return endpoint
+    source = "[::]" if ":" in address[0] else "0.0.0.0"
+    return f"tcp://{source}:{local_port};{endpoint[len('tcp://') :]}"
+
+
+def free_tcp_port(ipv6: bool = False) -> int:
+    """A local TCP port no socket holds now (the kernel's choice). Another process can
+    take it before it is used; a connect from it then fails, and is retried from a new one."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind(("::" if ipv6 else "0.0.0.0", 0))
+        return int(sock.getsockname()[1])

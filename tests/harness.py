@@ -228,6 +228,7 @@ class Mesh:
         jobs: dict[str, Any] | None = None,
         api: dict[str, Any] | None = None,
         log_level: str = "info",
+        relay_settings: dict[str, Any] | None = None,
     ) -> tuple[Path, Identity, str]:
         identity = identity or Identity.generate()
         endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -244,6 +245,7 @@ class Mesh:
                 "heartbeat_interval": heartbeat,
                 "reconnect_min": 0.05,
                 "reconnect_max": 0.5,
+                **(relay_settings or {}),
             }
         path = self.tmp / f"node-{name}.toml"
         path.write_text(tomli_w.dumps(document))

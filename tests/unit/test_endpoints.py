@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from pathlib import Path
 
-from meshnet.endpoints import bind_failure
+from meshnet.endpoints import bind_failure, connect_from, free_tcp_port, tcp_address
 from meshnet.errors import MeshError, StartupError
 
 
@@ -29,3 +30,23 @@ def test_other_causes_get_their_own_fix() -> None:
     assert "ports below 1024" in str(denied) and "node.toml" in str(denied)
     other = bind_failure("api.endpoint", "ipc:///no/such/dir/api", errno.ENOENT, "No such file or directory")
     assert str(other).endswith("set api.endpoint in the config file to an address this machine can listen on")
+
+
+def test_a_tcp_endpoint_is_connected_from_a_local_port_in_libzmqs_source_form() -> None:
+    assert connect_from("tcp://198.51.100.7:7700", 40001) == "tcp://0.0.0.0:40001;198.51.100.7:7700"
+    assert connect_from("tcp://relay.example:7700", 40001) == "tcp://0.0.0.0:40001;relay.example:7700"
+    assert connect_from("tcp://[2001:db8::1]:7700", 40001) == "tcp://[::]:40001;[2001:db8::1]:7700"
+    assert connect_from("ipc:///tmp/relay", 40001) == "ipc:///tmp/relay"
+
+
+def test_tcp_address_reads_host_and_port_and_nothing_else() -> None:
+    assert tcp_address("tcp://198.51.100.7:7700") == ("198.51.100.7", 7700)
+    assert tcp_address("tcp://[2001:db8::1]:7700") == ("2001:db8::1", 7700)
+    for endpoint in ("ipc:///tmp/x", "tcp://host", "tcp://host:port", "tcp://0.0.0.0:1;h:2"):
+        assert tcp_address(endpoint) is None, endpoint
+
+
+def test_a_free_tcp_port_can_be_bound() -> None:
+    port = free_tcp_port()
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", port))
