@@ -29,6 +29,8 @@ from meshnet.errors import JobError, MeshError
 from meshnet.logs import configure_logging
 
 EXIT_FAILURE = 1
+#: Where a relay's STUN responder listens unless its config says otherwise (stun.port).
+DEFAULT_STUN_PORT = 3478
 EXIT_JOB_FAILED = 2
 
 
@@ -230,6 +232,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stun_server(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 198.51.100.1:3478, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    """NAT type and public addresses, like ``tailscale netcheck``: STUN against the
+    relay's responder (or ``--stun``), and what the relay observes of the node's TCP."""
+    from meshnet.endpoints import tcp_address
+    from meshnet.natcheck import classify
+
+    relay: dict[str, Any] | None = None
+    try:
+        with _client(args) as client:
+            relay = client.status().get("relay")
+    except MeshError as exc:
+        if args.stun is None:
+            raise MeshError(f"{exc}; or name a STUN server with --stun HOST:PORT") from None
+    server = args.stun
+    if server is None:
+        address = tcp_address(relay["endpoint"]) if relay else None
+        if address is None:
+            raise MeshError("the node has no tcp:// relay to ask; name a STUN server with --stun HOST:PORT")
+        server = (address[0], DEFAULT_STUN_PORT)
+    try:
+        report = classify(server)
+    except OSError as exc:
+        raise MeshError(f"STUN server {server[0]}:{server[1]} could not be asked: {exc}") from None
+    info = {**report.as_dict(), "relay_observed_tcp": relay.get("observed") if relay else None}
+    info["mapping_varies_by_destination"] = report.nat_type == "symmetric" if report.classified else None
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    varies = {True: "yes", False: "no", None: "unknown (the STUN server has one address)"}
+    detail = f" (pystun3: {report.detail})" if report.detail else ""
+    print(f"nat type:        {report.nat_type}{detail}")
+    print(f"public udp:      {report.public_address or '-'}  (STUN {report.server}, from {report.local_address})")
+    if relay:
+        port = relay.get("local_port")
+        print(f"relay sees tcp:  {relay.get('observed') or '-'}" + (f"  (from local port {port})" if port else ""))
+    print(f"mapping varies:  {varies[info['mapping_varies_by_destination']]}")
+    print(f"took:            {report.seconds:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnet", description="Run jobs on a mesh of devices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--node", default=node_default)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("netcheck", help="NAT type and public addresses, by STUN against the relay")
+    p.add_argument("--node", default=node_default)
+    p.add_argument("--stun", type=_stun_server, help="STUN server HOST:PORT (default: the node's relay, port 3478)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_netcheck)
     return parser
 
 

@@ -7,6 +7,7 @@ too, since a typo that silently falls back to a default is worse than a refusal.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import stat
@@ -73,6 +74,31 @@ def _positive_int(value: Any) -> int:
 def _port_or_zero(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError("a TCP port from 1 to 65535, or 0 for one chosen at each connection")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def _stun_addresses(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > 2 or not all(isinstance(v, str) for v in value):
+        raise ValueError("a list of at most two IP addresses")
+    for text in value:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"a list of at most two IP addresses ({describe(text)} is not one)") from None
+    if len(set(value)) != len(value):
+        raise ValueError("two different IP addresses (a second one answers CHANGE-REQUEST)")
+    return list(value)
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65535:
+        raise ValueError("a port from 1 to 65535")
     return value
 
 
@@ -259,6 +285,21 @@ class RelayServerSection:
 
 
 @dataclass
+class StunSection:
+    """The relay's STUN responder (UDP; meshnet.stun): nodes learn their public address
+    and NAT type from it."""
+
+    enabled: bool = field(default=True, metadata=_check(_bool))
+    #: The IPs it answers on. Empty: the relay's bind address (all addresses if that is
+    #: not an IP). A second IP lets it answer CHANGE-REQUEST, which NAT classification
+    #: (full cone or restricted) needs.
+    addresses: list[str] = field(default_factory=list, metadata=_check(_stun_addresses))
+    port: int = field(default=3478, metadata=_check(_port))
+    #: The second port, for CHANGE-REQUEST's "change port" (RFC 3489).
+    alt_port: int = field(default=3479, metadata=_check(_port))
+
+
+@dataclass
 class NodeConfig:
     identity: IdentitySection = field(default_factory=IdentitySection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -281,6 +322,7 @@ class NodeConfig:
 class RelayConfig:
     identity: IdentitySection = field(default_factory=IdentitySection)
     relay: RelayServerSection = field(default_factory=RelayServerSection)
+    stun: StunSection = field(default_factory=StunSection)
     log: LogSection = field(default_factory=LogSection)
     path: Path | None = None
 
@@ -380,6 +422,8 @@ def load_relay_config(path: Path) -> RelayConfig:
     config = _build(RelayConfig, _read(path), str(path), "")
     config.path = path
     _require_identity(config, path)
+    if config.stun.alt_port == config.stun.port:
+        raise ConfigError(f"{path}: stun.alt_port: expected a port other than stun.port ({config.stun.port})")
     return config
 
 

@@ -24,10 +24,12 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from meshnet.config import RelayConfig
 from meshnet.endpoints import bind_failure
+from meshnet.errors import StartupError
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.protocol import MAX_FRAMES, frame_limit
 from meshnet.socket_loop import SocketLoop, recv_message, send_message
 from relay_server.routing import Outgoing, RelayCore
+from relay_server.stun_server import StunServer
 
 log = structlog.get_logger("meshnet.relay")
 
@@ -108,6 +110,7 @@ class RelayServer:
         self._error: BaseException | None = None
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
+        self.stun = StunServer(self.loop, config.stun, settings.bind, config.path)
         self.log = log.bind(relay_id=self.identity.peer_id)
 
     def start(self) -> RelayServer:
@@ -133,7 +136,11 @@ class RelayServer:
             self.context.destroy(linger=0)
             raise self._error
         self.log.info(
-            "relay_started", endpoint=self.endpoint, access=settings.access, allowed=len(settings.allowed_peers)
+            "relay_started",
+            endpoint=self.endpoint,
+            access=settings.access,
+            allowed=len(settings.allowed_peers),
+            stun=[f"{ip}:{port}" for ip, port in self.stun.addresses] or None,
         )
         return self
 
@@ -173,12 +180,20 @@ class RelayServer:
             self._error = bind_failure("relay.bind", settings.bind, exc.errno, error_text, self.config.path)
             self._ready.set()
             return
+        try:
+            self.stun.open()
+        except StartupError as exc:
+            router.close(linger=0)
+            self._error = exc
+            self._ready.set()
+            return
         self._router = router
         self.loop.add_reader(router, self._on_readable)
         self.loop.call_later(settings.heartbeat_interval, self._tick)
         self._ready.set()
 
     def _close(self) -> None:
+        self.stun.close()
         self.loop.close_socket(self._router)
         self._router = None
 

@@ -198,6 +198,7 @@ class Mesh:
         port: int | None = None,
         heartbeat: float = 0.5,
         access: str = "allow-list",
+        stun: dict[str, Any] | None = None,
         **relay: Any,
     ) -> tuple[Path, Identity, str]:
         identity = identity or Identity.generate()
@@ -211,6 +212,8 @@ class Mesh:
                 "heartbeat_interval": heartbeat,
                 **relay,
             },
+            # Off unless a test asks: UDP 3478 is one port for the whole machine.
+            "stun": stun if stun is not None else {"enabled": False},
             "log": {"format": "json", "level": "info"},
         }
         path = self.tmp / f"relay-{identity.peer_id[-6:]}.toml"

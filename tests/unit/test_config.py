@@ -312,3 +312,26 @@ def test_unreadable_file_is_a_config_error(tmp_path):
         assert "not readable" in message
     finally:
         path.chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ('addresses = ["198.51.100.1", "198.51.100.2", "198.51.100.3"]', "at most two IP addresses"),
+        ('addresses = ["relay.example"]', "is not one"),
+        ('addresses = ["198.51.100.1", "198.51.100.1"]', "two different IP addresses"),
+        ("port = 0", "a port from 1 to 65535"),
+        ("alt_port = 70000", "a port from 1 to 65535"),
+        ('enabled = "yes"', "true or false"),
+        ("port = 3478\nalt_port = 3478", "a port other than stun.port"),
+    ],
+)
+def test_bad_stun_value_names_file_key_and_expectation(tmp_path, line, expected):
+    path = write(tmp_path, f"{IDENTITY_TOML}[stun]\n{line}\n")
+    message = config_error(load_relay_config, path)
+    assert "stun." in message and expected in message, message
+
+
+def test_the_stun_responder_is_on_by_default_on_the_standard_ports(tmp_path):
+    stun = load_relay_config(write(tmp_path, IDENTITY_TOML)).stun
+    assert (stun.enabled, stun.addresses, stun.port, stun.alt_port) == (True, [], 3478, 3479)
