@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lint bench bench-storm bench-peers fuzz clean install
+.PHONY: run-node run-relay demo test lab-tools lint bench bench-storm bench-peers fuzz clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,17 @@ run-relay: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m meshnet.demo
 
-test: $(STAMP)
+## The NAT lab's programs (tests/lab): iptables and coturn from Debian's packages, installed
+## when running as root and missing. Without root the lab tests skip, saying why.
+LAB_TOOLS := iptables turnserver
+lab-tools:
+	@if [ "$$(id -u)" = 0 ] && ! (for t in $(LAB_TOOLS); do command -v $$t || exit 1; done) >/dev/null 2>&1; then \
+		echo "installing the NAT lab's tools (iptables, coturn)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			iptables iproute2 coturn >/dev/null; \
+	fi
+
+test: $(STAMP) lab-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## MeshNet against baselines run in the same process tree; figures also to $(BENCH_JSON).

@@ -246,12 +246,15 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     from meshnet.natcheck import classify
 
     relay: dict[str, Any] | None = None
-    try:
-        with _client(args) as client:
-            relay = client.status().get("relay")
-    except MeshError as exc:
-        if args.stun is None:
-            raise MeshError(f"{exc}; or name a STUN server with --stun HOST:PORT") from None
+    if args.node is None and args.stun is None:
+        args.node = os.environ.get("MESHNET_NODE", DEFAULT_API_ENDPOINT)
+    if args.node is not None:
+        try:
+            with _client(args) as client:
+                relay = client.status().get("relay")
+        except MeshError as exc:
+            if args.stun is None:
+                raise MeshError(f"{exc}; or name a STUN server with --stun HOST:PORT") from None
     server = args.stun
     if server is None:
         address = tcp_address(relay["endpoint"]) if relay else None
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("netcheck", help="NAT type and public addresses, by STUN against the relay")
-    p.add_argument("--node", default=node_default)
+    p.add_argument("--node", help=f"node API endpoint (default {node_default} unless --stun is given)")
     p.add_argument("--stun", type=_stun_server, help="STUN server HOST:PORT (default: the node's relay, port 3478)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_netcheck)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +71,7 @@ def free_port() -> int:
 class MeshProcess:
     """One ``meshnet`` subprocess and the JSON log events it has written."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()):
         self.name = name
         self.args = args
         self.events: list[dict[str, Any]] = []
@@ -79,7 +79,7 @@ class MeshProcess:
         self._cond = threading.Condition()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "meshnet.cli", *args],
+            [*prefix, sys.executable, "-m", "meshnet.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -196,13 +196,14 @@ class Mesh:
         *,
         allowed: list[str] | None = None,
         port: int | None = None,
+        host: str = "127.0.0.1",
         heartbeat: float = 0.5,
         access: str = "allow-list",
         stun: dict[str, Any] | None = None,
         **relay: Any,
     ) -> tuple[Path, Identity, str]:
         identity = identity or Identity.generate()
-        endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+        endpoint = f"tcp://{host}:{port or free_port()}"
         document = {
             "identity": {"private_key": identity.private_key_text},
             "relay": {
@@ -255,20 +256,29 @@ class Mesh:
         path.chmod(0o600)
         return path, identity, endpoint
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> MeshProcess:
-        proc = MeshProcess(name, args, env)
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> MeshProcess:
+        """``meshnet ARGS`` as a process (run by ``prefix``, e.g. in a lab namespace)."""
+        proc = MeshProcess(name, args, env, prefix)
         self.processes.append(proc)
         return proc
 
-    def start_relay(self, path: Path, name: str = "relay") -> MeshProcess:
-        proc = self.spawn(name, ["relay", "--config", str(path)])
+    def start_relay(self, path: Path, name: str = "relay", prefix: Sequence[str] = ()) -> MeshProcess:
+        proc = self.spawn(name, ["relay", "--config", str(path)], prefix=prefix)
         proc.wait_for("relay_started")
         return proc
 
     def start_node(
-        self, name: str, path: Path, *, registered: bool = False, env: dict[str, str] | None = None
+        self,
+        name: str,
+        path: Path,
+        *,
+        registered: bool = False,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> MeshProcess:
-        proc = self.spawn(name, ["node", "--config", str(path)], env)
+        proc = self.spawn(name, ["node", "--config", str(path)], env, prefix)
         proc.wait_for("node_started")
         if registered:
             proc.wait_for("relay_registered")

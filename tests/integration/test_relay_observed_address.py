@@ -5,22 +5,10 @@ and keeps it through the relay's restarts (libzmq reconnects from it)."""
 from __future__ import annotations
 
 import signal
-from pathlib import Path
-
-import pytest
 
 from meshnet import MeshClient
 from meshnet.identity import Identity
 from tests.harness import Mesh, free_port
-
-
-@pytest.fixture
-def mesh(tmp_path: Path):
-    mesh = Mesh(tmp_path)
-    try:
-        yield mesh
-    finally:
-        mesh.close()
 
 
 def relay_status(api: str) -> dict:
