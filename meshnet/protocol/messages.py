@@ -67,6 +67,7 @@ __all__ = [
     "Job",
     "JobResult",
     "JobCancel",
+    "Punch",
     "CLIENT_TO_NODE",
     "NODE_TO_CLIENT",
     "NODE_TO_RELAY",
@@ -654,6 +655,36 @@ class JobCancel(Sealed):
     job_seq: int
 
 
+def punch_stage(value: Any) -> str:
+    if value not in ("connect", "answer", "sync", "refuse"):
+        raise ValueError("one of 'connect', 'answer', 'sync', 'refuse'")
+    return value
+
+
+@dataclass(frozen=True)
+class Punch(Sealed):
+    """Hole-punch coordination (meshnet.holepunch, after libp2p's DCUtR). ``connect``
+    offers a direct link with the sender's candidates (the TCP address the relay observes
+    for it, and its NAT type), and ``answer`` answers it with the other side's; ``sync``
+    tells the answering side to dial now; ``refuse`` answers an offer this pair will not
+    try, with the reason. ``attempt`` is numbered by the side that offered."""
+
+    TYPE = "punch"
+    RULES = {
+        **SESSION_RULES,
+        "stage": punch_stage,
+        "attempt": seq,
+        "observed": optional(text),
+        "nat": optional(text),
+        "reason": optional(text),
+    }
+    stage: str
+    attempt: int
+    observed: str | None = None
+    nat: str | None = None
+    reason: str | None = None
+
+
 class MessageTable(dict):
     """The message types one side accepts on one link (type name -> class), and what a
     header there may hold: ``header_bytes`` and ``items`` (data items in all, counted
@@ -706,4 +737,4 @@ RELAY_TO_NODE = MessageTable(
 #: Sealed messages: a map of at most 11 fields (an error map and a list of at most
 #: ``MAX_SACK`` in them); their size is the receiving node's body limit, so that a
 #: payload fits.
-NODE_TO_NODE = MessageTable("node to node", Hello, PeerAck, Job, JobResult, JobCancel, header_bytes=0, items=512)
+NODE_TO_NODE = MessageTable("node to node", Hello, PeerAck, Job, JobResult, JobCancel, Punch, header_bytes=0, items=512)

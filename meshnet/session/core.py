@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
-from meshnet.protocol.messages import Job, JobCancel, JobResult, Sealed
+from meshnet.protocol.messages import Job, JobCancel, JobResult, Punch, Sealed
 from meshnet.session.paths import PathTable
 from meshnet.session.peer import PeerSession, Pending
 
@@ -81,6 +81,15 @@ class Settled:
 
 
 @dataclass(frozen=True)
+class Control:
+    """A message for another part of the node than the job path (a hole punch's), from
+    ``peer``, handed on once like any other."""
+
+    peer: str
+    message: Sealed
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something to log: ``event`` with ``fields``."""
 
@@ -88,7 +97,7 @@ class Notice:
     fields: dict[str, Any]
 
 
-Event = Transmit | Execute | StopRun | Settled | Notice
+Event = Transmit | Execute | StopRun | Settled | Control | Notice
 
 
 @dataclass(eq=False)
@@ -208,6 +217,11 @@ class SessionCore:
             return []
         return self._send(job.peer, JobCancel(id=job_id, job_seq=job.pending.seq), 0, now)
 
+    def send_control(self, peer: str, message: Sealed, now: float) -> list[Event]:
+        """Send ``message`` (a hole punch's) to ``peer`` in its session: numbered, sent
+        again until acknowledged, like a job."""
+        return self._send(peer, message, 0, now)
+
     def probe(self, peer: str, now: float) -> list[Event]:
         """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
         session = self.sessions.get(peer)
@@ -276,6 +290,8 @@ class SessionCore:
                 jobs.cancelled_early[message.job_seq] = None
                 while len(jobs.cancelled_early) > MAX_EARLY_CANCELS:
                     jobs.cancelled_early.popitem(last=False)
+        elif isinstance(message, Punch):
+            events.append(Control(peer, message))
         if received.dropped is not None:
             self.counts["boxes_dropped"] += 1
         # The replies first: after a restart, a hello's answer must reach the peer before

@@ -25,6 +25,7 @@ from meshnet.protocol import (
     PeersRequest,
     Ping,
     Pong,
+    Punch,
     Register,
     Registered,
     Result,
@@ -97,6 +98,25 @@ SAMPLES = {
             seq=2,
         ),
         JobCancel(id=JOB_ID, job_seq=1, sid=1, rsid=2, ctr=5, ack=2, seq=2),
+        Punch(
+            stage="connect",
+            attempt=1,
+            observed="198.51.100.11:40001",
+            nat="port_restricted",
+            sid=1,
+            rsid=2,
+            ctr=6,
+            seq=3,
+        ),
+        Punch(
+            stage="refuse",
+            attempt=1,
+            reason="NAT types symmetric and symmetric cannot be punched through",
+            sid=2,
+            rsid=1,
+            ctr=7,
+            seq=3,
+        ),
     ],
 }
 

@@ -1,0 +1,335 @@
+"""Hole-punch coordination, sans-IO: when and how two nodes try a direct TCP link.
+
+It follows libp2p's DCUtR over the relayed session: the initiator sends ``punch
+{stage: connect}`` with its candidates (the TCP address the relay observes for its relay
+connection, its NAT type) and notes the time; the responder answers with its own; the
+initiator, now knowing the relayed round trip, sends ``punch {stage: sync}`` and dials
+RTT/2 later, while the responder dials when the sync arrives. Both dial *from* the local
+port of their relay connection (the one the relay observed) *to* the other's observed
+address, at about the same moment: a TCP simultaneous open, which the NATs on both sides
+let through because each saw its own side's SYN go out first (NAT-LAB.md: 50 of 50
+between port-restricted NATs, and with one side seconds late).
+
+Rules both sides compute alike, so no message decides them:
+
+- The initiator is the side that wanted the link; if both did at once, the smaller peer id.
+- The CurveZMQ server of the link is the side with the smaller peer id (exactly one
+  side must be: both or neither delivered nothing, NAT-LAB).
+- Pairs that cannot work are not tried: symmetric with symmetric or port-restricted
+  (a symmetric NAT maps the punch to a port nobody predicted).
+- Behind one NAT (the same public IP) the punch cannot work (no hairpinning): those
+  pairs stay relayed, logged, until the LAN path exists.
+
+Failure has no signal (a dropped SYN is silence), so an attempt that is not up within
+``PUNCH_TIMEOUT`` of its dial is abandoned, and the next waits ``RETRY_BACKOFF``; after
+``MAX_ATTEMPTS`` the peer stays relayed for ``RETRY_LATER`` before it is tried again. A
+direct link that dies is reported down by the I/O layer, and an upgrade is tried again
+after ``REUPGRADE_AFTER``.
+
+It takes ``now`` and returns events; :class:`actors.direct_links.DirectLinks` carries out
+``Dial``/``Abandon``, and the session carries ``SendPunch`` as a sealed message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from meshnet.protocol.messages import Punch
+
+#: From dialling to a link that answered: a few round trips and a SYN retransmit on a
+#: real network (a lab link answers in 2-4 ms).
+PUNCH_TIMEOUT = 5.0
+#: The wait after each failed attempt, before the next; after MAX_ATTEMPTS failed in a
+#: row, RETRY_LATER.
+RETRY_BACKOFF = (1.0, 4.0)
+MAX_ATTEMPTS = 3
+#: After MAX_ATTEMPTS failures, the peer stays relayed this long before another try.
+RETRY_LATER = 300.0
+#: After a direct link died, the peer is tried again this much later.
+REUPGRADE_AFTER = 10.0
+#: The initiator's dial waits half the relayed round trip, at most this (a slow relay
+#: should not hold the punch back for long; the NATs tolerate seconds of skew).
+MAX_SYNC_WAIT = 1.0
+#: The answer to a connect, or the sync, that does not come within this is given up
+#: (the relay lost it, or the peer is gone): a failed attempt.
+ANSWER_TIMEOUT = 10.0
+
+#: NAT types (meshnet.natcheck) a direct TCP punch between them cannot get through.
+HOPELESS = {
+    frozenset({"symmetric"}),
+    frozenset({"symmetric", "port_restricted"}),
+}
+
+
+class Stage(Enum):
+    IDLE = "idle"
+    #: We sent connect, and wait for the answer.
+    OFFERED = "offered"
+    #: We answered a connect, and wait for the sync.
+    ANSWERED = "answered"
+    #: Our dial is scheduled (the initiator waits RTT/2).
+    SYNCING = "syncing"
+    DIALING = "dialing"
+    DIRECT = "direct"
+    #: Waiting for ``next_at`` before another attempt.
+    BACKOFF = "backoff"
+    #: Not tried: the NAT types say it cannot work, or both sit behind one NAT.
+    RELAYED = "relayed"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a node tells a peer about how to reach it directly."""
+
+    #: The TCP address the relay observes for this node's relay connection ("" unknown).
+    observed: str = ""
+    #: Its NAT type as meshnet.natcheck tells it (None: not known yet).
+    nat: str | None = None
+
+
+@dataclass(frozen=True)
+class SendPunch:
+    peer: str
+    message: Punch
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Open attempt ``attempt`` to ``peer``: connect from the relay connection's local port
+    to ``remote``; be the link's CurveZMQ server if ``curve_server``."""
+
+    peer: str
+    attempt: int
+    remote: str
+    curve_server: bool
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Close attempt ``attempt`` to ``peer`` (it failed, or was superseded)."""
+
+    peer: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PathChange:
+    """The direct link to ``peer`` is up (``up``) or gone: move its path."""
+
+    peer: str
+    up: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PunchNotice:
+    event: str
+    fields: dict[str, Any]
+
+
+PunchEvent = SendPunch | Dial | Abandon | PathChange | PunchNotice
+
+
+@dataclass
+class PeerPunch:
+    stage: Stage = Stage.IDLE
+    #: The attempt under way or last made (numbered by its initiator).
+    attempt: int = 0
+    initiator: bool = False
+    #: When the connect was sent (initiator), for the round trip.
+    sent_at: float = 0.0
+    rtt: float | None = None
+    #: When the current stage times out, or the scheduled dial / retry is due.
+    due: float | None = None
+    failures: int = 0
+    theirs: Candidates = field(default_factory=Candidates)
+    why: str = ""
+    #: When the punch was decided (initiator: the connect; responder: the answer), for
+    #: "decide to punch -> direct" figures.
+    decided_at: float = 0.0
+
+
+class PunchCoordinator:
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self.mine = Candidates()
+        self.peers: dict[str, PeerPunch] = {}
+        self._attempts = 0
+
+    # -- inputs --
+
+    def set_candidates(self, candidates: Candidates) -> None:
+        """This node's own candidates changed (registered again; NAT classified): peers
+        left relayed for what the candidates said are judged again at the next want."""
+        self.mine = candidates
+        for state in self.peers.values():
+            if state.stage is Stage.RELAYED:
+                state.stage = Stage.IDLE
+
+    def want(self, peer: str, now: float) -> list[PunchEvent]:
+        """Jobs go between us and ``peer``: try a direct link if none is up or under way."""
+        state = self.peers.setdefault(peer, PeerPunch())
+        if state.stage is not Stage.IDLE or not self.mine.observed:
+            return []
+        return self._offer(peer, state, now)
+
+    def on_punch(self, peer: str, message: Punch, now: float) -> list[PunchEvent]:
+        state = self.peers.setdefault(peer, PeerPunch())
+        theirs = Candidates(message.observed or "", message.nat)
+        ours = state.initiator and state.attempt == message.attempt
+        if message.stage == "connect":
+            return self._on_offer(peer, state, message.attempt, theirs, now)
+        if message.stage == "answer":
+            return self._on_answer(peer, state, theirs, now) if ours and state.stage is Stage.OFFERED else []
+        if message.stage == "sync":
+            if state.stage is Stage.ANSWERED and message.attempt == state.attempt and not state.initiator:
+                return self._dial(peer, state, now)
+            return []
+        if message.stage == "refuse" and ours and state.stage is Stage.OFFERED:
+            return self._give_up(peer, state, message.reason or "the peer declined")
+        return []
+
+    def on_link_up(self, peer: str, attempt: int, now: float) -> list[PunchEvent]:
+        state = self.peers.get(peer)
+        if state is None or state.attempt != attempt or state.stage is not Stage.DIALING:
+            return [Abandon(peer, attempt, "superseded")]
+        state.stage, state.due, state.failures = Stage.DIRECT, None, 0
+        took_ms = round((now - state.decided_at) * 1000, 1)
+        return [
+            PathChange(peer, True, "hole punched"),
+            PunchNotice("direct_link_up", {"peer": peer, "attempt": attempt, "ms_since_decided": took_ms}),
+        ]
+
+    def on_link_down(self, peer: str, attempt: int, reason: str, now: float) -> list[PunchEvent]:
+        state = self.peers.get(peer)
+        if state is None or state.attempt != attempt:
+            return []
+        if state.stage is Stage.DIRECT:
+            state.stage, state.due, state.why = Stage.BACKOFF, now + REUPGRADE_AFTER, reason
+            return [PathChange(peer, False, reason), PunchNotice("direct_link_down", {"peer": peer, "reason": reason})]
+        if state.stage is Stage.DIALING:
+            return self._fail(peer, state, reason, now)
+        return []
+
+    def on_peer_gone(self, peer: str) -> list[PunchEvent]:
+        """The peer's session ended (it restarted, or is gone): forget the attempt; a
+        direct link to it goes down with a reason."""
+        state = self.peers.pop(peer, None)
+        if state is None or state.stage in (Stage.IDLE, Stage.BACKOFF, Stage.RELAYED):
+            return []
+        events: list[PunchEvent] = [Abandon(peer, state.attempt, "the peer's session ended")]
+        if state.stage is Stage.DIRECT:
+            events.append(PathChange(peer, False, "the peer's session ended"))
+        return events
+
+    def on_tick(self, now: float) -> list[PunchEvent]:
+        events: list[PunchEvent] = []
+        for peer, state in list(self.peers.items()):
+            if state.due is None or state.due > now:
+                continue
+            if state.stage is Stage.SYNCING:
+                events += self._dial(peer, state, now)
+            elif state.stage is Stage.BACKOFF:
+                state.stage, state.due = Stage.IDLE, None
+                events += self.want(peer, now)
+            elif state.stage in (Stage.OFFERED, Stage.ANSWERED):
+                events += self._fail(peer, state, "no answer through the relay", now)
+            elif state.stage is Stage.DIALING:
+                events += self._fail(peer, state, f"not connected within {PUNCH_TIMEOUT:g} s", now)
+        return events
+
+    def next_deadline(self) -> float | None:
+        dues = [s.due for s in self.peers.values() if s.due is not None]
+        return min(dues) if dues else None
+
+    def path(self, peer: str) -> str:
+        """What ``meshnet peers`` shows for the peer's link."""
+        state = self.peers.get(peer)
+        return "direct" if state is not None and state.stage is Stage.DIRECT else "relayed"
+
+    # -- internals --
+
+    def _hopeless(self, theirs: Candidates) -> str | None:
+        """Why a punch with a peer of candidates ``theirs`` cannot work (None: it may)."""
+        if not theirs.observed or not self.mine.observed:
+            return "an observed address is missing"
+        if theirs.observed.rsplit(":", 1)[0] == self.mine.observed.rsplit(":", 1)[0]:
+            return "both behind one NAT (no hairpinning); a LAN path is needed"
+        pair = frozenset({self.mine.nat, theirs.nat})
+        if pair in HOPELESS:
+            return f"NAT types {self.mine.nat} and {theirs.nat} cannot be punched through"
+        return None
+
+    def _offer(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
+        self._attempts += 1
+        state.attempt = self._attempts
+        state.initiator = True
+        state.stage, state.sent_at, state.decided_at = Stage.OFFERED, now, now
+        state.due = now + ANSWER_TIMEOUT
+        return [SendPunch(peer, self._message("connect", state.attempt))]
+
+    def _on_answer(self, peer: str, state: PeerPunch, theirs: Candidates, now: float) -> list[PunchEvent]:
+        """The answer to our offer: sync, and dial half a round trip later."""
+        state.theirs = theirs
+        hopeless = self._hopeless(theirs)
+        if hopeless is not None:
+            return self._give_up(peer, state, hopeless)
+        state.rtt = now - state.sent_at
+        state.stage = Stage.SYNCING
+        state.due = now + min(state.rtt / 2, MAX_SYNC_WAIT)
+        return [SendPunch(peer, self._message("sync", state.attempt))]
+
+    def _on_offer(self, peer: str, state: PeerPunch, attempt: int, theirs: Candidates, now: float) -> list[PunchEvent]:
+        """The peer offers a punch: answer it (or say why not) and wait for its sync."""
+        events: list[PunchEvent] = []
+        leading = state.initiator and state.stage in (Stage.OFFERED, Stage.SYNCING, Stage.DIALING)
+        if leading and self.peer_id < peer:
+            # Both offered at once: the smaller peer id stays the initiator (the peer
+            # gives way when our offer reaches it).
+            return []
+        if leading and state.stage is Stage.OFFERED:
+            events.append(PunchNotice("punch_crossed", {"peer": peer, "initiator": peer}))
+        elif state.stage in (Stage.DIALING, Stage.SYNCING, Stage.DIRECT):
+            # A new attempt from the peer replaces ours (it saw the old one fail).
+            events.append(Abandon(peer, state.attempt, "the peer started a new attempt"))
+            if state.stage is Stage.DIRECT:
+                events.append(PathChange(peer, False, "the peer started a new attempt"))
+        state.attempt, state.initiator, state.theirs = attempt, False, theirs
+        state.decided_at = now
+        hopeless = self._hopeless(theirs)
+        if hopeless is not None:
+            events += self._give_up(peer, state, hopeless)
+            return events + [SendPunch(peer, self._message("refuse", attempt, hopeless))]
+        state.stage, state.due = Stage.ANSWERED, now + ANSWER_TIMEOUT
+        return events + [SendPunch(peer, self._message("answer", attempt))]
+
+    def _dial(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
+        state.stage, state.due = Stage.DIALING, now + PUNCH_TIMEOUT
+        return [Dial(peer, state.attempt, state.theirs.observed, curve_server=self.peer_id < peer)]
+
+    def _fail(self, peer: str, state: PeerPunch, reason: str, now: float) -> list[PunchEvent]:
+        state.failures += 1
+        if state.failures >= MAX_ATTEMPTS:
+            wait, state.failures = RETRY_LATER, 0
+        else:
+            wait = RETRY_BACKOFF[state.failures - 1]
+        dialing = state.stage is Stage.DIALING
+        state.stage, state.due, state.why = Stage.BACKOFF, now + wait, reason
+        events: list[PunchEvent] = [
+            PunchNotice("punch_failed", {"peer": peer, "attempt": state.attempt, "reason": reason, "retry_in_s": wait})
+        ]
+        if dialing:
+            events.insert(0, Abandon(peer, state.attempt, reason))
+        return events
+
+    def _give_up(self, peer: str, state: PeerPunch, reason: str) -> list[PunchEvent]:
+        state.stage, state.due, state.why = Stage.RELAYED, None, reason
+        return [PunchNotice("punch_skipped", {"peer": peer, "reason": reason})]
+
+    def _message(self, stage: str, attempt: int, reason: str | None = None) -> Punch:
+        return Punch(
+            stage=stage, attempt=attempt, observed=self.mine.observed or None, nat=self.mine.nat, reason=reason
+        )

@@ -1,0 +1,163 @@
+"""The hole-punch coordinator (meshnet.holepunch) between two nodes, driven by hand: its
+punch messages carried through the node-to-node codec, the clock set by the test."""
+
+from __future__ import annotations
+
+from meshnet.holepunch import (
+    ANSWER_TIMEOUT,
+    MAX_ATTEMPTS,
+    PUNCH_TIMEOUT,
+    RETRY_BACKOFF,
+    RETRY_LATER,
+    REUPGRADE_AFTER,
+    Abandon,
+    Candidates,
+    Dial,
+    PathChange,
+    PunchCoordinator,
+    PunchEvent,
+    PunchNotice,
+    SendPunch,
+)
+from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
+from meshnet.protocol.messages import Punch
+
+A, B = "z6MkA", "z6MkB"  # A < B: A is the CurveZMQ server, and wins a crossing
+A_AT, B_AT = "198.51.100.11:40001", "198.51.100.12:40002"
+
+
+def pair(nat_a: str | None = "port_restricted", nat_b: str | None = "port_restricted", b_at: str = B_AT):
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a.set_candidates(Candidates(A_AT, nat_a))
+    b.set_candidates(Candidates(b_at, nat_b))
+    return {A: a, B: b}
+
+
+def carry(nodes: dict, sender: str, events: list[PunchEvent], now: float) -> dict[str, list[PunchEvent]]:
+    """Punch messages among ``events`` delivered (through the codec), and all that follows."""
+    log: dict[str, list[PunchEvent]] = {A: [], B: []}
+    log[sender] += events
+    queue = [(sender, e) for e in events]
+    while queue:
+        source, event = queue.pop(0)
+        if isinstance(event, SendPunch):
+            target = event.peer
+            wire = decode_inner(encode_inner(event.message), NODE_TO_NODE, max_size=4096)
+            assert isinstance(wire, Punch)
+            out = nodes[target].on_punch(source, wire, now)
+            log[target] += out
+            queue += [(target, e) for e in out]
+    return log
+
+
+def of(events: list[PunchEvent], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_a_punch_dials_both_sides_at_each_others_observed_address_with_one_curve_server() -> None:
+    nodes = pair()
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)  # the relayed round trip: 40 ms
+    [b_dial] = of(log[B], Dial)  # B dials as the sync arrives
+    assert (b_dial.remote, b_dial.curve_server) == (A_AT, False)
+    assert of(log[A], Dial) == []  # A waits half the round trip
+    assert nodes[A].next_deadline() == 0.04 + 0.02
+    [a_dial] = of(nodes[A].on_tick(0.06), Dial)
+    assert (a_dial.remote, a_dial.curve_server, a_dial.attempt) == (B_AT, True, b_dial.attempt)
+    up = nodes[A].on_link_up(B, a_dial.attempt, 0.065)
+    assert of(up, PathChange) == [PathChange(B, True, "hole punched")]
+    [notice] = of(up, PunchNotice)
+    assert notice.event == "direct_link_up" and notice.fields["ms_since_decided"] == 65.0
+    assert nodes[A].path(B) == "direct" and nodes[B].path(A) == "relayed"
+    assert of(nodes[B].on_link_up(A, b_dial.attempt, 0.066), PathChange) == [PathChange(A, True, "hole punched")]
+
+
+def test_pairs_that_cannot_be_punched_are_not_tried_and_both_sides_say_why() -> None:
+    for nat_a, nat_b in (
+        ("symmetric", "symmetric"),
+        ("symmetric", "port_restricted"),
+        ("port_restricted", "symmetric"),
+    ):
+        nodes = pair(nat_a, nat_b)
+        log = carry(nodes, A, nodes[A].want(B, 0.0), 0.01)
+        assert of(log[A] + log[B], Dial) == []
+        skipped = [n for n in of(log[A] + log[B], PunchNotice) if n.event == "punch_skipped"]
+        assert len(skipped) == 2 and "cannot be punched" in skipped[0].fields["reason"]
+        assert nodes[A].want(B, 5.0) == [] and nodes[A].next_deadline() is None
+
+
+def test_symmetric_with_a_full_cone_or_public_peer_is_tried() -> None:
+    for other in ("full_cone", "open", None):  # None: B has not classified its NAT yet
+        nodes = pair("symmetric", other)
+        log = carry(nodes, A, nodes[A].want(B, 0.0), 0.01)
+        assert len(of(log[B], Dial)) == 1, other
+
+
+def test_two_nodes_behind_one_nat_are_not_punched() -> None:
+    nodes = pair(b_at="198.51.100.11:40002")  # the same public IP as A
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.01)
+    assert of(log[A] + log[B], Dial) == []
+    reasons = [n.fields["reason"] for n in of(log[A] + log[B], PunchNotice)]
+    assert reasons and all("one NAT" in r for r in reasons)
+
+
+def test_crossed_offers_make_one_attempt_led_by_the_smaller_peer_id() -> None:
+    nodes = pair()
+    from_a, from_b = nodes[A].want(B, 0.0), nodes[B].want(A, 0.0)
+    log_b = carry(nodes, A, from_a, 0.02)  # A's offer reaches B, which gives way and answers
+    log_a = carry(nodes, B, from_b, 0.02)  # B's offer reaches A, which ignores it
+    dials = of(log_a[A] + log_a[B] + log_b[A] + log_b[B] + nodes[A].on_tick(0.05), Dial)
+    assert sorted((d.remote, d.attempt) for d in dials) == [(A_AT, 1), (B_AT, 1)]
+
+
+def test_a_dial_not_up_in_time_is_abandoned_and_retried_with_backoff_then_later() -> None:
+    nodes = pair()
+    now = 0.0
+    waits = []
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        log = carry(nodes, A, nodes[A].want(B, now) if attempt == 1 else nodes[A].on_tick(now), now)
+        dials = of(log[B], Dial) + of(nodes[A].on_tick(now + 0.01), Dial)
+        assert [d.attempt for d in dials] == [dials[0].attempt] * 2 and len(dials) == 2
+        failed = nodes[A].on_tick(now + 0.01 + PUNCH_TIMEOUT)
+        nodes[B].on_tick(now + 0.01 + PUNCH_TIMEOUT)
+        assert of(failed, Abandon)[0].attempt == dials[0].attempt
+        [notice] = of(failed, PunchNotice)
+        assert "not connected within" in notice.fields["reason"]
+        waits.append(notice.fields["retry_in_s"])
+        now = nodes[A].next_deadline()
+    assert waits == [*RETRY_BACKOFF, RETRY_LATER]
+
+
+def test_an_offer_whose_answer_is_lost_fails_after_the_answer_timeout() -> None:
+    nodes = pair()
+    nodes[A].want(B, 0.0)  # never delivered
+    failed = nodes[A].on_tick(ANSWER_TIMEOUT)
+    assert of(failed, PunchNotice)[0].fields["reason"] == "no answer through the relay"
+    assert of(failed, Abandon) == []  # nothing was dialled
+
+
+def test_a_direct_link_that_dies_moves_the_path_back_and_is_tried_again_later() -> None:
+    nodes = pair()
+    carry(nodes, A, nodes[A].want(B, 0.0), 0.0)
+    [dial] = of(nodes[A].on_tick(0.0), Dial)
+    nodes[A].on_link_up(B, dial.attempt, 0.01)
+    down = nodes[A].on_link_down(B, dial.attempt, "heartbeats unanswered", 10.0)
+    assert of(down, PathChange) == [PathChange(B, False, "heartbeats unanswered")]
+    assert nodes[A].path(B) == "relayed" and nodes[A].next_deadline() == 10.0 + REUPGRADE_AFTER
+    again = nodes[A].on_tick(10.0 + REUPGRADE_AFTER)
+    assert [e.message.stage for e in of(again, SendPunch)] == ["connect"]
+
+
+def test_a_late_link_up_of_an_abandoned_attempt_is_closed() -> None:
+    nodes = pair()
+    carry(nodes, A, nodes[A].want(B, 0.0), 0.0)
+    [dial] = of(nodes[A].on_tick(0.0), Dial)
+    nodes[A].on_tick(PUNCH_TIMEOUT + 0.01)
+    assert nodes[A].on_link_up(B, dial.attempt, PUNCH_TIMEOUT + 0.02) == [Abandon(B, dial.attempt, "superseded")]
+
+
+def test_a_node_learning_its_nat_type_judges_a_skipped_peer_again() -> None:
+    nodes = pair("symmetric", "symmetric")
+    carry(nodes, A, nodes[A].want(B, 0.0), 0.0)
+    assert nodes[A].want(B, 1.0) == []
+    nodes[A].set_candidates(Candidates(A_AT, "full_cone"))
+    assert [e.message.stage for e in of(nodes[A].want(B, 2.0), SendPunch)] == ["connect"]
