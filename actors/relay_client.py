@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,23 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.base import NodeActor, log_job_end
+from actors.direct_links import DirectLinks
 from actors.job_queue import JobBook
 from actors.messages import Abort, CancelJob, Drain, QueryPeers, Reconnect, ReplyToPeer, RunThere, Tick
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.endpoints import connect_from, free_tcp_port, tcp_address
 from meshnet.errors import ProtocolError, SealError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
+from meshnet.holepunch import (
+    Abandon,
+    Candidates,
+    Dial,
+    PathChange,
+    PunchCoordinator,
+    PunchEvent,
+    PunchNotice,
+    SendPunch,
+)
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import (
@@ -49,6 +61,7 @@ from meshnet.protocol import (
     PeersRequest,
     Ping,
     Pong,
+    Punch,
     Register,
     Registered,
     Send,
@@ -63,6 +76,7 @@ from meshnet.rejections import RejectionLog, log_summaries
 from meshnet.relay_link import LinkState, RelayLink
 from meshnet.session import (
     BOX_REF_BYTES,
+    Control,
     Execute,
     Notice,
     SessionCore,
@@ -182,6 +196,20 @@ class RelayClient:
         self.delivered = threading.Event()
         self.delivered.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
+        #: Direct links to peers (meshnet.holepunch decides, actors.direct_links dials).
+        self.punch = PunchCoordinator(self.peer_id)
+        self.direct = DirectLinks(
+            identity=identity,
+            loop=self.loop,
+            max_message=frame_limit(self.max_deliver_body),
+            on_up=self._on_direct_up,
+            on_down=self._on_direct_down,
+            on_message=self._on_direct_message,
+        )
+        #: Boxes sent to peers, by path.
+        self.boxes_sent: Counter[str] = Counter()
+        self._punch_timer: TimerHandle | None = None
+        self._punch_timer_at = math.inf
         self._refusal_logged = -1
         self.rejections = RejectionLog()
         #: The timer that wakes the sessions at their next deadline, and when.
@@ -218,9 +246,12 @@ class RelayClient:
             self._apply(self.sessions.abort_all("the node is shutting down", time.monotonic()))
         finally:
             self._io_close()
+            self.direct.close_all()
             self._stopped = True
             if self._session_timer is not None:
                 self._session_timer.cancel()
+            if self._punch_timer is not None:
+                self._punch_timer.cancel()
 
     def post(self, message: Any) -> None:
         """Hand this relay client a message (thread-safe); on its loop, handled now."""
@@ -245,6 +276,8 @@ class RelayClient:
             "held_for_peers_bytes": self.sessions.held,
             "unacknowledged_bytes": self.flow.in_flight,
             "queued_bytes": self.queue.size,
+            "boxes_sent": dict(self.boxes_sent),
+            "direct": {peer: self.punch.describe(peer) for peer in self.punch.peers},
         }
 
     # -- messages --
@@ -270,6 +303,7 @@ class RelayClient:
                     job.reply(Outcome.refused("no_relay", DISPLACED))
                 else:
                     self._apply(self.sessions.submit(job, peer, now))
+                    self._want_direct(peer, now)
         elif isinstance(message, ReplyToPeer):
             self._apply(self.sessions.job_finished(message.peer, message.job_id, message.outcome, now))
         elif isinstance(message, Tick):
@@ -324,10 +358,16 @@ class RelayClient:
                 event.job.reply(event.outcome)
             elif isinstance(event, Execute):
                 self._run(event.peer, event.job)
+                self._want_direct(event.peer, time.monotonic())
+            elif isinstance(event, Control):
+                if isinstance(event.message, Punch):
+                    self._punch(self.punch.on_punch(event.peer, event.message, time.monotonic()))
             elif isinstance(event, StopRun):
                 self.book.cancel(event.job_id, event.peer)
             elif isinstance(event, Notice):
                 self.log.info(event.event, **event.fields)
+                if event.event == "session_ended":
+                    self._punch(self.punch.on_peer_gone(event.fields["peer"]))
         self._arm_session_timer()
 
     def _arm_session_timer(self) -> None:
@@ -353,10 +393,16 @@ class RelayClient:
             self._update_ledger_idle()
 
     def _transmit(self, event: Transmit) -> None:
-        """Seal a box and send it on the relay link (the only path yet). A box the link
-        cannot take now is dropped: the session sends it again."""
+        """Send a box on its path: on a direct link in the clear (the link is CurveZMQ to
+        exactly that peer), else sealed, on the relay link. A box the path cannot take
+        now is dropped: the session sends it again."""
+        if event.path == "direct":
+            if self.direct.send(event.peer, b"".join(encode_inner_parts(event.box))):
+                self.boxes_sent["direct"] += 1
+            return
         if not self.link.registered:
             return
+        self.boxes_sent["relay"] += 1
         box = event.box
         sealed = self.sealer.seal_parts(event.peer, encode_inner_parts(box))
         if self.relay_max_body is not None and len(sealed) > self.relay_max_body:
@@ -424,6 +470,7 @@ class RelayClient:
             self.flow.reset(message.window or DEFAULT_WINDOW)
             self.relay_max_body = message.max_body
             self.log.info("relay_registered", observed=message.observed, local_port=self.local_port)
+            self.punch.set_candidates(Candidates(message.observed, self.punch.mine.nat))
             self._apply(self.sessions.on_path("relay", True, now))
         elif isinstance(message, Unroutable):
             self._on_unroutable(message, now)
@@ -432,6 +479,8 @@ class RelayClient:
         elif isinstance(message, PeersReply):
             query = self.pending_peers.pop(message.seq, None) if message.seq is not None else None
             if query is not None:
+                for peer in message.peers:  # what only this node knows: its path to each
+                    peer["path"] = self.punch.path(peer.get("peer_id", ""))
                 query[0](message.peers, "")
         elif isinstance(message, Error):
             self._on_error(message, now)
@@ -504,6 +553,56 @@ class RelayClient:
         must not fill the node's log."""
         if self.rejections.on_rejected(source, error, time.monotonic()):
             self.log.warning(event, source=source, error=error, **fields)
+
+    # -- direct links --
+
+    def _want_direct(self, peer: str, now: float) -> None:
+        """Jobs go between this node and ``peer``: a direct link is worth trying."""
+        if self.link.registered and self.local_port is not None:
+            self._punch(self.punch.want(peer, now))
+
+    def _punch(self, events: list[PunchEvent]) -> None:
+        """Carry out what the hole-punch coordinator decided; wake it when it is due."""
+        now = time.monotonic()
+        for event in events:
+            if isinstance(event, SendPunch):
+                self._apply(self.sessions.send_control(event.peer, event.message, now))
+            elif isinstance(event, Dial):
+                self.direct.dial(event.peer, event.attempt, event.remote, self.local_port, event.curve_server)
+            elif isinstance(event, Abandon):
+                self.direct.close(event.peer, event.attempt)
+            elif isinstance(event, PathChange):
+                path = "direct" if event.up else "relay"
+                self.log.info("path_changed", peer=event.peer, path=path, reason=event.reason)
+                self._apply(self.sessions.on_path("direct", event.up, now, event.peer))
+            elif isinstance(event, PunchNotice):
+                self.log.info(event.event, **event.fields)
+        due = self.punch.next_deadline()
+        if due is not None and due < self._punch_timer_at and not self._stopped:
+            if self._punch_timer is not None:
+                self._punch_timer.cancel()
+            self._punch_timer_at = due
+            self._punch_timer = self.loop.call_later(max(0.0, due - now), self._on_punch_timer)
+
+    def _on_punch_timer(self) -> None:
+        self._punch_timer, self._punch_timer_at = None, math.inf
+        if not self._stopped:
+            self._punch(self.punch.on_tick(time.monotonic()))
+
+    def _on_direct_up(self, peer: str, attempt: int) -> None:
+        self._punch(self.punch.on_link_up(peer, attempt, time.monotonic()))
+
+    def _on_direct_down(self, peer: str, attempt: int, reason: str) -> None:
+        self._punch(self.punch.on_link_down(peer, attempt, reason, time.monotonic()))
+
+    def _on_direct_message(self, peer: str, data: Any) -> None:
+        try:
+            box = decode_inner(data, NODE_TO_NODE, max_size=self.max_deliver_body)
+        except ProtocolError as exc:
+            self._rejected(peer, "direct_message_rejected", str(exc))
+            return
+        self._apply(self.sessions.on_box(peer, box, time.monotonic()))
+        self._update_ledger_idle()
 
     # -- link --
 

@@ -204,7 +204,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         caps = peer.get("caps", {})
         kinds = ",".join(caps.get("kinds", []))
         executors = caps.get("executors", "?")
-        print(f"{peer['peer_id']}  observed={peer.get('observed', '')}  executors={executors}  kinds={kinds}")
+        path, observed = peer.get("path", "relayed"), peer.get("observed", "")
+        print(f"{peer['peer_id']}  path={path}  observed={observed}  executors={executors}  kinds={kinds}")
     return 0
 
 
@@ -229,6 +230,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("jobs:       " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none yet"))
     if relay and relay.get("forwarded"):
         print("forwarded:  " + ", ".join(f"{k}={v}" for k, v in sorted(relay["forwarded"].items())))
+    for peer, link in sorted((relay or {}).get("direct", {}).items()):
+        rtt = f", relayed rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
+        why = f" ({link['why']})" if link.get("why") else ""
+        print(f"direct:     {peer}  {link['stage']}{rtt}{why}")
     return 0
 
 

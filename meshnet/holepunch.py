@@ -245,6 +245,16 @@ class PunchCoordinator:
         dues = [s.due for s in self.peers.values() if s.due is not None]
         return min(dues) if dues else None
 
+    def describe(self, peer: str) -> dict[str, Any]:
+        """The state of the direct link to ``peer``, for ``meshnet status``."""
+        state = self.peers[peer]
+        return {
+            "stage": state.stage.value,
+            "attempt": state.attempt,
+            "rtt_ms": round(state.rtt * 1000, 1) if state.rtt is not None else None,
+            "why": state.why or None,
+        }
+
     def path(self, peer: str) -> str:
         """What ``meshnet peers`` shows for the peer's link."""
         state = self.peers.get(peer)

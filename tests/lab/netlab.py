@@ -132,6 +132,7 @@ class Lab:
     def __init__(self, tag: str = "") -> None:
         self.prefix = f"{PREFIX}{os.getpid()}-{tag}"
         self.created: list[str] = []
+        self.routers: dict[str, Router] = {}
         self._next_public = 10
         self._next_lan = 1
         self.inet = self._namespace("inet")
@@ -190,7 +191,8 @@ class Lab:
             rules += RESTRICTING_FILTER
         for rule in rules:
             self.exec(ns, "iptables", *rule.split())
-        return Router(name, ns, kind, wan_ip, lan)
+        router = self.routers[name] = Router(name, ns, kind, wan_ip, lan)
+        return router
 
     def host_behind(self, router: Router, name: str) -> Host:
         ns = self._namespace(name)
