@@ -48,6 +48,7 @@ from meshnet.holepunch import (
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.natcheck import DEFAULT_STUN_PORT, NatReport, classify
 from meshnet.protocol import (
     BODY_SLACK,
     MAX_FRAMES,
@@ -152,6 +153,7 @@ class RelayClient:
         loop: SocketLoop | None = None,
         max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
         local_port: int = 0,
+        stun: str = "",
     ):
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -206,6 +208,11 @@ class RelayClient:
             on_down=self._on_direct_down,
             on_message=self._on_direct_message,
         )
+        #: Where the NAT is classified ("" the relay's host, port 3478; "off"), and what
+        #: it came to (None: not yet, or off).
+        self.stun = stun
+        self.nat: NatReport | None = None
+        self._classifying = False
         #: Boxes sent to peers, by path.
         self.boxes_sent: Counter[str] = Counter()
         self._punch_timer: TimerHandle | None = None
@@ -277,6 +284,7 @@ class RelayClient:
             "unacknowledged_bytes": self.flow.in_flight,
             "queued_bytes": self.queue.size,
             "boxes_sent": dict(self.boxes_sent),
+            "nat": self.nat.as_dict() if self.nat is not None else None,
             "direct": {peer: self.punch.describe(peer) for peer in self.punch.peers},
         }
 
@@ -470,7 +478,7 @@ class RelayClient:
             self.flow.reset(message.window or DEFAULT_WINDOW)
             self.relay_max_body = message.max_body
             self.log.info("relay_registered", observed=message.observed, local_port=self.local_port)
-            self.punch.set_candidates(Candidates(message.observed, self.punch.mine.nat))
+            self._on_observed(message.observed, now)
             self._apply(self.sessions.on_path("relay", True, now))
         elif isinstance(message, Unroutable):
             self._on_unroutable(message, now)
@@ -555,6 +563,49 @@ class RelayClient:
             self.log.warning(event, source=source, error=error, **fields)
 
     # -- direct links --
+
+    def _on_observed(self, observed: str, now: float) -> None:
+        """Registered, and seen by the relay at ``observed``: this node's candidates. A
+        punch is offered only once the NAT type is known too (or will not be)."""
+        server = self._stun_server()
+        done = server is None or self.nat is not None
+        nat = self.nat.nat_type if self.nat is not None else None
+        self._punch(self.punch.set_candidates(Candidates(observed, nat), now, final=done))
+        if not done and not self._classifying and server is not None:
+            self._classifying = True
+            threading.Thread(target=self._classify, args=(server,), name="nat-check", daemon=True).start()
+
+    def _stun_server(self) -> tuple[str, int] | None:
+        if self.stun == "off":
+            return None
+        if self.stun:
+            host, _, port = self.stun.rpartition(":")
+            return host.strip("[]"), int(port)
+        relay = tcp_address(self.endpoint)
+        return (relay[0], DEFAULT_STUN_PORT) if relay is not None else None
+
+    def _classify(self, server: tuple[str, int]) -> None:
+        """Its own thread: the STUN tests take seconds."""
+        try:
+            report: NatReport | None = classify(server)
+        except OSError as exc:
+            self.log.warning("nat_check_failed", stun=f"{server[0]}:{server[1]}", error=str(exc))
+            report = None
+        self.loop.call_soon(self._on_classified, report)
+
+    def _on_classified(self, report: NatReport | None) -> None:
+        self._classifying = False
+        if self._stopped:
+            return
+        if report is not None:
+            self.nat = report
+            self.log.info("nat_classified", nat=report.nat_type, public_udp=report.public_address,
+                          stun=report.server, seconds=report.seconds)  # fmt: skip
+        else:
+            self.stun = "off"  # punches are tried without the type rather than never
+        self._punch(
+            self.punch.set_candidates(Candidates(self.link.observed, report and report.nat_type), time.monotonic())
+        )
 
     def _want_direct(self, peer: str, now: float) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""

@@ -116,6 +116,7 @@ class Node:
                     loop=runner.loop,
                     max_queued_bytes=config.relay.max_queued_bytes,
                     local_port=config.relay.local_port,
+                    stun=config.relay.stun,
                 )
                 self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:

@@ -29,8 +29,6 @@ from meshnet.errors import JobError, MeshError
 from meshnet.logs import configure_logging
 
 EXIT_FAILURE = 1
-#: Where a relay's STUN responder listens unless its config says otherwise (stun.port).
-DEFAULT_STUN_PORT = 3478
 EXIT_JOB_FAILED = 2
 
 
@@ -230,6 +228,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("jobs:       " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none yet"))
     if relay and relay.get("forwarded"):
         print("forwarded:  " + ", ".join(f"{k}={v}" for k, v in sorted(relay["forwarded"].items())))
+    nat = (relay or {}).get("nat")
+    if nat:
+        print(f"nat:        {nat['nat_type']}, public udp {nat['public_address'] or '-'} (STUN {nat['server']})")
     for peer, link in sorted((relay or {}).get("direct", {}).items()):
         rtt = f", relayed rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
         why = f" ({link['why']})" if link.get("why") else ""
@@ -248,7 +249,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     """NAT type and public addresses, like ``tailscale netcheck``: STUN against the
     relay's responder (or ``--stun``), and what the relay observes of the node's TCP."""
     from meshnet.endpoints import tcp_address
-    from meshnet.natcheck import classify
+    from meshnet.natcheck import DEFAULT_STUN_PORT, classify
 
     relay: dict[str, Any] | None = None
     if args.node is None and args.stun is None:

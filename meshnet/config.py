@@ -77,6 +77,16 @@ def _port_or_zero(value: Any) -> int:
     return value
 
 
+def _stun_server(value: Any) -> str:
+    if value in ("", "off"):
+        return value
+    if isinstance(value, str):
+        host, _, port = value.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+    raise ValueError('"HOST:PORT" of a STUN server, "" for the relay\'s (its host, port 3478), or "off"')
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("true or false")
@@ -232,6 +242,10 @@ class RelayLinkSection:
     #: lasts (libzmq reconnects from it too): what the relay observes on it is what a peer
     #: sees when this node punches from the same port. 0: a free port for each new socket.
     local_port: int = field(default=0, metadata=_check(_port_or_zero))
+    #: The STUN server the node classifies its NAT against, off the hot path, before it
+    #: offers peers a hole punch: "" the relay's own responder (the relay's host, port
+    #: 3478), "HOST:PORT" another, "off" none (punches are then tried without the type).
+    stun: str = field(default="", metadata=_check(_stun_server))
     #: Addresses where this node accepts direct connections, told to peers.
     listen: list[str] = field(default_factory=list, metadata=_check(_addresses))
     #: Bytes of jobs and results waiting for room on the link to the relay (which takes

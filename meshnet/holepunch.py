@@ -156,23 +156,35 @@ class PunchCoordinator:
     def __init__(self, peer_id: str):
         self.peer_id = peer_id
         self.mine = Candidates()
+        #: Whether ``mine`` is complete: this node offers nothing before it knows its NAT
+        #: type (or knows it will not), so that a hopeless pair is never tried.
+        self.final = False
         self.peers: dict[str, PeerPunch] = {}
+        #: Peers jobs went to or came from: offered a punch once this node is ready.
+        self.wanted: set[str] = set()
         self._attempts = 0
 
     # -- inputs --
 
-    def set_candidates(self, candidates: Candidates) -> None:
-        """This node's own candidates changed (registered again; NAT classified): peers
-        left relayed for what the candidates said are judged again at the next want."""
-        self.mine = candidates
+    def set_candidates(self, candidates: Candidates, now: float, *, final: bool = True) -> list[PunchEvent]:
+        """This node's own candidates changed (registered; NAT classified). ``final``:
+        nothing more is coming (the NAT type is known, or will not be): the peers wanted
+        meanwhile, and those left relayed for what the old candidates said, are offered
+        a punch now."""
+        self.mine, self.final = candidates, final
         for state in self.peers.values():
             if state.stage is Stage.RELAYED:
                 state.stage = Stage.IDLE
+        events: list[PunchEvent] = []
+        for peer in sorted(self.wanted):
+            events += self.want(peer, now)
+        return events
 
     def want(self, peer: str, now: float) -> list[PunchEvent]:
         """Jobs go between us and ``peer``: try a direct link if none is up or under way."""
+        self.wanted.add(peer)
         state = self.peers.setdefault(peer, PeerPunch())
-        if state.stage is not Stage.IDLE or not self.mine.observed:
+        if state.stage is not Stage.IDLE or not self.mine.observed or not self.final:
             return []
         return self._offer(peer, state, now)
 
@@ -217,6 +229,7 @@ class PunchCoordinator:
     def on_peer_gone(self, peer: str) -> list[PunchEvent]:
         """The peer's session ended (it restarted, or is gone): forget the attempt; a
         direct link to it goes down with a reason."""
+        self.wanted.discard(peer)
         state = self.peers.pop(peer, None)
         if state is None or state.stage in (Stage.IDLE, Stage.BACKOFF, Stage.RELAYED):
             return []

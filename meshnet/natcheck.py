@@ -34,6 +34,8 @@ NAT_TYPES = {
     stun.Blocked: "blocked",
     stun.ChangedAddressError: "unknown",
 }
+#: Where a relay's STUN responder listens unless its config says otherwise (stun.port).
+DEFAULT_STUN_PORT = 3478
 #: Seconds each STUN test waits for an answer (pystun3 sends each up to 4 times). Past a
 #: NAT on a real network an answer takes tens of milliseconds.
 TEST_TIMEOUT = 0.5

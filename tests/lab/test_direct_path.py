@@ -31,8 +31,9 @@ class Pair:
 
 
 def start_pair(lab: Lab, mesh: Mesh, tmp: Path, kind_a: str, kind_b: str, b_log: str = "info") -> Pair:
-    relay_host = lab.public_host("relay")
-    path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open")
+    relay_host = lab.public_host("relay", "198.51.100.2")
+    stun = {"addresses": [relay_host.ip, "198.51.100.2"], "port": 3478, "alt_port": 3479}
+    path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open", stun=stun)
     mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
     procs, apis, ids = {}, {}, {}
     for name, kind in (("a", kind_a), ("b", kind_b)):
@@ -64,6 +65,7 @@ def test_two_port_restricted_nats_move_their_jobs_to_a_direct_link(lab: tuple[La
     pair = start_pair(*lab, "port_restricted", "port_restricted")
     with MeshClient(pair.a_api) as client:
         assert client.run("echo", "first", to=pair.b_id.peer_id) == "first"  # relayed
+        assert pair.a.wait_for("nat_classified")["nat"] == "port_restricted"
         pair.a.wait_for("path_changed", path="direct", timeout=15)
         pair.b.wait_for("path_changed", path="direct", timeout=15)
         assert list(client.map("echo", range(200), to=pair.b_id.peer_id)) == list(range(200))

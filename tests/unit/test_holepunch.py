@@ -28,8 +28,8 @@ A_AT, B_AT = "198.51.100.11:40001", "198.51.100.12:40002"
 
 def pair(nat_a: str | None = "port_restricted", nat_b: str | None = "port_restricted", b_at: str = B_AT):
     a, b = PunchCoordinator(A), PunchCoordinator(B)
-    a.set_candidates(Candidates(A_AT, nat_a))
-    b.set_candidates(Candidates(b_at, nat_b))
+    a.set_candidates(Candidates(A_AT, nat_a), 0.0)
+    b.set_candidates(Candidates(b_at, nat_b), 0.0)
     return {A: a, B: b}
 
 
@@ -159,5 +159,13 @@ def test_a_node_learning_its_nat_type_judges_a_skipped_peer_again() -> None:
     nodes = pair("symmetric", "symmetric")
     carry(nodes, A, nodes[A].want(B, 0.0), 0.0)
     assert nodes[A].want(B, 1.0) == []
-    nodes[A].set_candidates(Candidates(A_AT, "full_cone"))
-    assert [e.message.stage for e in of(nodes[A].want(B, 2.0), SendPunch)] == ["connect"]
+    again = nodes[A].set_candidates(Candidates(A_AT, "full_cone"), 2.0)
+    assert [e.message.stage for e in of(again, SendPunch)] == ["connect"]
+
+
+def test_a_node_offers_nothing_before_its_nat_type_is_known_then_offers_to_the_peers_wanted() -> None:
+    a = PunchCoordinator(A)
+    assert a.set_candidates(Candidates(A_AT, None), 0.0, final=False) == []
+    assert a.want(B, 0.1) == []  # jobs go to B, but A is still classifying its NAT
+    offers = of(a.set_candidates(Candidates(A_AT, "port_restricted"), 3.0), SendPunch)
+    assert [(e.peer, e.message.stage, e.message.nat) for e in offers] == [(B, "connect", "port_restricted")]
