@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lab-tools lint bench bench-storm bench-peers fuzz clean install
+.PHONY: run-node run-relay demo test lab-tools lab-matrix lint bench bench-storm bench-peers fuzz clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lab-tools:
 
 test: $(STAMP) lab-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The NAT lab matrix (root): a node of each NAT kind, every pair; prints the path each
+## pair ends on and whether its jobs completed.
+lab-matrix: $(STAMP) lab-tools
+	$(BIN)/python -m tests.lab.matrix
 
 ## MeshNet against baselines run in the same process tree; figures also to $(BENCH_JSON).
 BENCH_JSON ?= bench-results.json

@@ -15,13 +15,23 @@ gap and be reset, NAT-LAB): the coordinator's timer gives an attempt up, and thi
 its socket. libzmq's heartbeats (``HEARTBEAT_IVL``/``TIMEOUT``) watch a link that is up:
 one that stops answering is disconnected, and reported down at once.
 
+Some peers are dialled rather than punched (meshnet.holepunch decides which): a node
+whose NAT forwards any port (or that has none) and two nodes behind one NAT. For them
+each node binds one listener, a ROUTER on ``relay.direct_port`` (CurveZMQ server; ZAP
+admits a key only while an attempt with its peer expects it). A dialler names itself
+with its peer id as routing id and says ``[b"hi"]`` first; it pings every second, and an
+accepted link silent for ``HEARTBEAT_TIMEOUT_MS`` is down (one ROUTER serves them all, so
+libzmq's per-connection events cannot say which peer went).
+
 Frames on a link: ``[b"box", message]``, a node-to-node message in the clear (the link is
-encrypted and authenticated end to end), decoded like an opened sealed box.
+encrypted and authenticated end to end), decoded like an opened sealed box; ``[b"hi"]``
+and ``[b"ping"]`` carry nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +42,14 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from meshnet.identity import Identity, curve_public_z85
-from meshnet.socket_loop import SocketLoop, recv_message, send_message
+from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.direct")
 
 BOX = b"box"
+HI = b"hi"
+PING = b"ping"
+LISTEN_DOMAIN = "direct-listen"
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
 HEARTBEAT_IVL_MS = 1000
@@ -57,14 +70,29 @@ class _ExactKey:
         return key == self.key
 
 
+class _ExpectedKeys:
+    """ZAP credentials for the listener: the keys of peers an attempt expects now (read
+    on the ZAP thread; the dict is only ever replaced or added to whole by the loop)."""
+
+    def __init__(self, expected: dict[bytes, tuple[str, int]]):
+        self.expected = expected
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.expected
+
+
 @dataclass
 class Link:
     peer: str
     attempt: int
     sock: zmq.Socket
-    monitor: zmq.Socket
+    #: None for a link accepted by the listener (its connection is one of the ROUTER's).
+    monitor: zmq.Socket | None
     remote: str
     up: bool = False
+    #: The dialler's routing id on the listener (accepted links only).
+    routing_id: bytes = b""
+    last_heard: float = 0.0
 
 
 class DirectLinks:
@@ -86,6 +114,11 @@ class DirectLinks:
         self.max_message = max_message
         self.on_up, self.on_down, self.on_message = on_up, on_down, on_message
         self.links: dict[str, Link] = {}
+        #: Z85 key -> (peer, attempt) of the peers the listener admits now.
+        self._expected: dict[bytes, tuple[str, int]] = {}
+        self._listener: zmq.Socket | None = None
+        self.listen_port: int | None = None
+        self._pinger: TimerHandle | None = None
         self._context: zmq.Context | None = None
         self._auth: ThreadAuthenticator | None = None
         self._monitors = 0
@@ -97,6 +130,37 @@ class DirectLinks:
             self._auth = ThreadAuthenticator(self._context)
             self._auth.start()
         return self._context
+
+    def listen(self, port: int) -> int:
+        """Bind the listener on ``port`` of every address (0: a free one); its port."""
+        if self._listener is not None:
+            assert self.listen_port is not None
+            return self.listen_port
+        context = self._ctx()
+        assert self._auth is not None
+        self._auth.configure_curve_callback(domain=LISTEN_DOMAIN, credentials_provider=_ExpectedKeys(self._expected))
+        router = context.socket(zmq.ROUTER)
+        public, secret = self.identity.zmq_curve_keys()
+        router.curve_server = True
+        router.curve_publickey, router.curve_secretkey = public, secret
+        router.zap_domain = LISTEN_DOMAIN.encode()
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        router.setsockopt(zmq.SNDHWM, LINK_HWM)
+        router.setsockopt(zmq.RCVHWM, LINK_HWM)
+        router.bind(f"tcp://0.0.0.0:{port or '*'}")
+        self.listen_port = int(router.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self._listener = router
+        self.loop.add_reader(router, self._listener_readable)
+        return self.listen_port
+
+    def expect(self, peer: str, attempt: int) -> None:
+        """Attempt ``attempt``: admit ``peer``'s key on the listener, for it to dial."""
+        self.close(peer)
+        self._expected[curve_public_z85(peer)] = (peer, attempt)
+        self._arm_pinger()
 
     def dial(self, peer: str, attempt: int, remote: str, local_port: int | None, curve_server: bool) -> None:
         """Open attempt ``attempt`` to ``peer`` (replacing any link to it)."""
@@ -114,6 +178,7 @@ class DirectLinks:
             sock.zap_domain = domain.encode()
         else:
             sock.curve_serverkey = peer_key
+        sock.routing_id = peer_id_bytes(self.identity.peer_id)  # how a listener names us
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         sock.setsockopt(zmq.SNDHWM, LINK_HWM)
@@ -138,9 +203,12 @@ class DirectLinks:
         link = self.links.get(peer)
         if link is None or not link.up:
             return False
+        frames = [link.routing_id, BOX, data] if link.monitor is None else [BOX, data]
         try:
-            send_message(link.sock, [BOX, data])
+            send_message(link.sock, frames)
         except zmq.Again:
+            return False
+        except zmq.ZMQError:  # an accepted link whose connection is gone: down on the tick
             return False
         return True
 
@@ -160,6 +228,11 @@ class DirectLinks:
         for link in list(self.links.values()):
             self._close_link(link)
         self.links.clear()
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+        self.loop.close_socket(self._listener)
+        self._listener = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -168,6 +241,9 @@ class DirectLinks:
             self._context = None
 
     def _close_link(self, link: Link) -> None:
+        self._expected.pop(curve_public_z85(link.peer), None)
+        if link.monitor is None:
+            return  # accepted: the listener stays; the peer's messages are ignored from now on
         # Detached from its monitor first: libzmq's I/O thread must not block on a
         # monitor event nobody reads (see the relay client's _io_close).
         link.sock.disable_monitor()
@@ -184,6 +260,8 @@ class DirectLinks:
                 frames = recv_message(link.sock, 2, copied=1)
             except zmq.Again:
                 return
+            if frames is not None and len(frames) == 1 and frames[0] in (HI, PING):
+                continue
             if frames is None or len(frames) != 2 or frames[0] != BOX:
                 self.log.warning("direct_message_rejected", peer=link.peer, error="not [box, message]")
                 continue
@@ -201,6 +279,11 @@ class DirectLinks:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and not link.up:
                 link.up = True
+                try:
+                    send_message(link.sock, [HI])  # a listener learns who we are from it
+                except zmq.Again:
+                    pass
+                self._arm_pinger()
                 self.on_up(link.peer, link.attempt)
             elif kind == zmq.EVENT_DISCONNECTED:
                 reason = "the direct link disconnected (heartbeats unanswered, or the peer closed it)"
@@ -213,3 +296,60 @@ class DirectLinks:
     def _down(self, link: Link, reason: str) -> None:
         self.close(link.peer, link.attempt)
         self.on_down(link.peer, link.attempt, reason)
+
+    # -- the listener --
+
+    def _listener_readable(self) -> None:
+        router = self._listener
+        if router is None:
+            return
+        now = time.monotonic()
+        for _ in range(256):
+            try:
+                frames = recv_message(router, 3)
+            except zmq.Again:
+                return
+            if frames is None or len(frames) < 2:
+                continue
+            routing_id = frames[0].bytes
+            key = (frames[-1].get("User-Id") or "").encode()
+            kind = frames[1].bytes
+            link = self.links.get(routing_id.decode(errors="replace"))
+            if link is not None and link.monitor is None and link.routing_id == routing_id:
+                link.last_heard = now
+                if kind == BOX and len(frames) == 3:
+                    self.on_message(link.peer, frames[2].buffer)
+                continue
+            expected = self._expected.get(key)
+            if kind != HI or expected is None or peer_id_bytes(expected[0]) != routing_id:
+                continue  # not a dialler this node expects, or not its first word
+            peer, attempt = expected
+            self.links[peer] = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now)
+            self.on_up(peer, attempt)
+
+    def _arm_pinger(self) -> None:
+        if self._pinger is None:
+            self._pinger = self.loop.call_later(HEARTBEAT_IVL_MS / 1000, self._ping)
+
+    def _ping(self) -> None:
+        """Every second while links are up or expected: pings on the links this node
+        dialled (a listener knows them alive by them); accepted links silent too long are
+        down; an attempt's expected key that no link took times out with the attempt."""
+        self._pinger = None
+        now = time.monotonic()
+        for link in list(self.links.values()):
+            if not link.up:
+                continue
+            if link.monitor is not None:
+                try:
+                    send_message(link.sock, [PING])
+                except zmq.Again:
+                    pass
+            elif now - link.last_heard > HEARTBEAT_TIMEOUT_MS / 1000:
+                self._down(link, "the direct link went silent (pings unanswered)")
+        if self.links or self._expected:
+            self._arm_pinger()
+
+
+def peer_id_bytes(peer_id: str) -> bytes:
+    return peer_id.encode()

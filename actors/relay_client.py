@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -40,6 +41,7 @@ from meshnet.holepunch import (
     Abandon,
     Candidates,
     Dial,
+    Expect,
     PathChange,
     PunchCoordinator,
     PunchEvent,
@@ -48,7 +50,7 @@ from meshnet.holepunch import (
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
-from meshnet.natcheck import DEFAULT_STUN_PORT, NatReport, classify
+from meshnet.natcheck import DEFAULT_STUN_PORT, NatReport, classify, local_ip_toward
 from meshnet.protocol import (
     BODY_SLACK,
     MAX_FRAMES,
@@ -154,6 +156,8 @@ class RelayClient:
         max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
         local_port: int = 0,
         stun: str = "",
+        direct_port: int = 0,
+        direct_links: bool = True,
     ):
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -199,7 +203,7 @@ class RelayClient:
         self.delivered.set()
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
         #: Direct links to peers (meshnet.holepunch decides, actors.direct_links dials).
-        self.punch = PunchCoordinator(self.peer_id)
+        self.punch = PunchCoordinator(self.peer_id, enabled=direct_links)
         self.direct = DirectLinks(
             identity=identity,
             loop=self.loop,
@@ -211,6 +215,7 @@ class RelayClient:
         #: Where the NAT is classified ("" the relay's host, port 3478; "off"), and what
         #: it came to (None: not yet, or off).
         self.stun = stun
+        self.direct_port = direct_port
         self.nat: NatReport | None = None
         self._classifying = False
         #: Boxes sent to peers, by path.
@@ -567,13 +572,29 @@ class RelayClient:
     def _on_observed(self, observed: str, now: float) -> None:
         """Registered, and seen by the relay at ``observed``: this node's candidates. A
         punch is offered only once the NAT type is known too (or will not be)."""
-        server = self._stun_server()
+        server = self._stun_server() if self.punch.enabled else None
         done = server is None or self.nat is not None
-        nat = self.nat.nat_type if self.nat is not None else None
-        self._punch(self.punch.set_candidates(Candidates(observed, nat), now, final=done))
+        self._punch(self.punch.set_candidates(self._candidates(observed), now, final=done))
         if not done and not self._classifying and server is not None:
             self._classifying = True
             threading.Thread(target=self._classify, args=(server,), name="nat-check", daemon=True).start()
+
+    def _candidates(self, observed: str) -> Candidates:
+        """This node's candidates: the relay-observed address, the NAT type, and its
+        listener as the internet (its public IP) and its LAN (the address it reaches the
+        relay from) see it."""
+        nat = self.nat.nat_type if self.nat is not None else None
+        relay = tcp_address(self.endpoint)
+        if not observed or relay is None or not self.punch.enabled:
+            return Candidates(observed, nat)
+        try:
+            port = self.direct.listen(self.direct_port)
+            lan_ip = local_ip_toward((socket.gethostbyname(relay[0]), relay[1]))
+        except (OSError, zmq.ZMQError) as exc:
+            self.log.warning("direct_listener_unavailable", port=self.direct_port, error=str(exc))
+            return Candidates(observed, nat)
+        public_ip = observed.rsplit(":", 1)[0]
+        return Candidates(observed, nat, f"{public_ip}:{port}", f"{lan_ip}:{port}")
 
     def _stun_server(self) -> tuple[str, int] | None:
         if self.stun == "off":
@@ -603,9 +624,7 @@ class RelayClient:
                           stun=report.server, seconds=report.seconds)  # fmt: skip
         else:
             self.stun = "off"  # punches are tried without the type rather than never
-        self._punch(
-            self.punch.set_candidates(Candidates(self.link.observed, report and report.nat_type), time.monotonic())
-        )
+        self._punch(self.punch.set_candidates(self._candidates(self.link.observed), time.monotonic()))
 
     def _want_direct(self, peer: str, now: float) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""
@@ -620,6 +639,8 @@ class RelayClient:
                 self._apply(self.sessions.send_control(event.peer, event.message, now))
             elif isinstance(event, Dial):
                 self.direct.dial(event.peer, event.attempt, event.remote, self.local_port, event.curve_server)
+            elif isinstance(event, Expect):
+                self.direct.expect(event.peer, event.attempt)
             elif isinstance(event, Abandon):
                 self.direct.close(event.peer, event.attempt)
             elif isinstance(event, PathChange):

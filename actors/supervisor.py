@@ -117,6 +117,8 @@ class Node:
                     max_queued_bytes=config.relay.max_queued_bytes,
                     local_port=config.relay.local_port,
                     stun=config.relay.stun,
+                    direct_port=config.relay.direct_port,
+                    direct_links=config.relay.direct_links,
                 )
                 self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:

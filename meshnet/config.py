@@ -246,6 +246,13 @@ class RelayLinkSection:
     #: offers peers a hole punch: "" the relay's own responder (the relay's host, port
     #: 3478), "HOST:PORT" another, "off" none (punches are then tried without the type).
     stun: str = field(default="", metadata=_check(_stun_server))
+    #: The port of the node's direct listener (every address), which peers dial when this
+    #: node's NAT forwards any port to it (or it has none), and nodes behind the same NAT
+    #: dial over the LAN. 0: a free port chosen at start.
+    direct_port: int = field(default=0, metadata=_check(_port_or_zero))
+    #: false: this node makes no direct links (every job goes through the relay), and
+    #: declines its peers' offers.
+    direct_links: bool = field(default=True, metadata=_check(_bool))
     #: Addresses where this node accepts direct connections, told to peers.
     listen: list[str] = field(default_factory=list, metadata=_check(_addresses))
     #: Bytes of jobs and results waiting for room on the link to the relay (which takes

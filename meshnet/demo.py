@@ -81,7 +81,8 @@ def main() -> int:
                 print(f"crash         -> {exc.status} ({exc.reason}): {exc}")
             print("peers known to the relay:")
             for peer in client.peers():
-                print(f"  {peer['peer_id']}  observed at {peer['observed']}")
+                path = peer.get("path", "relayed")
+                print(f"  {peer['peer_id']}  observed at {peer['observed']}, path from A: {path}")
     finally:
         for daemon in reversed(daemons):
             daemon.stop()

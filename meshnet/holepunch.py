@@ -56,6 +56,8 @@ MAX_SYNC_WAIT = 1.0
 #: (the relay lost it, or the peer is gone): a failed attempt.
 ANSWER_TIMEOUT = 10.0
 
+#: NAT types whose hosts a peer can simply dial, at their listener's public address.
+REACHABLE = {"open", "full_cone"}
 #: NAT types (meshnet.natcheck) a direct TCP punch between them cannot get through.
 HOPELESS = {
     frozenset({"symmetric"}),
@@ -87,6 +89,10 @@ class Candidates:
     observed: str = ""
     #: Its NAT type as meshnet.natcheck tells it (None: not known yet).
     nat: str | None = None
+    #: Its direct listener: as the internet reaches it (public IP, the listener's port),
+    #: and on its own network ("" none).
+    listen: str = ""
+    lan: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,21 @@ class SendPunch:
 @dataclass(frozen=True)
 class Dial:
     """Open attempt ``attempt`` to ``peer``: connect from the relay connection's local port
-    to ``remote``; be the link's CurveZMQ server if ``curve_server``."""
+    to ``remote``; be the link's CurveZMQ server if ``curve_server`` (a simultaneous open;
+    a dial to a listener is always its client)."""
 
     peer: str
     attempt: int
     remote: str
     curve_server: bool
+
+
+@dataclass(frozen=True)
+class Expect:
+    """Attempt ``attempt``: ``peer`` dials this node's listener; admit its key there."""
+
+    peer: str
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class PunchNotice:
     fields: dict[str, Any]
 
 
-PunchEvent = SendPunch | Dial | Abandon | PathChange | PunchNotice
+PunchEvent = SendPunch | Dial | Expect | Abandon | PathChange | PunchNotice
 
 
 @dataclass
@@ -153,8 +168,10 @@ class PeerPunch:
 
 
 class PunchCoordinator:
-    def __init__(self, peer_id: str):
+    def __init__(self, peer_id: str, *, enabled: bool = True):
         self.peer_id = peer_id
+        #: False: this node makes no direct links, and declines the peers' offers.
+        self.enabled = enabled
         self.mine = Candidates()
         #: Whether ``mine`` is complete: this node offers nothing before it knows its NAT
         #: type (or knows it will not), so that a hopeless pair is never tried.
@@ -182,6 +199,8 @@ class PunchCoordinator:
 
     def want(self, peer: str, now: float) -> list[PunchEvent]:
         """Jobs go between us and ``peer``: try a direct link if none is up or under way."""
+        if not self.enabled:
+            return []
         self.wanted.add(peer)
         state = self.peers.setdefault(peer, PeerPunch())
         if state.stage is not Stage.IDLE or not self.mine.observed or not self.final:
@@ -190,7 +209,7 @@ class PunchCoordinator:
 
     def on_punch(self, peer: str, message: Punch, now: float) -> list[PunchEvent]:
         state = self.peers.setdefault(peer, PeerPunch())
-        theirs = Candidates(message.observed or "", message.nat)
+        theirs = Candidates(message.observed or "", message.nat, message.listen or "", message.lan or "")
         ours = state.initiator and state.attempt == message.attempt
         if message.stage == "connect":
             return self._on_offer(peer, state, message.attempt, theirs, now)
@@ -275,16 +294,27 @@ class PunchCoordinator:
 
     # -- internals --
 
-    def _hopeless(self, theirs: Candidates) -> str | None:
-        """Why a punch with a peer of candidates ``theirs`` cannot work (None: it may)."""
+    def _plan(self, peer: str, theirs: Candidates) -> tuple[str, str]:
+        """How this pair connects, computed alike on both sides: ("dial", address) to a
+        listener of the peer's, ("listen", "") for the peer to dial ours, ("punch",
+        address) for a simultaneous open, or ("no", why)."""
         if not theirs.observed or not self.mine.observed:
-            return "an observed address is missing"
-        if theirs.observed.rsplit(":", 1)[0] == self.mine.observed.rsplit(":", 1)[0]:
-            return "both behind one NAT (no hairpinning); a LAN path is needed"
-        pair = frozenset({self.mine.nat, theirs.nat})
-        if pair in HOPELESS:
-            return f"NAT types {self.mine.nat} and {theirs.nat} cannot be punched through"
-        return None
+            return "no", "an observed address is missing"
+        mine, first = self.mine, self.peer_id < peer
+        if theirs.observed.rsplit(":", 1)[0] == mine.observed.rsplit(":", 1)[0]:
+            # Behind one NAT: no hairpinning, but the LAN reaches; the smaller id listens.
+            if mine.lan and theirs.lan:
+                return ("listen", "") if first else ("dial", theirs.lan)
+            return "no", "both behind one NAT (no hairpinning), and no LAN listener"
+        me_reachable = mine.nat in REACHABLE and bool(mine.listen)
+        them_reachable = theirs.nat in REACHABLE and bool(theirs.listen)
+        if them_reachable and (not me_reachable or not first):
+            return "dial", theirs.listen
+        if me_reachable:
+            return "listen", ""
+        if frozenset({mine.nat, theirs.nat}) in HOPELESS:
+            return "no", f"NAT types {mine.nat} and {theirs.nat} cannot be punched through"
+        return "punch", theirs.observed
 
     def _offer(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
         self._attempts += 1
@@ -297,9 +327,9 @@ class PunchCoordinator:
     def _on_answer(self, peer: str, state: PeerPunch, theirs: Candidates, now: float) -> list[PunchEvent]:
         """The answer to our offer: sync, and dial half a round trip later."""
         state.theirs = theirs
-        hopeless = self._hopeless(theirs)
-        if hopeless is not None:
-            return self._give_up(peer, state, hopeless)
+        how, why = self._plan(peer, theirs)
+        if how == "no":
+            return self._give_up(peer, state, why)
         state.rtt = now - state.sent_at
         state.stage = Stage.SYNCING
         state.due = now + min(state.rtt / 2, MAX_SYNC_WAIT)
@@ -322,16 +352,20 @@ class PunchCoordinator:
                 events.append(PathChange(peer, False, "the peer started a new attempt"))
         state.attempt, state.initiator, state.theirs = attempt, False, theirs
         state.decided_at = now
-        hopeless = self._hopeless(theirs)
-        if hopeless is not None:
-            events += self._give_up(peer, state, hopeless)
-            return events + [SendPunch(peer, self._message("refuse", attempt, hopeless))]
+        how, why = self._plan(peer, theirs) if self.enabled else ("no", "direct links are off on the peer")
+        if how == "no":
+            events += self._give_up(peer, state, why)
+            return events + [SendPunch(peer, self._message("refuse", attempt, why))]
         state.stage, state.due = Stage.ANSWERED, now + ANSWER_TIMEOUT
         return events + [SendPunch(peer, self._message("answer", attempt))]
 
     def _dial(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
+        """The moment to connect: dial (or, for a peer that dials us, expect it)."""
         state.stage, state.due = Stage.DIALING, now + PUNCH_TIMEOUT
-        return [Dial(peer, state.attempt, state.theirs.observed, curve_server=self.peer_id < peer)]
+        how, remote = self._plan(peer, state.theirs)
+        if how == "listen":
+            return [Expect(peer, state.attempt)]
+        return [Dial(peer, state.attempt, remote, curve_server=how == "punch" and self.peer_id < peer)]
 
     def _fail(self, peer: str, state: PeerPunch, reason: str, now: float) -> list[PunchEvent]:
         state.failures += 1
@@ -353,6 +387,13 @@ class PunchCoordinator:
         return [PunchNotice("punch_skipped", {"peer": peer, "reason": reason})]
 
     def _message(self, stage: str, attempt: int, reason: str | None = None) -> Punch:
+        mine = self.mine
         return Punch(
-            stage=stage, attempt=attempt, observed=self.mine.observed or None, nat=self.mine.nat, reason=reason
+            stage=stage,
+            attempt=attempt,
+            observed=mine.observed or None,
+            nat=mine.nat,
+            listen=mine.listen or None,
+            lan=mine.lan or None,
+            reason=reason,
         )

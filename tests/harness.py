@@ -127,6 +127,18 @@ class MeshProcess:
                     raise AssertionError(f"{self.name} did not log {event} {fields} x{count}; last lines:\n{tail}")
                 self._cond.wait(remaining)
 
+    def wait_until(self, found: Callable[[], Any], timeout: float) -> Any:
+        """Block until ``found()`` (called with each new log line) is truthy; its value,
+        or None at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = found()
+                remaining = deadline - time.monotonic()
+                if value or remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    return value or None
+                self._cond.wait(remaining)
+
     def descendants(self) -> list[psutil.Process]:
         """The process's descendants now; every one seen is remembered for ``stop``."""
         try:
@@ -249,6 +261,10 @@ class Mesh:
                 "heartbeat_interval": heartbeat,
                 "reconnect_min": 0.05,
                 "reconnect_max": 0.5,
+                # Loopback nodes share one IP: with direct links they would connect over
+                # it as over a LAN, and a test of the relayed path would test nothing.
+                # The lab's tests turn them on.
+                "direct_links": False,
                 **(relay_settings or {}),
             }
         path = self.tmp / f"node-{name}.toml"

@@ -676,12 +676,19 @@ class Punch(Sealed):
         "attempt": seq,
         "observed": optional(text),
         "nat": optional(text),
+        "listen": optional(text),
+        "lan": optional(text),
         "reason": optional(text),
     }
     stage: str
     attempt: int
     observed: str | None = None
     nat: str | None = None
+    #: Where the sender's direct listener is reachable from the internet (its public IP
+    #: and the listener's port; told by a node whose NAT forwards that port, or none).
+    listen: str | None = None
+    #: Where it is reachable on its own network (its LAN address and the listener's port).
+    lan: str | None = None
     reason: str | None = None
 
 

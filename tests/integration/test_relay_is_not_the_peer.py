@@ -77,6 +77,7 @@ def assert_every_job_succeeded_once(pair: Pair, results: dict[int, object], erro
         kind, payload = payload_of(i)
         assert result == payload, (i, result)
     assert not pair.a.find("job_peer_lost") and not pair.a.find("job_timed_out")
+    pair.b.wait_for("job_succeeded", count=JOBS, timeout=10)  # B's log, read on the harness's thread
     ran = Counter(line["job_id"] for line in pair.b.find("job_succeeded"))
     assert len(ran) == JOBS and set(ran.values()) == {1}, "a job ran twice on B"
 
@@ -117,6 +118,9 @@ def test_jobs_on_a_node_killed_mid_stream_end_peer_lost_within_the_stated_bound(
         took = time.monotonic() - killed_at
     assert all(isinstance(o, PeerLost) for o in outcomes), outcomes
     assert took < 0.5 * 3 + 2.0, f"peer_lost came {took:.1f} s after the kill"
+    # Its log lines come through a pipe the harness reads on its own thread: waited for,
+    # since the client can have the results before the harness has read the last line.
+    pair.a.wait_for("job_peer_lost", count=10, timeout=5)
     assert len(pair.a.find("job_peer_lost")) == 10
     # A keeps serving: a local job still runs.
     with MeshClient(pair.a_api) as client:

@@ -142,6 +142,7 @@ def test_a_relay_that_replays_reorders_and_duplicates_runs_no_job_twice_and_ends
                 ]
                 results += [future.result(timeout=60) for future in futures]
         assert results == [i if i % 3 else 0.02 for i in range(jobs)]
+        node_b.wait_for("job_succeeded", count=jobs, timeout=10)  # B's log, read on the harness's thread
         ran = Counter(line["job_id"] for line in node_b.find("job_succeeded"))
         assert len(ran) == jobs and set(ran.values()) == {1}, "a job ran twice on B"
         assert not node_a.find("job_peer_lost") and not node_a.find("job_refused")

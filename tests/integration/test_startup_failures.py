@@ -62,6 +62,7 @@ def test_two_nodes_with_one_identity_do_not_flap_the_older_one_says_why_once(mes
         with pytest.raises(JobRefused, match="took its place at the relay"):
             client.run("echo", "out", to=pair.a_id.peer_id)
         assert client.run("echo", "here") == "here"  # and still runs local jobs
+    twin.wait_for("job_succeeded", count=20, timeout=10)  # its log, read on the harness's thread
     assert len(twin.find("job_succeeded")) == 20 and not pair.b.find(
         "job_succeeded", kind="echo", submitter=pair.a_id.peer_id
     )

@@ -46,6 +46,7 @@ def start_pair(lab: Lab, mesh: Mesh, tmp: Path, kind_a: str, kind_b: str, b_log:
             relay=(endpoint, relay_id.peer_id),
             api={"endpoint": apis[name]},
             log_level=b_log if name == "b" else "info",
+            relay_settings={"direct_links": True},
         )
         procs[name] = mesh.start_node(name, config, registered=True, prefix=lab.command(host.ns, []))
     return Pair(lab, procs["a"], procs["b"], apis["a"], apis["b"], ids["b"], ids["a"])
@@ -126,5 +127,6 @@ def test_a_stream_survives_relay_to_direct_and_a_cut_direct_link_back_to_relay(l
     assert "disconnected" in moves[1][1]
     # The cut came mid-stream: the jobs after it went back on the relay.
     assert len(pair.a.find("direct_link_down")) >= 1
+    pair.b.wait_for("job_succeeded", count=jobs, timeout=10)  # B's log, read on the harness's thread
     ran = Counter(e["job_id"] for e in pair.b.find("job_succeeded"))
     assert len(ran) == jobs and set(ran.values()) == {1}, "a job ran twice, or not at all, on B"

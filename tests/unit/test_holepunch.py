@@ -13,6 +13,7 @@ from meshnet.holepunch import (
     Abandon,
     Candidates,
     Dial,
+    Expect,
     PathChange,
     PunchCoordinator,
     PunchEvent,
@@ -169,3 +170,44 @@ def test_a_node_offers_nothing_before_its_nat_type_is_known_then_offers_to_the_p
     assert a.want(B, 0.1) == []  # jobs go to B, but A is still classifying its NAT
     offers = of(a.set_candidates(Candidates(A_AT, "port_restricted"), 3.0), SendPunch)
     assert [(e.peer, e.message.stage, e.message.nat) for e in offers] == [(B, "connect", "port_restricted")]
+
+
+def plan_of(nat_a: str, nat_b: str, *, a_at: str = A_AT, b_at: str = B_AT) -> dict[str, list]:
+    """Both sides' Dial / Expect events for a punch between A and B, each with a listener
+    (public at its observed IP, and on its LAN)."""
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a_ip, b_ip = a_at.rsplit(":", 1)[0], b_at.rsplit(":", 1)[0]
+    a.set_candidates(Candidates(a_at, nat_a, f"{a_ip}:7001", "10.0.1.10:7001"), 0.0)
+    b.set_candidates(Candidates(b_at, nat_b, f"{b_ip}:7002", "10.0.1.11:7002"), 0.0)
+    nodes = {A: a, B: b}
+    log = carry(nodes, A, a.want(B, 0.0), 0.01)
+    log[A] += a.on_tick(1.0)
+    return {name: [e for e in events if isinstance(e, (Dial, Expect))] for name, events in log.items()}
+
+
+def test_a_symmetric_nat_dials_the_listener_of_a_public_or_full_cone_peer() -> None:
+    for reachable in ("open", "full_cone"):
+        plan = plan_of("symmetric", reachable)
+        assert [(d.remote, d.curve_server) for d in plan[A]] == [("198.51.100.12:7002", False)]
+        assert [type(e) for e in plan[B]] == [Expect]
+        plan = plan_of(reachable, "symmetric")
+        assert [type(e) for e in plan[A]] == [Expect]
+        assert [d.remote for d in plan[B]] == ["198.51.100.11:7001"]
+
+
+def test_two_reachable_peers_make_one_link_the_larger_id_dialling() -> None:
+    plan = plan_of("open", "full_cone")
+    assert [type(e) for e in plan[A]] == [Expect]
+    assert [d.remote for d in plan[B]] == ["198.51.100.11:7001"]
+
+
+def test_two_nodes_behind_one_nat_connect_over_the_lan_the_smaller_id_listening() -> None:
+    plan = plan_of("port_restricted", "port_restricted", b_at="198.51.100.11:40002")
+    assert [type(e) for e in plan[A]] == [Expect]
+    assert [(d.remote, d.curve_server) for d in plan[B]] == [("10.0.1.10:7001", False)]
+
+
+def test_port_restricted_peers_with_listeners_still_punch() -> None:
+    plan = plan_of("port_restricted", "restricted")
+    assert [(d.remote, d.curve_server) for d in plan[A]] == [(B_AT, True)]
+    assert [(d.remote, d.curve_server) for d in plan[B]] == [(A_AT, False)]

@@ -1,0 +1,162 @@
+"""Repeated hole punches between two port-restricted NATs, some with one side late.
+
+Each trial starts a fresh pair of nodes (fresh ports, fresh NAT mappings) behind two
+port-restricted NATs, has node A run a job on node B (relayed), and waits for the punch.
+In the "late" trials B's router drops B's SYNs towards A for a random 0.2-2 s from the
+moment A dials: B's side is that late (its kernel sends the SYN again after 1 s, then 3 s,
+as a real late peer's would arrive). Figures per trial: whether the path went direct,
+the time from "decide to punch" to the link up (the node's own `direct_link_up`), and the
+round trip of the first job then answered on the direct link.
+
+`make lab-punch` (root) runs 100 trials and prints the figures; tests/lab/test_punch_trials.py
+runs a smaller number and asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshnet import MeshClient
+from meshnet.identity import Identity
+from tests.harness import Mesh
+from tests.lab.netlab import Lab, why_not_available
+
+LATE_MAX_S = 2.0
+UP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Trial:
+    late_s: float
+    direct: bool
+    #: From the punch's decision to the link up (ms), as node A measured it.
+    up_ms: float | None
+    #: The first job's round trip on the direct link (ms), from the client.
+    first_job_ms: float | None
+    reason: str = ""
+
+    @property
+    def total_ms(self) -> float | None:
+        return None if self.up_ms is None or self.first_job_ms is None else self.up_ms + self.first_job_ms
+
+
+def run(tmp: Path, trials: int, seed: int = 1) -> list[Trial]:
+    rng = random.Random(seed)
+    lab, mesh = Lab("p"), Mesh(tmp)
+    try:
+        relay_host = lab.public_host("relay")
+        path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open")
+        mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
+        hosts = {n: lab.host_behind(lab.router(f"r{n}", "port_restricted"), f"h{n}") for n in "ab"}
+        ids = {n: Identity.generate() for n in "ab"}
+        configs = {}
+        for n in "ab":
+            configs[n], _, _ = mesh.node_config(
+                n,
+                ids[n],
+                relay=(endpoint, relay_id.peer_id),
+                api={"endpoint": f"ipc://{tmp}/{n}.sock"},
+                jobs={"executors": 1},
+                relay_settings={"direct_links": True, "stun": "off"},
+            )
+        return [
+            _trial(lab, mesh, hosts, ids, configs, tmp, rng.uniform(0.2, LATE_MAX_S) if i % 2 else 0.0)
+            for i in range(trials)
+        ]
+    finally:
+        mesh.close()
+        lab.close()
+
+
+def _trial(lab: Lab, mesh: Mesh, hosts, ids, configs, tmp: Path, late_s: float) -> Trial:
+    procs = {n: mesh.spawn(n, ["node", "--config", str(configs[n])], prefix=lab.command(hosts[n].ns, [])) for n in "ab"}
+    try:
+        for proc in procs.values():
+            proc.wait_for("relay_registered")
+        router_b = lab.routers["rb"]
+        a_public = lab.routers["ra"].wan_ip
+        rule = ["FORWARD", "-i", "lan", "-p", "tcp", "--syn", "-d", a_public, "-j", "DROP"]
+        release: threading.Thread | None = None
+        if late_s:
+            lab.exec(router_b.ns, "iptables", "-I", *rule)
+
+            def held_until_a_dials() -> None:
+                procs["a"].wait_for("direct_dialling", timeout=UP_TIMEOUT_S)
+                time.sleep(late_s)  # the lateness itself, not a synchronisation
+                lab.exec(router_b.ns, "iptables", "-D", *rule)
+
+            release = threading.Thread(target=held_until_a_dials, daemon=True)
+            release.start()
+        with MeshClient(f"ipc://{tmp}/a.sock") as client:
+            client.run("echo", "relayed", to=ids["b"].peer_id)
+            up = procs["a"].wait_until(lambda: procs["a"].find("direct_link_up"), UP_TIMEOUT_S)
+            if not up:
+                failed = procs["a"].find("punch_failed")
+                return Trial(late_s, False, None, None, failed[-1]["reason"] if failed else "no link within 15 s")
+            started = time.perf_counter()
+            client.run("echo", "direct", to=ids["b"].peer_id)
+            first_job_ms = (time.perf_counter() - started) * 1000
+        if release is not None:
+            release.join()
+        return Trial(late_s, True, float(up[0]["ms_since_decided"]), first_job_ms)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        mesh.processes = [p for p in mesh.processes if p not in procs.values()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(trials: list[Trial]) -> str:
+    direct = [t for t in trials if t.direct]
+    late = [t for t in trials if t.late_s]
+    late_direct = len([t for t in late if t.direct])
+    lines = [
+        f"{len(direct)} of {len(trials)} attempts ended direct "
+        f"({late_direct} of {len(late)} with B 0.2-{LATE_MAX_S:g} s late)"
+    ]
+    for name, pick in (
+        ("all", direct),
+        ("on time", [t for t in direct if not t.late_s]),
+        ("late", [t for t in direct if t.late_s]),
+    ):
+        totals = [t.total_ms for t in pick if t.total_ms is not None]
+        ups = [t.up_ms for t in pick if t.up_ms is not None]
+        if totals:
+            lines.append(
+                f"  {name:8} decide -> first job answered direct: median {statistics.median(totals):.1f} ms, "
+                f"p99 {percentile(totals, 0.99):.1f} ms (decide -> link up: median {statistics.median(ups):.1f} ms)"
+            )
+    for t in trials:
+        if not t.direct:
+            lines.append(f"  relayed: late {t.late_s:.2f} s: {t.reason}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=100)
+    args = parser.parse_args()
+    reason = why_not_available()
+    if reason is not None:
+        print(f"the punch trials cannot run here: {reason}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        trials = run(Path(tmp), args.trials)
+    print(summary(trials))
+    return 0 if sum(t.direct for t in trials) >= 0.99 * len(trials) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
