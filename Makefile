@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?=
 
-.PHONY: run-node run-relay demo test lab-tools lab-matrix lint bench bench-storm bench-peers fuzz clean install
+.PHONY: run-node run-relay demo test lab-tools lab-matrix lab-punch lint bench bench-storm bench-peers fuzz clean install
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ test: $(STAMP) lab-tools
 ## pair ends on and whether its jobs completed.
 lab-matrix: $(STAMP) lab-tools
 	$(BIN)/python -m tests.lab.matrix
+
+## Hole punches between two port-restricted NATs, one in four with a side up to 2 s late
+## (root): how many end direct, and the time from deciding to punch to the first job
+## answered on the direct link. LAB_TRIALS sets the count.
+LAB_TRIALS ?= 100
+lab-punch: $(STAMP) lab-tools
+	$(BIN)/python -m tests.lab.punch_trials --trials $(LAB_TRIALS)
 
 ## MeshNet against baselines run in the same process tree; figures also to $(BENCH_JSON).
 BENCH_JSON ?= bench-results.json

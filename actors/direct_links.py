@@ -71,8 +71,8 @@ class _ExactKey:
 
 
 class _ExpectedKeys:
-    """ZAP credentials for the listener: the keys of peers an attempt expects now (read
-    on the ZAP thread; the dict is only ever replaced or added to whole by the loop)."""
+    """ZAP credentials for the listener: the keys of peers an attempt expects now. The ZAP
+    thread only tests membership, which is atomic while the loop adds and removes keys."""
 
     def __init__(self, expected: dict[bytes, tuple[str, int]]):
         self.expected = expected
@@ -218,6 +218,10 @@ class DirectLinks:
 
     def close(self, peer: str, attempt: int | None = None) -> None:
         """Close ``peer``'s link (only if it is attempt ``attempt``, when given)."""
+        key = curve_public_z85(peer)
+        expected = self._expected.get(key)
+        if expected is not None and (attempt is None or expected[1] == attempt):
+            del self._expected[key]  # an attempt that expected the peer's dial, and ended
         link = self.links.get(peer)
         if link is None or (attempt is not None and link.attempt != attempt):
             return

@@ -7,8 +7,13 @@ as MeshNet has, the exit node running jobs in the same worker processes as basel
 validation, no actors, no ledger, no logging. What MeshNet's relayed figures cost beyond
 this row is MeshNet's; this row's own distance from baseline (a) is the route's.
 
+The same file gives the floor of the direct route (``--role direct-exit|direct-entry``):
+client → entry node → exit node (CurveZMQ on that one link, the exit node its server, as
+a MeshNet direct link between two nodes) and back, no relay.
+
 Speaks baseline (a)'s protocol to clients. Roles, one process each:
-``--role relay|exit|entry``; keys are Z85 CurveZMQ keys from the parent.
+``--role relay|exit|entry|direct-exit|direct-entry``; keys are Z85 CurveZMQ keys from
+the parent.
 """
 
 from __future__ import annotations
@@ -74,6 +79,54 @@ def _exit(relay: str, relay_public: str, workers: int) -> None:
     context.destroy(linger=0)
 
 
+def _direct_exit(endpoint: str, public: str, secret: str, workers: int) -> None:
+    """The exit node of the direct route: a CurveZMQ ROUTER the entry node connects to."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = public.encode(), secret.encode()
+    router.bind(endpoint)
+    pool = RawPool(workers)
+
+    def request(frames: list[zmq.Frame]) -> None:
+        source, conn, header, body = frames
+        fields = cbor2.loads(header.bytes)
+        pool.submit((source.bytes, conn.bytes, fields["id"]), fields["kind"], body)
+
+    def reply(tag: tuple[bytes, bytes, bytes], ok: bool, result: Any) -> None:
+        router.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
+
+    pool.serve(router, request, reply)
+    pool.close()
+    context.destroy(linger=0)
+
+
+def _direct_entry(endpoint: str, exit_endpoint: str, exit_public: str) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    dealer = context.socket(zmq.DEALER)
+    public, secret = zmq.curve_keypair()
+    dealer.curve_publickey, dealer.curve_secretkey = public, secret
+    dealer.curve_serverkey = exit_public.encode()
+    dealer.connect(exit_endpoint)
+    stop = _stop_event()
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(dealer, zmq.POLLIN)
+    print("ready", flush=True)
+    while not stop.is_set():
+        for item, _ in poller.poll(500):
+            while True:
+                try:
+                    frames = item.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                # conn, header, body to the exit node; conn, job id, status, result back
+                (dealer if item is router else router).send_multipart(frames, copy=False)
+    context.destroy(linger=0)
+
+
 def _entry(endpoint: str, relay: str, relay_public: str) -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
@@ -100,15 +153,19 @@ def _entry(endpoint: str, relay: str, relay_public: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--role", choices=["relay", "exit", "entry"], required=True)
+    parser.add_argument("--role", choices=["relay", "exit", "entry", "direct-exit", "direct-entry"], required=True)
     parser.add_argument("--endpoint", help="relay: where it binds; entry: where clients connect")
-    parser.add_argument("--relay", help="exit, entry: the relay's endpoint")
+    parser.add_argument("--relay", help="exit, entry: the relay's endpoint; direct-entry: the exit node's")
     parser.add_argument("--relay-public", required=True)
     parser.add_argument("--relay-secret", help="relay only")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if args.role == "relay":
         _relay(args.endpoint, args.relay_public, args.relay_secret)
+    elif args.role == "direct-exit":
+        _direct_exit(args.endpoint, args.relay_public, args.relay_secret, args.workers)
+    elif args.role == "direct-entry":
+        _direct_entry(args.endpoint, args.relay, args.relay_public)
     elif args.role == "exit":
         _exit(args.relay, args.relay_public, args.workers)
     else:

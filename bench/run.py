@@ -119,6 +119,27 @@ class RawRelayChain:
             proc.wait(30)
 
 
+class RawDirectChain(RawRelayChain):
+    """The floor of the direct route (:mod:`bench.relay_floor`, ``direct-*`` roles): an exit
+    node with ``workers`` workers behind a CurveZMQ ROUTER, and an entry node connected to
+    it; stopped together."""
+
+    def __init__(self, workers: int):
+        self.procs: list[subprocess.Popen[str]] = []
+        public, secret = (key.decode() for key in zmq.curve_keypair())
+        exit_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        base = [sys.executable, "-m", "bench.relay_floor", "--relay-public", public]
+        try:
+            self._start(base + ["--role", "direct-exit", "--endpoint", exit_endpoint, "--relay-secret", secret,
+                                "--workers", str(workers)])  # fmt: skip
+            self._start(base + ["--role", "direct-entry", "--endpoint", self.endpoint, "--relay", exit_endpoint])
+        except BaseException:
+            self.stop()
+            raise
+        self.target = Target("raw direct", self.endpoint, "baseline")
+
+
 class Subject:
     """One server under measurement: its load generator and the figures of each round."""
 
@@ -217,26 +238,40 @@ def run() -> dict[str, Any]:
             baselines += [b_nopool, b_pool, b_pool1, b_pebble]
             raw_chain = RawRelayChain(CORES)
             baselines.append(raw_chain)
+            raw_direct = RawDirectChain(CORES)
+            baselines.append(raw_direct)
             from meshnet.identity import Identity
 
-            ids = {name: Identity.generate() for name in ("a", "b", "b1", "l1")}
+            ids = {name: Identity.generate() for name in ("a", "b", "b1", "l1", "da", "db")}
             relay_path, relay_id, relay_endpoint = mesh.relay_config(
                 allowed=[i.peer_id for i in ids.values()], heartbeat=1.0
             )
             mesh.start_relay(relay_path)
             link = (relay_endpoint, relay_id.peer_id)
             nodes = {}
-            for name, executors, linked in (("a", CORES, True), ("b", CORES, True), ("b1", 1, True), ("l1", 1, False)):
+            # da and db make a direct link (on loopback, as over a LAN: one IP, db dials
+            # da's listener); the others stay relayed (the harness turns direct links off).
+            direct = {"direct_links": True, "stun": "off"}
+            for name, executors, linked in (
+                ("a", CORES, True),
+                ("b", CORES, True),
+                ("b1", 1, True),
+                ("l1", 1, False),
+                ("da", CORES, True),
+                ("db", CORES, True),
+            ):
                 path, _, api = mesh.node_config(
                     name,
                     ids[name],
                     relay=link if linked else None,
                     heartbeat=1.0,
                     jobs={"executors": executors},
+                    relay_settings=direct if name in ("da", "db") else None,
                 )
                 nodes[name] = (mesh.start_node(name, path, registered=linked), api)
             local = Target("MeshNet local", nodes["a"][1], "meshnet")
             relayed = Target("MeshNet relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
+            direct_target = Target("MeshNet direct", nodes["da"][1], "meshnet", to=ids["db"].peer_id)
 
             one_executor = {"baseline_a": b_pool1.target, "local": Target("local 1", nodes["l1"][1], "meshnet")}
             one_executor["relayed"] = Target("relayed 1", nodes["a"][1], "meshnet", to=ids["b1"].peer_id)
@@ -247,11 +282,17 @@ def run() -> dict[str, Any]:
                 Subject("local", "MeshNet local", local, body),
                 Subject("raw_relayed", "raw relayed route", raw_chain.target, None),
                 Subject("relayed", "MeshNet relayed", relayed, body),
+                Subject("raw_direct", "raw direct route", raw_direct.target, None),
+                Subject("direct", "MeshNet direct", direct_target, None),
             ]
             subjects += [
                 Subject(f"{key}_1", f"{key}, 1 executor", target, body, cpu_only=True)
                 for key, target in one_executor.items()
             ]
+            # The direct pair's first job is relayed and starts the punch: measured once the
+            # path is direct.
+            Driver(direct_target).throughput(50, 8)
+            nodes["da"][0].wait_for("path_changed", path="direct", timeout=30)
             results.update(measure_interleaved(subjects, rounds))
             for key in one_executor:
                 results[key]["cpu_batch_1_s"] = results.pop(f"{key}_1")["cpu_batch_s"]
@@ -294,8 +335,19 @@ def render(lines: list[list[str]]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    a, b, pebble, local, raw, relayed, idle = (
-        results[k] for k in ("baseline_a", "baseline_b", "pebble", "local", "raw_relayed", "relayed", "idle")
+    a, b, pebble, local, raw, relayed, raw_direct, direct, idle = (
+        results[k]
+        for k in (
+            "baseline_a",
+            "baseline_b",
+            "pebble",
+            "local",
+            "raw_relayed",
+            "relayed",
+            "raw_direct",
+            "direct",
+            "idle",
+        )
     )
 
     def ratio(value: float, base: float) -> str:
@@ -313,6 +365,10 @@ def table(results: dict[str, Any]) -> str:
         "relayed",
         "vs (a)",
         "vs raw",
+        "raw direct",
+        "direct",
+        "vs raw",
+        "vs relayed",
     ]
     lines = [header]
     for title, key, fmt in rows:
@@ -328,6 +384,10 @@ def table(results: dict[str, Any]) -> str:
                 fmt.format(relayed[key]),
                 ratio(relayed[key], a[key]),
                 ratio(relayed[key], raw[key]) if key in raw else "-",
+                fmt.format(raw_direct[key]) if key in raw_direct else "-",
+                fmt.format(direct[key]) if key in direct else "-",
+                ratio(direct[key], raw_direct[key]) if key in direct and key in raw_direct else "-",
+                ratio(direct[key], relayed[key]) if key in direct else "-",
             ]
         )
     out = render(lines)
@@ -338,14 +398,19 @@ def table(results: dict[str, Any]) -> str:
     )
     out.append(
         f"medians over {results['rounds']} rounds; {results['cores']} cores; ratios are to baseline (a), and for "
-        "relayed also to the raw route (the same hops by raw pyzmq processes, CurveZMQ on the relay links)"
+        "relayed also to the raw route (the same hops by raw pyzmq processes, CurveZMQ on the relay links), "
+        "direct to the raw direct route (client, entry node, CurveZMQ link, exit node) and to relayed"
     )
     return "\n".join(out)
 
 
 def targets(results: dict[str, Any]) -> str:
     a, local, relayed, idle = (results[k] for k in ("baseline_a", "local", "relayed", "idle"))
+    direct, raw_direct = results["direct"], results["raw_direct"]
     checks = [
+        ("direct jobs/s >= 0.8x raw direct", direct["jobs_per_s"] / raw_direct["jobs_per_s"], 0.8, True),
+        ("direct jobs/s >= 2x relayed", direct["jobs_per_s"] / relayed["jobs_per_s"], 2.0, True),
+        ("direct 8 MiB MB/s >= 0.5x (a)", direct["big_mb_per_s"] / a["big_mb_per_s"], 0.5, True),
         ("local jobs/s >= 0.8x (a)", local["jobs_per_s"] / a["jobs_per_s"], 0.8, True),
         ("relayed jobs/s >= 0.5x (a)", relayed["jobs_per_s"] / a["jobs_per_s"], 0.5, True),
         ("relayed p50 <= 3x (a)", relayed["p50_us"] / a["p50_us"], 3.0, False),
