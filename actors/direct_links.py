@@ -18,14 +18,16 @@ one that stops answering is disconnected, and reported down at once.
 Some peers are dialled rather than punched (meshnet.holepunch decides which): a node
 whose NAT forwards any port (or that has none) and two nodes behind one NAT. For them
 each node binds one listener, a ROUTER on ``relay.direct_port`` (CurveZMQ server; ZAP
-admits a key only while an attempt with its peer expects it). A dialler names itself
-with its peer id as routing id and says ``[b"hi"]`` first; it pings every second, and an
-accepted link silent for ``HEARTBEAT_TIMEOUT_MS`` is down (one ROUTER serves them all, so
-libzmq's per-connection events cannot say which peer went).
+admits a key only while an attempt with its peer expects it). A dialler says ``[b"hi"]``
+first: that ties the connection's routing id to the key that said it, and every later
+frame on it must come with that key. Dialled links are pinged every second and answer
+``[b"pong"]``; a link of either kind silent for ``HEARTBEAT_TIMEOUT_MS`` is down (one
+ROUTER serves every accepted link, so libzmq's per-connection events cannot say which
+peer went), and a listener that drops an accepted link says ``[b"bye"]``.
 
 Frames on a link: ``[b"box", message]``, a node-to-node message in the clear (the link is
-encrypted and authenticated end to end), decoded like an opened sealed box; ``[b"hi"]``
-and ``[b"ping"]`` carry nothing.
+encrypted and authenticated end to end), decoded like an opened sealed box; ``hi``,
+``ping``, ``pong`` and ``bye`` are one frame each.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ log = structlog.get_logger("meshnet.direct")
 BOX = b"box"
 HI = b"hi"
 PING = b"ping"
+PONG = b"pong"
+BYE = b"bye"
 LISTEN_DOMAIN = "direct-listen"
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
@@ -114,6 +118,8 @@ class DirectLinks:
         self.max_message = max_message
         self.on_up, self.on_down, self.on_message = on_up, on_down, on_message
         self.links: dict[str, Link] = {}
+        #: The listener's routing id of each accepted link -> its peer.
+        self._accepted: dict[bytes, str] = {}
         #: Z85 key -> (peer, attempt) of the peers the listener admits now.
         self._expected: dict[bytes, tuple[str, int]] = {}
         self._listener: zmq.Socket | None = None
@@ -145,8 +151,9 @@ class DirectLinks:
         router.curve_publickey, router.curve_secretkey = public, secret
         router.zap_domain = LISTEN_DOMAIN.encode()
         router.setsockopt(zmq.LINGER, 0)
+        # Routing ids are the ROUTER's own (random): a dialler's is tied to its key by its
+        # first word, and every frame after is checked against that key.
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         router.setsockopt(zmq.SNDHWM, LINK_HWM)
         router.setsockopt(zmq.RCVHWM, LINK_HWM)
@@ -178,7 +185,6 @@ class DirectLinks:
             sock.zap_domain = domain.encode()
         else:
             sock.curve_serverkey = peer_key
-        sock.routing_id = peer_id_bytes(self.identity.peer_id)  # how a listener names us
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         sock.setsockopt(zmq.SNDHWM, LINK_HWM)
@@ -189,8 +195,15 @@ class DirectLinks:
         self._monitors += 1
         monitor = sock.get_monitor_socket(MONITORED, addr=f"inproc://direct-{id(self):x}-{self._monitors}")
         source = f"0.0.0.0:{local_port}" if local_port else "0.0.0.0:0"
-        sock.connect(f"tcp://{source};{remote}")
-        link = Link(peer, attempt, sock, monitor, remote)
+        try:
+            sock.connect(f"tcp://{source};{remote}")
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            self.loop.call_soon(self.on_down, peer, attempt, f"cannot connect to {remote}: {exc}")
+            return
+        link = Link(peer, attempt, sock, monitor, remote, last_heard=time.monotonic())
         self.links[peer] = link
         self.loop.add_reader(sock, functools.partial(self._readable, link))
         self.loop.add_reader(monitor, functools.partial(self._monitor, link))
@@ -247,14 +260,24 @@ class DirectLinks:
     def _close_link(self, link: Link) -> None:
         self._expected.pop(curve_public_z85(link.peer), None)
         if link.monitor is None:
-            return  # accepted: the listener stays; the peer's messages are ignored from now on
+            # Accepted: the listener stays. The dialler is told, and takes its link down
+            # (its frames here are ignored from now on).
+            self._accepted.pop(link.routing_id, None)
+            try:
+                send_message(link.sock, [link.routing_id, BYE])
+            except zmq.ZMQError:
+                pass
+            return
         # Detached from its monitor first: libzmq's I/O thread must not block on a
         # monitor event nobody reads (see the relay client's _io_close).
         link.sock.disable_monitor()
         self.loop.close_socket(link.monitor)
         self.loop.close_socket(link.sock)
         if self._auth is not None:
-            self._auth.credentials_providers.pop(f"direct:{link.peer}", None)
+            # Disabled, not removed: the ZAP thread reads the providers without a lock.
+            provider = self._auth.credentials_providers.get(f"direct:{link.peer}")
+            if isinstance(provider, _ExactKey):
+                provider.key = b""
 
     def _readable(self, link: Link) -> None:
         if self.links.get(link.peer) is not link:
@@ -264,7 +287,13 @@ class DirectLinks:
                 frames = recv_message(link.sock, 2, copied=1)
             except zmq.Again:
                 return
-            if frames is not None and len(frames) == 1 and frames[0] in (HI, PING):
+            link.last_heard = time.monotonic()
+            if frames is not None and len(frames) == 1 and frames[0] in (HI, PING, PONG, BYE):
+                if frames[0] == PING:
+                    self._send_quietly(link, [PONG])
+                elif frames[0] == BYE:
+                    self._down(link, "the peer closed the direct link")
+                    return
                 continue
             if frames is None or len(frames) != 2 or frames[0] != BOX:
                 self.log.warning("direct_message_rejected", peer=link.peer, error="not [box, message]")
@@ -282,11 +311,8 @@ class DirectLinks:
                 return
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and not link.up:
-                link.up = True
-                try:
-                    send_message(link.sock, [HI])  # a listener learns who we are from it
-                except zmq.Again:
-                    pass
+                link.up, link.last_heard = True, time.monotonic()
+                self._send_quietly(link, [HI])  # a listener learns who we are from it
                 self._arm_pinger()
                 self.on_up(link.peer, link.attempt)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -318,42 +344,51 @@ class DirectLinks:
             routing_id = frames[0].bytes
             key = (frames[-1].get("User-Id") or "").encode()
             kind = frames[1].bytes
-            link = self.links.get(routing_id.decode(errors="replace"))
-            if link is not None and link.monitor is None and link.routing_id == routing_id:
+            peer = self._accepted.get(routing_id)
+            link = self.links.get(peer) if peer is not None else None
+            if link is not None and link.routing_id == routing_id:
+                if key != curve_public_z85(link.peer):
+                    continue  # not the key that said hi on this connection
                 link.last_heard = now
                 if kind == BOX and len(frames) == 3:
                     self.on_message(link.peer, frames[2].buffer)
+                elif kind == PING:
+                    self._send_quietly(link, [PONG])
                 continue
             expected = self._expected.get(key)
-            if kind != HI or expected is None or peer_id_bytes(expected[0]) != routing_id:
+            if kind != HI or expected is None:
                 continue  # not a dialler this node expects, or not its first word
             peer, attempt = expected
+            self.close(peer)  # an earlier connection of the same peer's, if any
+            self._expected[key] = expected  # (close forgot it)
+            self._accepted[routing_id] = peer
             self.links[peer] = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now)
             self.on_up(peer, attempt)
+
+    def _send_quietly(self, link: Link, frames: list[bytes]) -> None:
+        """A control word on ``link``; one that cannot go now is not needed later."""
+        try:
+            send_message(link.sock, [link.routing_id, *frames] if link.monitor is None else frames)
+        except zmq.ZMQError:
+            pass
 
     def _arm_pinger(self) -> None:
         if self._pinger is None:
             self._pinger = self.loop.call_later(HEARTBEAT_IVL_MS / 1000, self._ping)
 
     def _ping(self) -> None:
-        """Every second while links are up or expected: pings on the links this node
-        dialled (a listener knows them alive by them); accepted links silent too long are
-        down; an attempt's expected key that no link took times out with the attempt."""
+        """Every second while links are up or expected: a ping on each link this node
+        dialled, answered with a pong (any frame counts); a link of either kind silent
+        for HEARTBEAT_TIMEOUT_MS is down. (libzmq's heartbeats also drop a dead dialled
+        connection; these also catch a listener that forgot the link.)"""
         self._pinger = None
         now = time.monotonic()
         for link in list(self.links.values()):
             if not link.up:
                 continue
-            if link.monitor is not None:
-                try:
-                    send_message(link.sock, [PING])
-                except zmq.Again:
-                    pass
-            elif now - link.last_heard > HEARTBEAT_TIMEOUT_MS / 1000:
+            if now - link.last_heard > HEARTBEAT_TIMEOUT_MS / 1000:
                 self._down(link, "the direct link went silent (pings unanswered)")
+            elif link.monitor is not None:
+                self._send_quietly(link, [PING])
         if self.links or self._expected:
             self._arm_pinger()
-
-
-def peer_id_bytes(peer_id: str) -> bytes:
-    return peer_id.encode()

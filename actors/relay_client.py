@@ -217,7 +217,11 @@ class RelayClient:
         self.stun = stun
         self.direct_port = direct_port
         self.nat: NatReport | None = None
+        #: The address this node reaches the relay from (its LAN address), once known.
+        self._lan_ip: str | None = None
         self._classifying = False
+        #: Whether the network check (LAN address, NAT type) has run.
+        self._checked = False
         #: Boxes sent to peers, by path.
         self.boxes_sent: Counter[str] = Counter()
         self._punch_timer: TimerHandle | None = None
@@ -571,30 +575,29 @@ class RelayClient:
 
     def _on_observed(self, observed: str, now: float) -> None:
         """Registered, and seen by the relay at ``observed``: this node's candidates. A
-        punch is offered only once the NAT type is known too (or will not be)."""
-        server = self._stun_server() if self.punch.enabled else None
-        done = server is None or self.nat is not None
-        self._punch(self.punch.set_candidates(self._candidates(observed), now, final=done))
-        if not done and not self._classifying and server is not None:
+        punch is offered only once the node knows its LAN address and NAT type (or knows
+        it will not), which a thread of its own finds out: DNS and STUN take time."""
+        enabled = self.punch.enabled
+        self._punch(self.punch.set_candidates(self._candidates(observed), now, final=not enabled or self._checked))
+        if enabled and not self._checked and not self._classifying:
             self._classifying = True
-            threading.Thread(target=self._classify, args=(server,), name="nat-check", daemon=True).start()
+            server = self._stun_server()
+            threading.Thread(target=self._check_network, args=(server,), name="nat-check", daemon=True).start()
 
     def _candidates(self, observed: str) -> Candidates:
         """This node's candidates: the relay-observed address, the NAT type, and its
         listener as the internet (its public IP) and its LAN (the address it reaches the
         relay from) see it."""
         nat = self.nat.nat_type if self.nat is not None else None
-        relay = tcp_address(self.endpoint)
-        if not observed or relay is None or not self.punch.enabled:
+        if not observed or not self.punch.enabled or self._lan_ip is None:
             return Candidates(observed, nat)
         try:
             port = self.direct.listen(self.direct_port)
-            lan_ip = local_ip_toward((socket.gethostbyname(relay[0]), relay[1]))
-        except (OSError, zmq.ZMQError) as exc:
+        except zmq.ZMQError as exc:
             self.log.warning("direct_listener_unavailable", port=self.direct_port, error=str(exc))
             return Candidates(observed, nat)
         public_ip = observed.rsplit(":", 1)[0]
-        return Candidates(observed, nat, f"{public_ip}:{port}", f"{lan_ip}:{port}")
+        return Candidates(observed, nat, f"{public_ip}:{port}", f"{self._lan_ip}:{port}")
 
     def _stun_server(self) -> tuple[str, int] | None:
         if self.stun == "off":
@@ -605,25 +608,32 @@ class RelayClient:
         relay = tcp_address(self.endpoint)
         return (relay[0], DEFAULT_STUN_PORT) if relay is not None else None
 
-    def _classify(self, server: tuple[str, int]) -> None:
-        """Its own thread: the STUN tests take seconds."""
+    def _check_network(self, server: tuple[str, int] | None) -> None:
+        """Its own thread: the LAN address this node reaches the relay from, and its NAT
+        type by STUN against ``server`` (None: not asked). Whatever fails is logged, and
+        the node goes on without it; the answer always reaches the loop."""
+        lan_ip: str | None = None
+        report: NatReport | None = None
         try:
-            report: NatReport | None = classify(server)
-        except OSError as exc:
-            self.log.warning("nat_check_failed", stun=f"{server[0]}:{server[1]}", error=str(exc))
-            report = None
-        self.loop.call_soon(self._on_classified, report)
+            relay = tcp_address(self.endpoint)
+            if relay is not None:
+                lan_ip = local_ip_toward((socket.gethostbyname(relay[0]), relay[1]))
+            if server is not None:
+                report = classify(server)
+        except Exception as exc:  # pystun3 raises more than OSError on odd answers
+            where = f"{server[0]}:{server[1]}" if server is not None else "-"
+            self.log.warning("nat_check_failed", stun=where, error=f"{type(exc).__name__}: {exc}")
+        self.loop.call_soon(self._on_network_checked, lan_ip, report)
 
-    def _on_classified(self, report: NatReport | None) -> None:
-        self._classifying = False
+    def _on_network_checked(self, lan_ip: str | None, report: NatReport | None) -> None:
+        self._classifying, self._checked = False, True
         if self._stopped:
             return
+        self._lan_ip = lan_ip
         if report is not None:
             self.nat = report
             self.log.info("nat_classified", nat=report.nat_type, public_udp=report.public_address,
                           stun=report.server, seconds=report.seconds)  # fmt: skip
-        else:
-            self.stun = "off"  # punches are tried without the type rather than never
         self._punch(self.punch.set_candidates(self._candidates(self.link.observed), time.monotonic()))
 
     def _want_direct(self, peer: str, now: float) -> None:

@@ -32,6 +32,7 @@ It takes ``now`` and returns events; :class:`actors.direct_links.DirectLinks` ca
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -63,6 +64,18 @@ HOPELESS = {
     frozenset({"symmetric"}),
     frozenset({"symmetric", "port_restricted"}),
 }
+
+
+def is_ip_port(text: str) -> bool:
+    """``text`` is IP:PORT (an IPv6 address in brackets): what a peer may make us dial."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        return False
+    return True
 
 
 class Stage(Enum):
@@ -161,6 +174,10 @@ class PeerPunch:
     due: float | None = None
     failures: int = 0
     theirs: Candidates = field(default_factory=Candidates)
+    #: Our candidates as we told them for this attempt (both sides plan from what was
+    #: exchanged, not from what either learned since), and the plan made from both.
+    told: Candidates = field(default_factory=Candidates)
+    plan: tuple[str, str] = ("no", "")
     why: str = ""
     #: When the punch was decided (initiator: the connect; responder: the answer), for
     #: "decide to punch -> direct" figures.
@@ -294,13 +311,16 @@ class PunchCoordinator:
 
     # -- internals --
 
-    def _plan(self, peer: str, theirs: Candidates) -> tuple[str, str]:
-        """How this pair connects, computed alike on both sides: ("dial", address) to a
-        listener of the peer's, ("listen", "") for the peer to dial ours, ("punch",
-        address) for a simultaneous open, or ("no", why)."""
-        if not theirs.observed or not self.mine.observed:
+    def _plan(self, peer: str, mine: Candidates, theirs: Candidates) -> tuple[str, str]:
+        """How this pair connects, computed alike on both sides from the candidates they
+        exchanged: ("dial", address) to a listener of the peer's, ("listen", "") for the
+        peer to dial ours, ("punch", address) for a simultaneous open, or ("no", why)."""
+        if not theirs.observed or not mine.observed:
             return "no", "an observed address is missing"
-        mine, first = self.mine, self.peer_id < peer
+        for address in (theirs.observed, theirs.listen, theirs.lan):
+            if address and not is_ip_port(address):
+                return "no", f"the peer's address {address[:64]!r} is not IP:PORT"
+        first = self.peer_id < peer
         if theirs.observed.rsplit(":", 1)[0] == mine.observed.rsplit(":", 1)[0]:
             # Behind one NAT: no hairpinning, but the LAN reaches; the smaller id listens.
             if mine.lan and theirs.lan:
@@ -312,7 +332,9 @@ class PunchCoordinator:
             return "dial", theirs.listen
         if me_reachable:
             return "listen", ""
-        if frozenset({mine.nat, theirs.nat}) in HOPELESS:
+        if frozenset({mine.nat, theirs.nat}) in HOPELESS or "symmetric" in (mine.nat, theirs.nat):
+            # A symmetric NAT maps the punch to a port nobody predicted: only a listener
+            # the other side can reach helps (above).
             return "no", f"NAT types {mine.nat} and {theirs.nat} cannot be punched through"
         return "punch", theirs.observed
 
@@ -320,20 +342,23 @@ class PunchCoordinator:
         self._attempts += 1
         state.attempt = self._attempts
         state.initiator = True
+        state.told = self.mine
         state.stage, state.sent_at, state.decided_at = Stage.OFFERED, now, now
         state.due = now + ANSWER_TIMEOUT
         return [SendPunch(peer, self._message("connect", state.attempt))]
 
     def _on_answer(self, peer: str, state: PeerPunch, theirs: Candidates, now: float) -> list[PunchEvent]:
-        """The answer to our offer: sync, and dial half a round trip later."""
+        """The answer to our offer: sync, and dial half a round trip later. A listening
+        side admits the peer at once: its dial may come before our own moment."""
         state.theirs = theirs
-        how, why = self._plan(peer, theirs)
-        if how == "no":
-            return self._give_up(peer, state, why)
+        state.plan = self._plan(peer, state.told, theirs)
+        if state.plan[0] == "no":
+            return self._give_up(peer, state, state.plan[1])
         state.rtt = now - state.sent_at
         state.stage = Stage.SYNCING
         state.due = now + min(state.rtt / 2, MAX_SYNC_WAIT)
-        return [SendPunch(peer, self._message("sync", state.attempt))]
+        events: list[PunchEvent] = [Expect(peer, state.attempt)] if state.plan[0] == "listen" else []
+        return events + [SendPunch(peer, self._message("sync", state.attempt))]
 
     def _on_offer(self, peer: str, state: PeerPunch, attempt: int, theirs: Candidates, now: float) -> list[PunchEvent]:
         """The peer offers a punch: answer it (or say why not) and wait for its sync."""
@@ -350,21 +375,24 @@ class PunchCoordinator:
             events.append(Abandon(peer, state.attempt, "the peer started a new attempt"))
             if state.stage is Stage.DIRECT:
                 events.append(PathChange(peer, False, "the peer started a new attempt"))
-        state.attempt, state.initiator, state.theirs = attempt, False, theirs
+        state.attempt, state.initiator, state.theirs, state.told = attempt, False, theirs, self.mine
         state.decided_at = now
-        how, why = self._plan(peer, theirs) if self.enabled else ("no", "direct links are off on the peer")
-        if how == "no":
-            events += self._give_up(peer, state, why)
-            return events + [SendPunch(peer, self._message("refuse", attempt, why))]
+        disabled = ("no", "direct links are off on the peer")
+        state.plan = self._plan(peer, self.mine, theirs) if self.enabled else disabled
+        if state.plan[0] == "no":
+            events += self._give_up(peer, state, state.plan[1])
+            return events + [SendPunch(peer, self._message("refuse", attempt, state.plan[1]))]
         state.stage, state.due = Stage.ANSWERED, now + ANSWER_TIMEOUT
+        if state.plan[0] == "listen":  # admitted before our answer leaves: its dial may be quick
+            events.append(Expect(peer, attempt))
         return events + [SendPunch(peer, self._message("answer", attempt))]
 
     def _dial(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
-        """The moment to connect: dial (or, for a peer that dials us, expect it)."""
+        """The moment to connect: dial (a listening side already admits the peer)."""
         state.stage, state.due = Stage.DIALING, now + PUNCH_TIMEOUT
-        how, remote = self._plan(peer, state.theirs)
+        how, remote = state.plan
         if how == "listen":
-            return [Expect(peer, state.attempt)]
+            return []
         return [Dial(peer, state.attempt, remote, curve_server=how == "punch" and self.peer_id < peer)]
 
     def _fail(self, peer: str, state: PeerPunch, reason: str, now: float) -> list[PunchEvent]:

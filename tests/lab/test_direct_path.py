@@ -124,7 +124,7 @@ def test_a_stream_survives_relay_to_direct_and_a_cut_direct_link_back_to_relay(l
     assert results == expected, results[:6]
     moves = [(e["path"], e["reason"]) for e in pair.a.find("path_changed")]
     assert [path for path, _ in moves][:2] == ["direct", "relay"], moves
-    assert "disconnected" in moves[1][1]
+    assert "went silent" in moves[1][1] or "disconnected" in moves[1][1], moves  # pings or libzmq's heartbeats
     # The cut came mid-stream: the jobs after it went back on the relay.
     assert len(pair.a.find("direct_link_down")) >= 1
     pair.b.wait_for("job_succeeded", count=jobs, timeout=10)  # B's log, read on the harness's thread

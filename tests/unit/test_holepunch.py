@@ -86,11 +86,31 @@ def test_pairs_that_cannot_be_punched_are_not_tried_and_both_sides_say_why() -> 
         assert nodes[A].want(B, 5.0) == [] and nodes[A].next_deadline() is None
 
 
-def test_symmetric_with_a_full_cone_or_public_peer_is_tried() -> None:
-    for other in ("full_cone", "open", None):  # None: B has not classified its NAT yet
+def test_symmetric_with_a_peer_that_has_no_reachable_listener_is_not_tried() -> None:
+    # A symmetric NAT maps the punch to an unpredicted port: only dialling a listener
+    # helps (test_a_symmetric_nat_dials_the_listener_of_a_public_or_full_cone_peer).
+    for other in ("full_cone", "open", "restricted", None):  # None: B has not classified its NAT
         nodes = pair("symmetric", other)
         log = carry(nodes, A, nodes[A].want(B, 0.0), 0.01)
-        assert len(of(log[B], Dial)) == 1, other
+        assert of(log[A] + log[B], Dial) == [], other
+        assert [n.event for n in of(log[A] + log[B], PunchNotice)] == ["punch_skipped", "punch_skipped"]
+
+
+def test_a_peer_address_that_is_not_ip_port_is_never_dialled() -> None:
+    nodes = pair(b_at="relay.example:40002")
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.01)
+    assert of(log[A] + log[B], Dial) == []
+    [skipped] = [n for n in of(log[A], PunchNotice) if n.event == "punch_skipped"]
+    assert "'relay.example:40002' is not IP:PORT" in skipped.fields["reason"]
+
+
+def test_both_sides_keep_the_plan_made_from_the_candidates_they_exchanged() -> None:
+    nodes = pair("port_restricted", None)  # B answers before it knows its NAT type
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.02)
+    b_ip = B_AT.rsplit(":", 1)[0]
+    nodes[B].set_candidates(Candidates(B_AT, "full_cone", f"{b_ip}:7002"), 0.021)  # learned since
+    dials = of(log[B], Dial) + of(nodes[A].on_tick(0.05), Dial)
+    assert sorted((d.remote, d.curve_server) for d in dials) == [(A_AT, False), (B_AT, True)]  # both punch
 
 
 def test_two_nodes_behind_one_nat_are_not_punched() -> None:

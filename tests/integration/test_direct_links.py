@@ -1,0 +1,110 @@
+"""A node's direct-link listener (actors.direct_links) with real CurveZMQ sockets on
+loopback: it admits only the keys an attempt expects, and ties each connection to the key
+that said hi on it, so one expected peer cannot pass for another or take its traffic."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from actors.direct_links import BOX, HI, DirectLinks
+from meshnet.identity import Identity, curve_public_z85
+from meshnet.socket_loop import SocketLoop
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.identity = Identity.generate()
+        self.loop = SocketLoop("direct-test")
+        self.loop.start()
+        self.ups: list[tuple[str, int]] = []
+        self.messages: list[tuple[str, bytes]] = []
+        self.changed = threading.Condition()
+        self.links = self.loop.run_sync(
+            lambda: DirectLinks(
+                identity=self.identity,
+                loop=self.loop,
+                max_message=1 << 20,
+                on_up=lambda peer, attempt: self._note(self.ups, (peer, attempt)),
+                on_down=lambda *args: None,
+                on_message=lambda peer, data: self._note(self.messages, (peer, bytes(data))),
+            )
+        )
+        self.port = self.loop.run_sync(self.links.listen, 0)
+
+    def _note(self, into: list, item: object) -> None:
+        with self.changed:
+            into.append(item)
+            self.changed.notify_all()
+
+    def wait(self, found, timeout: float = 10.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(found, timeout), "not within 10 s"
+
+    def close(self) -> None:
+        self.loop.run_sync(self.links.close_all)
+        self.loop.stop()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    node = Listener()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def dialler(context: zmq.Context, me: Identity, listener: Listener, routing_id: str | None = None) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.curve_publickey, sock.curve_secretkey = me.zmq_curve_keys()
+    sock.curve_serverkey = curve_public_z85(listener.identity.peer_id)
+    if routing_id is not None:
+        sock.routing_id = routing_id.encode()
+    sock.linger = 0
+    sock.connect(f"tcp://127.0.0.1:{listener.port}")
+    return sock
+
+
+def test_an_expected_peer_cannot_pass_for_another_or_take_its_traffic(listener: Listener) -> None:
+    p, q = Identity.generate(), Identity.generate()
+    listener.loop.run_sync(listener.links.expect, p.peer_id, 1)
+    listener.loop.run_sync(listener.links.expect, q.peer_id, 7)
+    context = zmq.Context()
+    try:
+        to_p = dialler(context, p, listener)
+        to_p.send(HI)
+        listener.wait(lambda: (p.peer_id, 1) in listener.ups)
+        # Q, expected too, names itself with P's peer id as routing id and says hi.
+        to_q = dialler(context, q, listener, routing_id=p.peer_id)
+        to_q.send(HI)
+        listener.wait(lambda: (q.peer_id, 7) in listener.ups)
+        to_q.send_multipart([BOX, b"from q"])
+        to_p.send_multipart([BOX, b"from p"])
+        listener.wait(lambda: len(listener.messages) == 2)
+        assert sorted(listener.messages) == sorted([(p.peer_id, b"from p"), (q.peer_id, b"from q")])
+        assert listener.loop.run_sync(listener.links.send, p.peer_id, b"for p")
+        assert to_p.poll(5000) and to_p.recv_multipart() == [BOX, b"for p"]
+        assert to_q.poll(300) == 0  # nothing of P's reached Q
+    finally:
+        context.destroy(linger=0)
+
+
+def test_a_key_no_attempt_expects_is_refused_at_the_handshake(listener: Listener) -> None:
+    stranger = Identity.generate()
+    context = zmq.Context()
+    try:
+        sock = dialler(context, stranger, listener)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        assert monitor.poll(5000)
+        event = recv_monitor_message(monitor)
+        assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    finally:
+        context.destroy(linger=0)
+    assert listener.ups == [] and listener.messages == []
