@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.session_sim import Simulation
@@ -111,6 +111,7 @@ def test_a_relay_that_replays_old_boxes_late_runs_nothing_twice_and_ends_nothing
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 2**32), st.floats(0.0, 0.3), st.floats(0.5, 15.0))
+@example(16274, 0.28125, 1.0)  # every hello lost until B is given up: its jobs end refused
 def test_a_peer_that_restarts_mid_stream_loses_only_what_it_had(seed: int, drop: float, when: float) -> None:
     """B restarts while A's jobs stream to it: each job still ends once, none runs twice
     (in either of B's lives), those B may have had end peer_lost, and the jobs after the
@@ -125,7 +126,13 @@ def test_a_peer_that_restarts_mid_stream_loses_only_what_it_had(seed: int, drop:
     assert set(sim.settled) == set(sim.submitted)
     assert all(len(o) == 1 for o in sim.settled.values())
     assert max(sim.executed.values(), default=0) <= 1
-    assert {o[0].status for o in sim.settled.values()} <= {"succeeded", "peer_lost"}
+    assert {o[0].status for o in sim.settled.values()} <= {"succeeded", "peer_lost", "refused"}
+    # refused only when B was never heard for PEER_SILENCE (every hello lost: at 30 % loss
+    # until LOSS_ENDS, rare, and found by hypothesis), and then only for jobs that never
+    # reached B: a true status.
+    refused = [job_id for job_id, o in sim.settled.items() if o[0].status == "refused"]
+    assert all("answered nothing" in sim.settled[job_id][0].message for job_id in refused)
+    assert all(sim.executed["B", job_id] == 0 for job_id in refused)
     # A job that reached B only after B's restart is never taken for one of B's last life.
     lost = [job_id for job_id, o in sim.settled.items() if o[0].status == "peer_lost"]
     assert all(sim.executed["B", job_id] <= 1 for job_id in lost)
