@@ -61,9 +61,10 @@ def _link(context: zmq.Context, name: bytes, relay: str, relay_public: str) -> z
     return dealer
 
 
-def _exit(relay: str, relay_public: str, workers: int) -> None:
-    context = zmq.Context()
-    dealer = _link(context, b"exit", relay, relay_public)
+def _serve_pool(sock: zmq.Socket, workers: int) -> None:
+    """The exit node's work, on ``sock`` (a relay link or a direct ROUTER): each request
+    ``source, conn, header, body`` runs in the pool, and its answer goes back as
+    ``source, conn, job id, status, result`` until SIGTERM."""
     pool = RawPool(workers)
 
     def request(frames: list[zmq.Frame]) -> None:
@@ -72,10 +73,15 @@ def _exit(relay: str, relay_public: str, workers: int) -> None:
         pool.submit((source.bytes, conn.bytes, fields["id"]), fields["kind"], body)
 
     def reply(tag: tuple[bytes, bytes, bytes], ok: bool, result: Any) -> None:
-        dealer.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
+        sock.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
 
-    pool.serve(dealer, request, reply)
+    pool.serve(sock, request, reply)
     pool.close()
+
+
+def _exit(relay: str, relay_public: str, workers: int) -> None:
+    context = zmq.Context()
+    _serve_pool(_link(context, b"exit", relay, relay_public), workers)
     context.destroy(linger=0)
 
 
@@ -86,18 +92,7 @@ def _direct_exit(endpoint: str, public: str, secret: str, workers: int) -> None:
     router.curve_server = True
     router.curve_publickey, router.curve_secretkey = public.encode(), secret.encode()
     router.bind(endpoint)
-    pool = RawPool(workers)
-
-    def request(frames: list[zmq.Frame]) -> None:
-        source, conn, header, body = frames
-        fields = cbor2.loads(header.bytes)
-        pool.submit((source.bytes, conn.bytes, fields["id"]), fields["kind"], body)
-
-    def reply(tag: tuple[bytes, bytes, bytes], ok: bool, result: Any) -> None:
-        router.send_multipart([*tag, b"ok" if ok else b"failed", result], copy=False)
-
-    pool.serve(router, request, reply)
-    pool.close()
+    _serve_pool(router, workers)
     context.destroy(linger=0)
 
 
