@@ -50,7 +50,7 @@ from meshnet.holepunch import (
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
-from meshnet.natcheck import DEFAULT_STUN_PORT, NatReport, classify, local_ip_toward
+from meshnet.natcheck import NatReport, classify, local_ip_toward, stun_server
 from meshnet.protocol import (
     BODY_SLACK,
     MAX_FRAMES,
@@ -581,7 +581,7 @@ class RelayClient:
         self._punch(self.punch.set_candidates(self._candidates(observed), now, final=not enabled or self._checked))
         if enabled and not self._checked and not self._classifying:
             self._classifying = True
-            server = self._stun_server()
+            server = stun_server(self.stun, self.endpoint)
             threading.Thread(target=self._check_network, args=(server,), name="nat-check", daemon=True).start()
 
     def _candidates(self, observed: str) -> Candidates:
@@ -598,15 +598,6 @@ class RelayClient:
             return Candidates(observed, nat)
         public_ip = observed.rsplit(":", 1)[0]
         return Candidates(observed, nat, f"{public_ip}:{port}", f"{self._lan_ip}:{port}")
-
-    def _stun_server(self) -> tuple[str, int] | None:
-        if self.stun == "off":
-            return None
-        if self.stun:
-            host, _, port = self.stun.rpartition(":")
-            return host.strip("[]"), int(port)
-        relay = tcp_address(self.endpoint)
-        return (relay[0], DEFAULT_STUN_PORT) if relay is not None else None
 
     def _check_network(self, server: tuple[str, int] | None) -> None:
         """Its own thread: the LAN address this node reaches the relay from, and its NAT

@@ -239,17 +239,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _stun_server(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    from meshnet.endpoints import host_port
+
+    server = host_port(text)
+    if server is None:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 198.51.100.1:3478, not {text!r}")
-    return host.strip("[]"), int(port)
+    return server
 
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
     """NAT type and public addresses, like ``tailscale netcheck``: STUN against the
     relay's responder (or ``--stun``), and what the relay observes of the node's TCP."""
-    from meshnet.endpoints import tcp_address
-    from meshnet.natcheck import DEFAULT_STUN_PORT, classify
+    from meshnet.natcheck import classify, stun_server
 
     relay: dict[str, Any] | None = None
     if args.node is None and args.stun is None:
@@ -261,12 +262,9 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
         except MeshError as exc:
             if args.stun is None:
                 raise MeshError(f"{exc}; or name a STUN server with --stun HOST:PORT") from None
-    server = args.stun
+    server = args.stun or (stun_server("", relay["endpoint"]) if relay else None)
     if server is None:
-        address = tcp_address(relay["endpoint"]) if relay else None
-        if address is None:
-            raise MeshError("the node has no tcp:// relay to ask; name a STUN server with --stun HOST:PORT")
-        server = (address[0], DEFAULT_STUN_PORT)
+        raise MeshError("the node has no tcp:// relay to ask; name a STUN server with --stun HOST:PORT")
     try:
         report = classify(server)
     except OSError as exc:

@@ -21,6 +21,7 @@ import cbor2
 import platformdirs
 import tomli_w
 
+from meshnet.endpoints import host_port
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.flow import DEFAULT_WINDOW
 from meshnet.identity import Identity, is_peer_id
@@ -80,10 +81,8 @@ def _port_or_zero(value: Any) -> int:
 def _stun_server(value: Any) -> str:
     if value in ("", "off"):
         return value
-    if isinstance(value, str):
-        host, _, port = value.rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return value
+    if isinstance(value, str) and host_port(value) is not None:
+        return value
     raise ValueError('"HOST:PORT" of a STUN server, "" for the relay\'s (its host, port 3478), or "off"')
 
 

@@ -53,6 +53,17 @@ def tcp_address(endpoint: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def host_port(text: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` (an IPv6 host in brackets, returned without them);
+    None unless the port is a number from 1 to 65535 and the host is not empty."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def connect_from(endpoint: str, local_port: int) -> str:
     """``endpoint`` connected from local port ``local_port``, in libzmq's
     ``tcp://SRC:PORT;HOST:PORT`` form: the address a NAT maps that port to, which the

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from meshnet.endpoints import host_port
 from meshnet.protocol.messages import Punch
 
 #: From dialling to a link that answered: a few round trips and a SYN retransmit on a
@@ -68,11 +69,11 @@ HOPELESS = {
 
 def is_ip_port(text: str) -> bool:
     """``text`` is IP:PORT (an IPv6 address in brackets): what a peer may make us dial."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    parsed = host_port(text)
+    if parsed is None:
         return False
     try:
-        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        ipaddress.ip_address(parsed[0])
     except ValueError:
         return False
     return True

@@ -23,6 +23,8 @@ from typing import Any
 
 import stun
 
+from meshnet.endpoints import host_port, tcp_address
+
 #: pystun3's names, and ours (what `meshnet netcheck`, status and the hole-punch rules use).
 NAT_TYPES = {
     stun.OpenInternet: "open",
@@ -58,6 +60,17 @@ class NatReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def stun_server(setting: str, relay_endpoint: str) -> tuple[str, int] | None:
+    """The STUN server of ``relay.stun``: "off" none, "HOST:PORT" that one, "" the relay's
+    own responder (its host, DEFAULT_STUN_PORT; none for a relay not on tcp://)."""
+    if setting == "off":
+        return None
+    if setting:
+        return host_port(setting)
+    relay = tcp_address(relay_endpoint)
+    return (relay[0], DEFAULT_STUN_PORT) if relay is not None else None
 
 
 def local_ip_toward(server: tuple[str, int]) -> str:

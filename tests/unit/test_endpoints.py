@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from meshnet.endpoints import bind_failure, connect_from, free_tcp_port, tcp_address
+from meshnet.endpoints import bind_failure, connect_from, free_tcp_port, host_port, tcp_address
 from meshnet.errors import MeshError, StartupError
 
 
@@ -50,3 +50,11 @@ def test_a_free_tcp_port_can_be_bound() -> None:
     port = free_tcp_port()
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", port))
+
+
+def test_host_port_reads_host_and_port_and_refuses_what_cannot_be_dialled() -> None:
+    assert host_port("198.51.100.1:3478") == ("198.51.100.1", 3478)
+    assert host_port("stun.example:3478") == ("stun.example", 3478)
+    assert host_port("[2001:db8::1]:3478") == ("2001:db8::1", 3478)
+    for text in ("", "3478", ":3478", "host:", "host:0", "host:65536", "host:port"):
+        assert host_port(text) is None, text
