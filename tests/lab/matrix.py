@@ -18,6 +18,7 @@ from meshnet import MeshClient
 from meshnet.identity import Identity
 from tests.harness import Mesh, MeshProcess
 from tests.lab.netlab import Host, Lab, why_not_available
+from tests.lab.nodes import node_config, spawn_node, start_relay
 
 KINDS = ("public", "full_cone", "port_restricted", "symmetric", "same_nat")
 #: Where a direct link is possible (the rest stay relayed): public or full cone with
@@ -60,10 +61,7 @@ class Row:
 
 
 def build(lab: Lab, mesh: Mesh, tmp: Path) -> list[Node]:
-    relay_host = lab.public_host("relay", "198.51.100.2")
-    stun = {"addresses": [relay_host.ip, "198.51.100.2"], "port": 3478, "alt_port": 3479}
-    path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open", stun=stun)
-    mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
+    relay = start_relay(lab, mesh)
     hosts: list[tuple[str, Host]] = []
     for i in (1, 2):
         hosts.append(("public", lab.public_host(f"pub{i}")))
@@ -75,16 +73,8 @@ def build(lab: Lab, mesh: Mesh, tmp: Path) -> list[Node]:
     nodes = []
     for kind, host in hosts:
         identity = Identity.generate()
-        api = f"ipc://{tmp}/{host.name}.sock"
-        config, _, _ = mesh.node_config(
-            host.name,
-            identity,
-            relay=(endpoint, relay_id.peer_id),
-            api={"endpoint": api},
-            relay_settings={"direct_links": True},
-        )
-        proc = mesh.spawn(host.name, ["node", "--config", str(config)], prefix=lab.command(host.ns, []))
-        nodes.append(Node(kind, host, proc, api, identity))
+        config, api = node_config(mesh, relay, host.name, tmp, identity)
+        nodes.append(Node(kind, host, spawn_node(lab, mesh, host, host.name, config), api, identity))
     for node in nodes:
         node.proc.wait_for("nat_classified", timeout=60)
     return nodes

@@ -28,6 +28,7 @@ from meshnet import MeshClient
 from meshnet.identity import Identity
 from tests.harness import Mesh
 from tests.lab.netlab import Lab, why_not_available
+from tests.lab.nodes import node_config, spawn_node, start_relay
 
 LATE_MAX_S = 2.0
 #: One trial in this many has B late.
@@ -54,21 +55,10 @@ def run(tmp: Path, trials: int, seed: int = 1) -> list[Trial]:
     rng = random.Random(seed)
     lab, mesh = Lab("p"), Mesh(tmp)
     try:
-        relay_host = lab.public_host("relay")
-        path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open")
-        mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
+        relay = start_relay(lab, mesh, stun=False)
         hosts = {n: lab.host_behind(lab.router(f"r{n}", "port_restricted"), f"h{n}") for n in "ab"}
         ids = {n: Identity.generate() for n in "ab"}
-        configs = {}
-        for n in "ab":
-            configs[n], _, _ = mesh.node_config(
-                n,
-                ids[n],
-                relay=(endpoint, relay_id.peer_id),
-                api={"endpoint": f"ipc://{tmp}/{n}.sock"},
-                jobs={"executors": 1},
-                relay_settings={"direct_links": True, "stun": "off"},
-            )
+        configs = {n: node_config(mesh, relay, n, tmp, ids[n], jobs={"executors": 1}, stun="off")[0] for n in "ab"}
         return [
             _trial(
                 lab,
@@ -87,7 +77,7 @@ def run(tmp: Path, trials: int, seed: int = 1) -> list[Trial]:
 
 
 def _trial(lab: Lab, mesh: Mesh, hosts, ids, configs, tmp: Path, late_s: float) -> Trial:
-    procs = {n: mesh.spawn(n, ["node", "--config", str(configs[n])], prefix=lab.command(hosts[n].ns, [])) for n in "ab"}
+    procs = {n: spawn_node(lab, mesh, hosts[n], n, configs[n]) for n in "ab"}
     try:
         for proc in procs.values():
             proc.wait_for("relay_registered")

@@ -17,6 +17,7 @@ from meshnet import MeshClient
 from meshnet.identity import Identity
 from tests.harness import Mesh, MeshProcess
 from tests.lab.netlab import Lab
+from tests.lab.nodes import node_config, start_relay
 
 
 @dataclass
@@ -31,23 +32,12 @@ class Pair:
 
 
 def start_pair(lab: Lab, mesh: Mesh, tmp: Path, kind_a: str, kind_b: str, b_log: str = "info") -> Pair:
-    relay_host = lab.public_host("relay", "198.51.100.2")
-    stun = {"addresses": [relay_host.ip, "198.51.100.2"], "port": 3478, "alt_port": 3479}
-    path, relay_id, endpoint = mesh.relay_config(host=relay_host.ip, access="open", stun=stun)
-    mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
+    relay = start_relay(lab, mesh)
     procs, apis, ids = {}, {}, {}
     for name, kind in (("a", kind_a), ("b", kind_b)):
         host = lab.host_behind(lab.router(f"r{name}", kind), f"h{name}")
         ids[name] = Identity.generate()
-        apis[name] = f"ipc://{tmp}/{name}.sock"
-        config, _, _ = mesh.node_config(
-            name,
-            ids[name],
-            relay=(endpoint, relay_id.peer_id),
-            api={"endpoint": apis[name]},
-            log_level=b_log if name == "b" else "info",
-            relay_settings={"direct_links": True},
-        )
+        config, apis[name] = node_config(mesh, relay, name, tmp, ids[name], log_level=b_log if name == "b" else "info")
         procs[name] = mesh.start_node(name, config, registered=True, prefix=lab.command(host.ns, []))
     return Pair(lab, procs["a"], procs["b"], apis["a"], apis["b"], ids["b"], ids["a"])
 

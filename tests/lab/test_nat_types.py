@@ -15,8 +15,8 @@ import pytest
 
 from tests.harness import Mesh
 from tests.lab.netlab import Host, Lab
+from tests.lab.nodes import STUN_PORT, start_relay
 
-STUN_PORT, STUN_ALT_PORT = 3478, 3479
 #: What each host's NAT is, in netcheck's words.
 EXPECTED = {"public": "open", "full_cone": "full_cone", "port_restricted": "port_restricted", "symmetric": "symmetric"}
 
@@ -35,13 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     mesh = Mesh(tmp)
     coturn: subprocess.Popen | None = None
     try:
-        relay_host = lab.public_host("relay", "198.51.100.2")
-        path, _, _ = mesh.relay_config(
-            host=relay_host.ip,
-            access="open",
-            stun={"addresses": [relay_host.ip, "198.51.100.2"], "port": STUN_PORT, "alt_port": STUN_ALT_PORT},
-        )
-        mesh.start_relay(path, prefix=lab.command(relay_host.ns, []))
+        relay_host = start_relay(lab, mesh).host
         turn_host = lab.public_host("turn", "198.51.100.3")
         coturn = subprocess.Popen(
             lab.command(turn_host.ns, [
