@@ -72,6 +72,7 @@ from meshnet.protocol import (
     decode,
     decode_inner,
     encode,
+    encode_inner,
     encode_inner_parts,
     frame_limit,
 )
@@ -414,7 +415,7 @@ class RelayClient:
         exactly that peer), else sealed, on the relay link. A box the path cannot take
         now is dropped: the session sends it again."""
         if event.path == "direct":
-            if self.direct.send(event.peer, b"".join(encode_inner_parts(event.box))):
+            if self.direct.send(event.peer, encode_inner(event.box)):
                 self.boxes_sent["direct"] += 1
             return
         if not self.link.registered:
