@@ -25,7 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from actors.base import NodeActor
 from actors.job_queue import JobBook
-from actors.messages import CancelJob, Drain, QueryPeers, RunThere
+from actors.messages import CancelJob, Drain, PingThere, QueryPeers, RunThere
 from meshnet.endpoints import bind_failure, is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
@@ -39,6 +39,8 @@ from meshnet.protocol import (
     Error,
     PeersReply,
     PeersRequest,
+    PingPeer,
+    PingReply,
     Result,
     StatusReply,
     StatusRequest,
@@ -53,6 +55,10 @@ from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_mess
 log = structlog.get_logger("meshnet.api")
 
 RECV_BATCH = 256
+#: A ``ping_peer`` without a timeout waits this long for its peer; none waits longer
+#: than the max (each holds a timer and an entry on the node until it ends).
+PING_TIMEOUT = 5.0
+PING_TIMEOUT_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -373,6 +379,8 @@ class ClientApiActor(NodeActor):
             self.actor_ref.tell(StatusFor(conn, message.seq))
         elif isinstance(message, PeersRequest):
             self._io_peers(conn, message.seq)
+        elif isinstance(message, PingPeer):
+            self._io_ping(conn, message)
 
     def _io_submit(self, conn: bytes, message: Submit) -> None:
         loop = self.loop
@@ -425,6 +433,23 @@ class ClientApiActor(NodeActor):
             reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
         else:
             self.relay(RunThere([(job, peer)]))
+
+    def _io_ping(self, conn: bytes, message: PingPeer) -> None:
+        loop, send, seq, peer = self.loop, self._io_send, message.seq, message.peer
+
+        def reply(answer: dict[str, Any] | None, code: str, why: str) -> None:
+            if answer is None:
+                frames = encode(Error(code=code, message=why, seq=seq))
+            else:
+                frames = encode(PingReply(peer=peer, seq=seq, **{**answer, "rtt": max(answer["rtt"], 1e-9)}))
+            loop.call_soon(send, conn, frames)
+
+        if peer == self.peer_id:
+            reply(None, "invalid", f"{peer} is this node's own peer id; name another node's")
+        elif self.relay is None:
+            reply(None, "no_relay", "this node has no relay configured, so it reaches no other peers")
+        else:
+            self.relay(PingThere(peer, min(message.timeout or PING_TIMEOUT, PING_TIMEOUT_MAX), reply))
 
     def _io_peers(self, conn: bytes, seq: int | None) -> None:
         loop = self.loop

@@ -46,6 +46,17 @@ class QueryPeers:
 
 
 @dataclass(frozen=True)
+class PingThere:
+    """Measure a round trip to ``peer`` (``meshnet ping``) within ``timeout`` seconds;
+    ``reply`` takes the answer's fields (``rtt``, ``path``, ``sent``, ``address``), or
+    None with an error code and message."""
+
+    peer: str
+    timeout: float
+    reply: Callable[[dict[str, Any] | None, str, str], None]
+
+
+@dataclass(frozen=True)
 class Drain:
     """Refuse new jobs; end waiting ones as cancelled."""
 

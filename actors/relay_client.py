@@ -32,7 +32,17 @@ from zmq.utils.monitor import recv_monitor_message
 from actors.base import NodeActor, log_job_end
 from actors.direct_links import DirectLinks
 from actors.job_queue import JobBook
-from actors.messages import Abort, CancelJob, Drain, QueryPeers, Reconnect, ReplyToPeer, RunThere, Tick
+from actors.messages import (
+    Abort,
+    CancelJob,
+    Drain,
+    PingThere,
+    QueryPeers,
+    Reconnect,
+    ReplyToPeer,
+    RunThere,
+    Tick,
+)
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.endpoints import connect_from, free_tcp_port, tcp_address
 from meshnet.errors import ProtocolError, SealError
@@ -83,6 +93,7 @@ from meshnet.session import (
     Control,
     Execute,
     Notice,
+    Ponged,
     SessionCore,
     Settled,
     StopRun,
@@ -104,6 +115,8 @@ RECONNECT_IVL_MS = (100.0, 1000.0)
 RECONNECT_IVL_MAX_MS = 5000
 LINK_LOST = "the node lost its connection to the relay"
 DISPLACED = "another process with this node's identity took its place at the relay; this node no longer uses it"
+#: ``meshnet ping`` requests waiting at once, for all clients: more are refused.
+MAX_PENDING_PINGS = 1024
 #: Shorter than a client's own wait (10 s), so that the client hears why.
 PEERS_QUERY_TIMEOUT = 5.0
 HANDSHAKE_FAILURES = (
@@ -192,7 +205,9 @@ class RelayClient:
         #: Peers queries waiting for the relay's answer, by the seq they were sent with.
         self.pending_peers: dict[int, Any] = {}
         self.peers_seq = 0
-        self.ping_seq = 0
+        #: ``meshnet ping`` requests waiting for their peer's answer, by (peer, ping number):
+        #: their reply, the path the ping went on, and the timer that gives up on them.
+        self.pending_pings: dict[tuple[str, int], tuple[Any, str, TimerHandle]] = {}
         self.draining = False
         #: Set while no job sent to a peer awaits its answer (the supervisor waits on it
         #: to drain).
@@ -261,6 +276,8 @@ class RelayClient:
     def _shut_down(self) -> None:
         try:
             self._apply(self.sessions.abort_all("the node is shutting down", time.monotonic()))
+            for key in list(self.pending_pings):
+                self._ping_answered(key, None, "unavailable", "the node is shutting down")
         finally:
             self._io_close()
             self.direct.close_all()
@@ -296,7 +313,15 @@ class RelayClient:
             "boxes_sent": dict(self.boxes_sent),
             "nat": self.nat.as_dict() if self.nat is not None else None,
             "direct": {peer: self.punch.describe(peer) for peer in self.punch.peers},
+            "rtt_ms": _ms(self.link.rtt),
+            "peers": {peer: self._peer_link(peer) for peer in self.sessions.sessions},
         }
+
+    def _peer_link(self, peer: str) -> dict[str, Any]:
+        """The path to ``peer`` now, and its last measured round trip (on that path)."""
+        path = self.sessions.paths.current(peer)
+        rtt = self.sessions.round_trips.get(peer, {}).get(path or "")
+        return {"path": _path_name(path), "rtt_ms": _ms(rtt[0] if rtt else None)}
 
     # -- messages --
 
@@ -335,6 +360,8 @@ class RelayClient:
                 self.peers_seq += 1
                 self.pending_peers[self.peers_seq] = (message.reply, now + PEERS_QUERY_TIMEOUT)
                 self._send_control(encode(PeersRequest(seq=self.peers_seq)))
+        elif isinstance(message, PingThere):
+            self._ping_peer(message, now)
         elif isinstance(message, Reconnect):
             if self.link.state is not LinkState.DISPLACED:
                 self._connect()
@@ -380,6 +407,8 @@ class RelayClient:
             elif isinstance(event, Control):
                 if isinstance(event.message, Punch):
                     self._punch(self.punch.on_punch(event.peer, event.message, time.monotonic()))
+            elif isinstance(event, Ponged):
+                self._on_pong(event)
             elif isinstance(event, StopRun):
                 self.book.cancel(event.job_id, event.peer)
             elif isinstance(event, Notice):
@@ -414,9 +443,9 @@ class RelayClient:
         """Send a box on its path: on a direct link in the clear (the link is CurveZMQ to
         exactly that peer), else sealed, on the relay link. A box the path cannot take
         now is dropped: the session sends it again."""
-        if event.path == "direct":
+        if event.path != "relay":  # the peer's own link: direct, or over the LAN
             if self.direct.send(event.peer, encode_inner(event.box)):
-                self.boxes_sent["direct"] += 1
+                self.boxes_sent[event.path] += 1
             return
         if not self.link.registered:
             return
@@ -481,7 +510,7 @@ class RelayClient:
         if isinstance(message, Deliver):
             self._on_deliver(message, now)
         elif isinstance(message, Pong):
-            pass
+            self.link.on_pong(message.seq, now)
         elif isinstance(message, Registered):
             self.link.on_registered(message.observed, message.heartbeat, now)
             # Both ends count the link's bytes from the message after this one.
@@ -498,7 +527,7 @@ class RelayClient:
             query = self.pending_peers.pop(message.seq, None) if message.seq is not None else None
             if query is not None:
                 for peer in message.peers:  # what only this node knows: its path to each
-                    peer["path"] = self.punch.path(peer.get("peer_id", ""))
+                    peer.update(self._peer_link(peer.get("peer_id", "")))
                 query[0](message.peers, "")
         elif isinstance(message, Error):
             self._on_error(message, now)
@@ -521,6 +550,9 @@ class RelayClient:
             return
         sid, counter = named
         self._apply(self.sessions.on_bounce(message.to, sid, counter, message.reason, message.message, now))
+        if message.reason == "peer_not_connected":
+            for key in [key for key in self.pending_pings if key[0] == message.to]:
+                self._ping_answered(key, None, "peer_not_connected", message.message)
 
     def _on_error(self, message: Error, now: float) -> None:
         if message.code == "not_registered":
@@ -564,6 +596,49 @@ class RelayClient:
             self._rejected(sender, "sealed_message_rejected", str(exc))
             return
         self._apply(self.sessions.on_box(sender, box, now))
+
+    # -- meshnet ping --
+
+    def _ping_peer(self, message: PingThere, now: float) -> None:
+        """Measure a round trip to the peer on its current path; ask for a direct link, as
+        a job would (``tailscale ping`` does the same): later pings may take it."""
+        peer = message.peer
+        sent = self.sessions.paths.current(peer)
+        if self.link.state is LinkState.DISPLACED:
+            message.reply(None, "no_relay", DISPLACED)
+            return
+        if sent is None:
+            why = f"not connected to the relay at {self.endpoint}, and no direct link to {peer}"
+            message.reply(None, "no_relay", why)
+            return
+        if len(self.pending_pings) >= MAX_PENDING_PINGS:
+            message.reply(None, "unavailable", f"{MAX_PENDING_PINGS} pings wait for answers already; try again later")
+            return
+        number, events = self.sessions.ping(peer, now)
+        timer = self.loop.call_later(message.timeout, self._ping_timed_out, (peer, number), message.timeout)
+        self.pending_pings[peer, number] = (message.reply, sent, timer)
+        self._apply(events)
+        self._want_direct(peer, now)
+
+    def _on_pong(self, event: Ponged) -> None:
+        key = (event.peer, event.number)
+        if key in self.pending_pings:
+            address = self.punch.remote(event.peer) if event.path != "relay" else None
+            answer = {"rtt": event.rtt, "path": event.path, "sent": self.pending_pings[key][1], "address": address}
+            self._ping_answered(key, answer, "", "")
+
+    def _ping_timed_out(self, key: tuple[str, int], timeout: float) -> None:
+        if key in self.pending_pings:
+            why = f"peer {key[0]} did not answer within {timeout:g} s"
+            self._ping_answered(key, None, "timed_out", why, expired=True)
+
+    def _ping_answered(
+        self, key: tuple[str, int], answer: dict[str, Any] | None, code: str, why: str, *, expired: bool = False
+    ) -> None:
+        reply, _, timer = self.pending_pings.pop(key)
+        if not expired:
+            timer.cancel()
+        reply(answer, code, why)
 
     def _rejected(self, source: str, event: str, error: str, **fields: Any) -> None:
         """Log a rejected message if it is the first from ``source`` lately; count it
@@ -646,9 +721,9 @@ class RelayClient:
             elif isinstance(event, Abandon):
                 self.direct.close(event.peer, event.attempt)
             elif isinstance(event, PathChange):
-                path = "direct" if event.up else "relay"
+                path = event.path if event.up else "relay"
                 self.log.info("path_changed", peer=event.peer, path=path, reason=event.reason)
-                self._apply(self.sessions.on_path("direct", event.up, now, event.peer))
+                self._apply(self.sessions.on_path(event.path, event.up, now, event.peer))
             elif isinstance(event, PunchNotice):
                 self.log.info(event.event, **event.fields)
         due = self.punch.next_deadline()
@@ -675,7 +750,7 @@ class RelayClient:
         except ProtocolError as exc:
             self._rejected(peer, "direct_message_rejected", str(exc))
             return
-        self._apply(self.sessions.on_box(peer, box, time.monotonic()))
+        self._apply(self.sessions.on_box(peer, box, time.monotonic(), self.punch.link(peer)))
         self._update_ledger_idle()
 
     # -- link --
@@ -685,8 +760,7 @@ class RelayClient:
         log_summaries(self.log, "messages_rejected", self.rejections.flush(now), now)
         action = self.link.on_tick(now)
         if action == "ping":
-            self.ping_seq += 1
-            self._send_control(encode(Ping(seq=self.ping_seq)))
+            self._send_control(encode(Ping(seq=self.link.ping(now))))
         elif action == "lost":
             self._on_lost(now)
         for seq in [s for s, (_, deadline) in self.pending_peers.items() if deadline <= now]:
@@ -708,8 +782,7 @@ class RelayClient:
             # does every message queued before it, and the first of those answers draws
             # the one register (registering here as well made two at once).
             self.log.info("relay_reconnected", action="asking whether it knows us")
-            self.ping_seq += 1
-            self._send_control(encode(Ping(seq=self.ping_seq)))
+            self._send_control(encode(Ping(seq=self.link.ping(now))))
         elif now - self._last_register < RECENT_REGISTER:
             # A register went out just now (the relay's not_registered, read before this
             # event, drew it): on the new connection, as that answer came on it.
@@ -902,6 +975,15 @@ class RelayClientActor(NodeActor):
 
     def handle(self, message: Any) -> Any:
         return self.client.handle(message)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 2) if seconds is not None else None
+
+
+def _path_name(path: str | None) -> str:
+    """What ``meshnet peers`` calls a session's path: direct, lan, relayed, or none."""
+    return {"relay": "relayed", None: "none"}.get(path, path)  # type: ignore[arg-type]
 
 
 def _mirror(event: threading.Event, value: bool) -> None:

@@ -203,7 +203,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         kinds = ",".join(caps.get("kinds", []))
         executors = caps.get("executors", "?")
         path, observed = peer.get("path", "relayed"), peer.get("observed", "")
-        print(f"{peer['peer_id']}  path={path}  observed={observed}  executors={executors}  kinds={kinds}")
+        rtt = f"{peer['rtt_ms']} ms" if peer.get("rtt_ms") is not None else "-"
+        print(f"{peer['peer_id']}  path={path}  rtt={rtt}  observed={observed}  executors={executors}  kinds={kinds}")
     return 0
 
 
@@ -219,7 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if relay:
         port = relay.get("local_port")
         origin = f" from local port {port}" if port else ""
-        print(f"relay:      {relay['endpoint']}{origin} ({relay['state']}, observed {relay['observed'] or '-'})")
+        rtt = f", rtt {relay['rtt_ms']} ms" if relay.get("rtt_ms") is not None else ""
+        print(f"relay:      {relay['endpoint']}{origin} ({relay['state']}, observed {relay['observed'] or '-'}{rtt})")
     else:
         print("relay:      none (running alone)")
     print(f"executors:  {info['executors']}  running: {info['running']}")
@@ -231,10 +233,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     nat = (relay or {}).get("nat")
     if nat:
         print(f"nat:        {nat['nat_type']}, public udp {nat['public_address'] or '-'} (STUN {nat['server']})")
+    for peer, link in sorted((relay or {}).get("peers", {}).items()):
+        rtt = f"  rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
+        print(f"peer:       {peer}  path={link['path']}{rtt}")
     for peer, link in sorted((relay or {}).get("direct", {}).items()):
         rtt = f", relayed rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
         why = f" ({link['why']})" if link.get("why") else ""
         print(f"direct:     {peer}  {link['stage']}{rtt}{why}")
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Round trips to a peer and the path each took, like ``tailscale ping``: the first
+    ping also asks for a direct link, so a NATed pair shows its pongs move from the relay
+    to the direct link. Stops at the first direct pong unless ``--no-until-direct``."""
+    import time
+
+    from meshnet.errors import PingFailed
+
+    if args.count < 1 or not args.interval >= 0:
+        raise MeshError("--count must be at least 1 and --interval at least 0")
+    answered: list[float] = []
+    with _client(args) as client:
+        for n in range(args.count):
+            started = time.monotonic()
+            try:
+                pong = client.ping(args.peer, timeout=args.timeout)
+            except PingFailed as exc:
+                print(f"no pong from {args.peer}: {exc}")
+                if exc.code not in ("timed_out",):
+                    return EXIT_FAILURE
+            else:
+                answered.append(pong["rtt"])
+                where = pong["path"] + (f" {pong['address']}" if pong.get("address") else "")
+                went = f" (sent via {pong['sent']})" if pong["sent"] != pong["path"] else ""
+                print(f"pong from {args.peer} via {where} in {pong['rtt'] * 1000:.2f} ms{went}")
+                if args.until_direct and pong["path"] != "relay":
+                    break
+            if n + 1 < args.count:
+                time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    if not answered:
+        print(f"{args.peer} answered none of the pings", file=sys.stderr)
+        return EXIT_FAILURE
+    ms = sorted(rtt * 1000 for rtt in answered)
+    print(f"{len(answered)} answered; rtt min {ms[0]:.2f} ms, median {ms[len(ms) // 2]:.2f} ms, max {ms[-1]:.2f} ms")
     return 0
 
 
@@ -270,6 +312,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise MeshError(f"STUN server {server[0]}:{server[1]} could not be asked: {exc}") from None
     info = {**report.as_dict(), "relay_observed_tcp": relay.get("observed") if relay else None}
+    info["relay_rtt_ms"] = relay.get("rtt_ms") if relay else None
     info["mapping_varies_by_destination"] = report.nat_type == "symmetric" if report.classified else None
     if args.json:
         print(json.dumps(info))
@@ -281,6 +324,9 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     if relay:
         port = relay.get("local_port")
         print(f"relay sees tcp:  {relay.get('observed') or '-'}" + (f"  (from local port {port})" if port else ""))
+        rtt = relay.get("rtt_ms")
+        rtt_text = f"{rtt} ms" if rtt is not None else "-"
+        print(f"relay rtt:       {rtt_text}  (the node's last heartbeat to {relay['endpoint']})")
     print(f"mapping varies:  {varies[info['mapping_varies_by_destination']]}")
     print(f"took:            {report.seconds:.2f} s")
     return 0
@@ -327,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--node", default=node_default)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("ping", help="round trips to a peer, and the path each took")
+    p.add_argument("peer", help="the peer's id")
+    p.add_argument("--count", "-c", type=int, default=10, help="pings at most (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between pings (default 1)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each pong (default 2)")
+    p.add_argument(
+        "--until-direct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop at the first pong over a direct or LAN link (default: yes)",
+    )
+    p.add_argument("--node", default=node_default)
+    p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("netcheck", help="NAT type and public addresses, by STUN against the relay")
     p.add_argument("--node", help=f"node API endpoint (default {node_default} unless --stun is given)")

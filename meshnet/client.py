@@ -29,6 +29,7 @@ from meshnet.errors import (
     LocalProtocolError,
     MeshError,
     NodeUnreachable,
+    PingFailed,
     ProtocolError,
 )
 from meshnet.identity import Identity, curve_public_z85
@@ -40,6 +41,8 @@ from meshnet.protocol import (
     Error,
     PeersReply,
     PeersRequest,
+    PingPeer,
+    PingReply,
     Result,
     StatusReply,
     StatusRequest,
@@ -211,6 +214,17 @@ class MeshClient:
     def peers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
         """The peers the node's relay knows; none for a node that runs alone (no relay)."""
         return self._request(PeersRequest(seq=next(self._seq)), PeersReply, timeout).peers
+
+    def ping(self, peer: str, timeout: float = 5.0) -> dict[str, Any]:
+        """One round trip to ``peer`` through this node, on the node's current path to it
+        (and a direct link asked for, as a job does): ``rtt`` (seconds), ``path`` the
+        answer came on (``relay``, ``direct`` or ``lan``), ``sent`` the path the ping went
+        on, and ``address``, the peer's end of a direct link. Raises ``PingFailed`` when
+        the peer does not answer within ``timeout``, or cannot be asked."""
+        request = PingPeer(peer=peer, seq=next(self._seq), timeout=timeout)
+        validate(request)
+        reply = self._request(request, PingReply, timeout + REQUEST_TIMEOUT)
+        return {"peer": reply.peer, "rtt": reply.rtt, "path": reply.path, "sent": reply.sent, "address": reply.address}
 
     def close(self) -> None:
         with self._lock:
@@ -410,13 +424,15 @@ class MeshClient:
                 continue  # a node that speaks garbage cannot answer any particular future
             if isinstance(message, Result):
                 self._io_result(message)
-            elif isinstance(message, (StatusReply, PeersReply, Error)):
+            elif isinstance(message, (StatusReply, PeersReply, PingReply, Error)):
                 request = self._requests.pop(message.seq, None) if message.seq is not None else None
                 if request is None:
                     continue  # an answer to a request that gave up, or to none of ours
                 reply_type, future = request
                 if isinstance(message, reply_type):
                     _settle(future, result=message)
+                elif isinstance(message, Error) and reply_type is PingReply:
+                    _settle(future, exception=PingFailed(message.message, message.code))
                 else:
                     error = message.message if isinstance(message, Error) else "unexpected reply"
                     _settle(future, exception=MeshError(error))

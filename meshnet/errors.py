@@ -66,6 +66,15 @@ class NodeUnreachable(MeshError):
     """The client could not reach its node in time."""
 
 
+class PingFailed(MeshError):
+    """A ping to a peer got no answer: ``code`` says why (``timed_out``,
+    ``peer_not_connected``, ``no_relay``, ``invalid``, ``unavailable``)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 class JobError(MeshError):
     """A job ended in a terminal status other than ``succeeded``.
 

@@ -79,6 +79,11 @@ def is_ip_port(text: str) -> bool:
     return True
 
 
+def behind_one_nat(mine: Candidates, theirs: Candidates) -> bool:
+    """Both nodes reach the relay from one public IP: behind one NAT, or one host."""
+    return bool(mine.observed) and mine.observed.rsplit(":", 1)[0] == theirs.observed.rsplit(":", 1)[0]
+
+
 class Stage(Enum):
     IDLE = "idle"
     #: We sent connect, and wait for the answer.
@@ -146,11 +151,13 @@ class Abandon:
 
 @dataclass(frozen=True)
 class PathChange:
-    """The direct link to ``peer`` is up (``up``) or gone: move its path."""
+    """The direct link to ``peer`` is up (``up``) or gone: move its path. ``path`` is the
+    session's name for it: ``lan`` for two nodes behind one NAT, else ``direct``."""
 
     peer: str
     up: bool
     reason: str
+    path: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,8 @@ class PeerPunch:
     #: exchanged, not from what either learned since), and the plan made from both.
     told: Candidates = field(default_factory=Candidates)
     plan: tuple[str, str] = ("no", "")
+    #: What the link is (PathChange.path): "lan" when both sit behind one NAT.
+    link: str = "direct"
     why: str = ""
     #: When the punch was decided (initiator: the connect; responder: the answer), for
     #: "decide to punch -> direct" figures.
@@ -248,7 +257,7 @@ class PunchCoordinator:
         state.stage, state.due, state.failures = Stage.DIRECT, None, 0
         took_ms = round((now - state.decided_at) * 1000, 1)
         return [
-            PathChange(peer, True, "hole punched"),
+            PathChange(peer, True, "hole punched" if state.plan[0] == "punch" else "dialled", state.link),
             PunchNotice("direct_link_up", {"peer": peer, "attempt": attempt, "ms_since_decided": took_ms}),
         ]
 
@@ -258,7 +267,10 @@ class PunchCoordinator:
             return []
         if state.stage is Stage.DIRECT:
             state.stage, state.due, state.why = Stage.BACKOFF, now + REUPGRADE_AFTER, reason
-            return [PathChange(peer, False, reason), PunchNotice("direct_link_down", {"peer": peer, "reason": reason})]
+            return [
+                PathChange(peer, False, reason, state.link),
+                PunchNotice("direct_link_down", {"peer": peer, "reason": reason}),
+            ]
         if state.stage is Stage.DIALING:
             return self._fail(peer, state, reason, now)
         return []
@@ -272,7 +284,7 @@ class PunchCoordinator:
             return []
         events: list[PunchEvent] = [Abandon(peer, state.attempt, "the peer's session ended")]
         if state.stage is Stage.DIRECT:
-            events.append(PathChange(peer, False, "the peer's session ended"))
+            events.append(PathChange(peer, False, "the peer's session ended", state.link))
         return events
 
     def on_tick(self, now: float) -> list[PunchEvent]:
@@ -306,9 +318,25 @@ class PunchCoordinator:
         }
 
     def path(self, peer: str) -> str:
-        """What ``meshnet peers`` shows for the peer's link."""
+        """What ``meshnet peers`` shows for the peer's link: direct, lan or relayed."""
         state = self.peers.get(peer)
-        return "direct" if state is not None and state.stage is Stage.DIRECT else "relayed"
+        return state.link if state is not None and state.stage is Stage.DIRECT else "relayed"
+
+    def link(self, peer: str) -> str:
+        """The session's name for a direct link to ``peer``: ``lan`` or ``direct``."""
+        state = self.peers.get(peer)
+        return state.link if state is not None else "direct"
+
+    def remote(self, peer: str) -> str | None:
+        """The peer's end of the direct link: the address dialled, or, for a peer that
+        dialled us, the address it said it dials from (its LAN or observed one)."""
+        state = self.peers.get(peer)
+        if state is None or state.stage is not Stage.DIRECT:
+            return None
+        how, address = state.plan
+        if how != "listen":
+            return address
+        return (state.theirs.lan if state.link == "lan" else state.theirs.observed) or None
 
     # -- internals --
 
@@ -322,7 +350,7 @@ class PunchCoordinator:
             if address and not is_ip_port(address):
                 return "no", f"the peer's address {address[:64]!r} is not IP:PORT"
         first = self.peer_id < peer
-        if theirs.observed.rsplit(":", 1)[0] == mine.observed.rsplit(":", 1)[0]:
+        if behind_one_nat(mine, theirs):
             # Behind one NAT: no hairpinning, but the LAN reaches; the smaller id listens.
             if mine.lan and theirs.lan:
                 return ("listen", "") if first else ("dial", theirs.lan)
@@ -353,6 +381,7 @@ class PunchCoordinator:
         side admits the peer at once: its dial may come before our own moment."""
         state.theirs = theirs
         state.plan = self._plan(peer, state.told, theirs)
+        state.link = "lan" if behind_one_nat(state.told, theirs) else "direct"
         if state.plan[0] == "no":
             return self._give_up(peer, state, state.plan[1])
         state.rtt = now - state.sent_at
@@ -375,11 +404,12 @@ class PunchCoordinator:
             # A new attempt from the peer replaces ours (it saw the old one fail).
             events.append(Abandon(peer, state.attempt, "the peer started a new attempt"))
             if state.stage is Stage.DIRECT:
-                events.append(PathChange(peer, False, "the peer started a new attempt"))
+                events.append(PathChange(peer, False, "the peer started a new attempt", state.link))
         state.attempt, state.initiator, state.theirs, state.told = attempt, False, theirs, self.mine
         state.decided_at = now
         disabled = ("no", "direct links are off on the peer")
         state.plan = self._plan(peer, self.mine, theirs) if self.enabled else disabled
+        state.link = "lan" if behind_one_nat(self.mine, theirs) else "direct"
         if state.plan[0] == "no":
             events += self._give_up(peer, state, state.plan[1])
             return events + [SendPunch(peer, self._message("refuse", attempt, state.plan[1]))]

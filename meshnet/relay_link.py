@@ -40,6 +40,11 @@ class RelayLink:
         self.last_heard = 0.0
         self.observed = ""
         self.connects = 0
+        #: The last heartbeat's round trip (seconds; None before one is answered), and
+        #: the heartbeat on its way: (its seq, when it was sent).
+        self.rtt: float | None = None
+        self._ping: tuple[int, float] | None = None
+        self._ping_seq = 0
         self._rng = rng or random.Random()
 
     @property
@@ -61,6 +66,17 @@ class RelayLink:
 
     def on_heard(self, now: float) -> None:
         self.last_heard = now
+
+    def ping(self, now: float) -> int:
+        """A heartbeat goes out now: the seq it carries."""
+        self._ping_seq += 1
+        self._ping = (self._ping_seq, now)
+        return self._ping_seq
+
+    def on_pong(self, seq: int, now: float) -> None:
+        """The relay answered heartbeat ``seq``: its round trip, if it is the last one sent."""
+        if self._ping is not None and self._ping[0] == seq:
+            self.rtt, self._ping = now - self._ping[1], None
 
     def on_not_registered(self, now: float) -> bool:
         """The relay answered that it does not know this node (it restarted, or expired

@@ -307,13 +307,16 @@ class Mesh:
         b_jobs: dict[str, Any] | None = None,
         b_log: str = "info",
         extra_allowed: tuple[str, ...] = (),
+        relay_settings: dict[str, Any] | None = None,
     ) -> Pair:
         a_id, b_id = Identity.generate(), Identity.generate()
         relay_path, relay_id, relay_endpoint = self.relay_config(allowed=[a_id.peer_id, b_id.peer_id, *extra_allowed])
         relay = self.start_relay(relay_path)
         link = (relay_endpoint, relay_id.peer_id)
-        a_path, _, a_api = self.node_config("a", a_id, relay=link, jobs=a_jobs)
-        b_path, _, b_api = self.node_config("b", b_id, relay=link, jobs=b_jobs, log_level=b_log)
+        a_path, _, a_api = self.node_config("a", a_id, relay=link, jobs=a_jobs, relay_settings=relay_settings)
+        b_path, _, b_api = self.node_config(
+            "b", b_id, relay=link, jobs=b_jobs, log_level=b_log, relay_settings=relay_settings
+        )
         a = self.start_node("a", a_path, registered=True)
         b = self.start_node("b", b_path, registered=True)
         return Pair(relay, relay_path, relay_endpoint, relay_id, a, a_api, a_id, b, b_api, b_id)

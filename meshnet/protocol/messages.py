@@ -46,6 +46,8 @@ __all__ = [
     "Cancel",
     "StatusRequest",
     "PeersRequest",
+    "PingPeer",
+    "PingReply",
     "Result",
     "StatusReply",
     "PeersReply",
@@ -121,7 +123,9 @@ REFUSAL_REASONS = (
 #: ``unavailable`` (the node could not gather what was asked); ``duplicate`` (a ``submit``
 #: whose id is in flight already, from this client: the job in flight goes on);
 #: ``replaced`` (the relay took this node's registration over for another connection
-#: with the same key: two processes run with one identity).
+#: with the same key: two processes run with one identity); for a ``ping_peer``,
+#: ``peer_not_connected`` (the relay knows no such peer) and ``timed_out`` (no answer
+#: within its timeout).
 ERROR_CODES = (
     "invalid",
     "too_large",
@@ -131,6 +135,8 @@ ERROR_CODES = (
     "unavailable",
     "duplicate",
     "replaced",
+    "peer_not_connected",
+    "timed_out",
 )
 
 
@@ -378,6 +384,18 @@ class PeersRequest(Message):
     seq: int | None = None
 
 
+@dataclass(frozen=True)
+class PingPeer(Message):
+    """Measure one round trip to peer ``peer`` on its current path (``meshnet ping``);
+    answered by a ``ping_reply``, or an ``error`` with the request's ``seq``."""
+
+    TYPE = "ping_peer"
+    RULES = {"peer": peer_id, "seq": optional(seq), "timeout": optional(seconds)}
+    peer: str
+    seq: int | None = None
+    timeout: float | None = None
+
+
 # node -> client
 
 
@@ -413,6 +431,29 @@ class PeersReply(Message):
     peers: list[dict[str, Any]]
     seq: int | None = None
     more: int | None = None
+
+
+@dataclass(frozen=True)
+class PingReply(Message):
+    """A peer answered a ``ping_peer``: after ``rtt`` seconds, on ``path`` (``relay``,
+    ``direct`` or ``lan``: the path its answer came back on), at ``address`` on a direct
+    or LAN link. ``sent`` is the path the ping went out on."""
+
+    TYPE = "ping_reply"
+    RULES = {
+        "peer": peer_id,
+        "rtt": seconds,
+        "path": text,
+        "sent": text,
+        "address": optional(text),
+        "seq": optional(seq),
+    }
+    peer: str
+    rtt: float
+    path: str
+    sent: str
+    address: str | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -604,11 +645,15 @@ class Hello(Sealed):
 @dataclass(frozen=True)
 class PeerAck(Sealed):
     """Acknowledges what was received (``ack``, ``sack``) when nothing else is going the
-    other way. ``probe``: answer at once (the sender has heard nothing for a while)."""
+    other way. ``probe``: answer at once (the sender has heard nothing for a while).
+    ``ping``: answer at once with a ``peer_ack`` whose ``pong`` is this number (a round
+    trip measured: ``meshnet ping``, and each new path); neither is sent again if lost."""
 
     TYPE = "peer_ack"
-    RULES = {**SESSION_RULES, "probe": optional(flag)}
+    RULES = {**SESSION_RULES, "probe": optional(flag), "ping": optional(seq), "pong": optional(seq)}
     probe: bool | None = None
+    ping: int | None = None
+    pong: int | None = None
 
 
 @dataclass(frozen=True)
@@ -718,11 +763,18 @@ class MessageTable(dict):
 
 #: A submit is about 150 bytes and 13 items; room is left for job requirements to come.
 CLIENT_TO_NODE = MessageTable(
-    "client to node", Submit, Cancel, StatusRequest, PeersRequest, header_bytes=64 * 1024, items=1024
+    "client to node", Submit, Cancel, StatusRequest, PeersRequest, PingPeer, header_bytes=64 * 1024, items=1024
 )
 #: Status and the relay's list of peers, passed on.
 NODE_TO_CLIENT = MessageTable(
-    "node to client", Result, StatusReply, PeersReply, Error, header_bytes=MAX_HEADER_BYTES, items=MAX_LIST_ITEMS
+    "node to client",
+    Result,
+    StatusReply,
+    PeersReply,
+    PingReply,
+    Error,
+    header_bytes=MAX_HEADER_BYTES,
+    items=MAX_LIST_ITEMS,
 )
 #: A register carries capabilities (at most 256 values) and listen addresses.
 NODE_TO_RELAY = MessageTable(

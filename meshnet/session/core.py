@@ -29,6 +29,7 @@ from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_
 from meshnet.protocol.messages import Job, JobCancel, JobResult, Punch, Sealed
 from meshnet.session.paths import PathTable
 from meshnet.session.peer import PeerSession, Pending
+from meshnet.session.state import State
 
 #: How long past a job's own timeout the submitting node waits for the executing node's
 #: answer before it reports ``timed_out`` itself (the executing node enforces the
@@ -90,6 +91,16 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Ponged:
+    """``peer`` answered ping ``number`` after ``rtt`` seconds; the answer came on ``path``."""
+
+    peer: str
+    number: int
+    rtt: float
+    path: str
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something to log: ``event`` with ``fields``."""
 
@@ -97,7 +108,7 @@ class Notice:
     fields: dict[str, Any]
 
 
-Event = Transmit | Execute | StopRun | Settled | Control | Notice
+Event = Transmit | Execute | StopRun | Settled | Control | Ponged | Notice
 
 
 @dataclass(eq=False)
@@ -178,6 +189,9 @@ class SessionCore:
         self._deadlines: list[tuple[float, int, bytes]] = []
         self._order = 0
         self.counts: Counter[str] = Counter()
+        self._pings = 0
+        #: The last round trip measured to each peer on each path: seconds, and when.
+        self.round_trips: dict[str, dict[str, tuple[float, float]]] = {}
 
     # -- this node's side --
 
@@ -222,6 +236,12 @@ class SessionCore:
         again until acknowledged, like a job."""
         return self._send(peer, message, 0, now)
 
+    def ping(self, peer: str, now: float) -> tuple[int, list[Event]]:
+        """Measure a round trip to ``peer`` on its current path: the ping's number, and
+        what to send. Its answer comes as :class:`Ponged`; a ping lost is not sent again."""
+        self._pings += 1
+        return self._pings, self._transmits(peer, self._session(peer, now).ping(self._pings, now))
+
     def probe(self, peer: str, now: float) -> list[Event]:
         """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
         session = self.sessions.get(peer)
@@ -254,11 +274,15 @@ class SessionCore:
 
     # -- from the paths --
 
-    def on_box(self, peer: str, box: Sealed, now: float) -> list[Event]:
-        """A box ``peer`` sealed (opened and decoded), on any path."""
+    def on_box(self, peer: str, box: Sealed, now: float, path: str = "relay") -> list[Event]:
+        """A box ``peer`` sealed (opened and decoded), that came on ``path``."""
         session = self._session(peer, now)
         received = session.on_box(box, now)
         events: list[Event] = []
+        if received.pong is not None:
+            number, rtt = received.pong
+            self.round_trips.setdefault(peer, {})[path] = (rtt, now)
+            events.append(Ponged(peer, number, rtt, path))
         if received.restarted is not None:
             events += self._session_ended(peer, *received.restarted, now, restarted=True)
         for pending in received.acked:
@@ -448,6 +472,7 @@ class SessionCore:
         self.jobs.pop(peer, None)
         self._path_of.pop(peer, None)
         self._path_since.pop(peer, None)
+        self.round_trips.pop(peer, None)
 
     def _answered_since(self, peer: str, session: PeerSession, since: float) -> float:
         """When ``peer`` last answered what this node waits for, counting from when it
@@ -502,7 +527,12 @@ class SessionCore:
             return []
         self._path_of[peer] = path
         self._path_since[peer] = now
-        return self._transmits(peer, session.set_path(path is not None, now))
+        boxes = session.set_path(path is not None, now)
+        if path is not None and session.state is State.OPEN:
+            # What the new path's round trip is: shown by ``meshnet peers`` and ``status``.
+            self._pings += 1
+            boxes += session.ping(self._pings, now)
+        return self._transmits(peer, boxes)
 
     def _release(self, pending: Pending) -> None:
         """``pending`` holds nothing against the budget from now on (acknowledged, ended,

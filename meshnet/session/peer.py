@@ -34,6 +34,9 @@ ANSWER_GAP = 0.2
 #: While a job sent to the peer is unanswered, a probe goes out after this long without
 #: a word from it (an unacknowledged message is sent again on its own timer instead).
 KEEPALIVE = 2.0
+#: Pings kept per session, waiting to go or for their answer; older ones are forgotten
+#: (a ping is a measurement, not a message: lost, it is not sent again).
+MAX_PINGS = 64
 
 
 @dataclass(eq=False)
@@ -67,6 +70,8 @@ class Received:
     acked: list[Pending] = field(default_factory=list)
     #: Why the box was dropped, for the log (None: it was not).
     dropped: str | None = None
+    #: The box answered our ping: (its number, seconds since it was sent).
+    pong: tuple[int, float] | None = None
 
 
 class PeerSession:
@@ -102,6 +107,10 @@ class PeerSession:
         self.awaiting = False
         #: The message :meth:`send` queued last.
         self.last_sent: Pending | None = None
+        #: Pings to send once the session is open and a path is up, and those sent and
+        #: not answered: number -> when it was sent.
+        self.pings_waiting: list[int] = []
+        self.pings_sent: dict[int, float] = {}
 
     # -- sending --
 
@@ -113,6 +122,14 @@ class PeerSession:
         self.waiting_by_seq[pending.seq] = pending
         self.last_sent = pending
         self.state = next_state(self.state, Move.SEND)
+        return self._flush(now)
+
+    def ping(self, number: int, now: float) -> list[Sealed]:
+        """Ask the peer to answer ``number`` at once: now if the session is open and a
+        path is up, else (a hello first) when it is."""
+        self.pings_waiting = [*self.pings_waiting[-(MAX_PINGS - 1) :], number]
+        if self.state is State.NEW:
+            self.state = next_state(self.state, Move.SEND)
         return self._flush(now)
 
     def replace(self, seq: int, message: Sealed) -> Pending | None:
@@ -143,6 +160,13 @@ class PeerSession:
             return boxes
         if self.state is not State.OPEN:
             return boxes
+        if self.pings_waiting:
+            for number in self.pings_waiting:
+                self.pings_sent[number] = now
+                boxes.append(self._stamp(PeerAck(ping=number)))
+            self.pings_waiting = []
+            while len(self.pings_sent) > MAX_PINGS:
+                del self.pings_sent[next(iter(self.pings_sent))]
         while self.waiting and len(self.unacked) < STREAM_WINDOW:
             pending = self.waiting.popleft()
             del self.waiting_by_seq[pending.seq]
@@ -216,8 +240,13 @@ class PeerSession:
             return Received(replies=self._answer(now), dropped="for an earlier session of ours")
         received = Received(acked=self._on_ack(box.ack, box.sack, now))
         if isinstance(box, PeerAck):
-            if box.probe:
+            if box.ping is not None:
+                received.replies.append(self._stamp(PeerAck(pong=box.ping)))
+            elif box.probe:
                 received.replies.append(self._stamp(PeerAck()))
+            sent_at = self.pings_sent.pop(box.pong, None) if box.pong is not None else None
+            if sent_at is not None:
+                received.pong = (box.pong, now - sent_at)
         elif box.seq is not None:
             if self.inbound.receive(box.seq):
                 received.message = box

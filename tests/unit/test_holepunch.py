@@ -231,3 +231,31 @@ def test_port_restricted_peers_with_listeners_still_punch() -> None:
     plan = plan_of("port_restricted", "restricted")
     assert [(d.remote, d.curve_server) for d in plan[A]] == [(B_AT, True)]
     assert [(d.remote, d.curve_server) for d in plan[B]] == [(A_AT, False)]
+
+
+def test_a_link_between_two_nodes_behind_one_nat_is_the_lan_path_and_names_each_end() -> None:
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a.set_candidates(Candidates("198.51.100.11:40001", "port_restricted", "198.51.100.11:7001", "10.0.1.10:7001"), 0.0)
+    b.set_candidates(Candidates("198.51.100.11:40002", "port_restricted", "198.51.100.11:7002", "10.0.1.11:7002"), 0.0)
+    nodes = {A: a, B: b}
+    log = carry(nodes, A, a.want(B, 0.0), 0.01)
+    log[A] += a.on_tick(1.0)
+    [dial] = of(log[B], Dial)
+    up_b, up_a = b.on_link_up(A, dial.attempt, 1.0), a.on_link_up(B, dial.attempt, 1.0)
+    assert of(up_b, PathChange) == [PathChange(A, True, "dialled", "lan")]
+    assert of(up_a, PathChange) == [PathChange(B, True, "dialled", "lan")]
+    assert (a.path(B), b.path(A), a.link(B)) == ("lan", "lan", "lan")
+    # B dialled A's LAN listener; A names the LAN address B said it has.
+    assert (b.remote(A), a.remote(B)) == ("10.0.1.10:7001", "10.0.1.11:7002")
+    down = a.on_link_down(B, dial.attempt, "heartbeats stopped", 2.0)
+    assert of(down, PathChange) == [PathChange(B, False, "heartbeats stopped", "lan")]
+    assert (a.path(B), a.remote(B)) == ("relayed", None)
+
+
+def test_a_punched_link_is_the_direct_path_and_names_the_address_dialled() -> None:
+    nodes = pair()
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
+    [a_dial] = of(nodes[A].on_tick(0.06), Dial)
+    nodes[A].on_link_up(B, a_dial.attempt, 0.07)
+    assert (nodes[A].path(B), nodes[A].remote(B)) == ("direct", B_AT)
+    assert of(log[B], Dial)[0].remote == A_AT

@@ -12,7 +12,17 @@ import pytest
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
 from meshnet.protocol.messages import MAX_SACK, Hello, Job, JobCancel, JobResult, PeerAck, Sealed
-from meshnet.session import DEADLINE_GRACE, PEER_SILENCE, Execute, Notice, SessionCore, Settled, StopRun, Transmit
+from meshnet.session import (
+    DEADLINE_GRACE,
+    PEER_SILENCE,
+    Execute,
+    Notice,
+    Ponged,
+    SessionCore,
+    Settled,
+    StopRun,
+    Transmit,
+)
 from meshnet.session.core import Event
 from meshnet.session.peer import ACK_DELAY, ACK_EVERY
 from meshnet.session.windows import REPLAY_WINDOW, STREAM_WINDOW, ReceiveWindow, ReplayWindow, RoundTrip
@@ -736,3 +746,54 @@ def test_a_peer_that_probes_but_never_acknowledges_is_given_up_and_its_answers_f
         assert boxes(core.on_box(B, wire(probe), float(now)), PeerAck)  # answered: it is heard
     ended = [e for e in core.on_tick(0.1 + PEER_SILENCE) if isinstance(e, Notice) and e.event == "session_ended"]
     assert ended and core.held == 0
+
+
+# -- pings (meshnet ping, and each new path's round trip) --
+
+
+def pongs(events: list[Event]) -> list[Ponged]:
+    return [e for e in events if isinstance(e, Ponged)]
+
+
+def test_a_ping_to_a_peer_never_heard_opens_the_session_and_is_answered_once_with_its_round_trip():
+    duo = Duo()
+    number, events = duo.a.ping(B, 1.0)
+    assert [type(b) for b in boxes(events)] == [Hello], "the hello goes first; the ping waits for the session"
+    hello_answer = duo.deliver(B, events, 1.0)
+    sent = duo.deliver(A, hello_answer, 1.25)
+    assert [b.ping for b in boxes(sent, PeerAck)] == [number]
+    answer = duo.deliver(B, sent, 1.5)
+    assert [b.pong for b in boxes(answer, PeerAck)] == [number]
+    got = pongs(duo.deliver(A, answer, 1.75))
+    assert [(p.peer, p.number, p.path) for p in got] == [(B, number, "relay")]
+    assert got[0].rtt == pytest.approx(0.5)
+    assert duo.a.round_trips[B]["relay"] == (pytest.approx(0.5), 1.75)
+    # A replayed answer is not a second pong, and a pong nobody asked for is none.
+    assert pongs(duo.deliver(A, answer, 2.0)) == []
+    forged = PeerAck(sid=answer[0].box.sid, rsid=answer[0].box.rsid, ctr=999, pong=number + 7)
+    assert pongs(duo.a.on_box(B, wire(forged), 2.0)) == []
+
+
+def test_a_lost_ping_is_not_sent_again_and_holds_nothing_back():
+    duo = Duo()
+    duo.converse(A, duo.a.submit(spec(1), B, 0.0), 0.0)
+    _, events = duo.a.ping(B, 1.0)
+    assert len(boxes(events, PeerAck)) == 1
+    later = duo.a.on_tick(30.0)
+    assert not [b for b in boxes(later, PeerAck) if b.ping is not None], "a ping is a measurement: never re-sent"
+    assert not duo.a.holding, "a ping is not a message the node waits to have acknowledged"
+
+
+def test_a_new_path_is_pinged_so_that_its_round_trip_is_known():
+    duo = Duo()
+    duo.converse(A, duo.a.submit(spec(1), B, 0.0), 0.0)
+    events = duo.a.on_path("direct", True, 2.0, peer=B)
+    pings = [(e.path, e.box.ping) for e in events if isinstance(e, Transmit) and getattr(e.box, "ping", None)]
+    assert len(pings) == 1 and pings[0][0] == "direct"
+    answer = duo.deliver(B, events, 2.0)
+    got = []
+    for event in answer:
+        if isinstance(event, Transmit):
+            got += pongs(duo.a.on_box(B, wire(event.box), 2.004, path="direct"))
+    assert [(p.path, round(p.rtt, 3)) for p in got] == [("direct", 0.004)]
+    assert set(duo.a.round_trips[B]) == {"direct"}
