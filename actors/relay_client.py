@@ -56,6 +56,7 @@ from meshnet.holepunch import (
     PunchCoordinator,
     PunchEvent,
     PunchNotice,
+    RenewPort,
     SendPunch,
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
@@ -115,6 +116,9 @@ RECONNECT_IVL_MS = (100.0, 1000.0)
 RECONNECT_IVL_MAX_MS = 5000
 LINK_LOST = "the node lost its connection to the relay"
 DISPLACED = "another process with this node's identity took its place at the relay; this node no longer uses it"
+#: The relay connection moves to a fresh local port after a failed punch at most this
+#: often (a punch fails after 5 s: failures to several peers in one round share a move).
+RENEW_GAP = 5.0
 #: ``meshnet ping`` requests waiting at once, for all clients: more are refused.
 MAX_PENDING_PINGS = 1024
 #: Shorter than a client's own wait (10 s), so that the client hears why.
@@ -236,12 +240,15 @@ class RelayClient:
         #: The address this node reaches the relay from (its LAN address), once known.
         self._lan_ip: str | None = None
         self._classifying = False
-        #: Whether the network check (LAN address, NAT type) has run.
+        #: Whether the network check (LAN address, NAT type) has run, and for which public
+        #: IP (as the relay observed it): a new one means a new network, checked again.
         self._checked = False
+        self._checked_at_ip = ""
         #: Boxes sent to peers, by path.
         self.boxes_sent: Counter[str] = Counter()
         self._punch_timer: TimerHandle | None = None
         self._punch_timer_at = math.inf
+        self._renewed_at = -math.inf
         self._refusal_logged = -1
         self.rejections = RejectionLog()
         #: The timer that wakes the sessions at their next deadline, and when.
@@ -654,8 +661,16 @@ class RelayClient:
         punch is offered only once the node knows its LAN address and NAT type (or knows
         it will not), which a thread of its own finds out: DNS and STUN take time."""
         enabled = self.punch.enabled
+        public_ip = observed.rsplit(":", 1)[0]
+        if self._checked and public_ip != self._checked_at_ip:
+            # The relay sees this node from another public IP: it moved to another network
+            # (or its NAT changed). Its LAN address and NAT type are found out again, and
+            # nothing is offered meanwhile on what the old network said.
+            self.log.info("network_changed", was=self._checked_at_ip, now=public_ip, action="checking the NAT again")
+            self._checked, self.nat = False, None
         self._punch(self.punch.set_candidates(self._candidates(observed), now, final=not enabled or self._checked))
         if enabled and not self._checked and not self._classifying:
+            self._checked_at_ip = public_ip
             self._classifying = True
             server = stun_server(self.stun, self.endpoint)
             threading.Thread(target=self._check_network, args=(server,), name="nat-check", daemon=True).start()
@@ -701,7 +716,11 @@ class RelayClient:
             self.nat = report
             self.log.info("nat_classified", nat=report.nat_type, public_udp=report.public_address,
                           stun=report.server, seconds=report.seconds)  # fmt: skip
-        self._punch(self.punch.set_candidates(self._candidates(self.link.observed), time.monotonic()))
+        now = time.monotonic()
+        if self.link.observed and self.link.observed.rsplit(":", 1)[0] != self._checked_at_ip:
+            self._on_observed(self.link.observed, now)  # the network changed during the check
+            return
+        self._punch(self.punch.set_candidates(self._candidates(self.link.observed), now))
 
     def _want_direct(self, peer: str, now: float) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""
@@ -724,6 +743,8 @@ class RelayClient:
                 path = event.path if event.up else "relay"
                 self.log.info("path_changed", peer=event.peer, path=path, reason=event.reason)
                 self._apply(self.sessions.on_path(event.path, event.up, now, event.peer))
+            elif isinstance(event, RenewPort):
+                self._renew_port(event.reason, now)
             elif isinstance(event, PunchNotice):
                 self.log.info(event.event, **event.fields)
         due = self.punch.next_deadline()
@@ -732,6 +753,21 @@ class RelayClient:
                 self._punch_timer.cancel()
             self._punch_timer_at = due
             self._punch_timer = self.loop.call_later(max(0.0, due - now), self._on_punch_timer)
+
+    def _renew_port(self, reason: str, now: float) -> None:
+        """A punch from the relay connection's port failed: the connection moves to a fresh
+        local port (``relay.local_port`` 0), so that the retry starts from a port with a
+        fresh NAT mapping, which the relay observes on registration. The relay path is
+        down meanwhile (the sessions send what was in flight again); offers wait for the
+        new address. At most once per ``RENEW_GAP``: failures to several peers at once
+        share one move."""
+        if self.local_port_setting or not self.link.registered or now - self._renewed_at < RENEW_GAP:
+            return
+        self._renewed_at = now
+        self.log.info("relay_port_renewed", old_port=self.local_port, why=reason)
+        self._punch(self.punch.set_candidates(Candidates(nat=self.punch.mine.nat), now, final=False))
+        self._path_down(now, "the relay connection moves to a fresh local port")
+        self._connect()
 
     def _on_punch_timer(self) -> None:
         self._punch_timer, self._punch_timer_at = None, math.inf

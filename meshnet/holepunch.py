@@ -21,7 +21,9 @@ Rules both sides compute alike, so no message decides them:
   pairs stay relayed, logged, until the LAN path exists.
 
 Failure has no signal (a dropped SYN is silence), so an attempt that is not up within
-``PUNCH_TIMEOUT`` of its dial is abandoned, and the next waits ``RETRY_BACKOFF``; after
+``PUNCH_TIMEOUT`` of its dial is abandoned (and ``RenewPort`` asks for a fresh local port
+for the next: a failed dial can spoil its ports' NAT mappings), and the next waits
+``RETRY_BACKOFF``; after
 ``MAX_ATTEMPTS`` the peer stays relayed for ``RETRY_LATER`` before it is tried again. A
 direct link that dies is reported down by the I/O layer, and an upgrade is tried again
 after ``REUPGRADE_AFTER``.
@@ -54,6 +56,10 @@ REUPGRADE_AFTER = 10.0
 #: The initiator's dial waits half the relayed round trip, at most this (a slow relay
 #: should not hold the punch back for long; the NATs tolerate seconds of skew).
 MAX_SYNC_WAIT = 1.0
+#: Offers from one peer closer together than this are ignored: a peer offers again only
+#: after an attempt failed (RETRY_BACKOFF, at least 1 s) or its link died, so one that
+#: offers faster is broken or hostile, and each offer would make this node dial.
+MIN_OFFER_GAP = 0.5
 #: The answer to a connect, or the sync, that does not come within this is given up
 #: (the relay lost it, or the peer is gone): a failed attempt.
 ANSWER_TIMEOUT = 10.0
@@ -161,12 +167,22 @@ class PathChange:
 
 
 @dataclass(frozen=True)
+class RenewPort:
+    """A dial failed: the next attempt should start from a fresh local port, with the
+    NAT mapping the relay observes for it. The failed attempt's mappings may be spoiled:
+    a SYN the far NAT did not expect can leave an entry there that takes the tuple, so
+    its SYNs from the same port go out under another port nobody predicted (NAT-LAB)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class PunchNotice:
     event: str
     fields: dict[str, Any]
 
 
-PunchEvent = SendPunch | Dial | Expect | Abandon | PathChange | PunchNotice
+PunchEvent = SendPunch | Dial | Expect | Abandon | PathChange | RenewPort | PunchNotice
 
 
 @dataclass
@@ -192,6 +208,9 @@ class PeerPunch:
     #: When the punch was decided (initiator: the connect; responder: the answer), for
     #: "decide to punch -> direct" figures.
     decided_at: float = 0.0
+    #: When the peer's last offer was taken, and how many came too soon after one.
+    offered_at: float = float("-inf")
+    offers_ignored: int = 0
 
 
 class PunchCoordinator:
@@ -206,6 +225,9 @@ class PunchCoordinator:
         self.peers: dict[str, PeerPunch] = {}
         #: Peers jobs went to or came from: offered a punch once this node is ready.
         self.wanted: set[str] = set()
+        #: Offers that came while this node had no observed address (its relay link was
+        #: registering again): answered once it has one, by peer: (attempt, candidates).
+        self.deferred: dict[str, tuple[int, Candidates]] = {}
         self._attempts = 0
 
     # -- inputs --
@@ -220,6 +242,10 @@ class PunchCoordinator:
             if state.stage is Stage.RELAYED:
                 state.stage = Stage.IDLE
         events: list[PunchEvent] = []
+        if candidates.observed:
+            deferred, self.deferred = self.deferred, {}
+            for peer, (attempt, theirs) in deferred.items():
+                events += self._on_offer(peer, self.peers.setdefault(peer, PeerPunch()), attempt, theirs, now)
         for peer in sorted(self.wanted):
             events += self.want(peer, now)
         return events
@@ -239,6 +265,16 @@ class PunchCoordinator:
         theirs = Candidates(message.observed or "", message.nat, message.listen or "", message.lan or "")
         ours = state.initiator and state.attempt == message.attempt
         if message.stage == "connect":
+            if now - state.offered_at < MIN_OFFER_GAP:
+                state.offers_ignored += 1
+                if state.offers_ignored & (state.offers_ignored - 1):
+                    return []  # logged at the 1st, 2nd, 4th, 8th, ... only
+                why = f"offers come faster than one per {MIN_OFFER_GAP:g} s"
+                return [PunchNotice("punch_offer_ignored", {"peer": peer, "why": why, "ignored": state.offers_ignored})]
+            state.offered_at = now
+            if self.enabled and not self.mine.observed:
+                self.deferred[peer] = (message.attempt, theirs)
+                return []
             return self._on_offer(peer, state, message.attempt, theirs, now)
         if message.stage == "answer":
             return self._on_answer(peer, state, theirs, now) if ours and state.stage is Stage.OFFERED else []
@@ -279,6 +315,7 @@ class PunchCoordinator:
         """The peer's session ended (it restarted, or is gone): forget the attempt; a
         direct link to it goes down with a reason."""
         self.wanted.discard(peer)
+        self.deferred.pop(peer, None)
         state = self.peers.pop(peer, None)
         if state is None or state.stage in (Stage.IDLE, Stage.BACKOFF, Stage.RELAYED):
             return []
@@ -438,7 +475,8 @@ class PunchCoordinator:
             PunchNotice("punch_failed", {"peer": peer, "attempt": state.attempt, "reason": reason, "retry_in_s": wait})
         ]
         if dialing:
-            events.insert(0, Abandon(peer, state.attempt, reason))
+            renew = RenewPort(f"attempt {state.attempt} to {peer}: {reason}")
+            events[:0] = [Abandon(peer, state.attempt, reason), renew]
         return events
 
     def _give_up(self, peer: str, state: PeerPunch, reason: str) -> list[PunchEvent]:

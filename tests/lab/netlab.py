@@ -150,7 +150,7 @@ class Lab:
         self.exec(ns, "ip", "link", "set", "lo", "up")
         return ns
 
-    def _wire(self, ns: str, ifname: str, bridge_ns: str, bridge: str) -> None:
+    def wire(self, ns: str, ifname: str, bridge_ns: str, bridge: str) -> None:
         """A veth from ``ns`` (named ``ifname`` there) to ``bridge`` in ``bridge_ns``."""
         peer = f"v{len(self.created)}{ifname}"[:15]
         sh("ip", "link", "add", "name", ifname, "netns", ns, "type", "veth", "peer", "name", peer, "netns", bridge_ns)
@@ -165,7 +165,7 @@ class Lab:
     def public_host(self, name: str, *extra_ips: str) -> Host:
         """A host with an address of its own on the internet (and ``extra_ips`` too)."""
         ns = self._namespace(name)
-        self._wire(ns, "eth0", self.inet, "br0")
+        self.wire(ns, "eth0", self.inet, "br0")
         ip = self.public_ip()
         for address in (ip, *extra_ips):
             self.exec(ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
@@ -176,7 +176,7 @@ class Lab:
         if kind not in NAT_KINDS:
             raise LabError(f"unknown NAT kind {kind!r}; one of {', '.join(NAT_KINDS)}")
         ns = self._namespace(name)
-        self._wire(ns, "wan", self.inet, "br0")
+        self.wire(ns, "wan", self.inet, "br0")
         wan_ip = self.public_ip()
         self.exec(ns, "ip", "addr", "add", f"{wan_ip}/24", "dev", "wan")
         lan = f"10.0.{self._next_lan}"
@@ -196,7 +196,7 @@ class Lab:
 
     def host_behind(self, router: Router, name: str) -> Host:
         ns = self._namespace(name)
-        self._wire(ns, "eth0", router.ns, "lan")
+        self.wire(ns, "eth0", router.ns, "lan")
         ip = f"{router.lan_prefix}.{len(router.hosts) + 10}"
         self.exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
         self.exec(ns, "ip", "route", "add", "default", "via", f"{router.lan_prefix}.1")

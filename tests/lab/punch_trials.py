@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshnet import MeshClient
@@ -33,7 +33,8 @@ from tests.lab.nodes import node_config, spawn_node, start_relay
 LATE_MAX_S = 2.0
 #: One trial in this many has B late.
 LATE_EVERY = 4
-UP_TIMEOUT_S = 15.0
+#: Long enough for three attempts (5 s each, 1 s and 4 s apart).
+UP_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Trial:
     #: The first job's round trip on the direct link (ms), from the client.
     first_job_ms: float | None
     reason: str = ""
+    #: The local port of each of A's dials (a retry starts from a fresh one).
+    dial_ports: list[int] = field(default_factory=list)
 
     @property
     def total_ms(self) -> float | None:
@@ -52,25 +55,21 @@ class Trial:
 
 
 def run(tmp: Path, trials: int, seed: int = 1) -> list[Trial]:
+    """``trials`` trials, one in LATE_EVERY with B late by a random 0.2-2 s."""
     rng = random.Random(seed)
+    return run_late(tmp, [rng.uniform(0.2, LATE_MAX_S) if i % LATE_EVERY == LATE_EVERY - 1 else 0.0
+                          for i in range(trials)])  # fmt: skip
+
+
+def run_late(tmp: Path, lateness: list[float]) -> list[Trial]:
+    """A trial for each lateness (seconds B's SYNs are held; 0: on time)."""
     lab, mesh = Lab("p"), Mesh(tmp)
     try:
         relay = start_relay(lab, mesh, stun=False)
         hosts = {n: lab.host_behind(lab.router(f"r{n}", "port_restricted"), f"h{n}") for n in "ab"}
         ids = {n: Identity.generate() for n in "ab"}
         configs = {n: node_config(mesh, relay, n, tmp, ids[n], jobs={"executors": 1}, stun="off")[0] for n in "ab"}
-        return [
-            _trial(
-                lab,
-                mesh,
-                hosts,
-                ids,
-                configs,
-                tmp,
-                rng.uniform(0.2, LATE_MAX_S) if i % LATE_EVERY == LATE_EVERY - 1 else 0.0,
-            )
-            for i in range(trials)
-        ]
+        return [_trial(lab, mesh, hosts, ids, configs, tmp, late_s) for late_s in lateness]
     finally:
         mesh.close()
         lab.close()
@@ -98,15 +97,17 @@ def _trial(lab: Lab, mesh: Mesh, hosts, ids, configs, tmp: Path, late_s: float) 
         with MeshClient(f"ipc://{tmp}/a.sock") as client:
             client.run("echo", "relayed", to=ids["b"].peer_id)
             up = procs["a"].wait_until(lambda: procs["a"].find("direct_link_up"), UP_TIMEOUT_S)
+            ports = [e["local_port"] for e in procs["a"].find("direct_dialling")]
             if not up:
                 failed = procs["a"].find("punch_failed")
-                return Trial(late_s, False, None, None, failed[-1]["reason"] if failed else "no link within 15 s")
+                why = failed[-1]["reason"] if failed else f"no link within {UP_TIMEOUT_S:g} s"
+                return Trial(late_s, False, None, None, why, ports)
             started = time.perf_counter()
             client.run("echo", "direct", to=ids["b"].peer_id)
             first_job_ms = (time.perf_counter() - started) * 1000
         if release is not None:
             release.join()
-        return Trial(late_s, True, float(up[0]["ms_since_decided"]), first_job_ms)
+        return Trial(late_s, True, float(up[0]["ms_since_decided"]), first_job_ms, dial_ports=ports)
     finally:
         for proc in procs.values():
             proc.stop()

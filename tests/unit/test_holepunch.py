@@ -18,6 +18,7 @@ from meshnet.holepunch import (
     PunchCoordinator,
     PunchEvent,
     PunchNotice,
+    RenewPort,
     SendPunch,
 )
 from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
@@ -141,6 +142,7 @@ def test_a_dial_not_up_in_time_is_abandoned_and_retried_with_backoff_then_later(
         failed = nodes[A].on_tick(now + 0.01 + PUNCH_TIMEOUT)
         nodes[B].on_tick(now + 0.01 + PUNCH_TIMEOUT)
         assert of(failed, Abandon)[0].attempt == dials[0].attempt
+        assert len(of(failed, RenewPort)) == 1, "the retry starts from a fresh port"
         [notice] = of(failed, PunchNotice)
         assert "not connected within" in notice.fields["reason"]
         waits.append(notice.fields["retry_in_s"])
@@ -153,7 +155,7 @@ def test_an_offer_whose_answer_is_lost_fails_after_the_answer_timeout() -> None:
     nodes[A].want(B, 0.0)  # never delivered
     failed = nodes[A].on_tick(ANSWER_TIMEOUT)
     assert of(failed, PunchNotice)[0].fields["reason"] == "no answer through the relay"
-    assert of(failed, Abandon) == []  # nothing was dialled
+    assert of(failed, Abandon) == [] and of(failed, RenewPort) == []  # nothing was dialled
 
 
 def test_a_direct_link_that_dies_moves_the_path_back_and_is_tried_again_later() -> None:
@@ -259,3 +261,31 @@ def test_a_punched_link_is_the_direct_path_and_names_the_address_dialled() -> No
     nodes[A].on_link_up(B, a_dial.attempt, 0.07)
     assert (nodes[A].path(B), nodes[A].remote(B)) == ("direct", B_AT)
     assert of(log[B], Dial)[0].remote == A_AT
+
+
+def test_offers_faster_than_a_peer_can_legitimately_make_them_are_ignored_not_dialled() -> None:
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    first = carry(nodes, A, a.want(B, 0.0), 0.0)
+    assert of(first[B], Dial), "the first offer is answered and dialled"
+    flood = [b.on_punch(A, Punch(stage="connect", attempt=100 + i, observed=A_AT, nat="port_restricted"), 0.1)
+             for i in range(8)]  # fmt: skip
+    assert not [e for events in flood for e in events if isinstance(e, (Dial, SendPunch, Abandon))]
+    notices = [e.fields["ignored"] for events in flood for e in of(events, PunchNotice)]
+    assert notices == [1, 2, 4, 8], "logged, but not once per offer"
+    later = b.on_punch(A, Punch(stage="connect", attempt=200, observed=A_AT, nat="port_restricted"), 0.1 + 1.0)
+    assert [e.message.stage for e in of(later, SendPunch)] == ["answer"], "a retry a second later is taken"
+
+
+def test_an_offer_that_comes_while_this_node_has_no_address_is_answered_once_it_has_one() -> None:
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    b.set_candidates(Candidates(nat="port_restricted"), 0.0, final=False)  # its relay link moves port
+    offer = a.want(B, 0.0)
+    assert carry(nodes, A, offer, 0.0)[B] == [], "neither refused nor answered with no address"
+    new_b = "198.51.100.12:40777"
+    answer = b.set_candidates(Candidates(new_b, "port_restricted"), 0.3)
+    assert [(e.message.stage, e.message.observed) for e in of(answer, SendPunch)] == [("answer", new_b)]
+    log = carry(nodes, B, answer, 0.3)
+    [a_dial] = of(a.on_tick(1.0), Dial)
+    assert a_dial.remote == new_b and of(log[B], Dial)[0].remote == A_AT
