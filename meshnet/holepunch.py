@@ -35,7 +35,7 @@ It takes ``now`` and returns events; :class:`actors.direct_links.DirectLinks` ca
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -118,6 +118,9 @@ class Candidates:
     #: and on its own network ("" none).
     listen: str = ""
     lan: str = ""
+    #: A dial to a listener failed between this pair (a NAT that STUN calls full cone,
+    #: but that forwards no port its host never sent from): plan a simultaneous open.
+    listeners_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,9 @@ class PeerPunch:
     #: When the peer's last offer was taken, and how many came too soon after one.
     offered_at: float = float("-inf")
     offers_ignored: int = 0
+    #: An attempt that dialled a listener (ours or the peer's) failed: later attempts
+    #: with this peer punch instead.
+    listener_failed: bool = False
 
 
 class PunchCoordinator:
@@ -262,7 +268,9 @@ class PunchCoordinator:
 
     def on_punch(self, peer: str, message: Punch, now: float) -> list[PunchEvent]:
         state = self.peers.setdefault(peer, PeerPunch())
-        theirs = Candidates(message.observed or "", message.nat, message.listen or "", message.lan or "")
+        theirs = Candidates(
+            message.observed or "", message.nat, message.listen or "", message.lan or "", bool(message.punch)
+        )
         ours = state.initiator and state.attempt == message.attempt
         if message.stage == "connect":
             if now - state.offered_at < MIN_OFFER_GAP:
@@ -392,8 +400,9 @@ class PunchCoordinator:
             if mine.lan and theirs.lan:
                 return ("listen", "") if first else ("dial", theirs.lan)
             return "no", "both behind one NAT (no hairpinning), and no LAN listener"
-        me_reachable = mine.nat in REACHABLE and bool(mine.listen)
-        them_reachable = theirs.nat in REACHABLE and bool(theirs.listen)
+        dial_listeners = not (mine.listeners_failed or theirs.listeners_failed)
+        me_reachable = dial_listeners and mine.nat in REACHABLE and bool(mine.listen)
+        them_reachable = dial_listeners and theirs.nat in REACHABLE and bool(theirs.listen)
         if them_reachable and (not me_reachable or not first):
             return "dial", theirs.listen
         if me_reachable:
@@ -408,10 +417,10 @@ class PunchCoordinator:
         self._attempts += 1
         state.attempt = self._attempts
         state.initiator = True
-        state.told = self.mine
+        state.told = replace(self.mine, listeners_failed=state.listener_failed)
         state.stage, state.sent_at, state.decided_at = Stage.OFFERED, now, now
         state.due = now + ANSWER_TIMEOUT
-        return [SendPunch(peer, self._message("connect", state.attempt))]
+        return [SendPunch(peer, self._message("connect", state))]
 
     def _on_answer(self, peer: str, state: PeerPunch, theirs: Candidates, now: float) -> list[PunchEvent]:
         """The answer to our offer: sync, and dial half a round trip later. A listening
@@ -425,7 +434,7 @@ class PunchCoordinator:
         state.stage = Stage.SYNCING
         state.due = now + min(state.rtt / 2, MAX_SYNC_WAIT)
         events: list[PunchEvent] = [Expect(peer, state.attempt)] if state.plan[0] == "listen" else []
-        return events + [SendPunch(peer, self._message("sync", state.attempt))]
+        return events + [SendPunch(peer, self._message("sync", state))]
 
     def _on_offer(self, peer: str, state: PeerPunch, attempt: int, theirs: Candidates, now: float) -> list[PunchEvent]:
         """The peer offers a punch: answer it (or say why not) and wait for its sync."""
@@ -442,18 +451,19 @@ class PunchCoordinator:
             events.append(Abandon(peer, state.attempt, "the peer started a new attempt"))
             if state.stage is Stage.DIRECT:
                 events.append(PathChange(peer, False, "the peer started a new attempt", state.link))
-        state.attempt, state.initiator, state.theirs, state.told = attempt, False, theirs, self.mine
+        state.attempt, state.initiator, state.theirs = attempt, False, theirs
+        state.told = replace(self.mine, listeners_failed=state.listener_failed)
         state.decided_at = now
         disabled = ("no", "direct links are off on the peer")
-        state.plan = self._plan(peer, self.mine, theirs) if self.enabled else disabled
-        state.link = "lan" if behind_one_nat(self.mine, theirs) else "direct"
+        state.plan = self._plan(peer, state.told, theirs) if self.enabled else disabled
+        state.link = "lan" if behind_one_nat(state.told, theirs) else "direct"
         if state.plan[0] == "no":
             events += self._give_up(peer, state, state.plan[1])
-            return events + [SendPunch(peer, self._message("refuse", attempt, state.plan[1]))]
+            return events + [SendPunch(peer, self._message("refuse", state, state.plan[1]))]
         state.stage, state.due = Stage.ANSWERED, now + ANSWER_TIMEOUT
         if state.plan[0] == "listen":  # admitted before our answer leaves: its dial may be quick
             events.append(Expect(peer, attempt))
-        return events + [SendPunch(peer, self._message("answer", attempt))]
+        return events + [SendPunch(peer, self._message("answer", state))]
 
     def _dial(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
         """The moment to connect: dial (a listening side already admits the peer)."""
@@ -470,6 +480,8 @@ class PunchCoordinator:
         else:
             wait = RETRY_BACKOFF[state.failures - 1]
         dialing = state.stage is Stage.DIALING
+        if dialing and state.plan[0] in ("dial", "listen") and state.link == "direct":
+            state.listener_failed = True  # the next attempt punches: told to the peer
         state.stage, state.due, state.why = Stage.BACKOFF, now + wait, reason
         events: list[PunchEvent] = [
             PunchNotice("punch_failed", {"peer": peer, "attempt": state.attempt, "reason": reason, "retry_in_s": wait})
@@ -483,14 +495,15 @@ class PunchCoordinator:
         state.stage, state.due, state.why = Stage.RELAYED, None, reason
         return [PunchNotice("punch_skipped", {"peer": peer, "reason": reason})]
 
-    def _message(self, stage: str, attempt: int, reason: str | None = None) -> Punch:
-        mine = self.mine
+    def _message(self, stage: str, state: PeerPunch, reason: str | None = None) -> Punch:
+        mine = state.told
         return Punch(
             stage=stage,
-            attempt=attempt,
+            attempt=state.attempt,
             observed=mine.observed or None,
             nat=mine.nat,
             listen=mine.listen or None,
             lan=mine.lan or None,
+            punch=mine.listeners_failed or None,
             reason=reason,
         )

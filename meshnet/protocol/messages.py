@@ -723,6 +723,7 @@ class Punch(Sealed):
         "nat": optional(text),
         "listen": optional(text),
         "lan": optional(text),
+        "punch": optional(flag),
         "reason": optional(text),
     }
     stage: str
@@ -734,6 +735,9 @@ class Punch(Sealed):
     listen: str | None = None
     #: Where it is reachable on its own network (its LAN address and the listener's port).
     lan: str | None = None
+    #: A dial to a listener failed between this pair before: plan a simultaneous open
+    #: (both sides then do, whatever their NAT types say of listeners).
+    punch: bool | None = None
     reason: str | None = None
 
 

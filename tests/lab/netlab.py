@@ -32,7 +32,9 @@ RESTRICTING_FILTER = [
     "-A FORWARD -i wan -j DROP",
     "-A INPUT -i wan -m conntrack --ctstate NEW -j DROP",
 ]
-NAT_KINDS = ("full_cone", "port_restricted", "symmetric")
+#: ``udp_full_cone``: full cone for UDP (STUN calls it full cone) and port-restricted for
+#: TCP, as a real endpoint-independent NAT is for a TCP port its host never sent from.
+NAT_KINDS = ("full_cone", "port_restricted", "symmetric", "udp_full_cone")
 
 
 class LabError(RuntimeError):
@@ -187,6 +189,8 @@ class Lab:
         self.exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         masquerade = "-t nat -A POSTROUTING -o wan -j MASQUERADE"
         rules = [masquerade + (" --random-fully" if kind == "symmetric" else "")]
+        if kind == "udp_full_cone":
+            rules.append("-A FORWARD -i wan -p udp -j ACCEPT")  # DNATed to its host (below)
         if kind != "full_cone":
             rules += RESTRICTING_FILTER
         for rule in rules:
@@ -201,12 +205,13 @@ class Lab:
         self.exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
         self.exec(ns, "ip", "route", "add", "default", "via", f"{router.lan_prefix}.1")
         host = Host(name, ns, ip, router)
-        if router.kind == "full_cone":
+        if router.kind in ("full_cone", "udp_full_cone"):
             if router.hosts:
                 raise LabError("a full-cone (1:1) router has one host behind it")
-            # Everything arriving at the router goes on to its one host: a DMZ, which
-            # STUN classifiers call full cone.
-            self.exec(router.ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-j", "DNAT",
+            # Everything (UDP only, for udp_full_cone) arriving at the router goes on to its
+            # one host: a DMZ, which STUN classifiers call full cone.
+            udp = ["-p", "udp"] if router.kind == "udp_full_cone" else []
+            self.exec(router.ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", *udp, "-j", "DNAT",
                       "--to-destination", ip)  # fmt: skip
         router.hosts.append(host)
         return host

@@ -120,3 +120,22 @@ def test_a_stream_survives_relay_to_direct_and_a_cut_direct_link_back_to_relay(l
     pair.b.wait_for("job_succeeded", count=jobs, timeout=10)  # B's log, read on the harness's thread
     ran = Counter(e["job_id"] for e in pair.b.find("job_succeeded"))
     assert len(ran) == jobs and set(ran.values()) == {1}, "a job ran twice, or not at all, on B"
+
+
+def test_a_full_cone_nat_whose_listener_is_unreachable_is_punched_instead(lab: tuple[Lab, Mesh, Path]) -> None:
+    # STUN calls A's NAT full cone (UDP is), but it forwards no TCP port A never sent from:
+    # B's dial to A's listener fails, and the next attempt punches through.
+    pair = start_pair(*lab, "udp_full_cone", "port_restricted")
+    with MeshClient(pair.a_api) as client:
+        assert client.run("echo", "first", to=pair.b_id.peer_id) == "first"
+        assert pair.a.wait_for("nat_classified")["nat"] == "full_cone"
+        failed = pair.b.wait_for("punch_failed", timeout=30)
+        assert "not connected" in failed["reason"]
+        pair.a.wait_for("path_changed", path="direct", timeout=30)
+        assert list(client.map("echo", range(50), to=pair.b_id.peer_id)) == list(range(50))
+        assert {p["peer_id"]: p for p in client.peers()}[pair.b_id.peer_id]["path"] == "direct"
+    b_dials, a_dials = pair.b.find("direct_dialling"), pair.a.find("direct_dialling")
+    # B dialled A's listener first (A did not dial), then both dialled: a punch, from B to
+    # the address the relay observed for A, not the listener's.
+    assert len(b_dials) >= 2 and a_dials and a_dials[0]["attempt"] == b_dials[-1]["attempt"], (a_dials, b_dials)
+    assert b_dials[0]["remote"] != b_dials[-1]["remote"]

@@ -289,3 +289,23 @@ def test_an_offer_that_comes_while_this_node_has_no_address_is_answered_once_it_
     log = carry(nodes, B, answer, 0.3)
     [a_dial] = of(a.on_tick(1.0), Dial)
     assert a_dial.remote == new_b and of(log[B], Dial)[0].remote == A_AT
+
+
+def test_a_listener_that_does_not_answer_is_given_up_for_a_simultaneous_open() -> None:
+    # A's NAT is full cone by STUN, but forwards no TCP port A never sent from: B's dial to
+    # A's listener fails; the next attempt, whoever starts it, punches.
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a.set_candidates(Candidates(A_AT, "full_cone", "198.51.100.11:7001", "10.0.1.10:7001"), 0.0)
+    b.set_candidates(Candidates(B_AT, "port_restricted", "198.51.100.12:7002", "10.0.2.10:7002"), 0.0)
+    nodes = {A: a, B: b}
+    log = carry(nodes, A, a.want(B, 0.0), 0.01)
+    log[A] += a.on_tick(0.02)
+    assert [type(e) for e in log[A] if isinstance(e, (Dial, Expect))] == [Expect]
+    assert [d.remote for d in of(log[B], Dial)] == ["198.51.100.11:7001"]
+    failed_a, failed_b = a.on_tick(10.0), b.on_tick(10.0)
+    assert of(failed_a, PunchNotice) and of(failed_b, Abandon)
+    # B retries first this time: its offer says a listener failed, and both plan a punch.
+    log = carry(nodes, B, b.on_tick(b.next_deadline()), 11.0)
+    assert [e.message.punch for e in of(log[B], SendPunch)][0] is True
+    dials = of(log[A], Dial) + of(log[B], Dial) + of(a.on_tick(11.5), Dial) + of(b.on_tick(11.5), Dial)
+    assert sorted((d.remote, d.curve_server) for d in dials) == [(A_AT, False), (B_AT, True)]
