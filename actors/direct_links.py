@@ -97,6 +97,8 @@ class Link:
     #: The dialler's routing id on the listener (accepted links only).
     routing_id: bytes = b""
     last_heard: float = 0.0
+    #: The Z85 key that said hi on an accepted link (every later frame must carry it).
+    key: bytes = b""
 
 
 class DirectLinks:
@@ -347,7 +349,7 @@ class DirectLinks:
             peer = self._accepted.get(routing_id)
             link = self.links.get(peer) if peer is not None else None
             if link is not None and link.routing_id == routing_id:
-                if key != curve_public_z85(link.peer):
+                if key != link.key:
                     continue  # not the key that said hi on this connection
                 link.last_heard = now
                 if kind == BOX and len(frames) == 3:
@@ -362,7 +364,7 @@ class DirectLinks:
             self.close(peer)  # an earlier connection of the same peer's, if any
             self._expected[key] = expected  # (close forgot it)
             self._accepted[routing_id] = peer
-            self.links[peer] = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now)
+            self.links[peer] = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
             self.on_up(peer, attempt)
 
     def _send_quietly(self, link: Link, frames: list[bytes]) -> None:

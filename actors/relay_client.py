@@ -534,7 +534,8 @@ class RelayClient:
             query = self.pending_peers.pop(message.seq, None) if message.seq is not None else None
             if query is not None:
                 for peer in message.peers:  # what only this node knows: its path to each
-                    peer.update(self._peer_link(peer.get("peer_id", "")))
+                    peer_id = peer.get("peer_id", "")
+                    peer.update(self._peer_link(peer_id) if peer_id != self.peer_id else {"path": "self"})
                 query[0](message.peers, "")
         elif isinstance(message, Error):
             self._on_error(message, now)

@@ -95,9 +95,9 @@ class RawRelayChain:
         public, secret = (key.decode() for key in zmq.curve_keypair())
         relay = f"tcp://127.0.0.1:{free_port()}"
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        base = [sys.executable, "-m", "bench.relay_floor", "--relay-public", public]
+        base = [sys.executable, "-m", "bench.relay_floor", f"--relay-public={public}"]
         try:
-            relay_proc = self._start(base + ["--role", "relay", "--endpoint", relay, "--relay-secret", secret])
+            relay_proc = self._start(base + ["--role", "relay", "--endpoint", relay, f"--relay-secret={secret}"])
             self._start(base + ["--role", "exit", "--relay", relay, "--workers", str(workers)])
             assert relay_proc.stdout is not None and relay_proc.stdout.readline().strip() == "hello exit"
             self._start(base + ["--role", "entry", "--relay", relay, "--endpoint", self.endpoint])
@@ -129,9 +129,9 @@ class RawDirectChain(RawRelayChain):
         public, secret = (key.decode() for key in zmq.curve_keypair())
         exit_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        base = [sys.executable, "-m", "bench.relay_floor", "--relay-public", public]
+        base = [sys.executable, "-m", "bench.relay_floor", f"--relay-public={public}"]
         try:
-            self._start(base + ["--role", "direct-exit", "--endpoint", exit_endpoint, "--relay-secret", secret,
+            self._start(base + ["--role", "direct-exit", "--endpoint", exit_endpoint, f"--relay-secret={secret}",
                                 "--workers", str(workers)])  # fmt: skip
             self._start(base + ["--role", "direct-entry", "--endpoint", self.endpoint, "--relay", exit_endpoint])
         except BaseException:

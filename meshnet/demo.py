@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from meshnet.client import MeshClient
@@ -79,10 +80,20 @@ def main() -> int:
                 client.run("crash", None, to=b_peer)
             except JobError as exc:
                 print(f"crash         -> {exc.status} ({exc.reason}): {exc}")
+            print("ping B: the first ping asks for a direct link, which two nodes on one host make")
+            print("over loopback, as two behind one NAT do over their LAN:")
+            for _ in range(40):
+                pong = client.ping(b_peer)
+                where = pong["path"] + (f" {pong['address']}" if pong["address"] else "")
+                print(f"  pong via {where} in {pong['rtt'] * 1000:.2f} ms")
+                if pong["path"] != "relay":
+                    break
+                time.sleep(0.25)  # pacing between pings, as `meshnet ping --interval` does
             print("peers known to the relay:")
             for peer in client.peers():
-                path = peer.get("path", "relayed")
-                print(f"  {peer['peer_id']}  observed at {peer['observed']}, path from A: {path}")
+                path, rtt = peer.get("path", "relayed"), peer.get("rtt_ms")
+                rtt_text = f", rtt {rtt} ms" if rtt is not None else ""
+                print(f"  {peer['peer_id']}  observed at {peer['observed']}, path from A: {path}{rtt_text}")
     finally:
         for daemon in reversed(daemons):
             daemon.stop()

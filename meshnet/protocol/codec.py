@@ -77,8 +77,9 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
     if cls is None:
         shown = strict_cbor.describe(type_name)
         raise RemoteProtocolError(f"unexpected message type {shown}; expected one of {', '.join(accept)}")
-    unknown = [k for k in fields if k not in cls.RULES]
-    if unknown:
+    rules = cls.RULES
+    if not fields.keys() <= rules.keys():  # a set comparison, in C: the usual case costs little
+        unknown = [k for k in fields if k not in rules]
         raise RemoteProtocolError(f"{cls.TYPE}: unknown field {strict_cbor.describe(unknown[0])}")
     values: dict[str, Any] = {}
     for name, rule in cls.RULES.items():
@@ -144,6 +145,8 @@ def _unexpected(exc: Exception) -> RemoteProtocolError:
 #: A byte string this long or longer is left out of the CBOR encoding and passed on as
 #: the buffer it is (see :func:`encode_inner_parts`).
 BULK_BYTES = 64 * 1024
+#: Exact types :func:`encode_inner_parts` writes as they are (subclasses take the long way).
+_PLAIN = frozenset({str, int, float, bool, dict, list, bytes})
 
 
 def encode_inner(message: Message) -> bytes:
@@ -157,8 +160,15 @@ def encode_inner_parts(message: Message) -> list[Any]:
     copy, so that the sealer copies it once, into the sealed message."""
     fields: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
     bulk = False
-    for name, value in message.header_fields().items():
-        if not isinstance(value, (str, int, float, dict, list, bytes)):  # bytearray, memoryview, a ZeroMQ frame
+    for name in message.RULES:
+        value = getattr(message, name)
+        kind = type(value)
+        if kind in _PLAIN:  # most fields: nothing to look at
+            if kind is bytes and len(value) >= BULK_BYTES:
+                bulk = True
+        elif value is None:
+            continue
+        elif not isinstance(value, (str, int, float, dict, list, bytes)):  # bytearray, memoryview, a ZeroMQ frame
             value = memoryview(value).cast("B")
             bulk = bulk or len(value) >= BULK_BYTES
             if len(value) < BULK_BYTES:
