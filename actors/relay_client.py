@@ -345,6 +345,10 @@ class RelayClient:
             if isinstance(message, RunThere):  # the node is stopping: still one answer each
                 for job, _ in message.jobs:
                     job.reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+            elif isinstance(message, PingThere):
+                message.reply(None, "unavailable", "the node is shutting down")
+            elif isinstance(message, QueryPeers):
+                message.reply(None, "the node is shutting down")
             return None
         now = time.monotonic()
         if isinstance(message, RunThere):
@@ -616,8 +620,8 @@ class RelayClient:
             message.reply(None, "no_relay", DISPLACED)
             return
         if sent is None:
-            why = f"not connected to the relay at {self.endpoint}, and no direct link to {peer}"
-            message.reply(None, "no_relay", why)
+            why = f"not connected to the relay at {self.endpoint} now, and no direct link to {peer}; try again"
+            message.reply(None, "unavailable", why)
             return
         if len(self.pending_pings) >= MAX_PENDING_PINGS:
             message.reply(None, "unavailable", f"{MAX_PENDING_PINGS} pings wait for answers already; try again later")
@@ -718,10 +722,11 @@ class RelayClient:
             self.log.info("nat_classified", nat=report.nat_type, public_udp=report.public_address,
                           stun=report.server, seconds=report.seconds)  # fmt: skip
         now = time.monotonic()
-        if self.link.observed and self.link.observed.rsplit(":", 1)[0] != self._checked_at_ip:
-            self._on_observed(self.link.observed, now)  # the network changed during the check
+        observed = self.link.observed if self.link.registered else ""  # none while registering again
+        if observed and observed.rsplit(":", 1)[0] != self._checked_at_ip:
+            self._on_observed(observed, now)  # the network changed during the check
             return
-        self._punch(self.punch.set_candidates(self._candidates(self.link.observed), now))
+        self._punch(self.punch.set_candidates(self._candidates(observed), now, final=bool(observed)))
 
     def _want_direct(self, peer: str, now: float) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""

@@ -261,7 +261,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
                 pong = client.ping(args.peer, timeout=args.timeout)
             except PingFailed as exc:
                 print(f"no pong from {args.peer}: {exc}")
-                if exc.code not in ("timed_out",):
+                if exc.code not in ("timed_out", "unavailable"):  # the next ping may be answered
                     return EXIT_FAILURE
             else:
                 answered.append(pong["rtt"])

@@ -35,6 +35,7 @@ It takes ``now`` and returns events; :class:`actors.direct_links.DirectLinks` ca
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -60,6 +61,8 @@ MAX_SYNC_WAIT = 1.0
 #: after an attempt failed (RETRY_BACKOFF, at least 1 s) or its link died, so one that
 #: offers faster is broken or hostile, and each offer would make this node dial.
 MIN_OFFER_GAP = 0.5
+#: Peers whose last offer time is kept (for MIN_OFFER_GAP), most recent first.
+MAX_OFFER_TIMES = 4096
 #: The answer to a connect, or the sync, that does not come within this is given up
 #: (the relay lost it, or the peer is gone): a failed attempt.
 ANSWER_TIMEOUT = 10.0
@@ -104,6 +107,10 @@ class Stage(Enum):
     BACKOFF = "backoff"
     #: Not tried: the NAT types say it cannot work, or both sit behind one NAT.
     RELAYED = "relayed"
+
+
+#: Stages of an attempt whose messages told the peer this node's candidates.
+UNDER_WAY = (Stage.OFFERED, Stage.ANSWERED, Stage.SYNCING, Stage.DIALING)
 
 
 @dataclass(frozen=True)
@@ -211,8 +218,7 @@ class PeerPunch:
     #: When the punch was decided (initiator: the connect; responder: the answer), for
     #: "decide to punch -> direct" figures.
     decided_at: float = 0.0
-    #: When the peer's last offer was taken, and how many came too soon after one.
-    offered_at: float = float("-inf")
+    #: How many of the peer's offers came too soon after the one before.
     offers_ignored: int = 0
     #: An attempt that dialled a listener (ours or the peer's) failed: later attempts
     #: with this peer punch instead.
@@ -233,7 +239,10 @@ class PunchCoordinator:
         self.wanted: set[str] = set()
         #: Offers that came while this node had no observed address (its relay link was
         #: registering again): answered once it has one, by peer: (attempt, candidates).
-        self.deferred: dict[str, tuple[int, Candidates]] = {}
+        self.deferred: dict[str, tuple[int, Candidates, float]] = {}
+        #: When each peer's last offer was taken (kept apart from ``peers``, which a
+        #: peer's new session clears): offers closer than MIN_OFFER_GAP are ignored.
+        self.offered_at: OrderedDict[str, float] = OrderedDict()
         self._attempts = 0
 
     # -- inputs --
@@ -244,14 +253,21 @@ class PunchCoordinator:
         meanwhile, and those left relayed for what the old candidates said, are offered
         a punch now."""
         self.mine, self.final = candidates, final
-        for state in self.peers.values():
+        events: list[PunchEvent] = []
+        for peer, state in self.peers.items():
             if state.stage is Stage.RELAYED:
                 state.stage = Stage.IDLE
-        events: list[PunchEvent] = []
+            elif state.stage in UNDER_WAY and state.told.observed != candidates.observed:
+                # Told the peer an address this node no longer dials from (its relay
+                # connection moved): the attempt cannot work; it starts again, uncounted.
+                if state.stage is Stage.DIALING:
+                    events.append(Abandon(peer, state.attempt, "this node's relay port changed"))
+                state.stage, state.due = Stage.IDLE, None
         if candidates.observed:
             deferred, self.deferred = self.deferred, {}
-            for peer, (attempt, theirs) in deferred.items():
-                events += self._on_offer(peer, self.peers.setdefault(peer, PeerPunch()), attempt, theirs, now)
+            for peer, (attempt, theirs, at) in deferred.items():
+                if now - at < ANSWER_TIMEOUT:  # else its initiator has given it up
+                    events += self._on_offer(peer, self.peers.setdefault(peer, PeerPunch()), attempt, theirs, now)
         for peer in sorted(self.wanted):
             events += self.want(peer, now)
         return events
@@ -273,15 +289,18 @@ class PunchCoordinator:
         )
         ours = state.initiator and state.attempt == message.attempt
         if message.stage == "connect":
-            if now - state.offered_at < MIN_OFFER_GAP:
+            if now - self.offered_at.get(peer, float("-inf")) < MIN_OFFER_GAP:
                 state.offers_ignored += 1
                 if state.offers_ignored & (state.offers_ignored - 1):
                     return []  # logged at the 1st, 2nd, 4th, 8th, ... only
                 why = f"offers come faster than one per {MIN_OFFER_GAP:g} s"
                 return [PunchNotice("punch_offer_ignored", {"peer": peer, "why": why, "ignored": state.offers_ignored})]
-            state.offered_at = now
+            self.offered_at[peer] = now
+            self.offered_at.move_to_end(peer)
+            while len(self.offered_at) > MAX_OFFER_TIMES:
+                self.offered_at.popitem(last=False)
             if self.enabled and not self.mine.observed:
-                self.deferred[peer] = (message.attempt, theirs)
+                self.deferred[peer] = (message.attempt, theirs, now)
                 return []
             return self._on_offer(peer, state, message.attempt, theirs, now)
         if message.stage == "answer":
@@ -400,7 +419,10 @@ class PunchCoordinator:
             if mine.lan and theirs.lan:
                 return ("listen", "") if first else ("dial", theirs.lan)
             return "no", "both behind one NAT (no hairpinning), and no LAN listener"
-        dial_listeners = not (mine.listeners_failed or theirs.listeners_failed)
+        # After a listener did not answer, a simultaneous open, unless a symmetric NAT
+        # rules that out (then the listener again: it may answer this time).
+        punchable = "symmetric" not in (mine.nat, theirs.nat)
+        dial_listeners = not (mine.listeners_failed or theirs.listeners_failed) or not punchable
         me_reachable = dial_listeners and mine.nat in REACHABLE and bool(mine.listen)
         them_reachable = dial_listeners and theirs.nat in REACHABLE and bool(theirs.listen)
         if them_reachable and (not me_reachable or not first):
@@ -480,15 +502,25 @@ class PunchCoordinator:
         else:
             wait = RETRY_BACKOFF[state.failures - 1]
         dialing = state.stage is Stage.DIALING
-        if dialing and state.plan[0] in ("dial", "listen") and state.link == "direct":
-            state.listener_failed = True  # the next attempt punches: told to the peer
+        timed_out = dialing and state.due is not None and now >= state.due
+        if timed_out and state.plan[0] in ("dial", "listen") and state.link == "direct":
+            # No answer from the listener (not a refused handshake): the next attempt
+            # punches, and says so to the peer; listeners are tried again after RETRY_LATER.
+            state.listener_failed = True
+        if wait == RETRY_LATER:
+            state.listener_failed = False
+        punched = state.plan[0] == "punch"
         state.stage, state.due, state.why = Stage.BACKOFF, now + wait, reason
         events: list[PunchEvent] = [
             PunchNotice("punch_failed", {"peer": peer, "attempt": state.attempt, "reason": reason, "retry_in_s": wait})
         ]
         if dialing:
-            renew = RenewPort(f"attempt {state.attempt} to {peer}: {reason}")
-            events[:0] = [Abandon(peer, state.attempt, reason), renew]
+            events.insert(0, Abandon(peer, state.attempt, reason))
+        if timed_out and punched and state.initiator:
+            # Our own punch from the relay connection's port went unanswered: its NAT
+            # mappings may be spoiled. Only for attempts this node started (paced by its
+            # own backoff): a peer cannot make it move its relay connection at will.
+            events.insert(1, RenewPort(f"attempt {state.attempt} to {peer}: {reason}"))
         return events
 
     def _give_up(self, peer: str, state: PeerPunch, reason: str) -> list[PunchEvent]:

@@ -53,6 +53,7 @@ class RelayLink:
 
     def connecting(self, now: float) -> None:
         self.state = LinkState.REGISTERING
+        self.rtt, self._ping = None, None  # a new connection's round trip is measured anew
         self.last_heard = now
         self.connects += 1
 
@@ -115,6 +116,7 @@ class RelayLink:
         in the consecutive failures, capped, with jitter so that nodes that lost the
         same relay do not come back in lockstep."""
         self.state = LinkState.DISCONNECTED
+        self.rtt, self._ping = None, None
         delay = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.failures, 32))
         self.failures += 1
         return delay * self._rng.uniform(0.5, 1.0)

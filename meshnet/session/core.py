@@ -42,6 +42,8 @@ DEADLINE_GRACE = 2.0
 PEER_SILENCE = 20.0
 #: Ids of jobs cancelled before they arrived (re-ordered on the way), remembered per peer.
 MAX_EARLY_CANCELS = 1024
+#: Pings whose path is remembered, for all peers (a session keeps at most 64 each).
+MAX_PINGS_KEPT = 4096
 #: Sessions kept at once; the idle ones beyond it are forgotten, oldest first.
 MAX_SESSIONS = 4096
 
@@ -190,6 +192,9 @@ class SessionCore:
         self._order = 0
         self.counts: Counter[str] = Counter()
         self._pings = 0
+        #: The path each ping went out on (the current one when it was asked for), while
+        #: it may be answered: a round trip counts for a path only if it came back there.
+        self._ping_paths: OrderedDict[int, str | None] = OrderedDict()
         #: The last round trip measured to each peer on each path: seconds, and when.
         self.round_trips: dict[str, dict[str, tuple[float, float]]] = {}
 
@@ -239,8 +244,16 @@ class SessionCore:
     def ping(self, peer: str, now: float) -> tuple[int, list[Event]]:
         """Measure a round trip to ``peer`` on its current path: the ping's number, and
         what to send. Its answer comes as :class:`Ponged`; a ping lost is not sent again."""
+        session = self._session(peer, now)
+        number = self._new_ping(peer)
+        return number, self._transmits(peer, session.ping(number, now))
+
+    def _new_ping(self, peer: str) -> int:
         self._pings += 1
-        return self._pings, self._transmits(peer, self._session(peer, now).ping(self._pings, now))
+        self._ping_paths[self._pings] = self._path_of.get(peer)
+        while len(self._ping_paths) > MAX_PINGS_KEPT:
+            self._ping_paths.popitem(last=False)
+        return self._pings
 
     def probe(self, peer: str, now: float) -> list[Event]:
         """Ask ``peer`` for an answer now (an ack): whether it hears us, and how fast."""
@@ -281,7 +294,8 @@ class SessionCore:
         events: list[Event] = []
         if received.pong is not None:
             number, rtt = received.pong
-            self.round_trips.setdefault(peer, {})[path] = (rtt, now)
+            if self._ping_paths.pop(number, None) == path:
+                self.round_trips.setdefault(peer, {})[path] = (rtt, now)
             events.append(Ponged(peer, number, rtt, path))
         if received.restarted is not None:
             events += self._session_ended(peer, *received.restarted, now, restarted=True)
@@ -530,8 +544,7 @@ class SessionCore:
         boxes = session.set_path(path is not None, now)
         if path is not None and session.state is State.OPEN:
             # What the new path's round trip is: shown by ``meshnet peers`` and ``status``.
-            self._pings += 1
-            boxes += session.ping(self._pings, now)
+            boxes += session.ping(self._new_ping(peer), now)
         return self._transmits(peer, boxes)
 
     def _release(self, pending: Pending) -> None:

@@ -46,8 +46,9 @@ class Trial:
     #: The first job's round trip on the direct link (ms), from the client.
     first_job_ms: float | None
     reason: str = ""
-    #: The local port of each of A's dials (a retry starts from a fresh one).
-    dial_ports: list[int] = field(default_factory=list)
+    #: The local ports of each attempt's two dials, A's and B's: a retry starts from a
+    #: fresh port on at least one side (the side that started the attempt that failed).
+    dial_ports: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_ms(self) -> float | None:
@@ -97,7 +98,11 @@ def _trial(lab: Lab, mesh: Mesh, hosts, ids, configs, tmp: Path, late_s: float) 
         with MeshClient(f"ipc://{tmp}/a.sock") as client:
             client.run("echo", "relayed", to=ids["b"].peer_id)
             up = procs["a"].wait_until(lambda: procs["a"].find("direct_link_up"), UP_TIMEOUT_S)
-            ports = [e["local_port"] for e in procs["a"].find("direct_dialling")]
+            a_dials = procs["a"].find("direct_dialling")
+            # B's lines are read on the harness's own thread: wait for as many as A's.
+            procs["b"].wait_until(lambda: len(procs["b"].find("direct_dialling")) >= len(a_dials), 5)
+            b_dials = procs["b"].find("direct_dialling")
+            ports = [(a["local_port"], b["local_port"]) for a, b in zip(a_dials, b_dials, strict=False)]
             if not up:
                 failed = procs["a"].find("punch_failed")
                 why = failed[-1]["reason"] if failed else f"no link within {UP_TIMEOUT_S:g} s"

@@ -309,3 +309,63 @@ def test_a_listener_that_does_not_answer_is_given_up_for_a_simultaneous_open() -
     assert [e.message.punch for e in of(log[B], SendPunch)][0] is True
     dials = of(log[A], Dial) + of(log[B], Dial) + of(a.on_tick(11.5), Dial) + of(b.on_tick(11.5), Dial)
     assert sorted((d.remote, d.curve_server) for d in dials) == [(A_AT, False), (B_AT, True)]
+
+
+def test_only_a_punch_this_node_started_moves_its_relay_port() -> None:
+    # B answers A's offers; a peer that never dials cannot make B move its relay
+    # connection, however often it offers: only A (the initiator) renews.
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    carry(nodes, A, a.want(B, 0.0), 0.04)
+    a.on_tick(0.06)
+    failed_a, failed_b = a.on_tick(10.0), b.on_tick(10.0)
+    assert len(of(failed_a, RenewPort)) == 1 and of(failed_b, RenewPort) == []
+    assert of(failed_b, Abandon), "B's own dial is closed all the same"
+
+
+def test_a_listener_wait_that_fails_moves_no_port() -> None:
+    plan_nodes = {A: PunchCoordinator(A), B: PunchCoordinator(B)}
+    plan_nodes[A].set_candidates(Candidates(A_AT, "full_cone", "198.51.100.11:7001", "10.0.1.10:7001"), 0.0)
+    plan_nodes[B].set_candidates(Candidates(B_AT, "port_restricted"), 0.0)
+    carry(plan_nodes, A, plan_nodes[A].want(B, 0.0), 0.01)
+    plan_nodes[A].on_tick(0.02)
+    assert of(plan_nodes[A].on_tick(10.0), RenewPort) == [], "A only listened: its relay port played no part"
+
+
+def test_a_new_relay_port_restarts_the_attempts_that_told_the_old_one() -> None:
+    nodes = pair()
+    a = nodes[A]
+    log = carry(nodes, A, a.want(B, 0.0), 0.04)
+    assert of(log[B], Dial), "B dials at once; A waits half the round trip"
+    moved = a.set_candidates(Candidates(nat="port_restricted"), 0.05, final=False)  # A re-registers
+    assert of(moved, Dial) == [] and a.peers[B].stage.value == "idle", "nothing dials from the old port"
+    assert of(a.on_tick(0.06), Dial) == [], "the scheduled dial is gone"
+    new_a = "198.51.100.11:40999"
+    again = a.set_candidates(Candidates(new_a, "port_restricted"), 1.0)
+    assert [(e.message.stage, e.message.observed) for e in of(again, SendPunch)] == [("connect", new_a)]
+    log = carry(nodes, A, again, 1.0)
+    assert [d.remote for d in of(log[B], Dial)] == [new_a], "B's new attempt replaces its old one"
+    assert a.peers[B].failures == 0, "a restart is not a failure"
+
+
+def test_an_offer_deferred_past_its_answer_timeout_is_dropped() -> None:
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    b.set_candidates(Candidates(nat="port_restricted"), 0.0, final=False)
+    carry(nodes, A, a.want(B, 0.0), 0.0)
+    late = b.set_candidates(Candidates("198.51.100.12:40777", "port_restricted"), ANSWER_TIMEOUT + 1)
+    assert [e.message.stage for e in of(late, SendPunch)] != ["answer"], "its initiator gave it up already"
+
+
+def test_a_failed_listener_is_dialled_again_where_a_punch_cannot_work() -> None:
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a.set_candidates(Candidates(A_AT, "full_cone", "198.51.100.11:7001", "10.0.1.10:7001"), 0.0)
+    b.set_candidates(Candidates(B_AT, "symmetric"), 0.0)
+    nodes = {A: a, B: b}
+    carry(nodes, A, a.want(B, 0.0), 0.01)
+    a.on_tick(0.02), b.on_tick(0.02)
+    a.on_tick(10.0), b.on_tick(10.0)  # B's dial to A's listener timed out
+    assert b.peers[A].listener_failed
+    log = carry(nodes, B, b.on_tick(b.next_deadline()), 11.0)
+    dials = of(log[B], Dial) + of(b.on_tick(12.0), Dial)
+    assert [d.remote for d in dials] == ["198.51.100.11:7001"], "not given up: the listener again"

@@ -770,18 +770,22 @@ def test_a_ping_to_a_peer_never_heard_opens_the_session_and_is_answered_once_wit
     assert duo.a.round_trips[B]["relay"] == (pytest.approx(0.5), 1.75)
     # A replayed answer is not a second pong, and a pong nobody asked for is none.
     assert pongs(duo.deliver(A, answer, 2.0)) == []
-    forged = PeerAck(sid=answer[0].box.sid, rsid=answer[0].box.rsid, ctr=999, pong=number + 7)
-    assert pongs(duo.a.on_box(B, wire(forged), 2.0)) == []
+    for pong in (number, number + 7):  # answered already / never asked: both with a fresh counter
+        forged = PeerAck(sid=answer[0].box.sid, rsid=answer[0].box.rsid, ctr=900 + pong, pong=pong)
+        assert pongs(duo.a.on_box(B, wire(forged), 2.0)) == []
 
 
 def test_a_lost_ping_is_not_sent_again_and_holds_nothing_back():
     duo = Duo()
     duo.converse(A, duo.a.submit(spec(1), B, 0.0), 0.0)
+    duo.converse(B, duo.b.on_tick(0.05), 0.05)  # B's delayed ack: A holds nothing now
+    assert not duo.a.holding
     _, events = duo.a.ping(B, 1.0)
-    assert len(boxes(events, PeerAck)) == 1
-    later = duo.a.on_tick(30.0)
-    assert not [b for b in boxes(later, PeerAck) if b.ping is not None], "a ping is a measurement: never re-sent"
+    assert [b.ping is not None for b in boxes(events, PeerAck)] == [True]
     assert not duo.a.holding, "a ping is not a message the node waits to have acknowledged"
+    for now in (1.5, 3.0, 5.0, 8.0, 12.0):  # re-sends and probes happen here; PEER_SILENCE is 20 s
+        later = duo.a.on_tick(now)
+        assert not [b for b in boxes(later, PeerAck) if b.ping is not None], "a ping is a measurement: never re-sent"
 
 
 def test_a_new_path_is_pinged_so_that_its_round_trip_is_known():
@@ -797,3 +801,16 @@ def test_a_new_path_is_pinged_so_that_its_round_trip_is_known():
             got += pongs(duo.a.on_box(B, wire(event.box), 2.004, path="direct"))
     assert [(p.path, round(p.rtt, 3)) for p in got] == [("direct", 0.004)]
     assert set(duo.a.round_trips[B]) == {"direct"}
+
+
+def test_a_round_trip_counts_for_a_path_only_if_the_ping_went_and_came_back_on_it():
+    duo = Duo()
+    duo.converse(A, duo.a.submit(spec(1), B, 0.0), 0.0)
+    number, events = duo.a.ping(B, 1.0)  # on the relay
+    answer = duo.deliver(B, events, 1.0)
+    got = []
+    for event in answer:
+        if isinstance(event, Transmit):
+            got += pongs(duo.a.on_box(B, wire(event.box), 1.1, path="direct"))  # back on a direct link
+    assert [(p.number, p.path) for p in got] == [(number, "direct")], "the answer is reported"
+    assert "direct" not in duo.a.round_trips.get(B, {}), "but a mixed round trip is no path's"
