@@ -98,35 +98,29 @@ def _direct_exit(endpoint: str, public: str, secret: str, workers: int) -> None:
 
 def _direct_entry(endpoint: str, exit_endpoint: str, exit_public: str) -> None:
     context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(endpoint)
     dealer = context.socket(zmq.DEALER)
     public, secret = zmq.curve_keypair()
     dealer.curve_publickey, dealer.curve_secretkey = public, secret
     dealer.curve_serverkey = exit_public.encode()
     dealer.connect(exit_endpoint)
-    stop = _stop_event()
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    poller.register(dealer, zmq.POLLIN)
-    print("ready", flush=True)
-    while not stop.is_set():
-        for item, _ in poller.poll(500):
-            while True:
-                try:
-                    frames = item.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                # conn, header, body to the exit node; conn, job id, status, result back
-                (dealer if item is router else router).send_multipart(frames, copy=False)
-    context.destroy(linger=0)
+    # conn, header, body to the exit node; conn, job id, status, result back
+    _shuttle(context, endpoint, dealer, [])
 
 
 def _entry(endpoint: str, relay: str, relay_public: str) -> None:
     context = zmq.Context()
+    dealer = _link(context, b"entry", relay, relay_public)
+    # to the exit node through the relay: [b"exit", conn, header, body]; from it:
+    # source, conn, job id, status, result
+    _shuttle(context, endpoint, dealer, [b"exit"])
+
+
+def _shuttle(context: zmq.Context, endpoint: str, dealer: zmq.Socket, prefix: list[bytes]) -> None:
+    """An entry node: bind a ROUTER for clients on ``endpoint`` and pass messages between
+    it and ``dealer`` (towards the exit node) until stopped: ``prefix`` frames go before
+    each message out, and as many frames come off each message back. Destroys ``context``."""
     router = context.socket(zmq.ROUTER)
     router.bind(endpoint)
-    dealer = _link(context, b"entry", relay, relay_public)
     stop = _stop_event()
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
@@ -139,10 +133,10 @@ def _entry(endpoint: str, relay: str, relay_public: str) -> None:
                     frames = item.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if item is router:  # conn, header, body: to the exit node
-                    dealer.send_multipart([b"exit", *frames], copy=False)
-                else:  # from the exit node: source, conn, job id, status, result
-                    router.send_multipart(frames[1:], copy=False)
+                if item is router:
+                    dealer.send_multipart([*prefix, *frames], copy=False)
+                else:
+                    router.send_multipart(frames[len(prefix) :], copy=False)
     context.destroy(linger=0)
 
 
