@@ -381,10 +381,10 @@ class PunchCoordinator:
             "why": state.why or None,
         }
 
-    def path(self, peer: str) -> str:
-        """What ``meshnet peers`` shows for the peer's link: direct, lan or relayed."""
+    def is_direct(self, peer: str) -> bool:
+        """Whether a direct link to ``peer`` is up (its name: :meth:`link`)."""
         state = self.peers.get(peer)
-        return state.link if state is not None and state.stage is Stage.DIRECT else "relayed"
+        return state is not None and state.stage is Stage.DIRECT
 
     def link(self, peer: str) -> str:
         """The session's name for a direct link to ``peer``: ``lan`` or ``direct``."""
@@ -394,9 +394,9 @@ class PunchCoordinator:
     def remote(self, peer: str) -> str | None:
         """The peer's end of the direct link: the address dialled, or, for a peer that
         dialled us, the address it said it dials from (its LAN or observed one)."""
-        state = self.peers.get(peer)
-        if state is None or state.stage is not Stage.DIRECT:
+        if not self.is_direct(peer):
             return None
+        state = self.peers[peer]
         how, address = state.plan
         if how != "listen":
             return address

@@ -69,7 +69,7 @@ def test_a_punch_dials_both_sides_at_each_others_observed_address_with_one_curve
     assert of(up, PathChange) == [PathChange(B, True, "hole punched")]
     [notice] = of(up, PunchNotice)
     assert notice.event == "direct_link_up" and notice.fields["ms_since_decided"] == 65.0
-    assert nodes[A].path(B) == "direct" and nodes[B].path(A) == "relayed"
+    assert nodes[A].is_direct(B) and nodes[A].link(B) == "direct" and not nodes[B].is_direct(A)
     assert of(nodes[B].on_link_up(A, b_dial.attempt, 0.066), PathChange) == [PathChange(A, True, "hole punched")]
 
 
@@ -165,7 +165,7 @@ def test_a_direct_link_that_dies_moves_the_path_back_and_is_tried_again_later() 
     nodes[A].on_link_up(B, dial.attempt, 0.01)
     down = nodes[A].on_link_down(B, dial.attempt, "heartbeats unanswered", 10.0)
     assert of(down, PathChange) == [PathChange(B, False, "heartbeats unanswered")]
-    assert nodes[A].path(B) == "relayed" and nodes[A].next_deadline() == 10.0 + REUPGRADE_AFTER
+    assert not nodes[A].is_direct(B) and nodes[A].next_deadline() == 10.0 + REUPGRADE_AFTER
     again = nodes[A].on_tick(10.0 + REUPGRADE_AFTER)
     assert [e.message.stage for e in of(again, SendPunch)] == ["connect"]
 
@@ -246,12 +246,12 @@ def test_a_link_between_two_nodes_behind_one_nat_is_the_lan_path_and_names_each_
     up_b, up_a = b.on_link_up(A, dial.attempt, 1.0), a.on_link_up(B, dial.attempt, 1.0)
     assert of(up_b, PathChange) == [PathChange(A, True, "dialled", "lan")]
     assert of(up_a, PathChange) == [PathChange(B, True, "dialled", "lan")]
-    assert (a.path(B), b.path(A), a.link(B)) == ("lan", "lan", "lan")
+    assert a.is_direct(B) and b.is_direct(A) and (a.link(B), b.link(A)) == ("lan", "lan")
     # B dialled A's LAN listener; A names the LAN address B said it has.
     assert (b.remote(A), a.remote(B)) == ("10.0.1.10:7001", "10.0.1.11:7002")
     down = a.on_link_down(B, dial.attempt, "heartbeats stopped", 2.0)
     assert of(down, PathChange) == [PathChange(B, False, "heartbeats stopped", "lan")]
-    assert (a.path(B), a.remote(B)) == ("relayed", None)
+    assert not a.is_direct(B) and a.remote(B) is None
 
 
 def test_a_punched_link_is_the_direct_path_and_names_the_address_dialled() -> None:
@@ -259,7 +259,7 @@ def test_a_punched_link_is_the_direct_path_and_names_the_address_dialled() -> No
     log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
     [a_dial] = of(nodes[A].on_tick(0.06), Dial)
     nodes[A].on_link_up(B, a_dial.attempt, 0.07)
-    assert (nodes[A].path(B), nodes[A].remote(B)) == ("direct", B_AT)
+    assert nodes[A].is_direct(B) and (nodes[A].link(B), nodes[A].remote(B)) == ("direct", B_AT)
     assert of(log[B], Dial)[0].remote == A_AT
 
 
