@@ -36,8 +36,12 @@ class Network:
 
 
 class Simulation:
-    def __init__(self, rng: random.Random, names: tuple[str, ...] = ("A", "B"), **network: Any):
+    def __init__(
+        self, rng: random.Random, names: tuple[str, ...] = ("A", "B"), silence: float | None = None, **network: Any
+    ):
         self.rng = rng
+        #: The cores' PEER_SILENCE (None: the default).
+        self.silence = silence
         self.net = Network(rng, **network)
         self.now = 0.0
         self._sids = itertools.count(1)
@@ -59,7 +63,9 @@ class Simulation:
             self._apply(name, self.cores[name].on_path("relay", True, 0.0))
 
     def _new_core(self) -> SessionCore:
-        return SessionCore(budget=1 << 30, new_sid=lambda: next(self._sids))
+        if self.silence is None:
+            return SessionCore(budget=1 << 30, new_sid=lambda: next(self._sids))
+        return SessionCore(budget=1 << 30, new_sid=lambda: next(self._sids), silence=self.silence)
 
     # -- what a test does --
 

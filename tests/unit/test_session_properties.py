@@ -39,7 +39,17 @@ def scenarios(draw: st.DrawFn) -> dict:
 
 def _run(scenario: dict) -> Simulation:
     rng = random.Random(scenario["seed"])
-    sim = Simulation(rng, drop=scenario["drop"], duplicate=scenario["duplicate"], max_delay=scenario["max_delay"])
+    # A peer that answers nothing for PEER_SILENCE is given up, and its jobs end: a rule
+    # of its own (test_session_core), and not what this test is about. Under 30 % loss
+    # each way, every re-send of a 20 s lossy spell can be lost (a few in a thousand
+    # runs): the peer is given up only past the spell here.
+    sim = Simulation(
+        rng,
+        silence=LOSS_ENDS + 10.0,
+        drop=scenario["drop"],
+        duplicate=scenario["duplicate"],
+        max_delay=scenario["max_delay"],
+    )
     n = 0
     for _ in range(scenario["jobs_a"]):
         n += 1
@@ -57,6 +67,10 @@ def _run(scenario: dict) -> Simulation:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
+# Every re-send between A and B lost for 20 s: B was given up at PEER_SILENCE, and this failed.
+@example(
+    {"seed": 1376484, "drop": 0.25, "duplicate": 0.0, "max_delay": 0.25, "jobs_a": 38, "jobs_b": 0, "switches": []}
+)
 def test_every_job_ends_once_none_runs_twice_and_all_succeed_once_loss_stops(scenario: dict) -> None:
     sim = _run(scenario)
     assert set(sim.settled) == set(sim.submitted), "a job never ended"
