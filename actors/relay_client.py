@@ -221,6 +221,7 @@ class RelayClient:
         #: on it within its grace: the answers of jobs it ran reach their submitters).
         self.delivered = threading.Event()
         self.delivered.set()
+        self._ledger_check_due = False
         self.log = log.bind(peer_id=self.peer_id, relay=self.endpoint)
         #: Direct links to peers (meshnet.holepunch decides, actors.direct_links dials).
         self.punch = PunchCoordinator(self.peer_id, enabled=direct_links)
@@ -398,7 +399,16 @@ class RelayClient:
         return True
 
     def _update_ledger_idle(self) -> None:
-        # Called per message: an Event's set or clear takes its lock, is_set does not.
+        # Called per message, and done once per loop turn, after what the turn did:
+        # ``holding`` looks at every session. The loop runs its calls in order, so a
+        # Drain answered on the loop (run_sync) is answered after this.
+        if not self._ledger_check_due:
+            self._ledger_check_due = True
+            self.loop.call_soon(self._mirror_ledger)
+
+    def _mirror_ledger(self) -> None:
+        # An Event's set or clear takes its lock, is_set does not.
+        self._ledger_check_due = False
         _mirror(self.ledger_idle, not self.sessions.in_flight)
         _mirror(self.delivered, not self.sessions.holding)
 
