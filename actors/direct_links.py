@@ -26,8 +26,14 @@ ROUTER serves every accepted link, so libzmq's per-connection events cannot say 
 peer went), and a listener that drops an accepted link says ``[b"bye"]``.
 
 Frames on a link: ``[b"box", message]``, a node-to-node message in the clear (the link is
-encrypted and authenticated end to end), decoded like an opened sealed box; ``hi``,
-``ping``, ``pong`` and ``bye`` are one frame each.
+encrypted and authenticated end to end), decoded like an opened sealed box; ``ping``,
+``pong`` and ``bye`` are one frame each. ``hi`` may carry a second frame, the words of
+what its sender reads beyond that (``b"boxes"``); a listener answers a dialler's hi with
+its own. To a peer that said ``boxes``, the small messages of one loop turn go out as
+one ``[b"boxes", m1, ..., mN]`` (at most MAX_BATCH of them, each under BULK_BYTES): under
+load a turn has many, and one link message for them costs one send, one receive and one
+wake-up of each side's I/O thread instead of N. The batch waits for nothing: it goes when
+the turn that made it ends.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -49,11 +55,21 @@ from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_mess
 log = structlog.get_logger("meshnet.direct")
 
 BOX = b"box"
+BOXES = b"boxes"
 HI = b"hi"
 PING = b"ping"
 PONG = b"pong"
 BYE = b"bye"
 LISTEN_DOMAIN = "direct-listen"
+#: What this node's hi says it reads: batches of boxes.
+FEATURES = BOXES
+#: Boxes in one batch at most, and the size from which a message goes alone (a payload
+#: that large costs far more than its send: it is not held back for others, and the
+#: receiver can take it without a copy).
+MAX_BATCH = 16
+#: Boxes in one batch this node reads (a peer may batch more than this node does).
+MAX_BATCH_READ = 64
+BULK_BYTES = 64 * 1024
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
 HEARTBEAT_IVL_MS = 1000
@@ -99,6 +115,10 @@ class Link:
     last_heard: float = 0.0
     #: The Z85 key that said hi on an accepted link (every later frame must carry it).
     key: bytes = b""
+    #: The peer reads ``[boxes, ...]`` (its hi said so).
+    batches: bool = False
+    #: Small messages of this loop turn, sent when it ends (see _flush).
+    outbox: list[Any] = field(default_factory=list)
 
 
 class DirectLinks:
@@ -213,17 +233,34 @@ class DirectLinks:
                       curve_server=curve_server)  # fmt: skip
 
     def send(self, peer: str, data: Any) -> bool:
-        """Send a message on ``peer``'s link, if it is up; False if it could not go (the
-        session sends it again)."""
+        """Send a message on ``peer``'s link, if it is up; False if it cannot. A small
+        message to a peer that reads batches goes when this loop turn ends, with the
+        others of the turn. One that is not delivered (the link's queue full, or it went
+        down) is lost here: the session sends it again."""
         link = self.links.get(peer)
         if link is None or not link.up:
             return False
-        frames = [link.routing_id, BOX, data] if link.monitor is None else [BOX, data]
+        if not link.batches or len(data) >= BULK_BYTES:
+            self._flush(link)  # what was queued goes first
+            return self._send_frames(link, [BOX, data])
+        link.outbox.append(data)
+        if len(link.outbox) == 1:
+            self.loop.call_soon(self._flush, link)
+        elif len(link.outbox) >= MAX_BATCH:
+            self._flush(link)
+        return True
+
+    def _flush(self, link: Link) -> None:
+        """Send the messages queued on ``link``: one as a box, more as a batch."""
+        queued, link.outbox = link.outbox, []
+        if not queued or self.links.get(link.peer) is not link:
+            return
+        self._send_frames(link, [BOX, queued[0]] if len(queued) == 1 else [BOXES, *queued])
+
+    def _send_frames(self, link: Link, frames: list[Any]) -> bool:
         try:
-            send_message(link.sock, frames)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError:  # an accepted link whose connection is gone: down on the tick
+            send_message(link.sock, [link.routing_id, *frames] if link.monitor is None else frames)
+        except zmq.ZMQError:  # full (Again), or an accepted link whose connection is gone
             return False
         return True
 
@@ -261,6 +298,7 @@ class DirectLinks:
 
     def _close_link(self, link: Link) -> None:
         self._expected.pop(curve_public_z85(link.peer), None)
+        link.outbox.clear()
         if link.monitor is None:
             # Accepted: the listener stays. The dialler is told, and takes its link down
             # (its frames here are ignored from now on).
@@ -286,24 +324,33 @@ class DirectLinks:
             return
         for _ in range(256):
             try:
-                frames = recv_message(link.sock, 2, copied=1)
+                frames = recv_message(link.sock, MAX_BATCH_READ + 1, copied=1)
             except zmq.Again:
                 return
             link.last_heard = time.monotonic()
-            if frames is not None and len(frames) == 1 and frames[0] in (HI, PING, PONG, BYE):
-                if frames[0] == PING:
+            kind = frames[0] if frames is not None else b""
+            if frames is not None and kind == HI and len(frames) <= 2:
+                link.batches = _reads_batches(frames[1:])
+                continue
+            if frames is not None and kind in (PING, PONG, BYE) and len(frames) == 1:
+                if kind == PING:
                     self._send_quietly(link, [PONG])
-                elif frames[0] == BYE:
+                elif kind == BYE:
                     self._down(link, "the peer closed the direct link")
                     return
                 continue
-            if frames is None or len(frames) != 2 or frames[0] != BOX:
-                self.log.warning("direct_message_rejected", peer=link.peer, error="not [box, message]")
+            if frames is None or not (kind == BOX and len(frames) == 2 or kind == BOXES and len(frames) > 1):
+                error = f"not [box, message] or [boxes, up to {MAX_BATCH_READ} messages]"
+                self.log.warning("direct_message_rejected", peer=link.peer, error=error)
                 continue
-            data = frames[1]
-            self.on_message(link.peer, data.buffer if isinstance(data, zmq.Frame) else data)
-            if self.links.get(link.peer) is not link:
-                return  # the message closed the link
+            for data in frames[1:]:
+                self.on_message(link.peer, data.buffer)
+                if self.links.get(link.peer) is not link:
+                    return  # the message closed the link
+            if kind == BOXES:
+                # A batch is a turn's worth: the loop serves its other sockets (the
+                # workers whose jobs it just queued) before it reads another.
+                return
 
     def _monitor(self, link: Link) -> None:
         while self.links.get(link.peer) is link:
@@ -314,7 +361,7 @@ class DirectLinks:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and not link.up:
                 link.up, link.last_heard = True, time.monotonic()
-                self._send_quietly(link, [HI])  # a listener learns who we are from it
+                self._send_quietly(link, [HI, FEATURES])  # a listener learns who we are from it
                 self._arm_pinger()
                 self.on_up(link.peer, link.attempt)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -338,7 +385,7 @@ class DirectLinks:
         now = time.monotonic()
         for _ in range(256):
             try:
-                frames = recv_message(router, 3)
+                frames = recv_message(router, MAX_BATCH_READ + 2)
             except zmq.Again:
                 return
             if frames is None or len(frames) < 2:
@@ -352,8 +399,13 @@ class DirectLinks:
                 if key != link.key:
                     continue  # not the key that said hi on this connection
                 link.last_heard = now
-                if kind == BOX and len(frames) == 3:
-                    self.on_message(link.peer, frames[2].buffer)
+                if kind == BOX and len(frames) == 3 or kind == BOXES:
+                    for frame in frames[2:]:
+                        self.on_message(link.peer, frame.buffer)
+                        if self.links.get(link.peer) is not link:
+                            break  # the message closed the link
+                    if kind == BOXES:
+                        return  # a turn's worth (see _readable)
                 elif kind == PING:
                     self._send_quietly(link, [PONG])
                 continue
@@ -364,7 +416,10 @@ class DirectLinks:
             self.close(peer)  # an earlier connection of the same peer's, if any
             self._expected[key] = expected  # (close forgot it)
             self._accepted[routing_id] = peer
-            self.links[peer] = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
+            link = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
+            link.batches = _reads_batches([f.bytes for f in frames[2:3]])
+            self.links[peer] = link
+            self._send_quietly(link, [HI, FEATURES])  # what this side reads, in turn
             self.on_up(peer, attempt)
 
     def _send_quietly(self, link: Link, frames: list[bytes]) -> None:
@@ -394,3 +449,8 @@ class DirectLinks:
                 self._send_quietly(link, [PING])
         if self.links or self._expected:
             self._arm_pinger()
+
+
+def _reads_batches(features: list[bytes]) -> bool:
+    """Whether a hi's features frame (if any) says its sender reads ``[boxes, ...]``."""
+    return bool(features) and BOXES in bytes(features[0]).split()

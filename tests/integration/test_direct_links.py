@@ -11,7 +11,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.direct_links import BOX, HI, DirectLinks
+from actors.direct_links import BOX, BOXES, HI, MAX_BATCH, MAX_BATCH_READ, DirectLinks
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.socket_loop import SocketLoop
 
@@ -88,7 +88,9 @@ def test_an_expected_peer_cannot_pass_for_another_or_take_its_traffic(listener: 
         listener.wait(lambda: len(listener.messages) == 2)
         assert sorted(listener.messages) == sorted([(p.peer_id, b"from p"), (q.peer_id, b"from q")])
         assert listener.loop.run_sync(listener.links.send, p.peer_id, b"for p")
+        assert to_p.poll(5000) and to_p.recv_multipart() == [HI, BOXES]  # the listener's own hi first
         assert to_p.poll(5000) and to_p.recv_multipart() == [BOX, b"for p"]
+        assert to_q.poll(5000) and to_q.recv_multipart() == [HI, BOXES]
         assert to_q.poll(300) == 0  # nothing of P's reached Q
     finally:
         context.destroy(linger=0)
@@ -108,3 +110,50 @@ def test_a_key_no_attempt_expects_is_refused_at_the_handshake(listener: Listener
     finally:
         context.destroy(linger=0)
     assert listener.ups == [] and listener.messages == []
+
+
+def _send_in_one_turn(listener: Listener, peer: str, messages: list[bytes]) -> None:
+    listener.loop.run_sync(lambda: [listener.links.send(peer, m) for m in messages])
+
+
+def test_small_messages_of_one_turn_go_as_one_batch_to_a_peer_that_reads_batches(listener: Listener) -> None:
+    batching, plain = Identity.generate(), Identity.generate()
+    listener.loop.run_sync(listener.links.expect, batching.peer_id, 1)
+    listener.loop.run_sync(listener.links.expect, plain.peer_id, 2)
+    context = zmq.Context()
+    try:
+        to_batching = dialler(context, batching, listener)
+        to_batching.send_multipart([HI, BOXES])
+        to_plain = dialler(context, plain, listener)
+        to_plain.send(HI)  # a node that reads single boxes only
+        listener.wait(lambda: len(listener.ups) == 2)
+        for sock in (to_batching, to_plain):
+            assert sock.poll(5000) and sock.recv_multipart() == [HI, BOXES]
+
+        small = [f"job {i}".encode() for i in range(MAX_BATCH + 3)]
+        big = b"x" * (64 * 1024)
+        _send_in_one_turn(listener, batching.peer_id, [*small[:2], big, *small[2:]])
+        received = []
+        while to_batching.poll(1000):
+            received.append(to_batching.recv_multipart())
+        # In order: the two before the large one as a batch, the large one alone, then
+        # the rest in batches of at most MAX_BATCH (one left over goes as a box).
+        assert received == [
+            [BOXES, *small[:2]],
+            [BOX, big],
+            [BOXES, *small[2 : 2 + MAX_BATCH]],
+            [BOX, small[-1]],
+        ]
+
+        _send_in_one_turn(listener, plain.peer_id, small[:3])
+        assert [to_plain.recv_multipart() for _ in range(3)] == [[BOX, m] for m in small[:3]]
+        assert to_plain.poll(300) == 0
+
+        # Batches in the other direction are read box by box, in order; one longer than
+        # this node reads is dropped whole, and the link goes on.
+        to_batching.send_multipart([BOXES, *[b"too many"] * (MAX_BATCH_READ + 1)])
+        to_batching.send_multipart([BOXES, b"one", b"two", b"three"])
+        listener.wait(lambda: len(listener.messages) == 3)
+        assert listener.messages == [(batching.peer_id, m) for m in (b"one", b"two", b"three")]
+    finally:
+        context.destroy(linger=0)
