@@ -5,7 +5,8 @@ and MeshNet's relayed path side by side, drives each with the same load generato
 prints microseconds of CPU per job for each process of it (its ZeroMQ I/O threads apart
 from its Python threads) and for the load generator. On a small machine every process
 shares the cores, so jobs/s follows the total. ``--big`` does the same with 8 MiB echo
-payloads (milliseconds per job).
+payloads (milliseconds per job). ``--direct`` measures the direct path instead: the raw
+direct route and two MeshNet nodes on a direct link, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import psutil
 
 from bench.load import Driver, Target
-from bench.run import CORES, Baseline, RawRelayChain
+from bench.run import CORES, Baseline, RawDirectChain, RawRelayChain
 from meshnet.identity import Identity
 from tests.harness import Mesh
+
+Run = tuple[str, Target, dict[str, psutil.Process]]
 
 JOBS = 6000
 BIG_JOBS = 12
@@ -88,46 +92,76 @@ def measure(name: str, target: Target, processes: dict[str, psutil.Process], big
         driver.close()
 
 
+def _relayed_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
+    baseline = Baseline("baseline (a)", CORES)
+    stack.append(baseline)
+    chain = RawRelayChain(CORES)
+    stack.append(chain)
+    nodes, ids, relay = _nodes(mesh, direct=False)
+    entry, exit_node, raw_relay = (psutil.Process(p.pid) for p in reversed(chain.procs))
+    return [
+        ("baseline (a)", baseline.target, {"server": psutil.Process(baseline.proc.pid)}),
+        ("MeshNet local", Target("local", nodes["a"][1], "meshnet"), {"node": nodes["a"][0]}),
+        ("raw relayed route", chain.target, {"entry": entry, "relay": raw_relay, "exit": exit_node}),
+        (
+            "MeshNet relayed",
+            Target("relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id),
+            {"A": nodes["a"][0], "relay": relay, "B": nodes["b"][0]},
+        ),
+    ]
+
+
+def _direct_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
+    chain = RawDirectChain(CORES)
+    stack.append(chain)
+    nodes, ids, _ = _nodes(mesh, direct=True)
+    target = Target("direct", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
+    Driver(target).throughput(50, 8)  # the first jobs go relayed and start the link
+    nodes["a"][2].wait_for("path_changed", path="lan", timeout=30)
+    entry, exit_node = (psutil.Process(p.pid) for p in reversed(chain.procs))
+    return [
+        ("raw direct route", chain.target, {"entry": entry, "exit": exit_node}),
+        ("MeshNet direct", target, {"A": nodes["a"][0], "B": nodes["b"][0]}),
+    ]
+
+
+def _nodes(mesh: Mesh, direct: bool) -> tuple[dict[str, Any], dict[str, Identity], psutil.Process]:
+    """Nodes a and b on one relay (on a direct link between them with ``direct``)."""
+    ids = {name: Identity.generate() for name in "ab"}
+    relay_path, relay_id, relay_endpoint = mesh.relay_config(allowed=[i.peer_id for i in ids.values()], heartbeat=1.0)
+    relay = mesh.start_relay(relay_path)
+    nodes = {}
+    for name in "ab":
+        path, _, api = mesh.node_config(
+            name,
+            ids[name],
+            relay=(relay_endpoint, relay_id.peer_id),
+            heartbeat=1.0,
+            jobs={"executors": CORES},
+            relay_settings={"direct_links": True, "stun": "off"} if direct else None,
+        )
+        proc = mesh.start_node(name, path, registered=True)
+        nodes[name] = (psutil.Process(proc.pid), api, proc)
+    return nodes, ids, psutil.Process(relay.pid)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--big", action="store_true", help="8 MiB echo payloads instead of no-op jobs")
-    big = parser.parse_args().big
+    parser.add_argument("--direct", action="store_true", help="the direct path and its raw route")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every row this many times, in turn")
+    args = parser.parse_args()
+    stack: list[Any] = []
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
-        baseline = Baseline("baseline (a)", CORES)
-        chain = RawRelayChain(CORES)
         try:
-            ids = {name: Identity.generate() for name in "ab"}
-            relay_path, relay_id, relay_endpoint = mesh.relay_config(
-                allowed=[i.peer_id for i in ids.values()], heartbeat=1.0
-            )
-            relay = mesh.start_relay(relay_path)
-            nodes = {}
-            for name in "ab":
-                path, _, api = mesh.node_config(
-                    name,
-                    ids[name],
-                    relay=(relay_endpoint, relay_id.peer_id),
-                    heartbeat=1.0,
-                    jobs={"executors": CORES},
-                )
-                nodes[name] = (psutil.Process(mesh.start_node(name, path, registered=True).pid), api)
-            entry, exit_node, raw_relay = (psutil.Process(p.pid) for p in reversed(chain.procs))
-            runs = [
-                ("baseline (a)", baseline.target, {"server": psutil.Process(baseline.proc.pid)}),
-                ("MeshNet local", Target("local", nodes["a"][1], "meshnet"), {"node": nodes["a"][0]}),
-                ("raw relayed route", chain.target, {"entry": entry, "relay": raw_relay, "exit": exit_node}),
-                (
-                    "MeshNet relayed",
-                    Target("relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id),
-                    {"A": nodes["a"][0], "relay": psutil.Process(relay.pid), "B": nodes["b"][0]},
-                ),
-            ]
-            for name, target, processes in runs:
-                print(measure(name, target, processes, big), flush=True)
+            runs = _direct_runs(mesh, stack) if args.direct else _relayed_runs(mesh, stack)
+            for _ in range(args.rounds):
+                for name, target, processes in runs:
+                    print(measure(name, target, processes, args.big), flush=True)
         finally:
-            chain.stop()
-            baseline.stop()
+            for part in reversed(stack):
+                part.stop()
             mesh.close()
     return 0
 
