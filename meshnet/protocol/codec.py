@@ -8,6 +8,7 @@ never anything else, at a cost linear in their size (:mod:`strict_cbor`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -81,10 +82,15 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
     if not fields.keys() <= rules.keys():  # a set comparison, in C: the usual case costs little
         unknown = [k for k in fields if k not in rules]
         raise RemoteProtocolError(f"{cls.TYPE}: unknown field {strict_cbor.describe(unknown[0])}")
+    rules, whole = _plan(cls)
     values: dict[str, Any] = {}
-    for name, rule in cls.RULES.items():
+    for name, rule, may_be_absent in rules:
+        value = fields.get(name)
+        if value is None and may_be_absent:
+            values[name] = None
+            continue
         try:
-            values[name] = rule(fields.get(name))
+            values[name] = rule(value)
         except ValueError as exc:
             raise RemoteProtocolError(f"{cls.TYPE}.{name}: expected {exc}") from None
     problem: RemoteProtocolError | None = None
@@ -94,17 +100,48 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
         problem = RemoteProtocolError(f"{cls.TYPE} takes no body frame")
     elif body is not None and (size := len(memoryview(body))) > max_body:
         problem = MessageTooLarge(f"{cls.TYPE} body is {size} bytes; the limit is {max_body}")
-    if cls.BODY is not Body.NONE and problem is None:
-        values["body"] = body
-    try:
-        message = cls(**values)
-    except TypeError as exc:  # a required field was absent (its rule accepted None)
-        raise RemoteProtocolError(f"{cls.TYPE}: {exc}") from None
+    if cls.BODY is not Body.NONE:
+        values["body"] = body if problem is None else None
+    if whole:
+        # Every field has its value, checked: the instance is made as __init__ would
+        # make it, without a frozen dataclass's object.__setattr__ per field.
+        message = object.__new__(cls)
+        message.__dict__.update(values)
+    else:
+        try:
+            message = cls(**values)
+        except TypeError as exc:  # a required field was absent (its rule accepted None)
+            raise RemoteProtocolError(f"{cls.TYPE}: {exc}") from None
     if problem is not None:
         # The header itself was valid: whoever answers may name what it was about.
         problem.header = message
         raise problem
     return message
+
+
+@functools.cache
+def _plan(cls: type[Message]) -> tuple[tuple[tuple[str, Any, bool], ...], bool]:
+    """How :func:`_build_checked` checks a message of ``cls``: each field's name, its rule
+    (an ``optional`` one unwrapped: an absent value is None without a call), and whether
+    an absent value is allowed; and whether the rules (and the body) give every field of
+    the dataclass, so that no default or ``__init__`` is needed."""
+    rules = tuple((name, getattr(rule, "rule", rule), hasattr(rule, "rule")) for name, rule in cls.RULES.items())
+    given = set(cls.RULES) | ({"body"} if cls.BODY is not Body.NONE else set())
+    fields = dataclasses.fields(cls)
+    whole = {f.name for f in fields} == given and not hasattr(cls, "__post_init__")
+    # A field that __init__ requires must have a rule that refuses None (its absence),
+    # or __init__'s own check is still needed.
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    whole = whole and all(_refuses_none(cls.RULES[name]) for name in required if name in cls.RULES)
+    return rules, whole
+
+
+def _refuses_none(rule: Any) -> bool:
+    try:
+        rule(None)
+    except ValueError:
+        return True
+    return False
 
 
 def decode(frames: Sequence[Any], accept: MessageTable, *, max_body: int) -> Message:

@@ -172,6 +172,7 @@ def optional(rule: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return None if value is None else rule(value)
 
     check.__name__ = f"optional_{rule.__name__}"
+    check.rule = rule  # type: ignore[attr-defined]  # the decoder calls it directly (codec._plan)
     return check
 
 
