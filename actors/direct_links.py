@@ -28,12 +28,15 @@ peer went), and a listener that drops an accepted link says ``[b"bye"]``.
 Frames on a link: ``[b"box", message]``, a node-to-node message in the clear (the link is
 encrypted and authenticated end to end), decoded like an opened sealed box; ``ping``,
 ``pong`` and ``bye`` are one frame each. ``hi`` may carry a second frame, the words of
-what its sender reads beyond that (``b"boxes"``); a listener answers a dialler's hi with
+what its sender reads beyond that (``b"boxes parts"``); a listener answers a dialler's hi with
 its own. To a peer that said ``boxes``, the small messages of one loop turn go out as
 one ``[b"boxes", m1, ..., mN]`` (at most MAX_BATCH of them, each under BULK_BYTES): under
 load a turn has many, and one link message for them costs one send, one receive and one
 wake-up of each side's I/O thread instead of N. The batch waits for nothing: it goes when
-the turn that made it ends.
+the turn that made it ends. To a peer that said ``parts``, a job or result whose payload
+is BULK_BYTES or more goes as ``[b"parts", field, message, bulk]``: the message without
+its bulk field, then that field's bytes as a frame of their own, copied neither by the
+sender (no single buffer is built) nor by the receiver (the frame is the payload).
 """
 
 from __future__ import annotations
@@ -56,13 +59,14 @@ log = structlog.get_logger("meshnet.direct")
 
 BOX = b"box"
 BOXES = b"boxes"
+PARTS = b"parts"
 HI = b"hi"
 PING = b"ping"
 PONG = b"pong"
 BYE = b"bye"
 LISTEN_DOMAIN = "direct-listen"
-#: What this node's hi says it reads: batches of boxes.
-FEATURES = BOXES
+#: What this node's hi says it reads: batches of boxes, and boxes in parts.
+FEATURES = BOXES + b" " + PARTS
 #: Boxes in one batch at most, and the size from which a message goes alone (a payload
 #: that large costs far more than its send: it is not held back for others, and the
 #: receiver can take it without a copy).
@@ -117,13 +121,16 @@ class Link:
     key: bytes = b""
     #: The peer reads ``[boxes, ...]`` (its hi said so).
     batches: bool = False
+    #: The peer reads ``[parts, field, message, bulk]`` (its hi said so).
+    parts: bool = False
     #: Small messages of this loop turn, sent when it ends (see _flush).
     outbox: list[Any] = field(default_factory=list)
 
 
 class DirectLinks:
     """Loop thread only. ``on_up(peer, attempt)``, ``on_down(peer, attempt, reason)`` and
-    ``on_message(peer, data)`` are called on the loop."""
+        ``on_message(peer, data, bulk)`` are called on the loop (``bulk``: None, or the field
+    name and frame of a message that came in parts)."""
 
     def __init__(
         self,
@@ -133,7 +140,7 @@ class DirectLinks:
         max_message: int,
         on_up: Callable[[str, int], None],
         on_down: Callable[[str, int, str], None],
-        on_message: Callable[[str, Any], None],
+        on_message: Callable[..., None],
     ):
         self.identity = identity
         self.loop = loop
@@ -250,6 +257,20 @@ class DirectLinks:
             self._flush(link)
         return True
 
+    def reads_parts(self, peer: str) -> bool:
+        """Whether ``peer``'s link is up and takes a message's bulk field as a frame."""
+        link = self.links.get(peer)
+        return link is not None and link.up and link.parts
+
+    def send_parts(self, peer: str, message: bytes, field: str, bulk: Any) -> bool:
+        """Send a message whose bulk field ``field`` goes as a frame of its own (``bulk``,
+        not copied), to a peer that reads parts; False if it cannot go."""
+        link = self.links.get(peer)
+        if link is None or not link.up or not link.parts:
+            return False
+        self._flush(link)  # what was queued goes first
+        return self._send_frames(link, [PARTS, field.encode(), message, bulk])
+
     def _flush(self, link: Link) -> None:
         """Send the messages queued on ``link``: one as a box, more as a batch."""
         queued, link.outbox = link.outbox, []
@@ -330,7 +351,7 @@ class DirectLinks:
             link.last_heard = time.monotonic()
             kind = frames[0] if frames is not None else b""
             if frames is not None and kind == HI and len(frames) <= 2:
-                link.batches = _reads_batches(frames[1:])
+                link.batches, link.parts = _features(frames[1:])
                 continue
             if frames is not None and kind in (PING, PONG, BYE) and len(frames) == 1:
                 if kind == PING:
@@ -339,8 +360,13 @@ class DirectLinks:
                     self._down(link, "the peer closed the direct link")
                     return
                 continue
+            if frames is not None and kind == PARTS and len(frames) == 4:
+                self.on_message(link.peer, frames[2].buffer, (frames[1].bytes.decode("ascii", "replace"), frames[3]))
+                if self.links.get(link.peer) is not link:
+                    return
+                continue
             if frames is None or not (kind == BOX and len(frames) == 2 or kind == BOXES and len(frames) > 1):
-                error = f"not [box, message] or [boxes, up to {MAX_BATCH_READ} messages]"
+                error = f"not [box, message], [boxes, up to {MAX_BATCH_READ} messages] or [parts, field, message, bulk]"
                 self.log.warning("direct_message_rejected", peer=link.peer, error=error)
                 continue
             for data in frames[1:]:
@@ -406,6 +432,10 @@ class DirectLinks:
                             break  # the message closed the link
                     if kind == BOXES:
                         return  # a turn's worth (see _readable)
+                elif kind == PARTS and len(frames) == 5:
+                    self.on_message(
+                        link.peer, frames[3].buffer, (frames[2].bytes.decode("ascii", "replace"), frames[4])
+                    )
                 elif kind == PING:
                     self._send_quietly(link, [PONG])
                 continue
@@ -417,7 +447,7 @@ class DirectLinks:
             self._expected[key] = expected  # (close forgot it)
             self._accepted[routing_id] = peer
             link = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
-            link.batches = _reads_batches([f.bytes for f in frames[2:3]])
+            link.batches, link.parts = _features([f.bytes for f in frames[2:3]])
             self.links[peer] = link
             self._send_quietly(link, [HI, FEATURES])  # what this side reads, in turn
             self.on_up(peer, attempt)
@@ -451,6 +481,8 @@ class DirectLinks:
             self._arm_pinger()
 
 
-def _reads_batches(features: list[bytes]) -> bool:
-    """Whether a hi's features frame (if any) says its sender reads ``[boxes, ...]``."""
-    return bool(features) and BOXES in bytes(features[0]).split()
+def _features(features: list[Any]) -> tuple[bool, bool]:
+    """What a hi's features frame (if any) says its sender reads: ``[boxes, ...]``, and
+    ``[parts, ...]``."""
+    words = bytes(features[0]).split() if features else []
+    return BOXES in words, PARTS in words

@@ -82,10 +82,12 @@ from meshnet.protocol import (
     Unroutable,
     decode,
     decode_inner,
+    decode_inner_split,
     encode,
     encode_inner,
     encode_inner_parts,
     frame_limit,
+    split_bulk,
 )
 from meshnet.rejections import RejectionLog, log_summaries
 from meshnet.relay_link import LinkState, RelayLink
@@ -465,7 +467,12 @@ class RelayClient:
         exactly that peer), else sealed, on the relay link. A box the path cannot take
         now is dropped: the session sends it again."""
         if event.path != "relay":  # the peer's own link: direct, or over the LAN
-            if self.direct.send(event.peer, encode_inner(event.box)):
+            split = split_bulk(event.box) if self.direct.reads_parts(event.peer) else None
+            if split is not None:
+                sent = self.direct.send_parts(event.peer, *split)
+            else:
+                sent = self.direct.send(event.peer, encode_inner(event.box))
+            if sent:
                 self.boxes_sent[event.path] += 1
             return
         if not self.link.registered:
@@ -796,9 +803,12 @@ class RelayClient:
     def _on_direct_down(self, peer: str, attempt: int, reason: str) -> None:
         self._punch(self.punch.on_link_down(peer, attempt, reason, time.monotonic()))
 
-    def _on_direct_message(self, peer: str, data: Any) -> None:
+    def _on_direct_message(self, peer: str, data: Any, bulk: tuple[str, Any] | None = None) -> None:
         try:
-            box = decode_inner(data, NODE_TO_NODE, max_size=self.max_deliver_body)
+            if bulk is None:
+                box = decode_inner(data, NODE_TO_NODE, max_size=self.max_deliver_body)
+            else:
+                box = decode_inner_split(data, *bulk, NODE_TO_NODE, max_size=self.max_deliver_body)
         except ProtocolError as exc:
             self._rejected(peer, "direct_message_rejected", str(exc))
             return

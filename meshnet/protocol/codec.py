@@ -242,6 +242,51 @@ def decode_inner(data: Any, accept: MessageTable, *, max_size: int) -> Message:
     return _guarded(lambda: _build(_load_map(data, limits, "sealed message"), accept, None))
 
 
+#: The one field of each node-to-node message that may be a payload of megabytes: what a
+#: direct link carries as a frame of its own (:func:`split_bulk`).
+BULK_FIELDS = {"job": "payload", "job_result": "result"}
+
+
+def split_bulk(message: Message) -> tuple[bytes, str, Any] | None:
+    """``message`` as the CBOR map of every field but its bulk one, that field's name, and
+    its value as it is (no copy); None when it has no value of at least BULK_BYTES."""
+    name = BULK_FIELDS.get(message.TYPE)
+    value = getattr(message, name) if name is not None else None
+    if value is None or len(memoryview(value)) < BULK_BYTES:
+        return None
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
+    for field in message.RULES:
+        other = getattr(message, field)
+        if field == name or other is None:
+            continue
+        if type(other) not in _PLAIN:
+            return None  # a buffer in a small field: the whole message, the usual way
+        header[field] = other
+    return cbor2.dumps(header), name, value
+
+
+def decode_inner_split(data: Any, name: str, bulk: Any, accept: MessageTable, *, max_size: int) -> Message:
+    """A node-to-node message that came as :func:`split_bulk` made it: validated as
+    :func:`decode_inner` validates the whole, with ``bulk`` (a buffer, kept as it is: no
+    copy) as its field ``name``, which must be the bulk field of its type."""
+    size = len(memoryview(data)) + len(memoryview(bulk))
+    if size > max_size:
+        raise MessageTooLarge(f"sealed message is {size} bytes; the limit is {max_size}")
+    limits = _inner_limits(max_size, accept.items, accept.depth)
+
+    def build() -> Message:
+        fields = _load_map(data, limits, "sealed message")
+        type_name = fields.get("t")
+        if not isinstance(type_name, str) or BULK_FIELDS.get(type_name) != name or name in fields:
+            raise RemoteProtocolError(f"a bulk {strict_cbor.describe(name)} does not belong to this message")
+        fields[name] = b""  # checked by the field's own rule as a byte string, then put in
+        message = _build(fields, accept, None)
+        message.__dict__[name] = memoryview(bulk).cast("B")
+        return message
+
+    return _guarded(build)
+
+
 @functools.lru_cache(maxsize=16)
 def _inner_limits(size: int, items: int, depth: int) -> Limits:
     return Limits(size=size, items=items, depth=depth)

@@ -4,6 +4,7 @@ that said hi on it, so one expected peer cannot pass for another or take its tra
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -11,9 +12,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.direct_links import BOX, BOXES, HI, MAX_BATCH, MAX_BATCH_READ, DirectLinks
+from actors.direct_links import BOX, BOXES, FEATURES, HI, MAX_BATCH, MAX_BATCH_READ, PARTS, DirectLinks
+from meshnet.client import MeshClient
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.socket_loop import SocketLoop
+from tests.harness import Mesh
 
 
 class Listener:
@@ -23,6 +26,7 @@ class Listener:
         self.loop.start()
         self.ups: list[tuple[str, int]] = []
         self.messages: list[tuple[str, bytes]] = []
+        self.parts: list[tuple[str, bytes, str, bytes]] = []
         self.changed = threading.Condition()
         self.links = self.loop.run_sync(
             lambda: DirectLinks(
@@ -31,10 +35,16 @@ class Listener:
                 max_message=1 << 20,
                 on_up=lambda peer, attempt: self._note(self.ups, (peer, attempt)),
                 on_down=lambda *args: None,
-                on_message=lambda peer, data: self._note(self.messages, (peer, bytes(data))),
+                on_message=self._on_message,
             )
         )
         self.port = self.loop.run_sync(self.links.listen, 0)
+
+    def _on_message(self, peer: str, data: bytes, bulk: tuple[str, bytes] | None = None) -> None:
+        if bulk is None:
+            self._note(self.messages, (peer, bytes(data)))
+        else:
+            self._note(self.parts, (peer, bytes(data), bulk[0], bytes(bulk[1])))
 
     def _note(self, into: list, item: object) -> None:
         with self.changed:
@@ -88,9 +98,9 @@ def test_an_expected_peer_cannot_pass_for_another_or_take_its_traffic(listener: 
         listener.wait(lambda: len(listener.messages) == 2)
         assert sorted(listener.messages) == sorted([(p.peer_id, b"from p"), (q.peer_id, b"from q")])
         assert listener.loop.run_sync(listener.links.send, p.peer_id, b"for p")
-        assert to_p.poll(5000) and to_p.recv_multipart() == [HI, BOXES]  # the listener's own hi first
+        assert to_p.poll(5000) and to_p.recv_multipart() == [HI, FEATURES]  # the listener's own hi first
         assert to_p.poll(5000) and to_p.recv_multipart() == [BOX, b"for p"]
-        assert to_q.poll(5000) and to_q.recv_multipart() == [HI, BOXES]
+        assert to_q.poll(5000) and to_q.recv_multipart() == [HI, FEATURES]
         assert to_q.poll(300) == 0  # nothing of P's reached Q
     finally:
         context.destroy(linger=0)
@@ -116,19 +126,28 @@ def _send_in_one_turn(listener: Listener, peer: str, messages: list[bytes]) -> N
     listener.loop.run_sync(lambda: [listener.links.send(peer, m) for m in messages])
 
 
+def _two_diallers(
+    context: zmq.Context, listener: Listener, his: tuple[list[bytes], list[bytes]]
+) -> tuple[tuple[Identity, zmq.Socket], ...]:
+    """Two expected peers dialled in, each saying its hi; the listener's own hi read."""
+    peers = []
+    for attempt, hi in enumerate(his, 1):
+        me = Identity.generate()
+        listener.loop.run_sync(listener.links.expect, me.peer_id, attempt)
+        sock = dialler(context, me, listener)
+        sock.send_multipart(hi)
+        peers.append((me, sock))
+    listener.wait(lambda: len(listener.ups) == 2)
+    for _, sock in peers:
+        assert sock.poll(5000) and sock.recv_multipart() == [HI, FEATURES]
+    return tuple(peers)
+
+
 def test_small_messages_of_one_turn_go_as_one_batch_to_a_peer_that_reads_batches(listener: Listener) -> None:
-    batching, plain = Identity.generate(), Identity.generate()
-    listener.loop.run_sync(listener.links.expect, batching.peer_id, 1)
-    listener.loop.run_sync(listener.links.expect, plain.peer_id, 2)
     context = zmq.Context()
     try:
-        to_batching = dialler(context, batching, listener)
-        to_batching.send_multipart([HI, BOXES])
-        to_plain = dialler(context, plain, listener)
-        to_plain.send(HI)  # a node that reads single boxes only
-        listener.wait(lambda: len(listener.ups) == 2)
-        for sock in (to_batching, to_plain):
-            assert sock.poll(5000) and sock.recv_multipart() == [HI, BOXES]
+        # The second reads single boxes only.
+        (batching, to_batching), (plain, to_plain) = _two_diallers(context, listener, ([HI, BOXES], [HI]))
 
         small = [f"job {i}".encode() for i in range(MAX_BATCH + 3)]
         big = b"x" * (64 * 1024)
@@ -157,3 +176,40 @@ def test_small_messages_of_one_turn_go_as_one_batch_to_a_peer_that_reads_batches
         assert listener.messages == [(batching.peer_id, m) for m in (b"one", b"two", b"three")]
     finally:
         context.destroy(linger=0)
+
+
+def test_a_payload_goes_apart_from_its_message_only_to_a_peer_that_reads_parts(listener: Listener) -> None:
+    context = zmq.Context()
+    try:
+        (reads, to_reads), (plain, to_plain) = _two_diallers(context, listener, ([HI, b"parts"], [HI, BOXES]))
+        payload = b"p" * 100_000
+        assert listener.loop.run_sync(listener.links.reads_parts, reads.peer_id)
+        assert not listener.loop.run_sync(listener.links.reads_parts, plain.peer_id)
+        assert listener.loop.run_sync(listener.links.send_parts, reads.peer_id, b"message", "payload", payload)
+        assert to_reads.poll(5000) and to_reads.recv_multipart() == [PARTS, b"payload", b"message", payload]
+        assert not listener.loop.run_sync(listener.links.send_parts, plain.peer_id, b"message", "payload", payload)
+        assert to_plain.poll(300) == 0
+
+        to_reads.send_multipart([PARTS, b"result", b"answer", payload])
+        listener.wait(lambda: len(listener.parts) == 1)
+        assert listener.parts == [(reads.peer_id, b"answer", "result", payload)]
+    finally:
+        context.destroy(linger=0)
+
+
+def test_large_and_small_payloads_cross_a_lan_link_intact_and_in_any_mix(mesh: Mesh) -> None:
+    # Two nodes on one host link over the LAN (loopback): jobs with payloads past the
+    # size that goes apart from its message, and small ones in batches, all come back whole.
+    pair = mesh.start_pair(relay_settings={"direct_links": True, "stun": "off"})
+    b = pair.b_id.peer_id
+    with MeshClient(pair.a_api) as client:
+        assert client.run("echo", b"first", to=b) == b"first"  # on the relay; starts the link
+        pair.a.wait_for("path_changed", path="lan", timeout=20)
+        pair.b.wait_for("path_changed", path="lan", timeout=20)
+        payloads = [os.urandom(size) for size in (70_000, 3, 2 * 1024 * 1024, 0, 64 * 1024, 10, 1_000_000)] * 4
+        assert list(client.map("echo", payloads, to=b, window=16)) == payloads
+        jobs_sent = client.status()["relay"]["boxes_sent"]
+    with MeshClient(pair.b_api) as at_b:
+        results_sent = at_b.status()["relay"]["boxes_sent"]
+    # Every job went on the link, and every result came back on it.
+    assert jobs_sent.get("lan", 0) >= len(payloads) and results_sent.get("lan", 0) >= len(payloads)

@@ -21,15 +21,19 @@ from meshnet.protocol import (
     Cancel,
     Job,
     JobResult,
+    PeerAck,
     Result,
     Submit,
     decode,
     decode_inner,
+    decode_inner_split,
     encode,
     encode_inner,
     encode_inner_parts,
+    split_bulk,
     validate,
 )
+from meshnet.protocol.codec import BULK_BYTES
 
 from .samples import FRAME_DIRECTIONS, JOB_ID, MAX_BODY, PAYLOAD, PEER, SAMPLES, TABLES
 
@@ -362,3 +366,56 @@ def test_inner_parts_join_to_exactly_the_cbor_of_the_message(size: int, wrap: An
         if size >= 65_536 and (message is job or succeeded):
             assert any(p is data or (isinstance(p, memoryview) and len(p) == size) for p in parts)  # not copied
         assert decode_inner(b"".join(bytes(p) for p in parts), NODE_TO_NODE, max_size=1 << 20) == plain
+
+
+# -- a message's bulk field apart (a direct link's [parts, ...]) --
+
+
+BIG = bytes(range(256)) * (BULK_BYTES // 256)
+LIMIT = 4 * BULK_BYTES
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Job(id=JOB_ID, kind="echo", timeout=5.0, payload=BIG, sid=7, ctr=3, seq=2, ack=1),
+        JobResult(id=JOB_ID, job_seq=4, status="succeeded", result=BIG, sid=7, ctr=9, seq=5),
+    ],
+)
+def test_a_bulk_field_apart_decodes_to_the_same_message_without_a_copy(message: Any) -> None:
+    split = split_bulk(message)
+    assert split is not None
+    header, name, bulk = split
+    assert bulk is getattr(message, name) and len(header) < 200  # the payload is not in it
+    decoded = decode_inner_split(header, name, bulk, NODE_TO_NODE, max_size=LIMIT)
+    value = getattr(decoded, name)
+    assert isinstance(value, memoryview) and value.obj is bulk  # the frame itself, no copy
+    assert bytes(value) == BIG
+    assert replace(decoded, **{name: bytes(value)}) == message
+    assert decode_inner(encode_inner(message), NODE_TO_NODE, max_size=LIMIT) == message
+
+
+def test_small_payloads_and_other_messages_are_not_split() -> None:
+    assert split_bulk(Job(id=JOB_ID, kind="echo", timeout=5.0, payload=b"x" * (BULK_BYTES - 1), sid=7)) is None
+    assert split_bulk(JobResult(id=JOB_ID, job_seq=4, status="failed", sid=7)) is None
+    assert split_bulk(PeerAck(sid=7, ack=3)) is None
+
+
+def test_a_bulk_field_apart_is_checked_as_the_whole_message_would_be() -> None:
+    job = Job(id=JOB_ID, kind="echo", timeout=5.0, payload=BIG, sid=7, ctr=3, seq=2)
+    header, name, bulk = split_bulk(job)  # type: ignore[misc]
+    with pytest.raises(RemoteProtocolError, match="does not belong"):
+        decode_inner_split(header, "result", bulk, NODE_TO_NODE, max_size=LIMIT)  # not a job's bulk field
+    whole = cbor2.dumps({**cbor2.loads(header), "payload": b"also here"})
+    with pytest.raises(RemoteProtocolError, match="does not belong"):
+        decode_inner_split(whole, name, bulk, NODE_TO_NODE, max_size=LIMIT)  # the field twice
+    ack = encode_inner(PeerAck(sid=7, ack=3))
+    with pytest.raises(RemoteProtocolError, match="does not belong"):
+        decode_inner_split(ack, name, bulk, NODE_TO_NODE, max_size=LIMIT)  # a message with no bulk field
+    with pytest.raises(MessageTooLarge):
+        decode_inner_split(header, name, bulk, NODE_TO_NODE, max_size=len(BIG))
+    bad = cbor2.dumps({**cbor2.loads(header), "kind": "NOT A KIND"})
+    with pytest.raises(RemoteProtocolError, match="job.kind"):
+        decode_inner_split(bad, name, bulk, NODE_TO_NODE, max_size=LIMIT)
+    with pytest.raises(RemoteProtocolError):
+        decode_inner_split(b"\xff\x00", name, bulk, NODE_TO_NODE, max_size=LIMIT)
