@@ -3,7 +3,8 @@
 ``python -m bench.direct_ab OTHER_CHECKOUT [--rounds N]`` starts the raw direct route,
 a pair of nodes on a direct link running this tree's code and a pair running the code
 in OTHER_CHECKOUT, and measures them in interleaved rounds: no-op jobs/s with 48 in
-flight, and CPU per job by process. Prints each round and the medians. For judging a
+flight (``--big``: 8 MiB echoes, MB/s both ways), and CPU per job of the servers and
+their workers. Prints each round and the medians. For judging a
 change to the job path on a noisy machine, where runs minutes apart differ by more
 than the change.
 """
@@ -11,11 +12,13 @@ than the change.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+import cbor2
 import psutil
 
 import tests.harness as harness
@@ -26,6 +29,7 @@ from meshnet.identity import Identity
 from tests.harness import Mesh
 
 JOBS = 4000
+BIG_JOBS = 6
 
 
 def _pair(
@@ -48,24 +52,34 @@ def _pair(
     return target, {name: psutil.Process(p.pid) for name, (p, _) in procs.items()}
 
 
-def _round(target: Target, processes: dict[str, psutil.Process]) -> tuple[float, float]:
+def _round(target: Target, processes: dict[str, psutil.Process], big: bytes | None) -> tuple[float, float]:
+    """jobs/s (MB/s with ``big``), and microseconds of CPU per job."""
     driver = Driver(target)
     try:
-        driver.throughput(300, 48)
-        before = _tree(processes)
-        rate = driver.throughput(JOBS, 48)
+        if big is None:
+            driver.throughput(300, 48)
+            before = _tree(processes)
+            rate, jobs = driver.throughput(JOBS, 48), JOBS
+        else:
+            driver.batch_seconds(2, "echo", big)
+            before = _tree(processes)
+            jobs = BIG_JOBS
+            rate = 2 * jobs * len(big) / driver.batch_seconds(jobs, "echo", big) / 1e6
         after = _tree(processes)
     finally:
         driver.close()
     nodes = sum(after[k] - before.get(k, 0.0) for k in after if k != "load generator")
-    return rate, nodes * 1e6 / JOBS
+    return rate, nodes * 1e6 / jobs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=Path, help="a checkout of the code to compare with (e.g. a git worktree)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--big", action="store_true", help="8 MiB echo payloads: MB/s, both ways")
     args = parser.parse_args()
+    big = cbor2.dumps(os.urandom(8 * 1024 * 1024)) if args.big else None
+    unit = "MB/s" if big else "jobs/s"
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
         chain = RawDirectChain(CORES)
@@ -83,14 +97,14 @@ def main() -> int:
             figures: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}
             for r in range(args.rounds):
                 for name, (target, processes) in subjects.items():
-                    figures[name].append(_round(target, processes))
+                    figures[name].append(_round(target, processes, big))
                     rate, cpu = figures[name][-1]
-                    print(f"round {r + 1}: {name}: {rate:,.0f} jobs/s, {cpu:.0f} us CPU per job", flush=True)
+                    print(f"round {r + 1}: {name}: {rate:,.0f} {unit}, {cpu:.0f} us CPU per job", flush=True)
             raw_rates = [rate for rate, _ in figures["raw direct"]]
             for name, values in figures.items():
                 ratios = [rate / base for (rate, _), base in zip(values, raw_rates, strict=True)]
                 print(
-                    f"median {name}: {statistics.median(v[0] for v in values):,.0f} jobs/s, "
+                    f"median {name}: {statistics.median(v[0] for v in values):,.0f} {unit}, "
                     f"{statistics.median(v[1] for v in values):.0f} us CPU per job (servers, workers), "
                     f"{statistics.median(ratios):.2f}x raw direct"
                 )
