@@ -70,7 +70,7 @@ FEATURES = BOXES + b" " + PARTS
 #: Boxes in one batch at most, and the size from which a message goes alone (a payload
 #: that large costs far more than its send: it is not held back for others, and the
 #: receiver can take it without a copy).
-MAX_BATCH = 16
+MAX_BATCH = 8
 #: Boxes in one batch this node reads (a peer may batch more than this node does).
 MAX_BATCH_READ = 64
 BULK_BYTES = 64 * 1024
