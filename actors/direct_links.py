@@ -53,6 +53,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.protocol.codec import BULK_BYTES
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.direct")
@@ -67,13 +68,12 @@ BYE = b"bye"
 LISTEN_DOMAIN = "direct-listen"
 #: What this node's hi says it reads: batches of boxes, and boxes in parts.
 FEATURES = BOXES + b" " + PARTS
-#: Boxes in one batch at most, and the size from which a message goes alone (a payload
-#: that large costs far more than its send: it is not held back for others, and the
-#: receiver can take it without a copy).
+#: Boxes in one batch at most. A message of BULK_BYTES or more goes alone (a payload that
+#: large costs far more than its send: it is not held back for others, and the receiver
+#: can take it without a copy).
 MAX_BATCH = 8
 #: Boxes in one batch this node reads (a peer may batch more than this node does).
 MAX_BATCH_READ = 64
-BULK_BYTES = 64 * 1024
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
 HEARTBEAT_IVL_MS = 1000
@@ -129,7 +129,7 @@ class Link:
 
 class DirectLinks:
     """Loop thread only. ``on_up(peer, attempt)``, ``on_down(peer, attempt, reason)`` and
-        ``on_message(peer, data, bulk)`` are called on the loop (``bulk``: None, or the field
+    ``on_message(peer, data, bulk)`` are called on the loop (``bulk``: None, or the field
     name and frame of a message that came in parts)."""
 
     def __init__(
