@@ -58,6 +58,7 @@ from meshnet.holepunch import (
     PunchNotice,
     RenewPort,
     SendPunch,
+    address_ip,
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
@@ -683,7 +684,7 @@ class RelayClient:
         punch is offered only once the node knows its LAN address and NAT type (or knows
         it will not), which a thread of its own finds out: DNS and STUN take time."""
         enabled = self.punch.enabled
-        public_ip = observed.rsplit(":", 1)[0]
+        public_ip = address_ip(observed)
         if self._checked and public_ip != self._checked_at_ip:
             # The relay sees this node from another public IP: it moved to another network
             # (or its NAT changed). Its LAN address and NAT type are found out again, and
@@ -709,7 +710,7 @@ class RelayClient:
         except zmq.ZMQError as exc:
             self.log.warning("direct_listener_unavailable", port=self.direct_port, error=str(exc))
             return Candidates(observed, nat)
-        public_ip = observed.rsplit(":", 1)[0]
+        public_ip = address_ip(observed)
         return Candidates(observed, nat, f"{public_ip}:{port}", f"{self._lan_ip}:{port}")
 
     def _check_network(self, server: tuple[str, int] | None) -> None:
@@ -740,7 +741,7 @@ class RelayClient:
                           stun=report.server, seconds=report.seconds)  # fmt: skip
         now = time.monotonic()
         observed = self.link.observed if self.link.registered else ""  # none while registering again
-        if observed and observed.rsplit(":", 1)[0] != self._checked_at_ip:
+        if observed and address_ip(observed) != self._checked_at_ip:
             self._on_observed(observed, now)  # the network changed during the check
             return
         self._punch(self.punch.set_candidates(self._candidates(observed), now, final=bool(observed)))

@@ -24,7 +24,7 @@ import cbor2
 import psutil
 
 from bench.load import Driver, Target
-from bench.run import CORES, Baseline, RawDirectChain, RawRelayChain
+from bench.run import CORES, Baseline, RawDirectChain, RawRelayChain, until_linked
 from meshnet.identity import Identity
 from tests.harness import Mesh
 
@@ -46,7 +46,10 @@ def _threads(process: psutil.Process) -> dict[str, float]:
     return totals
 
 
-def _tree(processes: dict[str, psutil.Process]) -> dict[str, float]:
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds so far: of each process by kind of thread (``NAME zmq``, ``NAME
+    python``), of its worker processes (``NAME workers``), and of this one (``load
+    generator``)."""
     seconds: dict[str, float] = {}
     for name, process in processes.items():
         for kind, value in _threads(process).items():
@@ -74,14 +77,14 @@ def measure(name: str, target: Target, processes: dict[str, psutil.Process], big
         else:
             driver.throughput(500, 48)
             jobs, unit, scale = JOBS, "us", 1e6
-        before = _tree(processes)
+        before = cpu_seconds(processes)
         started = time.perf_counter()
         if big:
             driver.batch_seconds(jobs, "echo", body)
         else:
             driver.throughput(jobs, 48)
         wall = time.perf_counter() - started
-        after = _tree(processes)
+        after = cpu_seconds(processes)
         used = {key: after[key] - before.get(key, 0.0) for key in after}
         parts = ", ".join(f"{key} {value * scale / jobs:.0f}" for key, value in used.items() if value > 0)
         return (
@@ -116,8 +119,7 @@ def _direct_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
     stack.append(chain)
     nodes, ids, _ = _nodes(mesh, direct=True)
     target = Target("direct", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
-    Driver(target).throughput(50, 8)  # the first jobs go relayed and start the link
-    nodes["a"][2].wait_for("path_changed", path="lan", timeout=30)
+    until_linked(target, nodes["a"][2])
     entry, exit_node = (psutil.Process(p.pid) for p in reversed(chain.procs))
     return [
         ("raw direct route", chain.target, {"entry": entry, "exit": exit_node}),

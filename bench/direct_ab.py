@@ -22,9 +22,9 @@ import cbor2
 import psutil
 
 import tests.harness as harness
-from bench.cost import _tree
+from bench.cost import cpu_seconds
 from bench.load import Driver, Target
-from bench.run import CORES, RawDirectChain
+from bench.run import CORES, RawDirectChain, until_linked
 from meshnet.identity import Identity
 from tests.harness import Mesh
 
@@ -47,8 +47,7 @@ def _pair(
     finally:
         harness.REPO = saved
     target = Target(tag, procs["a"][1], "meshnet", to=ids["b"].peer_id)
-    Driver(target).throughput(50, 8)
-    procs["a"][0].wait_for("path_changed", path="lan", timeout=30)
+    until_linked(target, procs["a"][0])
     return target, {name: psutil.Process(p.pid) for name, (p, _) in procs.items()}
 
 
@@ -58,14 +57,14 @@ def _round(target: Target, processes: dict[str, psutil.Process], big: bytes | No
     try:
         if big is None:
             driver.throughput(300, 48)
-            before = _tree(processes)
+            before = cpu_seconds(processes)
             rate, jobs = driver.throughput(JOBS, 48), JOBS
         else:
             driver.batch_seconds(2, "echo", big)
-            before = _tree(processes)
+            before = cpu_seconds(processes)
             jobs = BIG_JOBS
             rate = 2 * jobs * len(big) / driver.batch_seconds(jobs, "echo", big) / 1e6
-        after = _tree(processes)
+        after = cpu_seconds(processes)
     finally:
         driver.close()
     nodes = sum(after[k] - before.get(k, 0.0) for k in after if k != "load generator")

@@ -52,6 +52,17 @@ def progress(text: str) -> None:
     sys.stderr.flush()
 
 
+def until_linked(target: Target, entry: Any) -> None:
+    """A direct pair's first jobs go relayed and start the punch: run a few, and wait for
+    ``entry`` (its node process) to move the peer to the link (on one host: a LAN link)."""
+    driver = Driver(target)
+    try:
+        driver.throughput(50, 8)
+    finally:
+        driver.close()
+    entry.wait_for("path_changed", path="lan", timeout=30)
+
+
 def cpu_rounds() -> int:
     """sha256 rounds over 4 MiB that take about 70 ms on this machine."""
     started = time.perf_counter()
@@ -289,10 +300,7 @@ def run() -> dict[str, Any]:
                 Subject(f"{key}_1", f"{key}, 1 executor", target, body, cpu_only=True)
                 for key, target in one_executor.items()
             ]
-            # The direct pair's first job is relayed and starts the punch: measured once the
-            # path is direct.
-            Driver(direct_target).throughput(50, 8)
-            nodes["da"][0].wait_for("path_changed", path="lan", timeout=30)  # one host: a LAN link
+            until_linked(direct_target, nodes["da"][0])  # measured once the path is direct
             results.update(measure_interleaved(subjects, rounds))
             for key in one_executor:
                 results[key]["cpu_batch_1_s"] = results.pop(f"{key}_1")["cpu_batch_s"]

@@ -23,10 +23,9 @@ Rules both sides compute alike, so no message decides them:
 Failure has no signal (a dropped SYN is silence), so an attempt that is not up within
 ``PUNCH_TIMEOUT`` of its dial is abandoned (and ``RenewPort`` asks for a fresh local port
 for the next: a failed dial can spoil its ports' NAT mappings), and the next waits
-``RETRY_BACKOFF``; after
-``MAX_ATTEMPTS`` the peer stays relayed for ``RETRY_LATER`` before it is tried again. A
-direct link that dies is reported down by the I/O layer, and an upgrade is tried again
-after ``REUPGRADE_AFTER``.
+``RETRY_BACKOFF``; after ``MAX_ATTEMPTS`` the peer stays relayed for ``RETRY_LATER``
+before it is tried again. A direct link that dies is reported down by the I/O layer,
+and an upgrade is tried again after ``REUPGRADE_AFTER``.
 
 It takes ``now`` and returns events; :class:`actors.direct_links.DirectLinks` carries out
 ``Dial``/``Abandon``, and the session carries ``SendPunch`` as a sealed message.
@@ -88,9 +87,15 @@ def is_ip_port(text: str) -> bool:
     return True
 
 
+def address_ip(address: str) -> str:
+    """The IP of an ``IP:PORT`` address as the relay writes it (an IPv6 one stays in its
+    brackets): a node's public IP, from the address the relay observed."""
+    return address.rsplit(":", 1)[0]
+
+
 def behind_one_nat(mine: Candidates, theirs: Candidates) -> bool:
     """Both nodes reach the relay from one public IP: behind one NAT, or one host."""
-    return bool(mine.observed) and mine.observed.rsplit(":", 1)[0] == theirs.observed.rsplit(":", 1)[0]
+    return bool(mine.observed) and address_ip(mine.observed) == address_ip(theirs.observed)
 
 
 class Stage(Enum):

@@ -50,7 +50,6 @@ TRIM_AT_LEAST_EVERY = 20
 # machinery: on the per-message path these plain ints are measurably cheaper.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 _READABLE = int(zmq.POLLIN | zmq.POLLERR)
 _WRITABLE = int(zmq.POLLOUT)
 

@@ -18,6 +18,7 @@ from typing import Any
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
 from meshnet.session import Execute, Notice, SessionCore, Settled, StopRun, Transmit
+from meshnet.session.core import PEER_SILENCE
 
 
 @dataclass
@@ -37,10 +38,10 @@ class Network:
 
 class Simulation:
     def __init__(
-        self, rng: random.Random, names: tuple[str, ...] = ("A", "B"), silence: float | None = None, **network: Any
+        self, rng: random.Random, names: tuple[str, ...] = ("A", "B"), silence: float = PEER_SILENCE, **network: Any
     ):
         self.rng = rng
-        #: The cores' PEER_SILENCE (None: the default).
+        #: The cores' PEER_SILENCE.
         self.silence = silence
         self.net = Network(rng, **network)
         self.now = 0.0
@@ -63,8 +64,6 @@ class Simulation:
             self._apply(name, self.cores[name].on_path("relay", True, 0.0))
 
     def _new_core(self) -> SessionCore:
-        if self.silence is None:
-            return SessionCore(budget=1 << 30, new_sid=lambda: next(self._sids))
         return SessionCore(budget=1 << 30, new_sid=lambda: next(self._sids), silence=self.silence)
 
     # -- what a test does --

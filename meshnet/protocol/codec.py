@@ -82,9 +82,9 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
     if not fields.keys() <= rules.keys():  # a set comparison, in C: the usual case costs little
         unknown = [k for k in fields if k not in rules]
         raise RemoteProtocolError(f"{cls.TYPE}: unknown field {strict_cbor.describe(unknown[0])}")
-    rules, whole = _plan(cls)
+    checks, whole = _plan(cls)
     values: dict[str, Any] = {}
-    for name, rule, may_be_absent in rules:
+    for name, rule, may_be_absent in checks:
         value = fields.get(name)
         if value is None and may_be_absent:
             values[name] = None
