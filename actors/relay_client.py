@@ -749,7 +749,12 @@ class RelayClient:
     def _want_direct(self, peer: str, now: float) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""
         if self.link.registered and self.local_port is not None:
-            self._punch(self.punch.want(peer, now))
+            # Runs for every job: most find a link up or under way, and change nothing
+            # (no events, no new deadline); _punch's scan of every peer's deadline is
+            # for the rest.
+            events = self.punch.want(peer, now)
+            if events:
+                self._punch(events)
 
     def _punch(self, events: list[PunchEvent]) -> None:
         """Carry out what the hole-punch coordinator decided; wake it when it is due."""

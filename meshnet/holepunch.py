@@ -278,7 +278,8 @@ class PunchCoordinator:
         return events
 
     def want(self, peer: str, now: float) -> list[PunchEvent]:
-        """Jobs go between us and ``peer``: try a direct link if none is up or under way."""
+        """Jobs go between us and ``peer``: try a direct link if none is up or under way.
+        Called for every job: nothing changes (no deadline either) when it returns []."""
         if not self.enabled:
             return []
         self.wanted.add(peer)

@@ -170,6 +170,27 @@ def test_a_direct_link_that_dies_moves_the_path_back_and_is_tried_again_later() 
     assert [e.message.stage for e in of(again, SendPunch)] == ["connect"]
 
 
+def test_want_while_an_attempt_is_under_way_or_up_changes_no_deadline() -> None:
+    # The relay client calls want() for every job, and skips rescheduling the punch
+    # timer when it returns nothing: that must mean nothing changed.
+    nodes = pair()
+
+    def want_changes_nothing(now: float) -> None:
+        for side, other in ((A, B), (B, A)):
+            before = nodes[side].next_deadline()
+            assert nodes[side].want(other, now) == []
+            assert nodes[side].next_deadline() == before
+
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
+    want_changes_nothing(0.05)  # A syncing, B dialling
+    [a_dial] = of(nodes[A].on_tick(0.06), Dial)
+    want_changes_nothing(0.07)  # both dialling
+    [b_dial] = of(log[B], Dial)
+    nodes[A].on_link_up(B, a_dial.attempt, 0.08)
+    nodes[B].on_link_up(A, b_dial.attempt, 0.08)
+    want_changes_nothing(1.0)  # direct
+
+
 def test_a_late_link_up_of_an_abandoned_attempt_is_closed() -> None:
     nodes = pair()
     carry(nodes, A, nodes[A].want(B, 0.0), 0.0)
