@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import zmq
@@ -213,3 +214,29 @@ def test_a_loop_writes_a_profile_of_its_thread_when_asked(tmp_path, monkeypatch)
     assert written.name == f"profiled-{os.getpid()}.prof"
     functions = {name for _, _, name in pstats.Stats(str(written)).stats}
     assert "marker_of_this_test" in functions
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_a_loop_profile_counts_cpu_time_when_asked(tmp_path, monkeypatch, clock: str) -> None:
+    import pstats
+
+    monkeypatch.setenv("MESHNET_PROFILE_DIR", str(tmp_path))
+    if clock == "cpu":
+        monkeypatch.setenv("MESHNET_PROFILE_CLOCK", "cpu")
+    loop = SocketLoop("profiled").start()
+
+    def waits_without_cpu() -> None:
+        time.sleep(0.3)  # the work profiled: off the CPU, not a synchronisation
+
+    try:
+        loop.run_sync(waits_without_cpu)
+    finally:
+        loop.stop()
+    [written] = tmp_path.iterdir()
+    [seconds] = [
+        row[3] for (_, _, name), row in pstats.Stats(str(written)).stats.items() if name == "waits_without_cpu"
+    ]
+    if clock == "cpu":
+        assert seconds < 0.1
+    else:
+        assert seconds >= 0.3
