@@ -360,23 +360,27 @@ class DirectLinks:
                     self._down(link, "the peer closed the direct link")
                     return
                 continue
-            if frames is not None and kind == PARTS and len(frames) == 4:
-                self.on_message(link.peer, frames[2].buffer, (frames[1].bytes.decode("ascii", "replace"), frames[3]))
-                if self.links.get(link.peer) is not link:
-                    return
-                continue
-            if frames is None or not (kind == BOX and len(frames) == 2 or kind == BOXES and len(frames) > 1):
-                error = f"not [box, message], [boxes, up to {MAX_BATCH_READ} messages] or [parts, field, message, bulk]"
-                self.log.warning("direct_message_rejected", peer=link.peer, error=error)
-                continue
-            for data in frames[1:]:
-                self.on_message(link.peer, data.buffer)
-                if self.links.get(link.peer) is not link:
-                    return  # the message closed the link
-            if kind == BOXES:
-                # A batch is a turn's worth: the loop serves its other sockets (the
-                # workers whose jobs it just queued) before it reads another.
+            if self._deliver(link, kind, frames[1:] if frames is not None else []):
                 return
+
+    def _deliver(self, link: Link, kind: bytes, frames: list[Any]) -> bool:
+        """Hand the node-to-node messages of a ``[box]``, ``[boxes]`` or ``[parts]`` link
+        message (``frames``: those after its kind) to ``on_message``; any other is logged
+        and dropped. True when the reader is to stop for this turn: a batch is a turn's
+        worth (the loop serves its other sockets, the workers whose jobs it just queued,
+        before it reads another), and a message may have closed the link."""
+        if kind == PARTS and len(frames) == 3:
+            self.on_message(link.peer, frames[1].buffer, (frames[0].bytes.decode("ascii", "replace"), frames[2]))
+            return self.links.get(link.peer) is not link
+        if not (kind == BOX and len(frames) == 1 or kind == BOXES and frames):
+            error = f"not [box, message], [boxes, up to {MAX_BATCH_READ} messages] or [parts, field, message, bulk]"
+            self.log.warning("direct_message_rejected", peer=link.peer, error=error)
+            return False
+        for data in frames:
+            self.on_message(link.peer, data.buffer)
+            if self.links.get(link.peer) is not link:
+                return True  # the message closed the link
+        return kind == BOXES
 
     def _monitor(self, link: Link) -> None:
         while self.links.get(link.peer) is link:
@@ -425,19 +429,10 @@ class DirectLinks:
                 if key != link.key:
                     continue  # not the key that said hi on this connection
                 link.last_heard = now
-                if kind == BOX and len(frames) == 3 or kind == BOXES:
-                    for frame in frames[2:]:
-                        self.on_message(link.peer, frame.buffer)
-                        if self.links.get(link.peer) is not link:
-                            break  # the message closed the link
-                    if kind == BOXES:
-                        return  # a turn's worth (see _readable)
-                elif kind == PARTS and len(frames) == 5:
-                    self.on_message(
-                        link.peer, frames[3].buffer, (frames[2].bytes.decode("ascii", "replace"), frames[4])
-                    )
-                elif kind == PING:
+                if kind == PING:
                     self._send_quietly(link, [PONG])
+                elif kind in (BOX, BOXES, PARTS) and self._deliver(link, kind, frames[2:]):
+                    return
                 continue
             expected = self._expected.get(key)
             if kind != HI or expected is None:
