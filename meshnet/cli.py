@@ -27,6 +27,7 @@ from meshnet.config import (
 )
 from meshnet.errors import JobError, MeshError
 from meshnet.logs import configure_logging
+from meshnet.memory import keep_freed_buffers
 
 EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
@@ -100,6 +101,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     _configure_logging(final=False)
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
     _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
+    keep_freed_buffers()  # this process is the node's own
     node = Node(config).start()
     _install_thread_dump()
     try:
@@ -120,6 +122,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     config = load_relay_config(path)
     _warn_if_readable(path)
     _configure_logging(config.log.format, config.log.level, {"relay_id": config.load_identity().peer_id})
+    keep_freed_buffers()  # this process is the relay's own
     server = RelayServer(config).start()
     try:
         _wait_for_signal()

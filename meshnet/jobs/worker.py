@@ -18,7 +18,7 @@ import cbor2
 from meshnet.errors import ProtocolError
 from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
 from meshnet.jobs.registry import Handler, load_handlers
-from meshnet.memory import release_free_memory
+from meshnet.memory import keep_freed_buffers, release_free_memory
 from meshnet.protocol import strict_cbor
 from meshnet.protocol.messages import clip
 
@@ -39,6 +39,7 @@ def init_worker(enabled: list[str]) -> None:
     # workers stop, so they ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    keep_freed_buffers()
     _handlers = load_handlers(enabled)
 
 
