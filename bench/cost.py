@@ -3,7 +3,8 @@
 ``python -m bench.cost`` runs baseline (a), a local MeshNet node, the raw relayed route
 and MeshNet's relayed path side by side, drives each with the same load generator, and
 prints microseconds of CPU per job for each process of it (its ZeroMQ I/O threads apart
-from its Python threads) and for the load generator. On a small machine every process
+from its Python threads) and for the load generator, and the pages all of them faulted in
+per job. On a small machine every process
 shares the cores, so jobs/s follows the total. ``--big`` does the same with 8 MiB echo
 payloads (milliseconds per job). ``--direct`` measures the direct path instead: the raw
 direct route and two MeshNet nodes on a direct link, in alternating rounds.
@@ -67,6 +68,21 @@ def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return seconds
 
 
+def minor_faults(processes: dict[str, psutil.Process]) -> int:
+    """Pages faulted in so far by ``processes``, their workers and this process: what a
+    buffer given back to the system and allocated again costs (a few microseconds per
+    4 KiB page, in the kernel, on whichever thread touches it first)."""
+    total = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for process in processes.values():
+        for each in (process, *process.children(recursive=True)):
+            try:
+                # Field 10 of /proc/PID/stat, counted after the command name's ")".
+                total += int(Path(f"/proc/{each.pid}/stat").read_text().rpartition(")")[2].split()[7])
+            except (OSError, psutil.NoSuchProcess):
+                pass
+    return total
+
+
 def measure(name: str, target: Target, processes: dict[str, psutil.Process], big: bool) -> str:
     driver = Driver(target)
     try:
@@ -77,19 +93,20 @@ def measure(name: str, target: Target, processes: dict[str, psutil.Process], big
         else:
             driver.throughput(500, 48)
             jobs, unit, scale = JOBS, "us", 1e6
-        before = cpu_seconds(processes)
+        before, faults_before = cpu_seconds(processes), minor_faults(processes)
         started = time.perf_counter()
         if big:
             driver.batch_seconds(jobs, "echo", body)
         else:
             driver.throughput(jobs, 48)
         wall = time.perf_counter() - started
-        after = cpu_seconds(processes)
+        after, faults = cpu_seconds(processes), minor_faults(processes) - faults_before
         used = {key: after[key] - before.get(key, 0.0) for key in after}
         parts = ", ".join(f"{key} {value * scale / jobs:.0f}" for key, value in used.items() if value > 0)
         return (
             f"{name}: {jobs / wall:,.0f} jobs/s; CPU {unit} per job: total {sum(used.values()) * scale / jobs:.0f} "
-            f"({parts}); cores busy {sum(used.values()) / wall:.2f} of {CORES}"
+            f"({parts}); cores busy {sum(used.values()) / wall:.2f} of {CORES}; "
+            f"page faults per job {faults / jobs:,.0f}"
         )
     finally:
         driver.close()
