@@ -4,10 +4,10 @@
 and MeshNet's relayed path side by side, drives each with the same load generator, and
 prints microseconds of CPU per job for each process of it (its ZeroMQ I/O threads apart
 from its Python threads) and for the load generator, and the pages all of them faulted in
-per job. On a small machine every process
-shares the cores, so jobs/s follows the total. ``--big`` does the same with 8 MiB echo
-payloads (milliseconds per job). ``--direct`` measures the direct path instead: the raw
-direct route and two MeshNet nodes on a direct link, in alternating rounds.
+per job. On a small machine every process shares the cores, so jobs/s follows the total.
+``--big`` does the same with 8 MiB echo payloads (milliseconds per job). ``--direct``
+measures the direct path instead: the raw direct route and two MeshNet nodes on a direct
+link, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
 
 def minor_faults(processes: dict[str, psutil.Process]) -> int:
     """Pages faulted in so far by ``processes``, their workers and this process: what a
-    buffer given back to the system and allocated again costs (a few microseconds per
+    buffer given back to the system and allocated again costs (about a microsecond per
     4 KiB page, in the kernel, on whichever thread touches it first)."""
     total = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for process in processes.values():
