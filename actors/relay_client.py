@@ -126,6 +126,12 @@ RENEW_GAP = 5.0
 MAX_PENDING_PINGS = 1024
 #: Shorter than a client's own wait (10 s), so that the client hears why.
 PEERS_QUERY_TIMEOUT = 5.0
+#: The sessions' notices of relay claims they did not take at their word, with what each means.
+RELAY_CLAIMS = {
+    "relay_claim_ignored": "the relay bounced a box as too large that is within its own and the peer's stated limits",
+    "peer_down_ignored": "the relay said a peer left that is up on a direct path",
+    "peer_down_disproved": "the relay said a peer left; it answered since",
+}
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
@@ -193,7 +199,7 @@ class RelayClient:
         self.link = RelayLink(heartbeat=heartbeat, liveness=liveness, backoff_min=backoff_min, backoff_max=backoff_max)
         #: Jobs and results held for peers until acknowledged, within max_queued_bytes;
         #: their sealed copies waiting for room on the relay link have a budget as large.
-        self.sessions = SessionCore(budget=max_queued_bytes)
+        self.sessions = SessionCore(budget=max_queued_bytes, max_payload=max_payload)
         self.max_payload = max_payload
         #: The largest deliver body this node decodes: told to the relay, which refuses
         #: larger sends to us (our socket would drop the connection past it).
@@ -436,6 +442,11 @@ class RelayClient:
             elif isinstance(event, StopRun):
                 self.book.cancel(event.job_id, event.peer)
             elif isinstance(event, Notice):
+                if event.event in RELAY_CLAIMS:
+                    # What the relay said and the session did not take at its word: one
+                    # line, then counts (a relay repeating it must not fill the log).
+                    self._rejected("relay", event.event, RELAY_CLAIMS[event.event], **event.fields)
+                    continue
                 self.log.info(event.event, **event.fields)
                 if event.event == "session_ended":
                     self._punch(self.punch.on_peer_gone(event.fields["peer"]))

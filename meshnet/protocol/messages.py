@@ -637,10 +637,14 @@ class Sealed(Message):
 @dataclass(frozen=True)
 class Hello(Sealed):
     """Opens a session, or tells the peer this side's current session id: answered with a
-    ``hello`` whenever its ``rsid`` is not the receiver's session id."""
+    ``hello`` whenever its ``rsid`` is not the receiver's session id. ``max_payload``: the
+    largest job payload or result the sender takes (its ``jobs.max_payload_bytes``), so
+    that a job or result over it is refused ``too_large`` by the side that has it, before
+    it is sent, on every path (absent: not said)."""
 
     TYPE = "hello"
-    RULES = SESSION_RULES
+    RULES = {**SESSION_RULES, "max_payload": optional(seq)}
+    max_payload: int | None = None
 
 
 @dataclass(frozen=True)

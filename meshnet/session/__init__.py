@@ -3,6 +3,7 @@
 from meshnet.session.core import (
     BOX_REF_BYTES,
     DEADLINE_GRACE,
+    PEER_DOWN_CHECK,
     PEER_SILENCE,
     Control,
     Event,
@@ -25,6 +26,7 @@ __all__ = [
     "box_ref",
     "split_box_ref",
     "DEADLINE_GRACE",
+    "PEER_DOWN_CHECK",
     "PEER_SILENCE",
     "Control",
     "Event",

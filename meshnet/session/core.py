@@ -8,9 +8,15 @@ this node sent. The rules it keeps:
 
 - A job sent to a peer ends once (:class:`Settled`), with a status that happened: its
   peer's answer; ``timed_out`` past its timeout and ``DEADLINE_GRACE``; ``refused`` only
-  when it never reached the peer (the relay bounced it, or its peer was never heard
-  from); ``peer_lost`` when the peer is gone (the relay expired it, it restarted, or it
-  answered nothing for ``PEER_SILENCE`` while its path was up), never because a path was.
+  when it never reached the peer (over the peer's ``max_payload``, or its peer was never
+  heard from and the relay says it is not connected); ``peer_lost`` when the peer is gone
+  (it restarted, or it answered nothing for ``PEER_SILENCE`` while its path was up, or
+  for ``PEER_DOWN_CHECK`` after the relay said it left), never because a path was.
+- The relay is a path, not a witness: what it says in the clear (``peer_down``,
+  ``unroutable``) can delay a job, never end it with a status that is untrue. A
+  ``peer_down`` is checked (the peer is probed; a direct path that is up answers it
+  alone), and a ``too_large`` bounce of a box within the limits both the relay and the
+  peer stated is not believed: the box goes again on its timer.
 - A job from a peer runs at most once: its session hands each message on once, and a
   session's messages are told from any other session's (ids, counters, sequence numbers).
 - Its answer is sent until the peer acknowledges it, on whichever path is current.
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
-from meshnet.protocol.messages import Job, JobCancel, JobResult, Punch, Sealed
+from meshnet.protocol.messages import Hello, Job, JobCancel, JobResult, Punch, Sealed
 from meshnet.session.paths import PathTable
 from meshnet.session.peer import PeerSession, Pending
 from meshnet.session.state import State
@@ -40,6 +46,11 @@ DEADLINE_GRACE = 2.0
 #: a relay restart takes to be noticed and mended (liveness 3 s, reconnect backoff up to
 #: 5 s, registration): the relay's own ``peer_down`` says sooner that a peer has gone.
 PEER_SILENCE = 20.0
+#: After the relay says a peer left (``peer_down``), the peer is probed; it is given up if
+#: nothing comes from it for this long while a path to it is up. Long against a round
+#: trip, short against a job: a relay cannot end jobs with a false ``peer_down``, and a
+#: peer that is really gone is given up within this of the relay's word.
+PEER_DOWN_CHECK = 2.0
 #: Ids of jobs cancelled before they arrived (re-ordered on the way), remembered per peer.
 MAX_EARLY_CANCELS = 1024
 #: Pings whose path is remembered, for all peers (a session keeps at most 64 each).
@@ -125,6 +136,9 @@ class SentJob:
     pending: Pending | None = None
     #: Its place in the deadline heap.
     order: int = 0
+    #: Bounces the path sent back for it, and the last one's reason (named if it ends late).
+    bounces: int = 0
+    bounced: str = ""
 
 
 @dataclass
@@ -139,6 +153,10 @@ class PeerJobs:
     cancelled_early: OrderedDict[int, None] = field(default_factory=OrderedDict)
     #: Since when this node has waited on the peer (None: it does not).
     waiting_since: float | None = None
+    #: Since when the relay's ``peer_down`` for the peer is being checked (None: it is not),
+    #: and why the relay said it.
+    down_since: float | None = None
+    down_reason: str = ""
 
 
 #: A box's name on a relay link (``send.ref``): its session id and counter, 8 bytes each,
@@ -172,9 +190,14 @@ class SessionCore:
         new_sid: Callable[[], int] = clock_session_id,
         silence: float = PEER_SILENCE,
         grace: float = DEADLINE_GRACE,
+        max_payload: int | None = None,
+        down_check: float = PEER_DOWN_CHECK,
     ):
         #: Bytes of jobs and results held for peers (sent and unacknowledged, or waiting).
         self.budget = budget
+        #: The largest payload or result this node takes (told to each peer in its hellos).
+        self.max_payload = max_payload
+        self.down_check = down_check
         self.held = 0
         self.silence = silence
         self.grace = grace
@@ -223,6 +246,9 @@ class SessionCore:
 
     def _send_job(self, job: SentJob, now: float) -> list[Event]:
         spec = job.spec
+        limit = self._session(job.peer, now).peer_max_payload
+        if limit is not None and job.size > limit:
+            return self._settle(job, _too_large(job.peer, "payload", job.size, limit), now)
         message = Job(id=spec.id, kind=spec.kind, timeout=spec.timeout, payload=spec.payload)
         events = self._send(job.peer, message, job.size, now, job)
         self.sessions[job.peer].awaiting = True
@@ -279,19 +305,36 @@ class SessionCore:
         return self._answer(peer, job_id, job_seq, outcome, now)
 
     def _answer(self, peer: str, job_id: bytes, job_seq: int, outcome: Outcome, now: float) -> list[Event]:
+        size = len(memoryview(outcome.result)) if outcome.result is not None else 0
+        limit = self._session(peer, now).peer_max_payload
+        notes: list[Event] = []
+        if limit is not None and size > limit:
+            # The submitter would drop it (on a direct link, its connection with it): it
+            # learns why instead, under the same seq.
+            why = f"the result could not be delivered: it is {size} bytes and peer {peer} takes at most {limit}"
+            outcome, size = Outcome("failed", error_type="ResultTooLarge", message=why), 0
+            notes.append(Notice("result_too_large", {"job_id": job_id.hex(), "to": peer, "error": why}))
         result = JobResult(
             id=job_id, job_seq=job_seq, status=outcome.status, error=outcome.error, result=outcome.result
         )
-        size = len(memoryview(outcome.result)) if outcome.result is not None else 0
-        return self._send(peer, result, size, now)
+        return notes + self._send(peer, result, size, now)
 
     # -- from the paths --
 
     def on_box(self, peer: str, box: Sealed, now: float, path: str = "relay") -> list[Event]:
         """A box ``peer`` sealed (opened and decoded), that came on ``path``."""
         session = self._session(peer, now)
-        received = session.on_box(box, now)
         events: list[Event] = []
+        if isinstance(box, Hello) and box.max_payload is not None and box.max_payload != session.peer_max_payload:
+            # The peer's limit, before the jobs that waited for its hello go: those over
+            # it are refused now, never sent.
+            events += self._refuse_over_limit(peer, session, box.max_payload, now)
+        heard = session.heard
+        received = session.on_box(box, now)
+        jobs = self.jobs.get(peer)
+        if jobs is not None and jobs.down_since is not None and session.heard != heard:
+            jobs.down_since = None  # the relay said it left; it speaks
+            events.append(Notice("peer_down_disproved", {"peer": peer, "relay_said": jobs.down_reason}))
         if received.pong is not None:
             number, rtt = received.pong
             if self._ping_paths.pop(number, None) == path:
@@ -364,21 +407,28 @@ class SessionCore:
                 # left this node, and are refused now rather than left to time out.
                 return self._refuse_waiting(peer, reason, text, now)
             return []
+        message = pending.message
+        job = self.sent.get(message.id) if isinstance(message, Job) else None
+        if job is not None:
+            job.bounces += 1
+            job.bounced = reason
         if reason != "too_large":
             return []  # sent again on its timer, or when the peer's path changes
-        message = pending.message
-        if isinstance(message, Job):
-            job = self.sent.get(message.id)
-            if job is None:
-                return []
+        if session.peer_max_payload is not None:
+            # Every box goes out within the relay's stated limit (the node checks) and
+            # within the peer's (it said it in its hello): the claim is not believed. The
+            # box goes again on its timer; a relay that never carries it delays the job
+            # to its timeout, which names these bounces.
+            return [Notice("relay_claim_ignored", {"peer": peer, "claim": reason, "text": text})]
+        if job is not None:
             # It never reached the peer, and never will: it goes on as a small cancel in
             # its place (the peer's stream must have no hole), at once.
-            events = self._settle(job, Outcome.refused("too_large", text), now)
+            events = self._settle(job, Outcome.refused("too_large", f"the relay refused to carry it: {text}"), now)
             self._replace(session, pending, JobCancel(id=message.id, job_seq=pending.seq))
             pending.due = now
             return events + self._tick(peer, session, now)
         elif isinstance(message, JobResult) and message.status == "succeeded":
-            why = f"the result could not be delivered: {text}"
+            why = f"the result could not be delivered: the relay refused to carry it: {text}"
             failure = Outcome("failed", error_type="ResultTooLarge", message=why)
             failed = JobResult(id=message.id, job_seq=message.job_seq, status="failed", error=failure.error)
             self._replace(session, pending, failed)
@@ -400,12 +450,28 @@ class SessionCore:
         return events
 
     def on_peer_down(self, peer: str, reason: str, now: float) -> list[Event]:
-        """The peer is gone (its relay expired it): its jobs end, this side starts over."""
+        """The relay says the peer left (``reason``). Taken as a question, not an answer: a
+        relay may say it of a peer that is alive. Over a direct path that is up the peer
+        answers for itself (nothing changes); else it is probed, and given up only if
+        nothing comes from it for ``PEER_DOWN_CHECK`` while a path to it is up."""
+        session = self.sessions.get(peer)
+        if session is None:
+            return []
+        if self._path_of.get(peer) not in (None, "relay"):
+            return [Notice("peer_down_ignored", {"peer": peer, "relay_said": reason, "path": self._path_of[peer]})]
+        jobs = self._jobs(peer)
+        if jobs.down_since is None:
+            jobs.down_since, jobs.down_reason = now, reason
+        return self._transmits(peer, session.probe(now))
+
+    def give_up(self, peer: str, why: str, now: float) -> list[Event]:
+        """End the session with ``peer`` now: its jobs end ``peer_lost`` (or ``refused``
+        if they never left), this side starts over with a new session id."""
         session = self.sessions.get(peer)
         if session is None:
             return []
         sent, unsent = session.start_over(now)
-        return self._session_ended(peer, sent, unsent, now, lost=f"peer {peer} is gone: {reason}")
+        return self._session_ended(peer, sent, unsent, now, lost=why)
 
     def on_tick(self, now: float) -> list[Event]:
         """Deadlines, re-sends, delayed acks, probes, silent peers."""
@@ -415,8 +481,19 @@ class SessionCore:
             job = self.sent.get(job_id)
             if job is not None and job.order == order:
                 message = f"no answer from peer {job.peer} within the job's timeout plus {self.grace:g} s"
+                if job.bounces:
+                    message += f" (the relay bounced it {job.bounces} times, last: {job.bounced})"
                 events += self._end(job, Outcome("timed_out", error_type="TimedOut", message=message), now)
         for peer, session in list(self.sessions.items()):
+            checked = self._down_checked(peer, session)
+            if checked is not None and now >= checked:
+                jobs = self.jobs[peer]
+                lost = (
+                    f"peer {peer} is gone: the relay said {jobs.down_reason}, and nothing came from it for "
+                    f"{self.down_check:g} s since"
+                )
+                events += self.give_up(peer, lost, now)
+                continue
             since = self._waiting_since(peer, session)
             if since is not None and session.path_up:
                 heard = self._answered_since(peer, session, since)
@@ -428,6 +505,14 @@ class SessionCore:
             events += self._tick(peer, session, now)
         return events
 
+    def _down_checked(self, peer: str, session: PeerSession) -> float | None:
+        """When the check of the relay's ``peer_down`` for ``peer`` gives it up (None: no
+        check runs, or no path is up to check on: the check waits for one)."""
+        jobs = self.jobs.get(peer)
+        if jobs is None or jobs.down_since is None or not session.path_up:
+            return None
+        return max(jobs.down_since, self._path_since.get(peer, jobs.down_since)) + self.down_check
+
     def next_deadline(self) -> float | None:
         """When :meth:`on_tick` has work next (None: nothing is timed)."""
         while self._deadlines and not self._live(self._deadlines[0]):
@@ -437,6 +522,9 @@ class SessionCore:
             due = session.next_deadline()
             if due is not None:
                 times.append(due)
+            checked = self._down_checked(peer, session)
+            if checked is not None:
+                times.append(checked)
             since = self._waiting_since(peer, session)
             if since is not None and session.path_up:
                 times.append(self._answered_since(peer, session, since) + self.silence)
@@ -463,7 +551,7 @@ class SessionCore:
         if session is not None:
             self.sessions.move_to_end(peer)
             return session
-        session = PeerSession(peer, self._new_sid)
+        session = PeerSession(peer, self._new_sid, self.max_payload)
         self.sessions[peer] = session
         path = self.paths.current(peer)
         self._path_of[peer] = path
@@ -592,6 +680,21 @@ class SessionCore:
             events += self._send(job.peer, cancel, 0, now)
         return events
 
+    def _refuse_over_limit(self, peer: str, session: PeerSession, limit: int, now: float) -> list[Event]:
+        """``peer`` takes payloads of at most ``limit`` bytes: the jobs waiting to go to it
+        that are larger end ``refused`` ``too_large`` now, each going on as a small cancel
+        in its place (its seq is taken: the peer's stream must have no hole)."""
+        session.peer_max_payload = limit
+        events: list[Event] = []
+        jobs = self.jobs.get(peer)
+        for job in list(jobs.sent.values()) if jobs is not None else []:
+            pending = job.pending
+            if pending is None or job.size <= limit or pending.sends or session.find(pending.seq) is not pending:
+                continue
+            events += self._settle(job, _too_large(peer, "payload", job.size, limit), now)
+            self._replace(session, pending, JobCancel(id=job.spec.id, job_seq=pending.seq))
+        return events
+
     def _refuse_waiting(self, peer: str, reason: str, text: str, now: float) -> list[Event]:
         session = self.sessions[peer]
         sent, unsent = session.start_over(now)
@@ -616,6 +719,7 @@ class SessionCore:
             self._release(pending)
         jobs = self._jobs(peer)
         jobs.waiting_since = None
+        jobs.down_since = None
         events: list[Event] = [StopRun(peer, job_id, "its submitter's session ended") for job_id in jobs.running]
         jobs.running.clear()
         jobs.cancelled_early.clear()
@@ -635,3 +739,9 @@ class SessionCore:
         for job in resend:
             events += self._send_job(job, now)
         return events
+
+
+def _too_large(peer: str, what: str, size: int, limit: int) -> Outcome:
+    return Outcome.refused(
+        "too_large", f"the {what} is {size} bytes; peer {peer} takes at most {limit} (its jobs.max_payload_bytes)"
+    )

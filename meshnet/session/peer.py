@@ -75,9 +75,13 @@ class Received:
 
 
 class PeerSession:
-    def __init__(self, peer: str, new_sid: Callable[[], int]):
+    def __init__(self, peer: str, new_sid: Callable[[], int], max_payload: int | None = None):
         self.peer = peer
         self._new_sid = new_sid
+        #: The largest payload or result this side takes, told in its hellos; and the
+        #: peer's, from its hellos (None: it has not said).
+        self.max_payload = max_payload
+        self.peer_max_payload: int | None = None
         self.state = State.NEW
         self.local_sid = new_sid()
         self.remote_sid: int | None = None
@@ -97,6 +101,8 @@ class PeerSession:
         self.counters: dict[int, int] = {}
         self.path_up = False
         self.last_heard: float | None = None
+        #: Boxes taken from the peer (new ones: not replayed, not of an old session).
+        self.heard = 0
         #: When an ack last acknowledged one of our messages.
         self.progress_at: float | None = None
         self.hello_due: float | None = None
@@ -177,7 +183,7 @@ class PeerSession:
     def _hello(self, now: float) -> Hello:
         self.hellos += 1
         self.hello_due = now + self.rtt.backed_off(self.hellos)
-        return self._stamp(Hello())
+        return self._stamp(Hello(max_payload=self.max_payload))
 
     def _box_for(self, pending: Pending, now: float) -> Sealed:
         pending.sends += 1
@@ -225,7 +231,10 @@ class PeerSession:
         if not self.replay.accept(box.ctr):
             return Received(dropped="replayed (its counter was seen)", restarted=restarted)
         self.last_heard = now
+        self.heard += 1
         if isinstance(box, Hello):
+            if box.max_payload is not None:
+                self.peer_max_payload = box.max_payload
             self.state = next_state(self.state, Move.HELLO)
             self.hello_due = None
             # Answered when the peer does not know our current id, and whenever its hello
@@ -264,7 +273,7 @@ class PeerSession:
         if not self.path_up or (now - self.answered_at < ANSWER_GAP and not force):
             return []
         self.answered_at = now
-        return [self._stamp(Hello())]
+        return [self._stamp(Hello(max_payload=self.max_payload))]
 
     def _on_ack(self, cumulative: int | None, sack: list[int] | None, now: float) -> list[Pending]:
         acked: list[Pending] = []

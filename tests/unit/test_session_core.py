@@ -14,6 +14,7 @@ from meshnet.protocol import NODE_TO_NODE, decode_inner, encode_inner
 from meshnet.protocol.messages import MAX_SACK, Hello, Job, JobCancel, JobResult, PeerAck, Sealed
 from meshnet.session import (
     DEADLINE_GRACE,
+    PEER_DOWN_CHECK,
     PEER_SILENCE,
     Execute,
     Notice,
@@ -450,8 +451,74 @@ def test_a_job_bounced_too_large_releases_its_bytes_and_leaves_no_hole() -> None
 def test_a_bounce_for_a_session_that_has_ended_is_ignored() -> None:
     duo = Duo()
     [job] = boxes(duo.converse(A, duo.a.submit(spec(1), B, 0.0), 0.0)[A], Job)
-    duo.a.on_peer_down(B, "expired", 1.0)
-    assert _bounce(duo, job, "too_large", 1.1) == []
+    gone(duo, 1.0)
+    assert _bounce(duo, job, "too_large", 1.0 + PEER_DOWN_CHECK + 0.1) == []
+
+
+def limited_duo(a_max: int = 10_000, b_max: int = 1000) -> Duo:
+    """A and B that tell each other their payload limits in their hellos."""
+    duo = Duo()
+    for name, first, limit in ((A, 100, a_max), (B, 200, b_max)):
+        sids = itertools.count(first)
+        duo.cores[name] = SessionCore(budget=1 << 20, new_sid=lambda sids=sids: next(sids), max_payload=limit)
+        duo.cores[name].on_path("relay", True, 0.0)
+    return duo
+
+
+def test_hellos_carry_the_payload_limit_and_a_job_over_the_peers_is_refused_before_it_goes() -> None:
+    duo = limited_duo()
+    events = duo.a.submit(spec(1), B, 0.0) + duo.a.submit(spec(2, payload=b"L" * 1001), B, 0.0)
+    [hello] = boxes(events, Hello)
+    assert hello.max_payload == 10_000
+    log = duo.converse(A, events, 0.0)
+    assert executed(log[B]) == [job_id(1)], "the job over B's limit was sent"
+    [refusal] = settled(log[A])
+    assert (refusal.job.id, refusal.outcome.status, refusal.outcome.reason) == (job_id(2), "refused", "too_large")
+    assert "at most 1000" in refusal.outcome.message
+    # Once the limit is known, a large job is refused on submit, with nothing sent.
+    later = duo.a.submit(spec(3, payload=b"L" * 2000), B, 0.1)
+    assert statuses(later) == {job_id(3): ["refused"]} and not boxes(later, Job)
+    assert executed(duo.converse(A, duo.a.submit(spec(4), B, 0.2), 0.2)[B]) == [job_id(4)]
+    assert statuses(duo.finish(1, 0.3)[A]) == {job_id(1): ["succeeded"]}
+    assert duo.b.sessions[A].inbound.cumulative >= 2, "the refused job left a hole in B's stream"
+    duo.run(5.0)
+    assert duo.a.held == 0, "the refused job's payload is still counted"
+
+
+def test_a_result_over_the_submitters_limit_goes_back_as_a_failure_that_says_why() -> None:
+    duo = limited_duo(a_max=100)
+    duo.open_with(1)
+    log = duo.finish(1, 0.1, Outcome("succeeded", result=b"r" * 101))
+    [end] = settled(log[A])
+    assert (end.outcome.status, end.outcome.error_type) == ("failed", "ResultTooLarge")
+    assert "at most 100" in end.outcome.message
+
+
+def test_a_too_large_bounce_within_the_stated_limits_is_not_believed() -> None:
+    """The relay forges ``unroutable too_large`` for a job both it and the peer take:
+    the job is not refused; it goes again and succeeds."""
+    duo = limited_duo()
+    duo.open_with(1)
+
+    def first_copy(box: Sealed) -> bool:
+        return isinstance(box, Job) and box.id == job_id(2) and box.ctr == sent.ctr
+
+    [sent] = boxes(duo.a.submit(spec(2), B, 0.1), Job)
+    events = _bounce(duo, sent, "too_large", 0.11)
+    assert not settled(events)
+    assert any(e.event == "relay_claim_ignored" for e in events if isinstance(e, Notice))
+    log = duo.run(5.0, drop=first_copy)
+    assert job_id(2) in executed(log[B])
+    assert statuses(duo.finish(2, 5.1)[A]) == {job_id(2): ["succeeded"]}
+
+
+def test_a_job_the_relay_keeps_bouncing_times_out_naming_the_bounces() -> None:
+    duo = limited_duo()
+    duo.open_with(1)
+    [sent] = boxes(duo.a.submit(spec(2, timeout=1.0), B, 0.1), Job)
+    _bounce(duo, sent, "relay_busy", 0.11)
+    [end] = settled(duo.a.on_tick(0.1 + 1.0 + DEADLINE_GRACE))
+    assert end.outcome.status == "timed_out" and "the relay bounced it 1 times, last: relay_busy" in end.outcome.message
 
 
 def test_a_hello_bounced_peer_not_connected_refuses_the_waiting_jobs_at_once() -> None:
@@ -469,16 +536,62 @@ def test_a_hello_bounced_peer_not_connected_refuses_the_waiting_jobs_at_once() -
 # -- peers lost --
 
 
+def gone(duo: Duo, now: float) -> list[Event]:
+    """The relay says B left, and B (whose boxes nobody carries) says nothing for the
+    check: A gives it up."""
+    events = duo.a.on_peer_down(B, "it left the relay", now)
+    assert not settled(events), "a job ended on the relay's word alone"
+    return events + duo.a.on_tick(now + PEER_DOWN_CHECK)
+
+
 def test_peer_down_ends_sent_jobs_peer_lost_and_stops_runs_for_the_peer() -> None:
     duo = Duo()
     duo.open_with(1)
     # B sends a job to A, which runs it.
     log = duo.converse(B, duo.b.submit(spec(7), A, 0.1), 0.1)
     assert executed(log[A]) == [job_id(7)]
-    events = duo.a.on_peer_down(B, "expired by its relay", 0.2)
+    events = gone(duo, 0.2)
     assert statuses(events) == {job_id(1): ["peer_lost"]}
     assert stopped(events) == [job_id(7)]
     assert duo.a.in_flight == 0 and duo.a.held == 0
+
+
+def test_a_false_peer_down_is_checked_and_ends_nothing_when_the_peer_answers() -> None:
+    """A relay says B left while B lives: A probes it, B answers, and neither the job
+    A sent nor the one B runs for A is ended or stopped."""
+    duo = Duo()
+    duo.open_with(1)
+    log = duo.converse(B, duo.b.submit(spec(7), A, 0.1), 0.1)
+    assert executed(log[A]) == [job_id(7)]
+    probed = duo.converse(A, duo.a.on_peer_down(B, "it left the relay", 0.2), 0.2)
+    assert boxes(probed[A], PeerAck), "B was not asked"
+    assert not settled(probed[A]) and not stopped(probed[A])
+    assert any(e.event == "peer_down_disproved" for e in probed[A] if isinstance(e, Notice))
+    later = duo.run(0.2 + 3 * PEER_DOWN_CHECK)
+    assert not settled(later[A]) and not stopped(later[A])
+    assert statuses(duo.finish(1, 10.0)[A]) == {job_id(1): ["succeeded"]}
+
+
+def test_peer_down_over_a_direct_path_that_is_up_changes_nothing() -> None:
+    duo = Duo()
+    duo.open_with(1)
+    duo.converse(A, duo.a.on_path("direct", True, 0.1, peer=B), 0.1)
+    events = duo.a.on_peer_down(B, "it left the relay", 0.2)
+    assert events == [Notice("peer_down_ignored", {"peer": B, "relay_said": "it left the relay", "path": "direct"})]
+    assert not settled(duo.a.on_tick(0.2 + 2 * PEER_DOWN_CHECK))
+
+
+def test_the_check_of_a_peer_down_waits_while_no_path_is_up() -> None:
+    """The relay says B left and then goes away itself: nothing can be asked, so nothing
+    ends; once the path is back, B has the whole check to answer."""
+    duo = Duo()
+    duo.open_with(1)
+    duo.a.on_peer_down(B, "it left the relay", 1.0)
+    duo.a.on_path("relay", False, 1.1)
+    assert not settled(duo.a.on_tick(1.0 + 5 * PEER_DOWN_CHECK))
+    back = duo.a.on_path("relay", True, 20.0)
+    assert not settled(back + duo.a.on_tick(20.0 + PEER_DOWN_CHECK / 2))
+    assert statuses(duo.a.on_tick(20.0 + PEER_DOWN_CHECK)) == {job_id(1): ["peer_lost"]}
 
 
 def test_a_peer_silent_for_peer_silence_while_its_path_is_up_loses_its_jobs() -> None:
@@ -710,7 +823,7 @@ def test_after_peer_down_a_restarted_peer_gets_the_next_job_not_a_false_peer_los
     (B's new life would drop a job of A's new session it has not heard open), then runs."""
     duo = Duo()
     duo.open_with(1)
-    assert statuses(duo.a.on_peer_down(B, "it left the relay", 1.0)) == {job_id(1): ["peer_lost"]}
+    assert statuses(gone(duo, 1.0)) == {job_id(1): ["peer_lost"]}
     duo.restart_b(2.0)
     log = duo.converse(A, duo.a.submit(spec(2), B, 3.0), 3.0)
     assert [type(box) for box in boxes(log[A])][:1] == [Hello]
@@ -723,11 +836,11 @@ def test_after_giving_a_silent_peer_up_the_next_job_reaches_it_when_it_speaks_ag
     B answers although it names B's current id, and the next job runs on B."""
     duo = Duo()
     duo.open_with(1)
-    duo.a.on_peer_down(B, "it left the relay", 1.0)
-    log = duo.converse(A, duo.a.submit(spec(2), B, 2.0), 2.0)
+    gone(duo, 1.0)
+    log = duo.converse(A, duo.a.submit(spec(2), B, 4.0), 4.0)
     assert job_id(2) in executed(log[B])
     assert job_id(1) in stopped(log[B])  # B's run for A's old session stops
-    assert statuses(duo.finish(2, 2.1)[A]) == {job_id(2): ["succeeded"]}
+    assert statuses(duo.finish(2, 4.1)[A]) == {job_id(2): ["succeeded"]}
 
 
 def test_a_peer_that_probes_but_never_acknowledges_is_given_up_and_its_answers_freed() -> None:
