@@ -15,6 +15,7 @@ connection and the node registers again.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -49,6 +50,7 @@ from meshnet.errors import ProtocolError, SealError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
 from meshnet.holepunch import (
     Abandon,
+    AskRelay,
     Candidates,
     Dial,
     Expect,
@@ -375,12 +377,7 @@ class RelayClient:
         elif isinstance(message, CancelJob):
             self._apply(self.sessions.cancel(message.job_id, message.requester, now))
         elif isinstance(message, QueryPeers):
-            if not self.link.registered:
-                message.reply(None, f"not connected to the relay at {self.endpoint}")
-            else:
-                self.peers_seq += 1
-                self.pending_peers[self.peers_seq] = (message.reply, now + PEERS_QUERY_TIMEOUT)
-                self._send_control(encode(PeersRequest(seq=self.peers_seq)))
+            self._query_peers(message.reply, now)
         elif isinstance(message, PingThere):
             self._ping_peer(message, now)
         elif isinstance(message, Reconnect):
@@ -785,6 +782,8 @@ class RelayClient:
                 self._apply(self.sessions.on_path(event.path, event.up, now, event.peer))
             elif isinstance(event, RenewPort):
                 self._renew_port(event.reason, now)
+            elif isinstance(event, AskRelay):
+                self._query_peers(functools.partial(self._on_vouched, event.peer), now, event.peer)
             elif isinstance(event, PunchNotice):
                 self.log.info(event.event, **event.fields)
         due = self.punch.next_deadline()
@@ -793,6 +792,23 @@ class RelayClient:
                 self._punch_timer.cancel()
             self._punch_timer_at = due
             self._punch_timer = self.loop.call_later(max(0.0, due - now), self._on_punch_timer)
+
+    def _query_peers(self, reply: Any, now: float, peer: str | None = None) -> None:
+        """Ask the relay for its peers (``peer``: that one alone); ``reply(peers, error)``
+        gets its answer, or why there is none."""
+        if not self.link.registered:
+            # Answered from the loop's queue, never from inside what asked (a punch).
+            self.loop.call_soon(reply, None, f"not connected to the relay at {self.endpoint}")
+            return
+        self.peers_seq += 1
+        self.pending_peers[self.peers_seq] = (reply, now + PEERS_QUERY_TIMEOUT)
+        self._send_control(encode(PeersRequest(seq=self.peers_seq, peer_id=peer)))
+
+    def _on_vouched(self, peer: str, peers: list[dict[str, Any]] | None, error: str) -> None:
+        """The relay's word on where it sees ``peer`` (none: it knows no address of it)."""
+        observed = next((p.get("observed") for p in peers or () if p.get("peer_id") == peer), None)
+        if not self._stopped:
+            self._punch(self.punch.on_vouched(peer, observed if isinstance(observed, str) else None, time.monotonic()))
 
     def _renew_port(self, reason: str, now: float) -> None:
         """A punch from the relay connection's port failed: the connection moves to a fresh

@@ -20,6 +20,17 @@ Rules both sides compute alike, so no message decides them:
 - Behind one NAT (the same public IP) the punch cannot work (no hairpinning): those
   pairs stay relayed, logged, until the LAN path exists.
 
+What a peer tells is its own word, and the relay's is the only other: a node dials only
+what the relay vouches for. It asks the relay where it sees the peer when it offers or
+answers an offer (``AskRelay``; the relay's ``peers`` answer, one entry), and at the
+moment to dial it checks the plan's address against that: a punch goes only to the
+address the relay observes for the peer, a listener only on the peer's public IP as the
+relay sees it, a LAN address only when both share one public address; loopback and
+link-local addresses only when both nodes are on one host. Dials, all peers together, take tokens from one
+bucket (``DIAL_RATE`` a second after a burst of ``DIAL_BURST``), and a target address
+whose dial failed waits longer each time before the next (``TARGET_BACKOFF_MAX``): a
+mesh of peers, or a relay, cannot make a node a port scanner.
+
 Failure has no signal (a dropped SYN is silence), so an attempt that is not up within
 ``PUNCH_TIMEOUT`` of its dial is abandoned (and ``RenewPort`` asks for a fresh local port
 for the next: a failed dial can spoil its ports' NAT mappings), and the next waits
@@ -65,6 +76,19 @@ MAX_OFFER_TIMES = 4096
 #: The answer to a connect, or the sync, that does not come within this is given up
 #: (the relay lost it, or the peer is gone): a failed attempt.
 ANSWER_TIMEOUT = 10.0
+#: Dials of all attempts together: a bucket of DIAL_BURST tokens, refilled at DIAL_RATE a
+#: second. A node's own attempts need one dial each (a peer's are paced by MIN_OFFER_GAP and
+#: RETRY_BACKOFF); a dial that would wait for a token past PUNCH_TIMEOUT is not made, and
+#: its attempt fails (retried with backoff).
+DIAL_RATE = 2.0
+DIAL_BURST = 8
+#: After a dial to an address fails, the next to it waits 1 s, then 2, 4, ... up to this.
+TARGET_BACKOFF_MAX = 300.0
+#: Target addresses whose failures are remembered; past it the oldest are forgotten.
+MAX_TARGETS = 4096
+#: After this node's relay address changed, attempts under way start again this much later
+#: (a relay that makes a node register again and again draws no burst of new attempts).
+RESTART_DELAY = RETRY_BACKOFF[0]
 
 #: NAT types whose hosts a peer can simply dial, at their listener's public address.
 REACHABLE = {"open", "full_cone"}
@@ -192,12 +216,20 @@ class RenewPort:
 
 
 @dataclass(frozen=True)
+class AskRelay:
+    """Ask the relay where it sees ``peer`` (the address it observes on the peer's relay
+    connection); answer with :meth:`PunchCoordinator.on_vouched`."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
 class PunchNotice:
     event: str
     fields: dict[str, Any]
 
 
-PunchEvent = SendPunch | Dial | Expect | Abandon | PathChange | RenewPort | PunchNotice
+PunchEvent = SendPunch | Dial | Expect | Abandon | PathChange | RenewPort | AskRelay | PunchNotice
 
 
 @dataclass
@@ -228,6 +260,10 @@ class PeerPunch:
     #: An attempt that dialled a listener (ours or the peer's) failed: later attempts
     #: with this peer punch instead.
     listener_failed: bool = False
+    #: The address this attempt dialled ("" none yet); and, while it waits to dial (for the
+    #: relay's word, a token or a target's backoff), when it gives up waiting.
+    dialled: str = ""
+    dial_by: float | None = None
 
 
 class PunchCoordinator:
@@ -249,6 +285,14 @@ class PunchCoordinator:
         #: peer's new session clears): offers closer than MIN_OFFER_GAP are ignored.
         self.offered_at: OrderedDict[str, float] = OrderedDict()
         self._attempts = 0
+        #: Where the relay sees each peer, as it last said (""): it knows none), asked when
+        #: an attempt starts; None while its answer is awaited.
+        self.vouched: dict[str, str | None] = {}
+        #: The dial bucket: tokens, and when it was last filled.
+        self._tokens = float(DIAL_BURST)
+        self._tokens_at: float | None = None
+        #: Target address -> (dials to it that failed in a row, when the next may go).
+        self.targets: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # -- inputs --
 
@@ -264,10 +308,14 @@ class PunchCoordinator:
                 state.stage = Stage.IDLE
             elif state.stage in UNDER_WAY and state.told.observed != candidates.observed:
                 # Told the peer an address this node no longer dials from (its relay
-                # connection moved): the attempt cannot work; it starts again, uncounted.
+                # connection moved): the attempt cannot work; it starts again, uncounted,
+                # a little later (a relay that makes this node register again and again
+                # draws no burst of attempts).
                 if state.stage is Stage.DIALING:
                     events.append(Abandon(peer, state.attempt, "this node's relay port changed"))
-                state.stage, state.due = Stage.IDLE, None
+                    self._target_failed(state, now)
+                state.stage, state.due = Stage.BACKOFF, now + RESTART_DELAY
+                state.why = "this node's relay address changed"
         if candidates.observed:
             deferred, self.deferred = self.deferred, {}
             for peer, (attempt, theirs, at) in deferred.items():
@@ -327,10 +375,23 @@ class PunchCoordinator:
             return self._give_up(peer, state, message.reason or "the peer declined")
         return []
 
+    def on_vouched(self, peer: str, observed: str | None, now: float) -> list[PunchEvent]:
+        """The relay's answer to :class:`AskRelay`: where it sees ``peer`` ("" or None: it
+        knows no address of it, or did not answer). An attempt waiting for it dials now,
+        or fails saying why not."""
+        if peer not in self.vouched:
+            return []  # not asked (the attempt ended, or its peer's session did)
+        self.vouched[peer] = observed or ""
+        state = self.peers.get(peer)
+        if state is None or state.stage is not Stage.SYNCING or state.dial_by is None:
+            return []
+        return self._dial(peer, state, now)
+
     def on_link_up(self, peer: str, attempt: int, now: float) -> list[PunchEvent]:
         state = self.peers.get(peer)
         if state is None or state.attempt != attempt or state.stage is not Stage.DIALING:
             return [Abandon(peer, attempt, "superseded")]
+        self.targets.pop(state.dialled, None)
         state.stage, state.due, state.failures = Stage.DIRECT, None, 0
         took_ms = round((now - state.decided_at) * 1000, 1)
         return [
@@ -357,6 +418,7 @@ class PunchCoordinator:
         direct link to it goes down with a reason."""
         self.wanted.discard(peer)
         self.deferred.pop(peer, None)
+        self.vouched.pop(peer, None)
         state = self.peers.pop(peer, None)
         if state is None or state.stage in (Stage.IDLE, Stage.BACKOFF, Stage.RELAYED):
             return []
@@ -456,7 +518,10 @@ class PunchCoordinator:
         state.told = replace(self.mine, listeners_failed=state.listener_failed)
         state.stage, state.sent_at, state.decided_at = Stage.OFFERED, now, now
         state.due = now + ANSWER_TIMEOUT
-        return [SendPunch(peer, self._message("connect", state))]
+        state.dialled, state.dial_by = "", None
+        # The relay's word on the peer's address now: in well before the answer, which
+        # checks it (and asks again if the peer has moved since).
+        return [SendPunch(peer, self._message("connect", state)), *self._ask_relay(peer)]
 
     def _on_answer(self, peer: str, state: PeerPunch, theirs: Candidates, now: float) -> list[PunchEvent]:
         """The answer to our offer: sync, and dial half a round trip later. A listening
@@ -469,7 +534,15 @@ class PunchCoordinator:
         state.rtt = now - state.sent_at
         state.stage = Stage.SYNCING
         state.due = now + min(state.rtt / 2, MAX_SYNC_WAIT)
-        events: list[PunchEvent] = [Expect(peer, state.attempt)] if state.plan[0] == "listen" else []
+        # A listening side admits the peer; a dialling one has the relay's word on where
+        # it sees the peer (asked with the offer), or asks again if the peer's address is
+        # not that (it moved meanwhile): the answer, half a relayed round trip, is in by
+        # the dial, or the dial waits for it.
+        events: list[PunchEvent] = []
+        if state.plan[0] == "listen":
+            events.append(Expect(peer, state.attempt))
+        elif self.vouched.get(peer) != theirs.observed:
+            events += self._ask_relay(peer)
         return events + [SendPunch(peer, self._message("sync", state))]
 
     def _on_offer(self, peer: str, state: PeerPunch, attempt: int, theirs: Candidates, now: float) -> list[PunchEvent]:
@@ -497,17 +570,104 @@ class PunchCoordinator:
             events += self._give_up(peer, state, state.plan[1])
             return events + [SendPunch(peer, self._message("refuse", state, state.plan[1]))]
         state.stage, state.due = Stage.ANSWERED, now + ANSWER_TIMEOUT
+        state.dialled, state.dial_by = "", None
         if state.plan[0] == "listen":  # admitted before our answer leaves: its dial may be quick
             events.append(Expect(peer, attempt))
+        else:  # the relay's word on the peer's address, in by the time the sync is
+            events += self._ask_relay(peer)
         return events + [SendPunch(peer, self._message("answer", state))]
 
     def _dial(self, peer: str, state: PeerPunch, now: float) -> list[PunchEvent]:
-        """The moment to connect: dial (a listening side already admits the peer)."""
-        state.stage, state.due = Stage.DIALING, now + PUNCH_TIMEOUT
+        """The moment to connect: dial (a listening side already admits the peer), if the
+        relay vouches for the address, and the dial bucket and the target's backoff allow
+        it; else wait for those (in SYNCING) until ``dial_by``, or fail saying why."""
         how, remote = state.plan
         if how == "listen":
+            state.stage, state.due = Stage.DIALING, now + PUNCH_TIMEOUT
             return []
+        if state.dial_by is None:
+            state.dial_by = now + PUNCH_TIMEOUT
+        vouched = self.vouched.get(peer)
+        if vouched is None:
+            if now >= state.dial_by:
+                return self._fail(peer, state, self._dial_wait_why(peer), now)
+            state.stage, state.due = Stage.SYNCING, state.dial_by  # on_vouched dials
+            return [] if peer in self.vouched else self._ask_relay(peer)
+        why = self._unvouched(state, vouched)
+        if why:
+            return self._give_up(peer, state, why)
+        wait = self._dial_wait(remote, now)
+        if wait > 0:
+            if now + wait > state.dial_by:
+                return self._fail(peer, state, self._dial_wait_why(peer, remote), now)
+            state.stage, state.due = Stage.SYNCING, now + wait
+            return []
+        self._tokens -= 1
+        state.stage, state.due, state.dialled = Stage.DIALING, now + PUNCH_TIMEOUT, remote
         return [Dial(peer, state.attempt, remote, curve_server=how == "punch" and self.peer_id < peer)]
+
+    def _ask_relay(self, peer: str) -> list[PunchEvent]:
+        self.vouched[peer] = None
+        return [AskRelay(peer)]
+
+    def _unvouched(self, state: PeerPunch, vouched: str) -> str:
+        """Why the plan's address is not one this node may dial ("" when it is): the relay
+        sees the peer at ``vouched``."""
+        how, remote = state.plan
+        if not vouched:
+            return "the relay knows no address of the peer"
+        peer_ip, target_ip = address_ip(vouched), address_ip(remote)
+        if how == "punch":
+            vouches = remote == vouched
+        elif remote == state.theirs.lan and state.link == "lan":
+            vouches = peer_ip == address_ip(state.told.observed)  # both behind one public IP
+        else:
+            vouches = target_ip == peer_ip  # a listener on the peer's own public IP
+        if not vouches:
+            return f"the peer's address {remote} is not where the relay sees it ({vouched})"
+        ip = ipaddress.ip_address(target_ip.strip("[]"))
+        if ip.is_unspecified or ip.is_multicast or ip.is_reserved or str(ip) == "255.255.255.255":
+            return f"{remote} is not an address to dial"
+        if ip.is_loopback or ip.is_link_local:
+            mine = state.told
+            one_host = (
+                peer_ip == address_ip(mine.observed)
+                and bool(mine.lan)
+                and address_ip(state.theirs.lan) == address_ip(mine.lan) == target_ip
+            )
+            if not one_host:
+                return f"{remote} is a loopback or link-local address, and the peer is not on this host"
+        return ""
+
+    def _dial_wait(self, remote: str, now: float) -> float:
+        """Seconds until a dial to ``remote`` may go: the bucket's next token, and the
+        target's backoff after failed dials (0: now; the token is taken by the caller)."""
+        if self._tokens_at is not None:
+            self._tokens = min(float(DIAL_BURST), self._tokens + (now - self._tokens_at) * DIAL_RATE)
+        self._tokens_at = now
+        wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / DIAL_RATE
+        backoff = self.targets.get(remote)
+        if backoff is not None:
+            wait = max(wait, backoff[1] - now)
+        return wait
+
+    def _dial_wait_why(self, peer: str, remote: str = "") -> str:
+        if self.vouched.get(peer) is None:
+            return f"the relay did not say where it sees the peer within {PUNCH_TIMEOUT:g} s"
+        backoff = self.targets.get(remote)
+        if backoff is not None:
+            return f"dials to {remote} failed {backoff[0]} times in a row; the next waits longer"
+        return f"too many dials: this node dials at most {DIAL_RATE:g} a second"
+
+    def _target_failed(self, state: PeerPunch, now: float) -> None:
+        """The dial of ``state``'s attempt did not come up: its address waits longer."""
+        if not state.dialled:
+            return
+        failures = self.targets.pop(state.dialled, (0, now))[0] + 1
+        self.targets[state.dialled] = (failures, now + min(TARGET_BACKOFF_MAX, 2.0 ** (failures - 1)))
+        while len(self.targets) > MAX_TARGETS:
+            self.targets.popitem(last=False)
+        state.dialled = ""
 
     def _fail(self, peer: str, state: PeerPunch, reason: str, now: float) -> list[PunchEvent]:
         state.failures += 1
@@ -524,6 +684,10 @@ class PunchCoordinator:
         if wait == RETRY_LATER:
             state.listener_failed = False
         punched = state.plan[0] == "punch"
+        timed_out = timed_out and bool(state.dialled)  # only a dial made can have spoiled a port
+        if dialing:
+            self._target_failed(state, now)
+        state.dial_by = None
         state.stage, state.due, state.why = Stage.BACKOFF, now + wait, reason
         events: list[PunchEvent] = [
             PunchNotice("punch_failed", {"peer": peer, "attempt": state.attempt, "reason": reason, "retry_in_s": wait})
@@ -538,7 +702,7 @@ class PunchCoordinator:
         return events
 
     def _give_up(self, peer: str, state: PeerPunch, reason: str) -> list[PunchEvent]:
-        state.stage, state.due, state.why = Stage.RELAYED, None, reason
+        state.stage, state.due, state.why, state.dial_by = Stage.RELAYED, None, reason, None
         return [PunchNotice("punch_skipped", {"peer": peer, "reason": reason})]
 
     def _message(self, stage: str, state: PeerPunch, reason: str | None = None) -> Punch:

@@ -187,7 +187,10 @@ class RelayCore:
             out += self._forward(entry, message, now)
         else:
             assert isinstance(message, PeersRequest)
-            peers, more = self.describe_peers(now)
+            if message.peer_id is not None:  # one peer: where the relay sees it (a punch's check)
+                peers, more = self.describe_peer(message.peer_id, now), 0
+            else:
+                peers, more = self.describe_peers(now)
             out += self._reply_to(entry, PeersReply(peers=peers, seq=message.seq, more=more or None))
         return out
 
@@ -256,12 +259,15 @@ class RelayCore:
                 or items + entry.described_items > PEERS_REPLY_ITEMS
             ):
                 break
-            info = entry.describe()
-            info["connected_for"] = round(now - entry.since, 3)
-            peers.append(info)
+            peers.append(_described(entry, now))
             size += entry.described_size
             items += entry.described_items
         return peers, len(self.nodes) - len(peers)
+
+    def describe_peer(self, peer_id: str, now: float) -> list[dict[str, Any]]:
+        """``peer_id``'s entry of a peers reply, alone (none if it is not registered)."""
+        entry = self.nodes.get(peer_id)
+        return [_described(entry, now)] if entry is not None else []
 
     def _reply(self, conn: bytes, message: Message) -> Outgoing:
         """``message`` for a connection that is not registered (nothing is counted)."""
@@ -427,3 +433,10 @@ class RelayCore:
             if peer in self.nodes:
                 out += self._reply_to(self.nodes[peer], notice)
         return out
+
+
+def _described(entry: NodeEntry, now: float) -> dict[str, Any]:
+    """``entry`` as a peers reply lists it, with its time connected as of ``now``."""
+    info = entry.describe()
+    info["connected_for"] = round(now - entry.since, 3)
+    return info

@@ -380,9 +380,14 @@ class StatusRequest(Message):
 
 @dataclass(frozen=True)
 class PeersRequest(Message):
+    """The peers a relay (or a node, for its client) knows. ``peer_id`` (node to relay
+    only): that peer alone, so that a node learns where the relay sees it before it dials
+    the address a peer gave (meshnet.holepunch)."""
+
     TYPE = "peers"
-    RULES = {"seq": optional(seq)}
+    RULES = {"seq": optional(seq), "peer_id": optional(peer_id)}
     seq: int | None = None
+    peer_id: str | None = None
 
 
 @dataclass(frozen=True)

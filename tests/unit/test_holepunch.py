@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from meshnet.holepunch import (
     ANSWER_TIMEOUT,
+    DIAL_BURST,
+    DIAL_RATE,
     MAX_ATTEMPTS,
     PUNCH_TIMEOUT,
+    RESTART_DELAY,
     RETRY_BACKOFF,
     RETRY_LATER,
     REUPGRADE_AFTER,
     Abandon,
+    AskRelay,
     Candidates,
     Dial,
     Expect,
@@ -35,14 +39,23 @@ def pair(nat_a: str | None = "port_restricted", nat_b: str | None = "port_restri
     return {A: a, B: b}
 
 
-def carry(nodes: dict, sender: str, events: list[PunchEvent], now: float) -> dict[str, list[PunchEvent]]:
-    """Punch messages among ``events`` delivered (through the codec), and all that follows."""
+def carry(
+    nodes: dict, sender: str, events: list[PunchEvent], now: float, seen: dict[str, str] | None = None
+) -> dict[str, list[PunchEvent]]:
+    """Punch messages among ``events`` delivered (through the codec), the relay's answers
+    to what the nodes ask it, and all that follows."""
     log: dict[str, list[PunchEvent]] = {A: [], B: []}
     log[sender] += events
     queue = [(sender, e) for e in events]
     while queue:
         source, event = queue.pop(0)
-        if isinstance(event, SendPunch):
+        if isinstance(event, AskRelay):
+            # The relay's answer: where it sees the peer (``seen``; else where the peer says).
+            where = (seen or {}).get(event.peer, nodes[event.peer].mine.observed)
+            out = nodes[source].on_vouched(event.peer, where, now)
+            log[source] += out
+            queue += [(source, e) for e in out]
+        elif isinstance(event, SendPunch):
             target = event.peer
             wire = decode_inner(encode_inner(event.message), NODE_TO_NODE, max_size=4096)
             assert isinstance(wire, Punch)
@@ -359,12 +372,13 @@ def test_a_new_relay_port_restarts_the_attempts_that_told_the_old_one() -> None:
     log = carry(nodes, A, a.want(B, 0.0), 0.04)
     assert of(log[B], Dial), "B dials at once; A waits half the round trip"
     moved = a.set_candidates(Candidates(nat="port_restricted"), 0.05, final=False)  # A re-registers
-    assert of(moved, Dial) == [] and a.peers[B].stage.value == "idle", "nothing dials from the old port"
+    assert of(moved, Dial) == [] and a.peers[B].stage.value == "backoff", "nothing dials from the old port"
     assert of(a.on_tick(0.06), Dial) == [], "the scheduled dial is gone"
     new_a = "198.51.100.11:40999"
-    again = a.set_candidates(Candidates(new_a, "port_restricted"), 1.0)
+    assert of(a.set_candidates(Candidates(new_a, "port_restricted"), 0.5), SendPunch) == [], "no burst at once"
+    again = a.on_tick(0.05 + RESTART_DELAY)
     assert [(e.message.stage, e.message.observed) for e in of(again, SendPunch)] == [("connect", new_a)]
-    log = carry(nodes, A, again, 1.0)
+    log = carry(nodes, A, again, 1.1)
     assert [d.remote for d in of(log[B], Dial)] == [new_a], "B's new attempt replaces its old one"
     assert a.peers[B].failures == 0, "a restart is not a failure"
 
@@ -390,3 +404,147 @@ def test_a_failed_listener_is_dialled_again_where_a_punch_cannot_work() -> None:
     log = carry(nodes, B, b.on_tick(b.next_deadline()), 11.0)
     dials = of(log[B], Dial) + of(b.on_tick(12.0), Dial)
     assert [d.remote for d in dials] == ["198.51.100.11:7001"], "not given up: the listener again"
+
+
+# -- only what the relay vouches for is dialled --
+
+
+def skipped(events: list[PunchEvent]) -> list[str]:
+    return [e.fields["reason"] for e in of(events, PunchNotice) if e.event == "punch_skipped"]
+
+
+def test_a_punch_to_an_address_the_relay_does_not_see_the_peer_at_is_never_dialled() -> None:
+    """B says it is at a third host's address (a victim's): A asks the relay, which sees
+    B elsewhere, and dials nothing."""
+    nodes = pair()
+    nodes[B].set_candidates(Candidates("203.0.113.9:22", "port_restricted"), 0.0)  # the lie
+    log = carry(nodes, B, nodes[B].want(A, 0.0), 0.04, seen={B: B_AT})
+    later = nodes[A].on_tick(1.0)
+    assert of(log[A] + later, Dial) == []
+    assert any("not where the relay sees it (198.51.100.12:40002)" in why for why in skipped(log[A] + later))
+
+
+def test_a_listener_is_dialled_only_on_the_peers_own_public_ip() -> None:
+    nodes = pair(nat_b="full_cone")
+    nodes[B].set_candidates(Candidates(B_AT, "full_cone", listen="203.0.113.9:7000"), 0.0)
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
+    assert of(log[A] + nodes[A].on_tick(1.0), Dial) == []
+    # On its own public IP (any port: the peer's own address), it is.
+    nodes = pair(nat_b="full_cone")
+    nodes[B].set_candidates(Candidates(B_AT, "full_cone", listen="198.51.100.12:7000"), 0.0)
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
+    assert [d.remote for d in of(log[A] + nodes[A].on_tick(1.0), Dial)] == ["198.51.100.12:7000"]
+
+
+def behind_one_ip(lan_a: str, lan_b: str, a_at: str = "198.51.100.11:40001", b_at: str = "198.51.100.11:40002"):
+    """A and B that say they share a public IP (so the plan is A listening on its LAN
+    address and B, the larger id, dialling it)."""
+    a, b = PunchCoordinator(A), PunchCoordinator(B)
+    a.set_candidates(Candidates(a_at, "port_restricted", lan=lan_a), 0.0)
+    b.set_candidates(Candidates(b_at, "port_restricted", lan=lan_b), 0.0)
+    return {A: a, B: b}
+
+
+def test_a_lan_address_is_dialled_only_when_the_relay_sees_both_behind_one_public_ip() -> None:
+    """A claims B's public IP, so that the plan says "one NAT" and B dials A's "LAN"
+    address (a host on B's network): the relay sees A elsewhere, and B dials nothing."""
+    nodes = behind_one_ip("10.0.0.9:22", "10.0.0.3:7000")
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04, seen={A: "203.0.113.7:40001"})
+    assert of(log[B], Dial) == []
+    assert any("not where the relay sees it" in why for why in skipped(log[B]))
+    # Where the relay sees both at one public IP, the LAN address is dialled.
+    nodes = behind_one_ip("10.0.0.2:7000", "10.0.0.3:7000")
+    assert [d.remote for d in of(carry(nodes, A, nodes[A].want(B, 0.0), 0.04)[B], Dial)] == ["10.0.0.2:7000"]
+
+
+def test_loopback_and_link_local_are_dialled_only_between_nodes_on_one_host() -> None:
+    cases = [
+        ("127.0.0.1:6000", "127.0.0.1:6001", True),  # one host: its own loopback
+        ("169.254.1.1:6000", "169.254.1.1:6001", True),
+        ("127.0.0.1:6000", "10.0.0.3:6001", False),  # B is not on A's host: B's own loopback
+        ("169.254.1.1:6000", "10.0.0.3:6001", False),
+        ("0.0.0.0:6000", "0.0.0.0:6001", False),
+        ("224.0.0.1:6000", "10.0.0.3:6001", False),
+    ]
+    for lan_a, lan_b, dialled in cases:
+        nodes = behind_one_ip(lan_a, lan_b)
+        log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04)
+        assert [d.remote for d in of(log[B], Dial)] == ([lan_a] if dialled else []), (lan_a, lan_b)
+        if not dialled:
+            assert skipped(log[B]), (lan_a, lan_b)
+
+
+def test_a_dial_waits_for_the_relays_word_and_fails_without_it() -> None:
+    nodes = pair()
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.04, seen={A: A_AT, B: B_AT})
+    assert of(log[B], Dial), "B had the relay's word"
+    # A asked too, but its answer is lost: A's dial waits for it, then the attempt fails.
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    offer = a.want(B, 0.0)
+    answer = b.on_punch(A, of(offer, SendPunch)[0].message, 0.02)
+    after_answer = a.on_punch(B, of(answer, SendPunch)[0].message, 0.04)
+    assert of(after_answer, AskRelay) == [AskRelay(B)]
+    assert of(a.on_tick(0.06), Dial) == [], "dialled before the relay said where B is"
+    late = a.on_vouched(B, B_AT, 1.0)
+    assert [d.remote for d in of(late, Dial)] == [B_AT], "the relay's late word lets the dial go"
+    nodes = pair()
+    a, b = nodes[A], nodes[B]
+    answer = b.on_punch(A, of(a.want(B, 0.0), SendPunch)[0].message, 0.02)
+    a.on_punch(B, of(answer, SendPunch)[0].message, 0.04)
+    failed = a.on_tick(0.06) + a.on_tick(0.06 + PUNCH_TIMEOUT)
+    assert of(failed, Dial) == []
+    assert any("relay did not say" in e.fields.get("reason", "") for e in of(failed, PunchNotice))
+
+
+def test_dials_of_all_peers_together_keep_to_the_global_rate() -> None:
+    """Many peers (a mesh of identities one attacker holds) each start an attempt: the
+    first DIAL_BURST dials go at once, the rest at DIAL_RATE a second; those that would
+    wait past PUNCH_TIMEOUT fail instead."""
+    victim = PunchCoordinator("z6MkZ")
+    victim.set_candidates(Candidates("198.51.100.1:40000", "port_restricted"), 0.0)
+    peers = [f"z6Mk{n:02d}" for n in range(40)]
+    dial_times: list[float] = []
+    failed = 0
+    for n, peer in enumerate(peers):
+        at = f"198.51.100.{100 + n}:5000"
+        offer = Punch(stage="connect", attempt=1, observed=at, nat="port_restricted")
+        events = victim.on_punch(peer, offer, 0.0)
+        events += victim.on_vouched(peer, at, 0.0)
+        events += victim.on_punch(peer, Punch(stage="sync", attempt=1), 0.0)
+        dial_times += [0.0] * len(of(events, Dial))
+    now = 0.0
+    while (due := victim.next_deadline()) is not None and due <= 20.0:
+        now = due
+        events = victim.on_tick(now)
+        dial_times += [now] * len(of(events, Dial))
+        failed += sum(1 for e in of(events, PunchNotice) if "too many dials" in e.fields.get("reason", ""))
+    assert dial_times[:DIAL_BURST] == [0.0] * DIAL_BURST
+    for n, at in enumerate(dial_times):
+        assert n + 1 <= DIAL_BURST + at * DIAL_RATE + 1e-9, f"dial {n + 1} at {at:.2f} s"
+    assert failed and len(dial_times) + failed >= len(peers)
+
+
+def test_a_target_whose_dials_fail_waits_longer_each_time() -> None:
+    """A peer keeps naming one address that never answers (a closed port it points the
+    node at): each dial there fails, and the next waits 1, 2, 4, ... s."""
+    victim = PunchCoordinator("z6MkZ")
+    victim.set_candidates(Candidates("198.51.100.1:40000", "port_restricted"), 0.0)
+    target = "198.51.100.50:5000"
+    dial_times: list[float] = []
+    now = 0.0
+    for attempt in range(1, 8):
+        now += 1.0  # past MIN_OFFER_GAP
+        events = victim.on_punch("z6MkP", Punch(stage="connect", attempt=attempt, observed=target), now)
+        events += victim.on_vouched("z6MkP", target, now)
+        events += victim.on_punch("z6MkP", Punch(stage="sync", attempt=attempt), now)
+        while True:
+            dial_times += [now] * len(of(events, Dial))
+            due = victim.next_deadline()
+            if of(events, Abandon) or of(events, PunchNotice) or due is None:
+                break
+            now = due
+            events = victim.on_tick(now)
+    gaps = [later - earlier for earlier, later in zip(dial_times, dial_times[1:], strict=False)]
+    assert len(dial_times) < 7, "every offer drew a dial to the dead target"
+    assert all(b > a for a, b in zip(gaps, gaps[1:], strict=False)), gaps

@@ -262,6 +262,16 @@ def test_peers_request_lists_registered_peers(core, a, b):
     assert peers[b.peer_id]["connected_for"] == 2.0
 
 
+def test_a_peers_request_naming_one_peer_says_where_the_relay_sees_it_alone(core, a, b):
+    register(core, a, 0.0)
+    register(core, b, 1.0)
+    reply = read(only(send_from(core, b, PeersRequest(seq=7, peer_id=a.peer_id), 3.0)))
+    assert isinstance(reply, PeersReply) and reply.seq == 7
+    assert [(p["peer_id"], p["observed"]) for p in reply.peers] == [(a.peer_id, OBSERVED)]
+    gone = read(only(send_from(core, b, PeersRequest(seq=8, peer_id=SOMEONE), 3.0)))
+    assert isinstance(gone, PeersReply) and gone.peers == []
+
+
 # -- malformed input --
 
 
