@@ -393,7 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("netcheck", help="NAT type and public addresses, by STUN against the relay")
     p.add_argument("--node", help=f"node API endpoint (default {node_default} unless --stun is given)")
-    p.add_argument("--stun", type=_stun_server, help="STUN server HOST:PORT (default: the node's relay, port 3478)")
+    p.add_argument(
+        "--stun",
+        type=_stun_server,
+        help="STUN server HOST:PORT (default: the node's relay, port 3478; a MeshNet relay answers the "
+        "CHANGE-REQUEST tests only from the IP of a node registered there)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_netcheck)
     return parser

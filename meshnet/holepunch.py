@@ -52,6 +52,7 @@ from typing import Any
 
 from meshnet.endpoints import host_port
 from meshnet.protocol.messages import Punch
+from meshnet.ratelimit import TokenBucket
 
 #: From dialling to a link that answered: a few round trips and a SYN retransmit on a
 #: real network (a lab link answers in 2-4 ms).
@@ -288,9 +289,8 @@ class PunchCoordinator:
         #: Where the relay sees each peer, as it last said (""): it knows none), asked when
         #: an attempt starts; None while its answer is awaited.
         self.vouched: dict[str, str | None] = {}
-        #: The dial bucket: tokens, and when it was last filled.
-        self._tokens = float(DIAL_BURST)
-        self._tokens_at: float | None = None
+        #: Dials of all attempts together (DIAL_RATE after DIAL_BURST).
+        self.dials = TokenBucket(DIAL_RATE, DIAL_BURST)
         #: Target address -> (dials to it that failed in a row, when the next may go).
         self.targets: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
@@ -602,7 +602,7 @@ class PunchCoordinator:
                 return self._fail(peer, state, self._dial_wait_why(peer, remote), now)
             state.stage, state.due = Stage.SYNCING, now + wait
             return []
-        self._tokens -= 1
+        self.dials.take(now)
         state.stage, state.due, state.dialled = Stage.DIALING, now + PUNCH_TIMEOUT, remote
         return [Dial(peer, state.attempt, remote, curve_server=how == "punch" and self.peer_id < peer)]
 
@@ -642,10 +642,7 @@ class PunchCoordinator:
     def _dial_wait(self, remote: str, now: float) -> float:
         """Seconds until a dial to ``remote`` may go: the bucket's next token, and the
         target's backoff after failed dials (0: now; the token is taken by the caller)."""
-        if self._tokens_at is not None:
-            self._tokens = min(float(DIAL_BURST), self._tokens + (now - self._tokens_at) * DIAL_RATE)
-        self._tokens_at = now
-        wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / DIAL_RATE
+        wait = self.dials.wait(now)
         backoff = self.targets.get(remote)
         if backoff is not None:
             wait = max(wait, backoff[1] - now)

@@ -16,9 +16,19 @@ needed. It speaks both generations of the protocol:
 
 Anything that is not a well-formed binding request is dropped unanswered and counted, and
 requests over ``MAX_REQUEST_BYTES`` are not read. A UDP answer goes to whatever source
-the datagram claims, so what one request can draw is bounded: a success answer is at most
-68 bytes (IPv4; 104 for IPv6) against a request of at least 20, no amplifier worth a
-forger's while, and never to any address but the request's own source.
+the datagram claims, so the responder must not be a reflector a forger can aim:
+
+- a success answer is at most 68 bytes (IPv4; 104 for IPv6) against a request of at
+  least 20, and goes only to the request's own source;
+- every datagram takes a token from its source IP's bucket (``PER_SOURCE_RATE``) and from
+  the responder's (``TOTAL_RATE``) before it is even parsed: one without is dropped, so a
+  flood of spoofed requests draws at most ``TOTAL_RATE`` answers a second, whatever
+  sources it claims, and no one source more than ``PER_SOURCE_RATE``;
+- ``CHANGE-REQUEST`` (an answer from another address or port, which gets past filters
+  that expect answers from where the request went) is honoured only for a source IP that
+  holds a registered relay connection (:meth:`StunResponder.set_members`): the nodes
+  that classify their NAT against this relay. Anyone else gets no answer to it, as from a
+  server without a second address.
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from meshnet.ratelimit import SourceBuckets, TokenBucket
 
 #: RFC 5389 §6: the fixed value in bytes 4-8 of every RFC 5389 message.
 MAGIC_COOKIE = 0x2112A442
@@ -54,6 +67,15 @@ IGNORED = {0x8022, 0x8028}
 
 CHANGE_IP = 0x04
 CHANGE_PORT = 0x02
+
+#: Answers one source IP draws a second, after a burst: a NAT classification (RFC 3489's
+#: tests, a few requests each, retried) needs about ten at once.
+PER_SOURCE_RATE = 5.0
+PER_SOURCE_BURST = 20
+#: Answers the responder sends a second in all, after a burst: room for a few hundred
+#: nodes classifying at once (a relay restart), and a bound on what spoofed requests draw.
+TOTAL_RATE = 200.0
+TOTAL_BURST = 400
 
 Address = tuple[str, int]
 
@@ -169,7 +191,15 @@ class StunResponder:
     combination of the two IPs and two ports: the daemon binds one socket for each of
     :attr:`addresses`)."""
 
-    def __init__(self, primary: Address, alternate_ip: str | None = None, alternate_port: int | None = None):
+    def __init__(
+        self,
+        primary: Address,
+        alternate_ip: str | None = None,
+        alternate_port: int | None = None,
+        *,
+        per_source: tuple[float, float] = (PER_SOURCE_RATE, PER_SOURCE_BURST),
+        total: tuple[float, float] = (TOTAL_RATE, TOTAL_BURST),
+    ):
         self.primary = primary
         ips = [primary[0]] + ([alternate_ip] if alternate_ip else [])
         ports = [primary[1]] + ([alternate_port] if alternate_port else [])
@@ -178,10 +208,23 @@ class StunResponder:
         #: The address classic clients are told to try next: both changed, when both exist.
         self.changed: Address | None = (ips[-1], ports[-1]) if len(ips) == 2 and len(ports) == 2 else None
         self.counts: Counter[str] = Counter()
+        self.sources = SourceBuckets(*per_source)
+        self.total = TokenBucket(*total)
+        #: Source IPs that may ask for a CHANGE-REQUEST: those of registered nodes.
+        self.members: frozenset[str] = frozenset()
 
-    def on_datagram(self, data: bytes, local: Address, remote: Address) -> Reply | None:
-        """A datagram from ``remote`` that arrived on the socket bound at ``local``: the
-        answer to send, or None (not a request we answer; counted in :attr:`counts`)."""
+    def set_members(self, ips: Iterable[str]) -> None:
+        """The IPs that hold a registered relay connection now (their CHANGE-REQUESTs are
+        honoured)."""
+        self.members = frozenset(ips)
+
+    def on_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> Reply | None:
+        """A datagram from ``remote`` that arrived on the socket bound at ``local``, at
+        ``now``: the answer to send, or None (not a request we answer, or over a rate;
+        counted in :attr:`counts`)."""
+        if not self.sources.take(remote[0], now) or not self.total.take(now):
+            self.counts["rate_limited"] += 1
+            return None
         try:
             request = parse_request(data)
         except StunError:
@@ -190,6 +233,9 @@ class StunResponder:
         if request.unknown:
             self.counts["unknown_attributes"] += 1
             return Reply(local, remote, unknown_attributes_response(request))
+        if (request.change_ip or request.change_port) and remote[0] not in self.members:
+            self.counts["change_refused"] += 1
+            return None
         source = self._changed(local, request)
         if source is None:
             self.counts["change_unavailable"] += 1

@@ -110,7 +110,7 @@ class RelayServer:
         self._error: BaseException | None = None
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
-        self.stun = StunServer(self.loop, config.stun, settings.bind, config.path)
+        self.stun = StunServer(config.stun, settings.bind, config.path)
         self.log = log.bind(relay_id=self.identity.peer_id)
 
     def start(self) -> RelayServer:
@@ -127,6 +127,11 @@ class RelayServer:
         self.loop.start()
         self.loop.call_soon(self._open)
         self._ready.wait(10)
+        if self._error is None:
+            try:
+                self.stun.start()  # on a loop of its own: a flood there does not slow this one
+            except StartupError as exc:
+                self._error = exc
         if self._error is not None:
             # It never served: undo what started, quietly (no relay_stopped line under the
             # one line the error makes), and let the error name the cause.
@@ -145,6 +150,7 @@ class RelayServer:
         return self
 
     def stop(self) -> None:
+        self.stun.stop()
         self.loop.call_soon(self._close)
         self.loop.stop()
         if self._auth is not None:
@@ -180,20 +186,12 @@ class RelayServer:
             self._error = bind_failure("relay.bind", settings.bind, exc.errno, error_text, self.config.path)
             self._ready.set()
             return
-        try:
-            self.stun.open()
-        except StartupError as exc:
-            router.close(linger=0)
-            self._error = exc
-            self._ready.set()
-            return
         self._router = router
         self.loop.add_reader(router, self._on_readable)
         self.loop.call_later(settings.heartbeat_interval, self._tick)
         self._ready.set()
 
     def _close(self) -> None:
-        self.stun.close()
         self.loop.close_socket(self._router)
         self._router = None
 
@@ -221,6 +219,11 @@ class RelayServer:
         router = self._router
         if router is None:
             return
+        if self.core.members_changed:
+            # Which IPs hold a registered connection: the STUN responder answers their
+            # CHANGE-REQUESTs. A snapshot per batch that changed it.
+            self.core.members_changed = False
+            self.stun.set_members(self.core.member_ips)
         for out in outgoing:
             try:
                 send_message(router, [out.conn, *out.frames])

@@ -9,7 +9,7 @@ attributed to that peer id, whatever the message claims.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +19,7 @@ import structlog
 
 from meshnet.errors import ProtocolError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, frames_size
+from meshnet.holepunch import address_ip
 from meshnet.identity import curve_public_z85
 from meshnet.protocol import (
     MAX_LIST,
@@ -128,6 +129,11 @@ class RelayCore:
         self.window = window
         self.nodes: dict[str, NodeEntry] = {}
         self.by_conn: dict[bytes, str] = {}
+        #: The IPs registered nodes connect from (each with how many), and whether that
+        #: changed since the daemon last looked (its STUN responder answers them alone
+        #: when they ask for a CHANGE-REQUEST).
+        self.member_ips: Counter[str] = Counter()
+        self.members_changed = False
         self.forwarded = 0
         self.rejected = 0
         #: Messages for nodes that were not reading (their window full): forwards bounced
@@ -358,6 +364,9 @@ class RelayCore:
             entry.held = deque(replace(delivery, conn=conn) for delivery in old.held)
             entry.held_bytes = old.held_bytes
             old.held.clear()
+        if old is not None:
+            self._count_member(old.observed, -1)
+        self._count_member(observed, +1)
         self.nodes[message.peer_id] = entry
         self.by_conn[conn] = message.peer_id
         log.info("peer_registered", peer_id=message.peer_id, observed=observed, reconnected=old is not None)
@@ -418,7 +427,18 @@ class RelayCore:
             out.append(delivery)
         return out
 
+    def _count_member(self, observed: str, change: int) -> None:
+        ip = address_ip(observed).strip("[]") if observed else ""
+        if not ip:
+            return
+        self.member_ips[ip] += change
+        if self.member_ips[ip] <= 0:
+            del self.member_ips[ip]
+        self.members_changed = True
+
     def _remove(self, entry: NodeEntry) -> list[Outgoing]:
+        if self.nodes.get(entry.peer_id) is entry:
+            self._count_member(entry.observed, -1)
         self.nodes.pop(entry.peer_id, None)
         if self.by_conn.get(entry.conn) == entry.peer_id:
             del self.by_conn[entry.conn]

@@ -39,13 +39,27 @@ def classify(source_ip: str, stun_port: int) -> tuple[str, dict]:
         return stun.get_nat_type(sock, source_ip, sock.getsockname()[1], stun_host="127.0.0.1", stun_port=stun_port)
 
 
+def start_member(mesh: Mesh) -> str:
+    """A node registered at the last relay started, from 127.0.0.1; its API endpoint."""
+    relay = mesh.processes[-1]
+    started = relay.find("relay_started")[0]
+    path, _, api = mesh.node_config("a", relay=(started["endpoint"], started["relay_id"]))
+    mesh.start_node("a", path, registered=True)
+    return api
+
+
 def test_pystun3_classifies_loopback_through_the_relay_with_change_request(mesh: Mesh) -> None:
     port, _ = start_relay(mesh, ["127.0.0.1", "127.0.0.2"])
+    start_member(mesh)
     nat_type, answer = classify("127.0.0.1", port)
     # The mapped address is the socket's own: no NAT; the CHANGE-REQUEST test was answered
     # from the other address and port.
     assert nat_type == stun.OpenInternet, answer
     assert answer["ExternalIP"] == "127.0.0.1"
+    # From an IP with no registered relay connection, CHANGE-REQUEST goes unanswered (a
+    # stranger cannot have answers sent from the other address): pystun3 reads a firewall.
+    nat_type, answer = classify("127.0.0.5", port)
+    assert nat_type == stun.SymmetricUDPFirewall, answer
 
 
 def test_an_rfc5389_request_gets_its_xor_mapped_address(mesh: Mesh) -> None:
@@ -87,11 +101,7 @@ def test_a_stun_port_in_use_stops_the_relay_with_one_line_naming_it(mesh: Mesh) 
 
 def test_netcheck_reports_the_nat_type_and_both_public_addresses(mesh: Mesh) -> None:
     port, _ = start_relay(mesh, ["127.0.0.1", "127.0.0.2"])
-    relay = mesh.processes[-1]
-    relay_endpoint = relay.find("relay_started")[0]["endpoint"]
-    relay_id = relay.find("relay_started")[0]["relay_id"]
-    path, _, api = mesh.node_config("a", relay=(relay_endpoint, relay_id))
-    mesh.start_node("a", path, registered=True)
+    api = start_member(mesh)
     done = cli("netcheck", "--node", api, "--stun", f"127.0.0.1:{port}", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

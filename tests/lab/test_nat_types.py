@@ -1,6 +1,8 @@
 """The NAT type a node's host reports matches the router it sits behind, for every kind the
 lab builds, against the relay's own STUN responder and against coturn (a STUN server we
-did not write). `meshnet netcheck` runs inside each host's namespace, as a user would."""
+did not write). `meshnet netcheck` runs inside each host's namespace, as a user would,
+beside a node registered at the relay (the relay answers CHANGE-REQUEST only for the IPs
+of its registered nodes)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from meshnet.identity import Identity
 from tests.harness import Mesh
 from tests.lab.netlab import Host, Lab
-from tests.lab.nodes import STUN_PORT, start_relay
+from tests.lab.nodes import STUN_PORT, node_config, spawn_node, start_relay
 
 #: What each host's NAT is, in netcheck's words.
 EXPECTED = {"public": "open", "full_cone": "full_cone", "port_restricted": "port_restricted", "symmetric": "symmetric"}
@@ -35,7 +38,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     mesh = Mesh(tmp)
     coturn: subprocess.Popen | None = None
     try:
-        relay_host = start_relay(lab, mesh).host
+        relay = start_relay(lab, mesh)
+        relay_host = relay.host
         turn_host = lab.public_host("turn", "198.51.100.3")
         coturn = subprocess.Popen(
             lab.command(turn_host.ns, [
@@ -52,6 +56,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         hosts = {"public": lab.public_host("pub")}
         for kind in ("full_cone", "port_restricted", "symmetric"):
             hosts[kind] = lab.host_behind(lab.router(f"r-{kind[:4]}", kind), f"h-{kind[:4]}")
+        for kind, host in hosts.items():
+            config, _ = node_config(mesh, relay, f"n-{kind}", tmp, Identity.generate(), stun="off", direct_links=False)
+            spawn_node(lab, mesh, host, f"n-{kind}", config).wait_for("relay_registered")
         yield World(lab, hosts, {"relay": f"{relay_host.ip}:{STUN_PORT}", "coturn": f"{turn_host.ip}:{STUN_PORT}"})
     finally:
         if coturn is not None:

@@ -58,12 +58,15 @@ def address(value: bytes, xor_with: bytes | None = None) -> tuple[str, int]:
 
 
 def full() -> StunResponder:
-    return StunResponder((IP1, PORT1), IP2, PORT2)
+    """Two addresses, two ports; the test's clients hold registered relay connections."""
+    responder = StunResponder((IP1, PORT1), IP2, PORT2)
+    responder.set_members([CLIENT[0], "2001:db8::7"])
+    return responder
 
 
 def test_a_classic_request_gets_the_mapped_source_and_changed_addresses() -> None:
     asked = request()
-    reply = full().on_datagram(asked, (IP1, PORT1), CLIENT)
+    reply = full().on_datagram(asked, (IP1, PORT1), CLIENT, 0.0)
     assert reply is not None and (reply.source, reply.to) == ((IP1, PORT1), CLIENT)
     assert struct.unpack_from("!H", reply.data)[0] == BINDING_RESPONSE
     assert reply.data[4:20] == asked[4:20]  # the transaction id, echoed
@@ -77,7 +80,7 @@ def test_a_classic_request_gets_the_mapped_source_and_changed_addresses() -> Non
 def test_an_rfc5389_request_also_gets_the_xor_mapped_address_ipv4_and_ipv6() -> None:
     for client in (CLIENT, ("2001:db8::7", 50000)):
         asked = request(cookie=True)
-        reply = full().on_datagram(asked, (IP1, PORT1), client)
+        reply = full().on_datagram(asked, (IP1, PORT1), client, 0.0)
         assert reply is not None
         found = attributes(reply.data)
         assert address(found[XOR_MAPPED_ADDRESS], asked[4:20]) == client
@@ -94,7 +97,7 @@ def test_change_request_answers_from_the_other_ip_and_or_port() -> None:
         ((IP2, PORT2), 0x06, (IP1, PORT1)),
     ]
     for local, flags, source in cases:
-        reply = responder.on_datagram(request(flags), local, CLIENT)
+        reply = responder.on_datagram(request(flags), local, CLIENT, 0.0)
         assert reply is not None and reply.source == source, (local, flags)
         assert address(attributes(reply.data)[SOURCE_ADDRESS]) == source
     assert sorted(responder.addresses) == sorted((ip, port) for ip in (IP1, IP2) for port in (PORT1, PORT2))
@@ -102,10 +105,11 @@ def test_change_request_answers_from_the_other_ip_and_or_port() -> None:
 
 def test_with_one_address_a_change_it_cannot_make_is_dropped_and_the_rest_answered() -> None:
     responder = StunResponder((IP1, PORT1))
+    responder.set_members([CLIENT[0]])
     assert responder.addresses == [(IP1, PORT1)]
-    assert responder.on_datagram(request(0x04), (IP1, PORT1), CLIENT) is None
-    assert responder.on_datagram(request(0x02), (IP1, PORT1), CLIENT) is None
-    reply = responder.on_datagram(request(), (IP1, PORT1), CLIENT)
+    assert responder.on_datagram(request(0x04), (IP1, PORT1), CLIENT, 0.0) is None
+    assert responder.on_datagram(request(0x02), (IP1, PORT1), CLIENT, 0.0) is None
+    reply = responder.on_datagram(request(), (IP1, PORT1), CLIENT, 0.0)
     assert reply is not None and CHANGED_ADDRESS not in attributes(reply.data)
     assert responder.counts == {"change_unavailable": 2, "answered": 1}
 
@@ -125,13 +129,13 @@ def test_what_is_not_a_binding_request_is_dropped_unanswered() -> None:
         request(attributes=bytes(600)),  # larger than any request
     ]
     for data in bad:
-        assert responder.on_datagram(data, (IP1, PORT1), CLIENT) is None, data[:24]
+        assert responder.on_datagram(data, (IP1, PORT1), CLIENT, 0.0) is None, data[:24]
     assert responder.counts == {"dropped": len(bad)}
 
 
 def test_an_rfc5389_request_with_an_unknown_required_attribute_gets_error_420() -> None:
     asked = request(cookie=True, attributes=struct.pack("!HHI", 0x0042, 4, 0))
-    reply = full().on_datagram(asked, (IP1, PORT1), CLIENT)
+    reply = full().on_datagram(asked, (IP1, PORT1), CLIENT, 0.0)
     assert reply is not None and struct.unpack_from("!H", reply.data)[0] == BINDING_ERROR
     found = attributes(reply.data)
     assert found[0x0009][2:4] == bytes([4, 20])  # class 4, number 20
@@ -142,7 +146,7 @@ def test_an_rfc5389_request_with_an_unknown_required_attribute_gets_error_420() 
 def test_any_datagram_is_answered_small_or_not_at_all(data: bytes, prefixed: bool) -> None:
     if prefixed:  # mostly past the first checks
         data = struct.pack("!HH", 0x0001, max(0, len(data) - 16)) + data
-    reply = full().on_datagram(data, (IP1, PORT1), ("2001:db8::7", 50000))
+    reply = full().on_datagram(data, (IP1, PORT1), ("2001:db8::7", 50000), 0.0)
     assert reply is None or (reply.to == ("2001:db8::7", 50000) and len(reply.data) <= 104)
 
 
@@ -157,3 +161,29 @@ def test_the_relay_answers_stun_on_its_bind_ip_unless_told_otherwise() -> None:
     assert stun_addresses(default, "ipc:///tmp/relay") == []
     two = StunSection(addresses=["198.51.100.1", "198.51.100.2"])
     assert stun_addresses(two, "tcp://0.0.0.0:7700") == ["198.51.100.1", "198.51.100.2"]
+
+
+def test_a_change_request_is_answered_only_for_an_ip_with_a_registered_relay_connection() -> None:
+    responder = full()
+    stranger = ("203.0.113.50", 40000)
+    assert responder.on_datagram(request(0x06), (IP1, PORT1), stranger, 0.0) is None
+    assert responder.on_datagram(request(0x02), (IP1, PORT1), stranger, 0.0) is None
+    assert responder.on_datagram(request(), (IP1, PORT1), stranger, 0.0) is not None  # a plain binding
+    assert responder.counts == {"change_refused": 2, "answered": 1}
+    responder.set_members([stranger[0]])
+    assert responder.on_datagram(request(0x06), (IP1, PORT1), stranger, 0.0) is not None
+
+
+def test_each_source_and_the_responder_draw_at_most_their_rate_of_answers() -> None:
+    responder = StunResponder((IP1, PORT1), per_source=(5.0, 20), total=(100.0, 200))
+    one = [responder.on_datagram(request(), (IP1, PORT1), CLIENT, 0.0) for _ in range(50)]
+    assert sum(reply is not None for reply in one) == 20
+    assert sum(responder.on_datagram(request(), (IP1, PORT1), CLIENT, 1.0) is not None for _ in range(50)) == 5
+    # Spoofed sources, each new: the responder's own bucket holds them to its rate.
+    answered = sum(
+        responder.on_datagram(request(), (IP1, PORT1), (f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", 1), 2.0)
+        is not None
+        for n in range(5000)
+    )
+    assert answered == 200  # the whole burst (refilled by then), no more
+    assert responder.counts["rate_limited"] == 30 + 45 + 5000 - answered
