@@ -11,6 +11,7 @@ which may wait without holding up the socket.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import time
@@ -31,6 +32,7 @@ from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.log_budget import LogBudget
 from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, Outboxes
 from meshnet.protocol import (
     CLIENT_TO_NODE,
@@ -49,7 +51,6 @@ from meshnet.protocol import (
     encode,
     frame_limit,
 )
-from meshnet.rejections import RejectionLog, log_summaries
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
 log = structlog.get_logger("meshnet.api")
@@ -84,13 +85,21 @@ def client_tag(conn: bytes) -> str:
     return "client-" + hashlib.blake2s(conn, key=_TAG_KEY, digest_size=4).hexdigest()
 
 
+#: What the log calls the handshakes ZAP refused: one source, however many keys (a
+#: stranger makes up a key per handshake).
+REFUSED_KEYS = "handshakes with keys not allowed"
+
+
 class _AllowClients:
-    def __init__(self, keys: set[bytes]):
+    """ZAP credentials provider (the ZAP thread); a refused key goes to ``refused``."""
+
+    def __init__(self, keys: set[bytes], refused: Callable[[bytes], None]):
         self.keys = keys
+        self.refused = refused
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key not in self.keys:
-            log.warning("client_refused", reason="key not in api.allowed_clients", curve_key=key.decode())
+            self.refused(key)
             return False
         return True
 
@@ -139,14 +148,13 @@ class ClientApiActor(NodeActor):
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
-        self.rejections = RejectionLog()
-        self._rejections_timer: TimerHandle | None = None
         self.outboxes = Outboxes(max_unread)
         #: Ids of the jobs submitted here that have no result yet (loop thread only): a
         #: submit reusing one is refused with an ``error``, never a ``result``.
         self.in_flight: set[bytes] = set()
         self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
+        self.rejections = LogBudget(self.loop, self.log, "client_messages_rejected", "client")
 
     def bind(self) -> str:
         """Bind the endpoint, without reading from it yet (:meth:`serve` does); raise
@@ -159,7 +167,8 @@ class ClientApiActor(NodeActor):
             self._auth = ThreadAuthenticator(self.context)
             self._auth.start()
             keys = {curve_public_z85(p) for p in self.allowed_clients}
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowClients(keys))
+            refused = functools.partial(self.loop.call_soon, self._io_key_refused)
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowClients(keys, refused))
         if self._owns_loop:
             self.loop.start()
         try:
@@ -234,6 +243,7 @@ class ClientApiActor(NodeActor):
             self.loop.add_reader(self._router, self._io_readable)
 
     def _io_close(self) -> None:
+        self.rejections.close()
         try:
             self.loop.close_socket(self._router, linger=1000)  # the last results still go out
         finally:
@@ -345,26 +355,19 @@ class ClientApiActor(NodeActor):
                 continue
             self._io_dispatch(conn, message)
 
-    def _io_rejected(self, conn: bytes, error: str) -> None:
+    def _io_key_refused(self, key: bytes) -> None:
+        """ZAP refused a CurveZMQ handshake with ``key`` (handed here from its thread)."""
+        curve_key = key.decode("ascii", "replace")
+        self._io_rejected(b"", "key not in api.allowed_clients", source=REFUSED_KEYS, curve_key=curve_key)
+
+    def _io_rejected(self, conn: bytes, error: str, *, source: str = "", **fields: Any) -> None:
         """Log a client's rejected message if it is that client's first lately; count it
         otherwise, for a summary line (a client sending garbage in a loop must not fill
-        the node's log)."""
-        now = time.monotonic()
-        client = client_tag(conn)
-        if self.rejections.on_rejected(client, error, now):
-            self.log.warning("client_message_rejected", client=client, error=error)
-        elif self._rejections_timer is None:
-            due = self.rejections.next_flush()
-            if due is not None:
-                self._rejections_timer = self.loop.call_later(due - now, self._io_log_rejections)
-
-    def _io_log_rejections(self) -> None:
-        self._rejections_timer = None
-        now = time.monotonic()
-        log_summaries(self.log, "client_messages_rejected", self.rejections.flush(now), now, source="client")
-        due = self.rejections.next_flush()
-        if due is not None:
-            self._rejections_timer = self.loop.call_later(max(0.0, due - now), self._io_log_rejections)
+        the node's log; new connections past a few an interval are counted together)."""
+        client = source or client_tag(conn)
+        if self.rejections.allow(client, error):
+            event = "client_refused" if source == REFUSED_KEYS else "client_message_rejected"
+            self.log.warning(event, client=client, error=error, **fields)
 
     def _io_dispatch(self, conn: bytes, message: Any) -> None:
         if isinstance(message, Submit):

@@ -24,6 +24,7 @@ from actors.base import NodeActor, log_job_end
 from actors.executor import WorkerPool
 from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
+from meshnet.log_budget import LogBudget
 from meshnet.socket_loop import TimerHandle
 
 log = structlog.get_logger("meshnet.jobs")
@@ -46,10 +47,11 @@ class JobBook:
         max_payload: int,
         max_timeout: float,
         max_bytes: int | None = None,
+        max_per_origin: int | None = None,
     ):
         self.runner = runner
         self.loop = runner.loop
-        self.queue = JobQueue(slots=slots, capacity=capacity, max_bytes=max_bytes)
+        self.queue = JobQueue(slots=slots, capacity=capacity, max_bytes=max_bytes, max_per_origin=max_per_origin)
         self.enabled = frozenset(enabled)
         self.max_payload = max_payload
         self.max_timeout = max_timeout
@@ -62,6 +64,9 @@ class JobBook:
         self._expiry: TimerHandle | None = None
         self._expiry_at = math.inf
         self._closed = False
+        #: Refusals are logged once per submitter lately, then counted: a peer streaming
+        #: jobs of a kind this node does not run must not write a line per job.
+        self.refusals = LogBudget(self.loop, log, "jobs_refused", "submitter")
 
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the job loop and return its result (from another thread)."""
@@ -99,7 +104,7 @@ class JobBook:
     def cancel(self, job_id: bytes, requester: str) -> None:
         """Cancel a job if ``requester`` submitted it: a waiting one ends now, a running
         one when the pool has killed its worker."""
-        job = self.queue.running.get(job_id) or next((j for j in self.queue.waiting if j.id == job_id), None)
+        job = self.queue.find(job_id)
         if job is None or job.origin != requester:
             return
         if self.queue.is_waiting(job_id):
@@ -118,7 +123,8 @@ class JobBook:
 
     def status(self) -> dict[str, Any]:
         return {
-            "queued": len(self.queue.waiting),
+            "queued": self.queue.waiting_count,
+            "max_running_per_submitter": self.queue.max_per_origin,
             "running": len(self.queue.running),
             "queue_size": self.queue.capacity,
             "queued_bytes": self.queue.bytes,
@@ -129,6 +135,7 @@ class JobBook:
 
     def close(self) -> None:
         self._closed = True
+        self.refusals.close()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -150,7 +157,7 @@ class JobBook:
             return Outcome.refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload}")
         reason = self.queue.admission(job)
         if reason == "busy":
-            if len(self.queue.waiting) < self.queue.capacity:
+            if self.queue.waiting_count < self.queue.capacity:
                 return Outcome.refused(
                     "busy",
                     f"jobs with {self.queue.bytes} bytes of payloads already wait or run here "
@@ -180,7 +187,9 @@ class JobBook:
             # Never the client connection's routing id: it is what a client would need
             # to take another's results over.
             submitter = "client" if job.origin.startswith("client") else job.origin
-            log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
+            refused = outcome.status == "refused"
+            if not refused or self.refusals.allow(submitter, f"{outcome.reason}: {outcome.message}"):
+                log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
             job.reply(outcome)
 
     def _arm_expiry(self, deadline: float | None) -> None:

@@ -78,6 +78,7 @@ class Node:
                 max_payload=jobs.max_payload_bytes,
                 max_timeout=jobs.max_timeout,
                 max_bytes=jobs.max_queued_bytes,
+                max_per_origin=config.running_cap,
             )
             self.executor = self._start(ExecutorActor.start(loop=loop, pool=runner))
             self.queue = self._start(JobQueueActor.start(self.book))

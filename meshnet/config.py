@@ -169,6 +169,14 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _running_cap(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError("'auto' or an integer of 0 (no cap) or more")
+
+
 def _executors(value: Any) -> int | str:
     if value == "auto":
         return value
@@ -270,6 +278,11 @@ class JobsSection:
     #: Payload bytes of the jobs waiting and running at once; past it new jobs are
     #: refused ``busy`` (a full queue of largest payloads would be 64 x 64 MiB).
     max_queued_bytes: int = field(default=DEFAULT_MAX_QUEUED_BYTES, metadata=_check(_positive_int))
+    #: Jobs one submitter (a client connection, or a peer) may run at once; the executors
+    #: go to the submitters in turn whatever this is. 0: no cap (a node one user feeds,
+    #: whose every executor one submitter may take). "auto": one executor fewer than the
+    #: node has (at least 1), so that no one submitter's long jobs hold them all.
+    max_running_per_submitter: int | str = field(default=0, metadata=_check(_running_cap))
     #: On SIGTERM, how long running jobs may take to finish before they are killed.
     drain_grace: float = field(default=10.0, metadata=_check(_positive_number))
     #: Advertised to the relay (e.g. ``gpus = 1``, ``memory_gb = 16``); cores and
@@ -336,6 +349,15 @@ class NodeConfig:
         if self.jobs.executors == "auto":
             return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return int(self.jobs.executors)
+
+    @property
+    def running_cap(self) -> int | None:
+        """Jobs one submitter may run at once (None: no cap); see
+        ``jobs.max_running_per_submitter``."""
+        cap = self.jobs.max_running_per_submitter
+        if cap == "auto":
+            cap = max(1, self.executor_count - 1)
+        return int(cap) or None
 
 
 @dataclass

@@ -19,8 +19,14 @@ SUMMARY_INTERVAL = 10.0
 #: Sources tracked at once; past it the least recently seen are folded into one count,
 #: so that a flood of new connections cannot grow this table.
 MAX_SOURCES = 1024
-#: The source under which evicted sources' counts are summed.
+#: The source under which evicted sources' counts are summed, and those of new sources
+#: past MAX_NEW_SOURCES.
 OTHER_SOURCES = "other"
+#: Sources whose first rejection is logged in full per interval: past them, a new
+#: source's rejections are counted under OTHER_SOURCES. A stranger can be a new source at
+#: will (a new connection, a new key); this keeps what it costs the log to a few lines
+#: and a count every interval.
+MAX_NEW_SOURCES = 20
 
 
 @dataclass
@@ -35,9 +41,15 @@ class Suppressed:
 
 
 class RejectionLog:
-    def __init__(self, *, interval: float = SUMMARY_INTERVAL, max_sources: int = MAX_SOURCES):
+    def __init__(
+        self, *, interval: float = SUMMARY_INTERVAL, max_sources: int = MAX_SOURCES, max_new: int = MAX_NEW_SOURCES
+    ):
         self.interval = interval
         self.max_sources = max_sources
+        self.max_new = max_new
+        #: New sources logged in full since ``_new_since``.
+        self._new_logged = 0
+        self._new_since = float("-inf")
         #: source -> when its current window opened (its first rejection was logged then)
         self._windows: OrderedDict[str, float] = OrderedDict()
         self._suppressed: dict[str, Suppressed] = {}
@@ -49,19 +61,29 @@ class RejectionLog:
         counted for the next summary instead."""
         self.total += 1
         opened = self._windows.get(source)
+        if opened is None:
+            if now - self._new_since >= self.interval:
+                self._new_since, self._new_logged = now, 0
+            if self._new_logged >= self.max_new:
+                self._count(OTHER_SOURCES, error, now)
+                return False
+            self._new_logged += 1
         if opened is None or now - opened >= self.interval and source not in self._suppressed:
             self._windows[source] = now
             self._windows.move_to_end(source)
             self._evict()
             return True
         self._windows.move_to_end(source)
+        self._count(source, error, now)
+        return False
+
+    def _count(self, source: str, error: str, now: float) -> None:
         entry = self._suppressed.get(source)
         if entry is None:
             self._suppressed[source] = Suppressed(source, 1, now, error)
         else:
             entry.count += 1
             entry.last_error = error
-        return False
 
     def next_flush(self) -> float | None:
         """When :meth:`flush` has something to return (``now`` units), if ever."""

@@ -16,6 +16,7 @@ import resource
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 import zmq
@@ -38,15 +39,18 @@ RECV_BATCH = 256
 
 
 class AllowList:
-    """ZAP credentials provider: admits exactly the keys derived from ``peer_ids``."""
+    """ZAP credentials provider (the ZAP thread): admits exactly the keys derived from
+    ``peer_ids``; a refused key goes to ``refused`` (which hands it to the relay's loop,
+    where the first lately is logged and the rest counted)."""
 
-    def __init__(self, peer_ids: list[str]):
+    def __init__(self, peer_ids: list[str], refused: Callable[[bytes], None]):
         self.keys = {curve_public_z85(p) for p in peer_ids}
+        self.refused = refused
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.keys
         if not allowed:
-            log.warning("connection_refused", reason="key not in allowed_peers", curve_key=key.decode())
+            self.refused(key)
         return allowed
 
 
@@ -123,7 +127,8 @@ class RelayServer:
         if settings.access == "open":
             self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         else:
-            self._auth.configure_curve_callback(domain="*", credentials_provider=AllowList(settings.allowed_peers))
+            allow = AllowList(settings.allowed_peers, refused=self._key_refused)
+            self._auth.configure_curve_callback(domain="*", credentials_provider=allow)
         self.loop.start()
         self.loop.call_soon(self._open)
         self._ready.wait(10)
@@ -231,6 +236,10 @@ class RelayServer:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                     raise
                 self._send(self.core.on_undeliverable(out, queue_full=exc.errno == errno.EAGAIN))
+
+    def _key_refused(self, key: bytes) -> None:
+        """ZAP thread: handed to the loop, which owns the core."""
+        self.loop.call_soon(self.core.on_refused_key, key, time.monotonic())
 
     def _tick(self) -> None:
         self._send(self.core.on_tick(time.monotonic()))

@@ -107,6 +107,11 @@ class NodeEntry:
         }
 
 
+#: The sources under which the relay counts what it refused from strangers.
+UNREGISTERED = "unregistered connections"
+REFUSED_KEYS = "handshakes with keys not allowed"
+
+
 class RelayCore:
     def __init__(
         self,
@@ -227,11 +232,22 @@ class RelayCore:
 
     def on_rejected(self, conn: bytes, error: str, now: float) -> None:
         """Count a message from ``conn`` that was refused; log it if it is the first
-        from there lately (the rest are summed up on the tick)."""
+        from there lately (the rest are summed up on the tick). Connections that have not
+        registered are one source: nothing about an unauthenticated connection is logged
+        per connection (each new one would otherwise get its own first line)."""
         self.rejected += 1
-        source = self.by_conn.get(conn) or f"connection {conn.hex()}"
+        source = self.by_conn.get(conn) or UNREGISTERED
         if self.rejections.on_rejected(source, error, now):
             log.warning("message_rejected", source=source, error=error)
+
+    def on_refused_key(self, key: bytes, now: float) -> None:
+        """A CurveZMQ handshake with a key not in ``allowed_peers`` was refused (by ZAP):
+        the first lately is logged with its key, the rest counted (one source, however
+        many keys: a stranger can make up a key per handshake)."""
+        self.rejected += 1
+        error = "key not in allowed_peers"
+        if self.rejections.on_rejected(REFUSED_KEYS, error, now):
+            log.warning("connection_refused", reason=error, curve_key=key.decode("ascii", "replace"))
 
     def on_tick(self, now: float) -> list[Outgoing]:
         """Expire nodes silent for ``liveness`` heartbeats; tell their correspondents.

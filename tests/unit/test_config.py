@@ -125,6 +125,14 @@ def test_executor_count_auto_is_positive_and_explicit_is_kept(tmp_path):
     assert explicit.executor_count == 3
 
 
+def test_the_running_cap_is_off_by_default_and_auto_leaves_one_executor(tmp_path):
+    assert load_node_config(write(tmp_path, IDENTITY_TOML + "[jobs]\nexecutors = 4\n")).running_cap is None
+    auto = IDENTITY_TOML + '[jobs]\nexecutors = 4\nmax_running_per_submitter = "auto"\n'
+    assert load_node_config(write(tmp_path, auto, "b.toml")).running_cap == 3
+    one = IDENTITY_TOML + '[jobs]\nexecutors = 1\nmax_running_per_submitter = "auto"\n'
+    assert load_node_config(write(tmp_path, one, "c.toml")).running_cap == 1
+
+
 def test_good_values_are_loaded(tmp_path):
     other = Identity.generate().peer_id
     text = IDENTITY_TOML + (
@@ -153,6 +161,8 @@ def test_good_values_are_loaded(tmp_path):
         ("jobs", "queue_size = true", "jobs.queue_size"),
         ("jobs", 'executors = "many"', "jobs.executors"),
         ("jobs", "executors = 0", "jobs.executors"),
+        ("jobs", "max_running_per_submitter = -1", "jobs.max_running_per_submitter"),
+        ("jobs", 'max_running_per_submitter = "half"', "jobs.max_running_per_submitter"),
         ("jobs", 'enabled = "echo"', "jobs.enabled"),
         ("jobs", "default_timeout = 0", "jobs.default_timeout"),
         ("jobs", "capabilities = 3", "jobs.capabilities"),

@@ -90,7 +90,7 @@ def test_counts_per_status(full_queue):
 def test_duplicate_of_a_running_or_waiting_job_is_refused(full_queue):
     assert submit(full_queue, job(1))[0] == "duplicate"
     assert submit(full_queue, job(5))[0] == "duplicate"
-    assert len(full_queue.waiting) == 3
+    assert full_queue.waiting_count == 3
 
 
 def test_duplicate_right_after_finishing_is_refused():
@@ -187,3 +187,49 @@ def test_a_job_larger_than_the_byte_budget_runs_when_nothing_else_is_held():
     assert submit(queue, sized(2, 1))[0] == "busy"
     queue.finish(job(1).id, "succeeded")
     assert queue.bytes == 0
+
+
+# -- fair share --
+
+
+def from_(origin: str, n: int) -> JobSpec:
+    return JobSpec(id=n.to_bytes(16, "big"), kind="sleep", payload=b"\xf6", timeout=10.0, origin=origin)
+
+
+def test_free_executors_go_to_the_submitters_in_turn() -> None:
+    """A fills the queue first; B's jobs still start as soon as executors free up, one
+    for B, one for A, in turn, not after all of A's."""
+    queue = JobQueue(slots=1, capacity=10)
+    for n in range(1, 6):
+        submit(queue, from_("A", n))
+    for n in range(11, 13):
+        submit(queue, from_("B", n))
+    order = []
+    for _ in range(6):
+        [running] = queue.running.values()
+        queue.finish(running.id, "succeeded")
+        order += [(j.origin, int.from_bytes(j.id, "big")) for j in queue.startable()]
+    assert order == [("A", 2), ("B", 11), ("A", 3), ("B", 12), ("A", 4), ("A", 5)]
+
+
+def test_a_submitter_at_its_cap_waits_while_another_runs() -> None:
+    """Two executors, one per submitter: A's two long jobs take one; B's job gets the other."""
+    queue = JobQueue(slots=2, capacity=10, max_per_origin=1)
+    assert submit(queue, from_("A", 1))[1] == [from_("A", 1)]
+    assert submit(queue, from_("A", 2))[1] == [], "A is at its cap: its second job waits"
+    assert submit(queue, from_("B", 3))[1] == [from_("B", 3)]
+    queue.finish(from_("B", 3).id, "succeeded")
+    assert queue.startable() == [], "the free executor is not A's while A runs one"
+    queue.finish(from_("A", 1).id, "succeeded")
+    assert queue.startable() == [from_("A", 2)]
+    assert queue.running_by == {"A": 1}
+
+
+def test_a_waiting_job_ends_once_and_its_submitter_leaves_the_turn() -> None:
+    queue = JobQueue(slots=1, capacity=10)
+    submit(queue, from_("A", 1))
+    submit(queue, from_("B", 2))
+    assert queue.finish(from_("B", 2).id, "cancelled") == from_("B", 2)
+    assert queue.finish(from_("B", 2).id, "cancelled") is None
+    assert list(queue.queues) == [] and queue.waiting_count == 0
+    assert queue.find(from_("A", 1).id) == from_("A", 1)

@@ -44,7 +44,7 @@ def test_a_source_that_stops_and_comes_back_later_is_logged_again():
 
 
 def test_sources_are_bounded_and_evicted_counts_are_kept():
-    log = RejectionLog(interval=10.0, max_sources=3)
+    log = RejectionLog(interval=10.0, max_sources=3, max_new=1000)
     for source in ("a", "b", "c"):
         log.on_rejected(source, "bad", 0.0)
         log.on_rejected(source, "bad", 0.5)
@@ -73,3 +73,14 @@ def test_summaries_are_logged_one_line_per_source():
             "log_level": "warning",
         }
     ]
+
+
+def test_new_sources_past_the_budget_are_counted_together_not_logged_each():
+    """A stranger is a new source at will (a connection, a key): past MAX_NEW_SOURCES in
+    an interval, new sources are counted under one, and the log gets a summary line."""
+    log = RejectionLog(interval=10.0, max_new=20)
+    logged = sum(log.on_rejected(f"conn-{i}", "bad first frame", 1.0) for i in range(10_000))
+    assert logged == 20
+    summaries = {entry.source: entry.count for entry in log.flush(11.0)}
+    assert summaries == {OTHER_SOURCES: 10_000 - 20}
+    assert log.on_rejected("conn-late", "bad first frame", 12.0), "a new interval logs new sources again"
