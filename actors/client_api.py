@@ -32,6 +32,7 @@ from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.log_budget import LogBudget
 from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, Outboxes
 from meshnet.protocol import (
@@ -148,6 +149,9 @@ class ClientApiActor(NodeActor):
         self.draining = False
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
+        self._guard: ListenerGuard | None = None
+        #: The last frame read (recv_message's ``last``), for its connection's descriptor.
+        self._last: list[Any] = [None]
         self.outboxes = Outboxes(max_unread)
         #: Ids of the jobs submitted here that have no result yet (loop thread only): a
         #: submit reusing one is refused with an ``error``, never a ``result``.
@@ -230,11 +234,15 @@ class ClientApiActor(NodeActor):
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.SNDHWM, API_SEND_HWM)
             router.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.max_payload))
+            guard_listener(router)
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
             cause = zmq.strerror(exc.errno)
             raise bind_failure("api.endpoint", self.requested_endpoint, exc.errno, cause, self.config_path) from None
         self._router = router
+        # Connections that sent nothing yet are closed past a cap: idle ones cannot hold
+        # the node's descriptors (meshnet.conn_guard).
+        self._guard = ListenerGuard(self.loop, router, name="api", logger=self.log)
         return router.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _io_serve(self, relay: Callable[[Any], None] | None) -> None:
@@ -244,6 +252,9 @@ class ClientApiActor(NodeActor):
 
     def _io_close(self) -> None:
         self.rejections.close()
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         try:
             self.loop.close_socket(self._router, linger=1000)  # the last results still go out
         finally:
@@ -322,12 +333,12 @@ class ClientApiActor(NodeActor):
             self._retry_timer = self.loop.call_later(delay, self._io_retry_held)
 
     def _io_readable(self) -> None:
-        router = self._router
+        router, guard, last = self._router, self._guard, self._last
         for _ in range(RECV_BATCH):
             if router is None:
                 return
             try:
-                frames = recv_message(router, MAX_FRAMES + 1, copied=2)
+                frames = recv_message(router, MAX_FRAMES + 1, copied=2, last=last)
             except zmq.Again:
                 return
             if frames is None:
@@ -335,6 +346,8 @@ class ClientApiActor(NodeActor):
                 self._io_rejected(b"", f"a message of more than {MAX_FRAMES} frames")
                 continue
             conn = frames[0]
+            if guard is not None:
+                guard.seen(conn, last[0])
             try:
                 message = decode(
                     frames[1:],

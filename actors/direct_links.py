@@ -53,6 +53,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.protocol.codec import BULK_BYTES
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
 
@@ -152,6 +153,7 @@ class DirectLinks:
         #: Z85 key -> (peer, attempt) of the peers the listener admits now.
         self._expected: dict[bytes, tuple[str, int]] = {}
         self._listener: zmq.Socket | None = None
+        self._guard: ListenerGuard | None = None
         self.listen_port: int | None = None
         self._pinger: TimerHandle | None = None
         self._context: zmq.Context | None = None
@@ -186,9 +188,14 @@ class DirectLinks:
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         router.setsockopt(zmq.SNDHWM, LINK_HWM)
         router.setsockopt(zmq.RCVHWM, LINK_HWM)
+        guard_listener(router)
         router.bind(f"tcp://0.0.0.0:{port or '*'}")
         self.listen_port = int(router.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._listener = router
+        # It listens on every address: connections that sent nothing yet (a stranger's
+        # idle ones) are closed past a cap, and cannot hold the node's descriptors.
+        self._guard = ListenerGuard(self.loop, router, name="direct", logger=self.log)
+        self.log.info("direct_listening", port=self.listen_port)
         self.loop.add_reader(router, self._listener_readable)
         return self.listen_port
 
@@ -308,6 +315,9 @@ class DirectLinks:
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         self.loop.close_socket(self._listener)
         self._listener = None
         if self._auth is not None:
@@ -421,6 +431,8 @@ class DirectLinks:
             if frames is None or len(frames) < 2:
                 continue
             routing_id = frames[0].bytes
+            if self._guard is not None:
+                self._guard.seen(routing_id, frames[-1])
             key = (frames[-1].get("User-Id") or "").encode()
             kind = frames[1].bytes
             peer = self._accepted.get(routing_id)

@@ -30,6 +30,7 @@ from meshnet.config import NodeConfig
 from meshnet.errors import MeshError
 from meshnet.identity import Sealer
 from meshnet.jobs.registry import check_enabled
+from meshnet.listener_guard import open_files_report, raise_open_files_limit
 from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.node")
@@ -62,6 +63,9 @@ class Node:
         config = self.config
         jobs = config.jobs
         workers = config.executor_count
+        # Listeners and workers each hold descriptors: as many as the process may have
+        # (the soft limit is often 1,024), a reserve of which no stranger can take.
+        raise_open_files_limit(self.log)
         try:
             identity = self.identity
             sealer = Sealer(identity)
@@ -129,7 +133,13 @@ class Node:
         except BaseException:
             self._stop_actors()
             raise
-        self.log.info("node_started", api=self.endpoint, executors=workers, relay=config.relay.endpoint or None)
+        self.log.info(
+            "node_started",
+            api=self.endpoint,
+            executors=workers,
+            relay=config.relay.endpoint or None,
+            **open_files_report(),
+        )
         return self
 
     def _start(self, ref: pykka.ActorRef) -> pykka.ActorRef:

@@ -49,9 +49,9 @@ from bench.load import percentile
 from meshnet.config import DEFAULT_LISTEN_BACKLOG
 from meshnet.errors import ProtocolError
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.listener_guard import raise_open_files_limit
 from meshnet.protocol import RELAY_TO_NODE, Error, Ping, Register, Registered, decode, encode
 from meshnet.relay_link import RelayLink
-from relay_server.daemon import raise_open_files_limit
 from tests.harness import REPO, free_port
 
 HEARTBEAT = 1.0

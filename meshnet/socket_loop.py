@@ -83,7 +83,9 @@ class TimerHandle:
             self._loop._timer_cancelled()
 
 
-def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0) -> list[Any] | None:
+def recv_message(
+    sock: zmq.Socket, max_frames: int, copied: int = 0, last: list[Any] | None = None
+) -> list[Any] | None:
     """Receive one message frame by frame without blocking (``zmq.Again`` when none).
 
     ``MAXMSGSIZE`` bounds each frame, not a message: a peer could send a message of a
@@ -93,7 +95,8 @@ def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0) -> list[Any
 
     The first ``copied`` frames (routing ids, headers: small) come as bytes, the rest
     (bodies, possibly megabytes) as ``zmq.Frame`` without a copy: a Frame object costs
-    more than copying a few bytes.
+    more than copying a few bytes. ``last``: a list whose item 0 becomes the last frame
+    as a ``zmq.Frame``, for its metadata (a ROUTER's routing id frame has none).
     """
     # Each frame comes as a Frame, whose ``more`` is an attribute: asking the socket
     # (getsockopt RCVMORE) costs a microsecond or two per frame more.
@@ -106,6 +109,8 @@ def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0) -> list[Any
                 frame = sock.recv(copy=False)
             return None
         frames.append(frame.bytes if len(frames) < copied else frame)
+    if last is not None:
+        last[0] = frame
     return frames
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import resource
 import socket
 import threading
 import time
@@ -27,6 +26,7 @@ from meshnet.config import RelayConfig
 from meshnet.endpoints import bind_failure
 from meshnet.errors import StartupError
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.listener_guard import ListenerGuard, guard_listener, open_files_report, raise_open_files_limit
 from meshnet.protocol import MAX_FRAMES, frame_limit
 from meshnet.socket_loop import SocketLoop, recv_message, send_message
 from relay_server.routing import Outgoing, RelayCore
@@ -70,28 +70,6 @@ def _observe(frame: zmq.Frame) -> str:
     return observed_address(frame.get(zmq.SRCFD))
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise this process's soft limit of open files to its hard limit, if lower: a
-    relay holds a file descriptor per connected node, and the soft limit is often 1024.
-    Returns the soft limit before and after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
-        try:
-            with open("/proc/sys/fs/nr_open") as fh:
-                target = int(fh.read())
-        except (OSError, ValueError):
-            target = 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft, soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (OSError, ValueError) as exc:
-        log.warning("open_files_limit_kept", soft=soft, hard=hard, error=str(exc))
-        return soft, soft
-    return soft, target
-
-
 class RelayServer:
     def __init__(self, config: RelayConfig, *, core: RelayCore | None = None):
         self.config = config
@@ -114,14 +92,13 @@ class RelayServer:
         self._error: BaseException | None = None
         self._auth: ThreadAuthenticator | None = None
         self._router: zmq.Socket | None = None
+        self._guard: ListenerGuard | None = None
         self.stun = StunServer(config.stun, settings.bind, config.path)
         self.log = log.bind(relay_id=self.identity.peer_id)
 
     def start(self) -> RelayServer:
         settings = self.config.relay
-        before, after = raise_open_files_limit()
-        if after != before:
-            self.log.info("open_files_limit_raised", soft_from=before, soft_to=after)
+        raise_open_files_limit(self.log)
         self._auth = ThreadAuthenticator(self.context)
         self._auth.start()
         if settings.access == "open":
@@ -151,6 +128,7 @@ class RelayServer:
             access=settings.access,
             allowed=len(settings.allowed_peers),
             stun=[f"{ip}:{port}" for ip, port in self.stun.addresses] or None,
+            **open_files_report(),
         )
         return self
 
@@ -184,6 +162,7 @@ class RelayServer:
             # Nodes reconnect together when the relay restarts: past the backlog the kernel
             # drops their connections' SYNs, and each waits 1 s, then 3 s, to try again.
             router.setsockopt(zmq.BACKLOG, settings.listen_backlog)
+            guard_listener(router)
             router.bind(settings.bind)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
@@ -192,11 +171,17 @@ class RelayServer:
             self._ready.set()
             return
         self._router = router
+        # Connections that sent nothing yet are closed past a cap (per source, in all, and
+        # near the limit of open files): idle ones cannot hold the relay's descriptors.
+        self._guard = ListenerGuard(self.loop, router, name="relay", logger=self.log)
         self.loop.add_reader(router, self._on_readable)
         self.loop.call_later(settings.heartbeat_interval, self._tick)
         self._ready.set()
 
     def _close(self) -> None:
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         self.loop.close_socket(self._router)
         self._router = None
 
@@ -214,6 +199,8 @@ class RelayServer:
                 continue
             conn, data = frames[0].bytes, frames[1:]
             last = data[-1] if data else frames[0]
+            if self._guard is not None:
+                self._guard.seen(conn, last)
             key = (last.get("User-Id") or "").encode()
             # The header is small and decoded at once; a body frame is passed on as it
             # is, so that a forwarded payload is never copied.
