@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.log_budget import LogBudget
-from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, Outboxes
+from meshnet.memory_budget import MemoryBudget, Reader, readers_to_cut
+from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, MAX_DROPPED, Outboxes
 from meshnet.protocol import (
     CLIENT_TO_NODE,
     MAX_FRAMES,
@@ -52,11 +54,21 @@ from meshnet.protocol import (
     encode,
     frame_limit,
 )
-from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
+from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message, send_tracked
 
 log = structlog.get_logger("meshnet.api")
 
 RECV_BATCH = 256
+#: Answers of at least this many bytes are followed until ZeroMQ lets go of them, and
+#: count against the node's memory budget meanwhile (ZeroMQ queues API_SEND_HWM of them
+#: per connection, 8 x 64 MiB at worst). Smaller ones cost at most API_SEND_HWM x this per
+#: connection, unfollowed: a tracker costs more than they do.
+TRACK_BYTES = 64 * 1024
+#: How often answers followed in ZeroMQ are looked at while some are (doubling from the
+#: first to the longest while none is let go: a client that reads frees them within
+#: milliseconds; one that does not costs a wake-up a second).
+FIRST_SWEEP_S = 0.005
+LONGEST_SWEEP_S = 1.0
 #: A ``ping_peer`` without a timeout waits this long for its peer; none waits longer
 #: than the max (each holds a timer and an entry on the node until it ends).
 PING_TIMEOUT = 5.0
@@ -121,6 +133,7 @@ class ClientApiActor(NodeActor):
         loop: SocketLoop | None = None,
         config_path: Path | None = None,
         max_unread: int = DEFAULT_MAX_UNREAD_BYTES,
+        memory: MemoryBudget | None = None,
     ):
         super().__init__()
         if not is_local_endpoint(endpoint) and not allowed_clients:
@@ -159,6 +172,17 @@ class ClientApiActor(NodeActor):
         self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
         self.rejections = LogBudget(self.loop, self.log, "client_messages_rejected", "client")
+        #: Large answers ZeroMQ holds for clients (loop thread): (tracker, conn, bytes,
+        #: when sent), oldest first, and their bytes in all.
+        self._tracked: list[tuple[zmq.MessageTracker, bytes, int, float]] = []
+        self.tracked_bytes = 0
+        #: Clients cut whose connection could not be closed (loop thread).
+        self._unclosable: OrderedDict[bytes, None] = OrderedDict()
+        self._sweep_timer: TimerHandle | None = None
+        self._sweep_delay = FIRST_SWEEP_S
+        self.memory = memory or MemoryBudget()
+        self.memory.add_part("answers", lambda: self.outboxes.total + self.tracked_bytes)
+        self.memory.add_reliever(self._io_make_room)
 
     def bind(self) -> str:
         """Bind the endpoint, without reading from it yet (:meth:`serve` does); raise
@@ -252,6 +276,9 @@ class ClientApiActor(NodeActor):
 
     def _io_close(self) -> None:
         self.rejections.close()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         if self._guard is not None:
             self._guard.close()
             self._guard = None
@@ -269,7 +296,10 @@ class ClientApiActor(NodeActor):
             self._io_hold(conn, frames)
             return
         try:
-            send_message(router, [conn, *frames])
+            if len(frames) > 1 and len(frames[-1]) >= TRACK_BYTES:
+                self._io_track(conn, send_tracked(router, [conn, *frames]), len(frames[-1]))
+            else:
+                send_message(router, [conn, *frames])
         except zmq.Again:  # ZeroMQ's queue for this client is full: it is not reading
             self._io_hold(conn, frames)
         except zmq.ZMQError as exc:
@@ -294,8 +324,88 @@ class ClientApiActor(NodeActor):
             )
         elif state == "dropped":
             self._log_dropped(conn, waiting)
+        if self.memory.over():
+            self._io_make_room(0)
         if self._retry_timer is None and self.outboxes.backlogs:
             self._retry_timer = self.loop.call_later(self.outboxes.next_retry() or 0.0, self._io_retry_held)
+
+    def _io_track(self, conn: bytes, tracker: zmq.MessageTracker, size: int) -> None:
+        """A large answer went to ZeroMQ: counted until ZeroMQ lets go of it."""
+        if tracker.done:
+            return
+        self._tracked.append((tracker, conn, size, time.monotonic()))
+        self.tracked_bytes += size
+        if self._sweep_timer is None:
+            self._sweep_delay = FIRST_SWEEP_S
+            self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
+        if self.memory.over():
+            self._io_make_room(0)
+
+    def _io_sweep(self) -> None:
+        """Forget the followed answers ZeroMQ has let go of; look again while any is held."""
+        self._sweep_timer = None
+        kept = [entry for entry in self._tracked if not entry[0].done]
+        freed = len(kept) < len(self._tracked)
+        self.tracked_bytes = sum(entry[2] for entry in kept)
+        self._tracked = kept
+        if kept and self._router is not None:
+            self._sweep_delay = FIRST_SWEEP_S if freed else min(LONGEST_SWEEP_S, self._sweep_delay * 2)
+            self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
+
+    def _io_make_room(self, size: int) -> None:
+        """The node is over its memory budget, or new work of ``size`` bytes does not fit:
+        cut the clients whose answers have waited longest unread (past READ_GRACE), as
+        many as it takes, if cutting them makes it fit (meshnet.memory_budget)."""
+        self._io_sweep_now()
+        now = time.monotonic()
+        for conn in readers_to_cut(self._io_readers(), self.memory.used(), self.memory.limit, size, now):
+            self._io_cut(conn, now)
+
+    def _io_sweep_now(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._io_sweep()
+
+    def _io_readers(self) -> list[Reader]:
+        """The clients with unread answers, here or in ZeroMQ, but those cut already whose
+        connection could not be closed (what ZeroMQ holds for them, nothing frees)."""
+        readers: dict[bytes, Reader] = {}
+        for _, conn, size, sent_at in self._tracked:
+            if conn not in self._unclosable:
+                old = readers.get(conn)
+                readers[conn] = Reader(conn, old.since if old else sent_at, size + (old.unread if old else 0))
+        for conn, backlog in self.outboxes.backlogs.items():
+            old = readers.get(conn)
+            since = min(backlog.progress_at, old.since) if old else backlog.progress_at
+            readers[conn] = Reader(conn, since, backlog.size + (old.unread if old else 0))
+        return list(readers.values())
+
+    def _io_cut(self, conn: bytes, now: float) -> None:
+        """Drop client ``conn``: what waits for it here is discarded, and its connection
+        closed, which makes ZeroMQ drop what it queued for it."""
+        held = self.outboxes.cut(conn, now)
+        queued = sum(size for _, c, size, _ in self._tracked if c == conn)
+        closed = self._guard is not None and self._guard.disconnect(conn)
+        if closed:
+            self._tracked = [entry for entry in self._tracked if entry[1] != conn]
+            self.tracked_bytes -= queued
+        else:
+            # Not known or gone (ipc, or it left): what ZeroMQ holds for it goes when it
+            # does; it is not tried again meanwhile.
+            self._unclosable[conn] = None
+            while len(self._unclosable) > MAX_DROPPED:
+                self._unclosable.popitem(last=False)
+            if not held:
+                return
+        self.memory.cut += 1
+        self.log.warning(
+            "client_cut",
+            client=client_tag(conn),
+            unread_bytes=held + queued,
+            reason=f"the node holds more than its memory budget ({self.memory.limit} bytes), and this client "
+            "has left its answers unread longest",
+            action="its answers were discarded" + (" and its connection closed" if closed else ""),
+        )
 
     def _log_dropped(self, conn: bytes, unread: int) -> None:
         self.log.warning(
@@ -334,6 +444,12 @@ class ClientApiActor(NodeActor):
 
     def _io_readable(self) -> None:
         router, guard, last = self._router, self._guard, self._last
+        try:
+            self._io_read_batch(router, guard, last)
+        finally:
+            last[0] = None  # not kept while the node is idle (it may be a whole payload)
+
+    def _io_read_batch(self, router: zmq.Socket | None, guard: ListenerGuard | None, last: list[Any]) -> None:
         for _ in range(RECV_BATCH):
             if router is None:
                 return
@@ -447,6 +563,8 @@ class ClientApiActor(NodeActor):
             self.book.submit([job])
         elif self.relay is None:
             reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
+        elif not self.memory.admits(size := len(memoryview(message.body))):
+            reply(Outcome.refused("busy", self.memory.why(size)))
         else:
             self.relay(RunThere([(job, peer)]))
 

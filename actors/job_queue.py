@@ -25,6 +25,7 @@ from actors.executor import WorkerPool
 from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 from meshnet.log_budget import LogBudget
+from meshnet.memory_budget import MemoryBudget
 from meshnet.socket_loop import TimerHandle
 
 log = structlog.get_logger("meshnet.jobs")
@@ -48,6 +49,7 @@ class JobBook:
         max_timeout: float,
         max_bytes: int | None = None,
         max_per_origin: int | None = None,
+        memory: MemoryBudget | None = None,
     ):
         self.runner = runner
         self.loop = runner.loop
@@ -67,6 +69,8 @@ class JobBook:
         #: Refusals are logged once per submitter lately, then counted: a peer streaming
         #: jobs of a kind this node does not run must not write a line per job.
         self.refusals = LogBudget(self.loop, log, "jobs_refused", "submitter")
+        self.memory = memory or MemoryBudget()
+        self.memory.add_part("jobs", lambda: self.queue.bytes)
 
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the job loop and return its result (from another thread)."""
@@ -156,6 +160,8 @@ class JobBook:
         if size > self.max_payload:
             return Outcome.refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload}")
         reason = self.queue.admission(job)
+        if reason is None and not self.memory.admits(size):
+            return Outcome.refused("busy", self.memory.why(size))
         if reason == "busy":
             if self.queue.waiting_count < self.queue.capacity:
                 return Outcome.refused(

@@ -64,6 +64,7 @@ from meshnet.holepunch import (
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.memory_budget import MemoryBudget
 from meshnet.natcheck import NatReport, classify, local_ip_toward, stun_server
 from meshnet.protocol import (
     BODY_SLACK,
@@ -183,6 +184,7 @@ class RelayClient:
         context: zmq.Context,
         loop: SocketLoop | None = None,
         max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
+        memory: MemoryBudget | None = None,
         local_port: int = 0,
         stun: str = "",
         direct_port: int = 0,
@@ -209,6 +211,8 @@ class RelayClient:
         #: Bytes in flight each way on the link (meshnet.flow), and what waits for room.
         self.flow = LinkFlow()
         self.queue = SendQueue(budget=max_queued_bytes)
+        #: What the sessions hold for peers counts against the node's one memory budget.
+        (memory or MemoryBudget()).add_part("sessions", lambda: self.sessions.held + self.queue.size)
         #: The largest send body the relay takes (from its ``registered``).
         self.relay_max_body: int | None = None
         self.capabilities = capabilities

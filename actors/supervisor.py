@@ -31,6 +31,7 @@ from meshnet.errors import MeshError
 from meshnet.identity import Sealer
 from meshnet.jobs.registry import check_enabled
 from meshnet.listener_guard import open_files_report, raise_open_files_limit
+from meshnet.memory_budget import MemoryBudget
 from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.node")
@@ -53,6 +54,7 @@ class Node:
         self.executor: pykka.ActorRef | None = None
         self.queue: pykka.ActorRef | None = None
         self.book: JobBook | None = None
+        self.memory = MemoryBudget(config.node.memory_budget_bytes)
         self.relay: pykka.ActorRef | None = None
         self.relay_client: RelayClient | None = None
         self.api: pykka.ActorRef | None = None
@@ -74,6 +76,9 @@ class Node:
             # other; the actors supervise them (start, stop, in order).
             loop = SocketLoop("jobs", trim_after=0.5)
             runner = WorkerPool(loop, workers=workers, enabled=jobs.enabled, max_payload=jobs.max_payload_bytes)
+            # One budget of memory for the whole node: each part on the job loop tells it
+            # what it holds (meshnet.memory_budget).
+            memory = self.memory
             self.book = JobBook(
                 runner=runner,
                 slots=workers,
@@ -83,6 +88,7 @@ class Node:
                 max_timeout=jobs.max_timeout,
                 max_bytes=jobs.max_queued_bytes,
                 max_per_origin=config.running_cap,
+                memory=memory,
             )
             self.executor = self._start(ExecutorActor.start(loop=loop, pool=runner))
             self.queue = self._start(JobQueueActor.start(self.book))
@@ -100,6 +106,7 @@ class Node:
                     loop=runner.loop,
                     config_path=config.path,
                     max_unread=config.api.max_unread_bytes,
+                    memory=memory,
                 )
             )
             self.endpoint = self.api.proxy().bind().get()
@@ -120,6 +127,7 @@ class Node:
                     context=self.context,
                     loop=runner.loop,
                     max_queued_bytes=config.relay.max_queued_bytes,
+                    memory=memory,
                     local_port=config.relay.local_port,
                     stun=config.relay.stun,
                     direct_port=config.relay.direct_port,
@@ -160,6 +168,7 @@ class Node:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "api": self.endpoint,
             **self.book.on_loop(self.book.status),
+            "memory": self.book.on_loop(self.memory.describe),
         }
         info["relay"] = self.relay_client.status() if self.relay_client is not None else None
         return info

@@ -25,6 +25,7 @@ from meshnet.endpoints import host_port
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.flow import DEFAULT_WINDOW
 from meshnet.identity import Identity, is_peer_id
+from meshnet.memory_budget import DEFAULT_MEMORY_BUDGET
 from meshnet.outbox import DEFAULT_MAX_UNREAD_BYTES
 from meshnet.protocol.messages import addresses, capabilities, clip
 from meshnet.protocol.strict_cbor import describe
@@ -291,6 +292,14 @@ class JobsSection:
 
 
 @dataclass
+class NodeSection:
+    #: Bytes the node holds at most, all its parts together: jobs waiting and running,
+    #: answers its clients have not read (queued in ZeroMQ included), what its sessions
+    #: hold for peers. Past it new jobs are refused ``busy`` and the slowest readers cut.
+    memory_budget_bytes: int = field(default=DEFAULT_MEMORY_BUDGET, metadata=_check(_positive_int))
+
+
+@dataclass
 class LogSection:
     format: str = field(default="console", metadata=_check(_one_of("console", "json")))
     level: str = field(default="info", metadata=_check(_one_of("debug", "info", "warning", "error")))
@@ -338,6 +347,7 @@ class NodeConfig:
     api: ApiSection = field(default_factory=ApiSection)
     relay: RelayLinkSection = field(default_factory=RelayLinkSection)
     jobs: JobsSection = field(default_factory=JobsSection)
+    node: NodeSection = field(default_factory=NodeSection)
     log: LogSection = field(default_factory=LogSection)
     path: Path | None = None
 
@@ -457,6 +467,13 @@ def load_node_config(path: Path) -> NodeConfig:
         )
     if config.relay.reconnect_min > config.relay.reconnect_max:
         raise ConfigError(f"{path}: relay.reconnect_min: expected at most relay.reconnect_max")
+    parts = config.jobs.max_queued_bytes + (2 * config.relay.max_queued_bytes if config.relay.endpoint else 0)
+    if config.node.memory_budget_bytes < parts:
+        what = "jobs.max_queued_bytes" + (" + 2 x relay.max_queued_bytes" if config.relay.endpoint else "")
+        raise ConfigError(
+            f"{path}: node.memory_budget_bytes: expected at least what its parts may hold on their own, "
+            f"{what} = {parts}; raise it or lower those"
+        )
     return config
 
 

@@ -11,7 +11,8 @@ until a first message shows they speak for someone (the owner calls
 oldest first:
 
 - more than ``max_pending`` pending at once;
-- more than ``max_per_source`` pending from one source IP;
+- more than ``max_per_source`` pending from one source IP (only silent ones: below), and
+  more than four times that, whether they talk or not;
 - an accepted descriptor at or above ``limit - reserve``: the kernel hands out the lowest
   free descriptor, so a number that high means fewer than ``reserve`` are left for the
   process's own work (worker processes, the relay link, clients that identified
@@ -95,7 +96,12 @@ class ConnectionGuard:
         while len(self.pending) > self.max_pending:
             close += self._close_first(lambda c: True, talking, "pending")
         ip = remote[0]
-        while self.per_source[ip] > self.max_per_source:
+        if self.per_source[ip] > self.max_per_source:
+            # Only the silent ones of a source: many honest clients behind one address
+            # connect at once and greet at once; an idle stranger never does ...
+            close += self._close_first(lambda c: c.remote[0] == ip, talking, "per_source", silent_only=True)
+        while self.per_source[ip] > 4 * self.max_per_source:
+            # ... but one that greets and goes no further is held to a share all the same.
             close += self._close_first(lambda c: c.remote[0] == ip, talking, "per_source")
         return close
 
@@ -109,17 +115,23 @@ class ConnectionGuard:
         self._forget(fd)
 
     def _close_first(
-        self, which: Callable[[PendingConnection], bool], talking: Callable[[int], bool], reason: str
+        self,
+        which: Callable[[PendingConnection], bool],
+        talking: Callable[[int], bool],
+        reason: str,
+        *,
+        silent_only: bool = False,
     ) -> list[PendingConnection]:
         """Close the oldest pending connection ``which`` takes that has sent nothing, or,
-        if all of those have, the oldest of them."""
+        if all of those have (and ``silent_only`` is not set), the oldest of them."""
         chosen = None
         for conn in self.pending.values():
             if which(conn):
                 if not talking(conn.fd):
                     chosen = conn
                     break
-                chosen = chosen or conn
+                if not silent_only:
+                    chosen = chosen or conn
         return [self._close(chosen, reason)] if chosen is not None else []
 
     def _close(self, conn: PendingConnection, reason: str) -> PendingConnection:

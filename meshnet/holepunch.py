@@ -593,6 +593,10 @@ class PunchCoordinator:
                 return self._fail(peer, state, self._dial_wait_why(peer), now)
             state.stage, state.due = Stage.SYNCING, state.dial_by  # on_vouched dials
             return [] if peer in self.vouched else self._ask_relay(peer)
+        if not vouched:
+            # No word (the relay did not answer, or knows the peer at no address now):
+            # a failed attempt, tried again after its backoff.
+            return self._fail(peer, state, "the relay knows no address of the peer now", now)
         why = self._unvouched(state, vouched)
         if why:
             return self._give_up(peer, state, why)
@@ -614,8 +618,6 @@ class PunchCoordinator:
         """Why the plan's address is not one this node may dial ("" when it is): the relay
         sees the peer at ``vouched``."""
         how, remote = state.plan
-        if not vouched:
-            return "the relay knows no address of the peer"
         peer_ip, target_ip = address_ip(vouched), address_ip(remote)
         if how == "punch":
             vouches = remote == vouched

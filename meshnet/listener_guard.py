@@ -96,7 +96,12 @@ class ListenerGuard:
         self.core = ConnectionGuard(limit=open_files_limit())
         self.log = logger
         self.budget = LogBudget(loop, logger, "connections_closed", "reason")
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        #: Routing id -> the descriptor and addresses of its connection, as its first
+        #: message showed them (to close it when it must go: :meth:`disconnect`), and the
+        #: other way round, so that a connection's end forgets it (a client that comes
+        #: back under the same routing id is looked up again).
+        self._seen: OrderedDict[bytes, tuple[int, tuple[Address, Address] | None]] = OrderedDict()
+        self._conn_of: dict[int, bytes] = {}
         self._sock = sock
         self.monitor = sock.get_monitor_socket(MONITORED, addr=f"inproc://guard-{name}-{id(self):x}")
         loop.add_reader(self.monitor, self._on_events)
@@ -105,14 +110,24 @@ class ListenerGuard:
         """A message came from routing id ``conn`` (``frame``: one of its frames)."""
         if conn in self._seen:
             return
-        self._seen[conn] = None
-        if len(self._seen) > MAX_SEEN:
-            self._seen.popitem(last=False)
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
-            return
-        self.core.on_identified(fd)
+            fd = -1  # not a TCP connection (ipc, inproc): nothing to guard, nor to look up again
+        self._seen[conn] = (fd, _addresses(fd) if fd >= 0 else None)
+        if len(self._seen) > MAX_SEEN:
+            old, (old_fd, _) = self._seen.popitem(last=False)
+            if self._conn_of.get(old_fd) == old:
+                del self._conn_of[old_fd]
+        if fd >= 0:
+            self._conn_of[fd] = conn
+            self.core.on_identified(fd)
+
+    def disconnect(self, conn: bytes) -> bool:
+        """Close routing id ``conn``'s connection (a ROUTER cannot close one of its own):
+        ZeroMQ then drops what it queued for it. False if it is not known, or gone."""
+        fd, addresses = self._seen.get(conn, (-1, None))
+        return addresses is not None and _shutdown(fd, addresses)
 
     def close(self) -> None:
         """Before the socket closes: detach and close the monitor (libzmq must not block
@@ -138,6 +153,9 @@ class ListenerGuard:
                         self._shut(conn)
             else:
                 self.core.on_gone(fd)
+                conn = self._conn_of.pop(fd, None)
+                if conn is not None and self._seen.get(conn, (-1,))[0] == fd:
+                    del self._seen[conn]
 
     def _shut(self, conn: PendingConnection) -> None:
         if not _shutdown(conn.fd, (conn.local, conn.remote)):

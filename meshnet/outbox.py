@@ -71,6 +71,8 @@ class Outboxes:
         self.dropped: OrderedDict[bytes, float] = OrderedDict()
         #: Answers thrown away because their client did not read (dropped, or gone).
         self.discarded = 0
+        #: Bytes held for all connections together (the node's memory budget reads it).
+        self.total = 0
         self.retry_delay = FIRST_RETRY_S
 
     def holds(self, conn: bytes) -> bool:
@@ -91,6 +93,7 @@ class Outboxes:
             backlog = self.backlogs[conn] = Backlog(progress_at=now)
         backlog.messages.append((frames, size))
         backlog.size += size
+        self.total += size
         if self._stalled(backlog, now):
             self._drop(conn, now)
             return "dropped"
@@ -107,10 +110,23 @@ class Outboxes:
 
     def _drop(self, conn: bytes, now: float) -> None:
         backlog = self.backlogs.pop(conn)
+        self.total -= backlog.size
         self.discarded += len(backlog.messages)
         self.dropped[conn] = now
         while len(self.dropped) > MAX_DROPPED:
             self.dropped.popitem(last=False)
+
+    def cut(self, conn: bytes, now: float) -> int:
+        """Drop ``conn`` now (the node is over its memory budget and it reads slowest):
+        what waited for it is discarded; returns its bytes."""
+        size = self.unread(conn)
+        if conn in self.backlogs:
+            self._drop(conn, now)
+        else:
+            self.dropped[conn] = now
+            while len(self.dropped) > MAX_DROPPED:
+                self.dropped.popitem(last=False)
+        return size
 
     def drop_stalled(self, now: float) -> list[tuple[bytes, int]]:
         """Drop the clients that stopped reading (the module's rules); returns each with
@@ -141,6 +157,7 @@ class Outboxes:
         backlog = self.backlogs[conn]
         _, size = backlog.messages.popleft()
         backlog.size -= size
+        self.total -= size
         backlog.progress_at = now
         if not backlog.messages:
             del self.backlogs[conn]
@@ -150,6 +167,7 @@ class Outboxes:
         """``conn`` disconnected: its held answers are discarded; returns how many."""
         backlog = self.backlogs.pop(conn, None)
         count = len(backlog.messages) if backlog is not None else 0
+        self.total -= backlog.size if backlog is not None else 0
         self.discarded += count
         return count
 

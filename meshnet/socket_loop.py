@@ -63,6 +63,15 @@ def send_message(sock: zmq.Socket, frames: list[Any]) -> None:
         sock.send(frame, _SEND_MORE if i < last else _NOBLOCK, copy=False)
 
 
+def send_tracked(sock: zmq.Socket, frames: list[Any]) -> zmq.MessageTracker:
+    """:func:`send_message`, tracking the last frame: the tracker is done once ZeroMQ has
+    let go of it (written to the kernel, or dropped with its connection)."""
+    last = len(frames) - 1
+    for frame in frames[:last]:
+        sock.send(frame, _SEND_MORE, copy=False)
+    return sock.send(frames[last], _NOBLOCK, copy=False, track=True)
+
+
 class TimerHandle:
     """A timer's callback; cancelling it drops the callback and its arguments at once
     (a job's timer must not keep its payload alive until the timeout it no longer

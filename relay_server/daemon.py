@@ -186,6 +186,19 @@ class RelayServer:
         self._router = None
 
     def _on_readable(self) -> None:
+        try:
+            self._read_batch()
+        finally:
+            self._tell_stun_members()
+
+    def _tell_stun_members(self) -> None:
+        """Which IPs hold a registered connection: the STUN responder answers their
+        CHANGE-REQUESTs. A snapshot per batch of messages (or tick) that changed it."""
+        if self.core.members_changed:
+            self.core.members_changed = False
+            self.stun.set_members(self.core.member_ips)
+
+    def _read_batch(self) -> None:
         router = self._router
         assert router is not None
         for _ in range(RECV_BATCH):
@@ -211,11 +224,6 @@ class RelayServer:
         router = self._router
         if router is None:
             return
-        if self.core.members_changed:
-            # Which IPs hold a registered connection: the STUN responder answers their
-            # CHANGE-REQUESTs. A snapshot per batch that changed it.
-            self.core.members_changed = False
-            self.stun.set_members(self.core.member_ips)
         for out in outgoing:
             try:
                 send_message(router, [out.conn, *out.frames])
@@ -230,4 +238,5 @@ class RelayServer:
 
     def _tick(self) -> None:
         self._send(self.core.on_tick(time.monotonic()))
+        self._tell_stun_members()
         self.loop.call_later(self.config.relay.heartbeat_interval, self._tick)

@@ -60,7 +60,8 @@ class StunServer:
         self.responder: StunResponder | None = None
         if settings.enabled and ips:
             self.responder = StunResponder((ips[0], settings.port), ips[1] if len(ips) > 1 else None, settings.alt_port)
-        self.loop = SocketLoop("stun")
+        #: Made when it starts: a responder that is off holds no thread and no pipe.
+        self.loop: SocketLoop | None = None
         self._sockets: dict[Address, socket.socket] = {}
         self._summary: TimerHandle | None = None
         self._logged: Counter[str] = Counter()
@@ -74,7 +75,7 @@ class StunServer:
         not be bound (and nothing is left running)."""
         if self.responder is None:
             return
-        self.loop.start()
+        self.loop = SocketLoop("stun").start()
         try:
             self.loop.run_sync(self._open)
         except StartupError:
@@ -82,14 +83,14 @@ class StunServer:
             raise
 
     def stop(self) -> None:
-        if self.loop.running:
+        if self.loop is not None and self.loop.running:
             self.loop.run_sync(self._close)
             self.loop.stop()
 
     def set_members(self, ips: Iterable[str]) -> None:
         """Any thread: the IPs of the nodes registered now (their CHANGE-REQUESTs are
         answered). A snapshot, handed to the loop: nothing is shared."""
-        if self.responder is not None and self.loop.running:
+        if self.responder is not None and self.loop is not None and self.loop.running:
             self.loop.call_soon(self.responder.set_members, frozenset(ips))
 
     # -- loop thread --

@@ -446,3 +446,43 @@ class SessionPeer:
             elif isinstance(event, Execute):
                 outcome = Outcome.refused("unknown_kind", "a test's peer runs nothing")
                 self._apply(self.core.job_finished(event.peer, event.job.id, outcome, time.monotonic()))
+
+
+def stream_jobs(
+    api: str,
+    peer: str,
+    jobs: int,
+    job_of: Callable[[int], tuple[str, Any]],
+    *,
+    in_flight: int = 48,
+    on_ended: Callable[[int], None] | None = None,
+) -> dict[int, Any]:
+    """Run ``jobs`` jobs (``job_of(i)``: kind and payload) on ``peer`` through the node at
+    ``api``, ``in_flight`` at once; each ends once (asserted), with its result or its
+    ``JobError``; ``on_ended(n)`` after the n-th has. Returns the ends by job."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from meshnet import MeshClient
+    from meshnet.errors import JobError
+
+    ends: dict[int, Any] = {}
+    with MeshClient(api) as client:
+        pending: dict[Any, int] = {}
+        submitted = 0
+        while submitted < jobs or pending:
+            while submitted < jobs and len(pending) < in_flight:
+                kind, payload = job_of(submitted)
+                pending[client.submit(kind, payload, to=peer, timeout=60)] = submitted
+                submitted += 1
+            done, _ = wait(pending, timeout=90, return_when=FIRST_COMPLETED)
+            assert done, f"no job ended within 90 s; {len(pending)} in flight"
+            for future in done:
+                i = pending.pop(future)
+                assert i not in ends, f"job {i} ended twice"
+                try:
+                    ends[i] = future.result()
+                except JobError as exc:
+                    ends[i] = exc
+                if on_ended is not None:
+                    on_ended(len(ends))
+    return ends

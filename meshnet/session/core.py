@@ -325,10 +325,12 @@ class SessionCore:
         """A box ``peer`` sealed (opened and decoded), that came on ``path``."""
         session = self._session(peer, now)
         events: list[Event] = []
-        if isinstance(box, Hello) and box.max_payload is not None and box.max_payload != session.peer_max_payload:
+        limit = box.max_payload if isinstance(box, Hello) else None
+        if limit is not None and limit != session.peer_max_payload and session.takes(box):
             # The peer's limit, before the jobs that waited for its hello go: those over
-            # it are refused now, never sent.
-            events += self._refuse_over_limit(peer, session, box.max_payload, now)
+            # it are refused now, never sent. (Only from a hello the session takes: a
+            # replayed one, or one of the peer's older session, says nothing now.)
+            events += self._refuse_over_limit(peer, session, limit, now)
         heard = session.heard
         received = session.on_box(box, now)
         jobs = self.jobs.get(peer)

@@ -212,6 +212,13 @@ class PeerSession:
 
     # -- receiving --
 
+    def takes(self, box: Sealed) -> bool:
+        """Whether :meth:`on_box` would take ``box`` as new (not of an older session of
+        the peer's, not replayed), without taking it."""
+        if self.remote_sid is None or box.sid > self.remote_sid:
+            return isinstance(box, Hello)
+        return box.sid == self.remote_sid and self.replay.is_new(box.ctr)
+
     def on_box(self, box: Sealed, now: float) -> Received:
         """Take a box the peer sealed (opened and decoded)."""
         if self.remote_sid is not None and box.sid < self.remote_sid:

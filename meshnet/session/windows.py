@@ -27,6 +27,11 @@ class ReplayWindow:
         self.top = -1
         self.bits = 0
 
+    def is_new(self, counter: int) -> bool:
+        """Whether :meth:`accept` would take ``counter`` (nothing is remembered)."""
+        back = self.top - counter
+        return back < 0 or (back < REPLAY_WINDOW and not self.bits >> back & 1)
+
     def accept(self, counter: int) -> bool:
         """True, and remembered, when ``counter`` was not seen before."""
         if counter > self.top:

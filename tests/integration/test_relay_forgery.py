@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, wait
 
 from meshnet import MeshClient
 from meshnet.config import load_relay_config
@@ -21,7 +20,7 @@ from meshnet.identity import Identity
 from meshnet.protocol import PeerDown
 from relay_server.daemon import RelayServer
 from relay_server.routing import RelayCore
-from tests.harness import Mesh
+from tests.harness import Mesh, stream_jobs
 
 JOBS = 600
 IN_FLIGHT = 32
@@ -49,6 +48,10 @@ class ForgingCore(RelayCore):
         return out
 
 
+def job_of(i: int) -> tuple[str, object]:
+    return ("sleep", 0.02) if i % 10 == 0 else ("echo", i)
+
+
 def test_a_relay_forging_unroutable_and_peer_down_ends_no_job_falsely(mesh: Mesh) -> None:
     a_id, b_id = Identity.generate(), Identity.generate()
     relay_path, relay_id, relay_endpoint = mesh.relay_config(allowed=[a_id.peer_id, b_id.peer_id])
@@ -60,24 +63,7 @@ def test_a_relay_forging_unroutable_and_peer_down_ends_no_job_falsely(mesh: Mesh
         b_path, _, _ = mesh.node_config("b", b_id, relay=link, log_level="debug")
         node_a = mesh.start_node("a", a_path, registered=True)
         node_b = mesh.start_node("b", b_path, registered=True)
-        ends: dict[int, object] = {}
-        with MeshClient(a_api) as client:
-            pending = {}
-            submitted = 0
-            while submitted < JOBS or pending:
-                while submitted < JOBS and len(pending) < IN_FLIGHT:
-                    kind, payload = ("sleep", 0.02) if submitted % 10 == 0 else ("echo", submitted)
-                    pending[client.submit(kind, payload, to=b_id.peer_id, timeout=60)] = submitted
-                    submitted += 1
-                done, _ = wait(pending, timeout=90, return_when=FIRST_COMPLETED)
-                assert done, f"no job ended within 90 s; {len(pending)} in flight"
-                for future in done:
-                    i = pending.pop(future)
-                    assert i not in ends, f"job {i} ended twice"
-                    try:
-                        ends[i] = future.result()
-                    except JobError as exc:
-                        ends[i] = exc
+        ends = stream_jobs(a_api, b_id.peer_id, JOBS, job_of, in_flight=IN_FLIGHT)
         node_b.wait_for("job_succeeded", count=1)
         a_log_rejections = node_a.find("relay_claim_ignored") + node_a.find("peer_down_disproved")
     finally:

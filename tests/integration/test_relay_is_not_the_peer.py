@@ -13,14 +13,13 @@ import signal
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import pytest
 
 from meshnet import MeshClient
 from meshnet.errors import JobError, PeerLost
 from meshnet.session import PEER_DOWN_CHECK, PEER_SILENCE
-from tests.harness import Mesh, Pair
+from tests.harness import Mesh, Pair, stream_jobs
 
 JOBS = 2000
 IN_FLIGHT = 48
@@ -33,29 +32,14 @@ def payload_of(i: int) -> tuple[str, object]:
 def stream(pair: Pair, jobs: int, at_done: dict[int, threading.Thread]) -> tuple[dict[int, object], list]:
     """Run ``jobs`` relayed jobs with ``IN_FLIGHT`` at once; start each thread of
     ``at_done`` once that many have ended. Returns the results by job and the errors."""
-    results: dict[int, object] = {}
-    errors: list = []
-    with MeshClient(pair.a_api) as client:
-        pending: dict[Future, int] = {}
-        submitted = 0
-        while submitted < jobs or pending:
-            while submitted < jobs and len(pending) < IN_FLIGHT:
-                kind, payload = payload_of(submitted)
-                pending[client.submit(kind, payload, to=pair.b_id.peer_id, timeout=60)] = submitted
-                submitted += 1
-            done, _ = wait(pending, timeout=90, return_when=FIRST_COMPLETED)
-            assert done, f"no job ended within 90 s; {len(pending)} in flight"
-            for future in done:
-                i = pending.pop(future)
-                assert i not in results, f"job {i} answered twice"
-                try:
-                    results[i] = future.result()
-                except JobError as exc:
-                    errors.append((i, exc))
-                    results[i] = exc
-                thread = at_done.pop(len(results), None)
-                if thread is not None:
-                    thread.start()
+
+    def started(ended: int) -> None:
+        thread = at_done.pop(ended, None)
+        if thread is not None:
+            thread.start()
+
+    results = stream_jobs(pair.a_api, pair.b_id.peer_id, jobs, payload_of, in_flight=IN_FLIGHT, on_ended=started)
+    errors = [(i, end) for i, end in results.items() if isinstance(end, JobError)]
     return results, errors
 
 

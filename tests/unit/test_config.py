@@ -133,6 +133,13 @@ def test_the_running_cap_is_off_by_default_and_auto_leaves_one_executor(tmp_path
     assert load_node_config(write(tmp_path, one, "c.toml")).running_cap == 1
 
 
+def test_a_memory_budget_smaller_than_its_parts_is_refused_naming_them(tmp_path):
+    text = IDENTITY_TOML + "[jobs]\nmax_queued_bytes = 1000\n[node]\nmemory_budget_bytes = 999\n"
+    with pytest.raises(ConfigError) as info:
+        load_node_config(write(tmp_path, text))
+    assert "node.memory_budget_bytes" in str(info.value) and "jobs.max_queued_bytes = 1000" in str(info.value)
+
+
 def test_good_values_are_loaded(tmp_path):
     other = Identity.generate().peer_id
     text = IDENTITY_TOML + (

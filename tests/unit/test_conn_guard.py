@@ -55,16 +55,26 @@ def test_identified_and_closed_connections_are_forgotten_and_a_reused_number_is_
 
 def test_of_the_pending_those_that_sent_nothing_go_first() -> None:
     """A peer's first message may still be on its way when strangers' connections come
-    after it: the connection that sent its greeting is kept, the silent ones go."""
-    guard = ConnectionGuard(limit=100_000, max_pending=100, max_per_source=2)
+    after it: the connection that sent its greeting is kept, the silent ones go. Past a
+    source's share only silent ones go (honest clients behind one address greet at once);
+    past the cap in all, the oldest goes when all of them talk."""
+    guard = ConnectionGuard(limit=100_000, max_pending=4, max_per_source=2)
     talking = {10}
     guard.on_accepted(10, LOCAL, ("127.0.0.1", 1), 0.0, talking.__contains__)  # the peer, greeting sent
     guard.on_accepted(11, LOCAL, ("127.0.0.1", 2), 0.0, talking.__contains__)  # idle strangers
     closed = [c.fd for c in guard.on_accepted(12, LOCAL, ("127.0.0.1", 3), 0.0, talking.__contains__)]
     assert closed == [11]
-    talking.add(12)
+    talking.update({12, 13})
     closed = [c.fd for c in guard.on_accepted(13, LOCAL, ("127.0.0.1", 4), 0.0, talking.__contains__)]
-    assert closed == [13], "all pending ones before it talk: the newest, silent, goes"
-    talking.add(14)
-    closed = [c.fd for c in guard.on_accepted(14, LOCAL, ("127.0.0.1", 5), 0.0, talking.__contains__)]
-    assert closed == [10], "all of them talk: the oldest goes"
+    assert closed == [], "all of the source's pending ones talk: none goes for its share"
+    talking.update({14, 15})
+    guard.on_accepted(14, LOCAL, ("198.51.100.1", 5), 0.0, talking.__contains__)
+    closed = [c.fd for c in guard.on_accepted(15, LOCAL, ("198.51.100.2", 6), 0.0, talking.__contains__)]
+    assert closed == [10], "past the cap in all, with all of them talking, the oldest goes"
+
+
+def test_one_source_that_greets_and_goes_no_further_is_held_to_four_shares() -> None:
+    guard = ConnectionGuard(limit=100_000, max_pending=1000, max_per_source=2)
+    greeted = [guard.on_accepted(fd, LOCAL, ("127.0.0.1", fd), 0.0, lambda fd: True) for fd in range(10, 30)]
+    closed = [c.fd for closes in greeted for c in closes]
+    assert closed == list(range(10, 22)) and guard.per_source == {"127.0.0.1": 8}

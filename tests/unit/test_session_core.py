@@ -485,6 +485,18 @@ def test_hellos_carry_the_payload_limit_and_a_job_over_the_peers_is_refused_befo
     assert duo.a.held == 0, "the refused job's payload is still counted"
 
 
+def test_a_replayed_or_stale_hello_says_nothing_of_the_peers_limit() -> None:
+    """A relay replays B's hello, or one of an older session of B's, with a smaller limit:
+    A takes neither, and a job within B's real limit goes and runs."""
+    duo = limited_duo()
+    log = duo.open_with(1)
+    [b_hello] = boxes(log[B], Hello)
+    stale = Hello(sid=b_hello.sid - 1, ctr=1, max_payload=10)
+    assert not settled(duo.a.on_box(B, wire(stale), 0.1) + duo.a.on_box(B, wire(b_hello), 0.1))
+    assert duo.a.sessions[B].peer_max_payload == 1000
+    assert executed(duo.converse(A, duo.a.submit(spec(2, payload=b"x" * 500), B, 0.2), 0.2)[B]) == [job_id(2)]
+
+
 def test_a_result_over_the_submitters_limit_goes_back_as_a_failure_that_says_why() -> None:
     duo = limited_duo(a_max=100)
     duo.open_with(1)
