@@ -58,6 +58,8 @@ class MemoryBudget:
     def __init__(self, limit: int = DEFAULT_MEMORY_BUDGET):
         self.limit = limit
         self._parts: dict[str, Callable[[], int]] = {}
+        #: The parts' callables, for ``used`` (asked for every job: no generator, no dict).
+        self._held: tuple[Callable[[], int], ...] = ()
         self._relievers: list[Callable[[int], None]] = []
         #: New work refused for want of memory, and clients cut.
         self.refused = 0
@@ -66,6 +68,7 @@ class MemoryBudget:
     def add_part(self, name: str, held: Callable[[], int]) -> None:
         """``held()`` tells how many bytes part ``name`` holds now."""
         self._parts[name] = held
+        self._held = tuple(self._parts.values())
 
     def add_reliever(self, relieve: Callable[[int], None]) -> None:
         """``relieve(size)`` tries to give back enough for new work of ``size`` bytes."""
@@ -76,7 +79,10 @@ class MemoryBudget:
         return used + size <= self.limit or used == 0
 
     def used(self) -> int:
-        return sum(held() for held in self._parts.values())
+        total = 0
+        for held in self._held:
+            total += held()
+        return total
 
     def admits(self, size: int) -> bool:
         """Whether new work of ``size`` bytes fits (a job alone larger than the budget

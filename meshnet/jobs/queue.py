@@ -37,8 +37,9 @@ class JobQueue:
         self.queues: OrderedDict[str, deque[JobSpec]] = OrderedDict()
         self.waiting_count = 0
         self.running: dict[bytes, JobSpec] = {}
-        #: Running jobs by submitter.
-        self.running_by: Counter[str] = Counter()
+        #: Running jobs by submitter (a plain dict: a Counter's missing key costs a call of
+        #: Python code, for every job of a lone submitter).
+        self.running_by: dict[str, int] = {}
         self._waiting_ids: set[bytes] = set()
         self._recent: OrderedDict[bytes, None] = OrderedDict()
         self.counts: Counter[str] = Counter()
@@ -81,33 +82,36 @@ class JobQueue:
         """Move waiting jobs to running while executors are free, the submitters in turn,
         none past its cap; return them."""
         started = []
-        while self.queues and len(self.running) < self.slots:
-            origin = self._next_origin()
+        queues, cap = self.queues, self.max_per_origin
+        while queues and len(self.running) < self.slots:
+            origin = next(iter(queues)) if cap is None else self._next_origin(cap)
             if origin is None:
                 break  # every submitter with waiting jobs is at its cap
-            jobs = self.queues.pop(origin)
+            jobs = queues[origin]
             job = jobs.popleft()
-            if jobs:
-                self.queues[origin] = jobs  # to the back of the turn
+            if not jobs:
+                del queues[origin]
+            elif len(queues) > 1:
+                queues.move_to_end(origin)  # to the back of the turn
             self.waiting_count -= 1
             self._waiting_ids.discard(job.id)
             self.running[job.id] = job
-            self.running_by[origin] += 1
+            self.running_by[origin] = self.running_by.get(origin, 0) + 1
             started.append(job)
         return started
 
-    def _next_origin(self) -> str | None:
-        cap = self.max_per_origin
-        if cap is None:
-            return next(iter(self.queues))
-        return next((origin for origin in self.queues if self.running_by[origin] < cap), None)
+    def _next_origin(self, cap: int) -> str | None:
+        running = self.running_by
+        return next((origin for origin in self.queues if running.get(origin, 0) < cap), None)
 
     def finish(self, job_id: bytes, status: str) -> JobSpec | None:
         """End a job with ``status``; None when it already ended (or never existed)."""
         job = self.running.pop(job_id, None)
         if job is not None:
-            self.running_by[job.origin] -= 1
-            if self.running_by[job.origin] <= 0:
+            left = self.running_by[job.origin] - 1
+            if left:
+                self.running_by[job.origin] = left
+            else:
                 del self.running_by[job.origin]
         elif job_id in self._waiting_ids:
             jobs = self.queues[self._origin_of_waiting(job_id)]

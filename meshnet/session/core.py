@@ -246,7 +246,8 @@ class SessionCore:
 
     def _send_job(self, job: SentJob, now: float) -> list[Event]:
         spec = job.spec
-        limit = self._session(job.peer, now).peer_max_payload
+        session = self.sessions.get(job.peer)
+        limit = session.peer_max_payload if session is not None else None
         if limit is not None and job.size > limit:
             return self._settle(job, _too_large(job.peer, "payload", job.size, limit), now)
         message = Job(id=spec.id, kind=spec.kind, timeout=spec.timeout, payload=spec.payload)
@@ -306,7 +307,8 @@ class SessionCore:
 
     def _answer(self, peer: str, job_id: bytes, job_seq: int, outcome: Outcome, now: float) -> list[Event]:
         size = len(memoryview(outcome.result)) if outcome.result is not None else 0
-        limit = self._session(peer, now).peer_max_payload
+        session = self.sessions.get(peer)
+        limit = session.peer_max_payload if session is not None else None
         notes: list[Event] = []
         if limit is not None and size > limit:
             # The submitter would drop it (on a direct link, its connection with it): it
