@@ -104,7 +104,9 @@ class WorkerPool:
         self.max_payload = max_payload
         self.report: Report | None = None
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["meshnet.jobs.worker"])
+        # The forkserver imports these as it starts: the workers' code, and what makes it
+        # (and so every worker) ignore the node's stop signals (meshnet.jobs.forkserver).
+        self._context.set_forkserver_preload(["meshnet.jobs.forkserver", "meshnet.jobs.worker"])
         self._workers: list[Worker] = []
         self._idle: list[Worker] = []
         #: Jobs handed over while no worker was idle (one being replaced).

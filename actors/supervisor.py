@@ -180,8 +180,11 @@ class Node:
         for ref in (self.api, self.relay):
             if ref is not None:
                 ref.ask(Drain(), timeout=10)  # answered once they refuse new jobs
-        self.log.info("node_draining", grace_s=grace)  # from here on, new jobs are refused
         self.book.on_loop(self.book.drain)
+        # From here on new jobs are refused; what it waits for is said, so that a stop that
+        # takes its grace says why.
+        running, forwarded = self.book.on_loop(self._waiting_for)
+        self.log.info("node_draining", grace_s=grace, running=running, forwarded=forwarded)
         deadline = time.monotonic() + grace
         if not self.book.idle.wait(max(0.0, deadline - time.monotonic())):
             self.log.warning("drain_grace_over", action="killing running jobs")
@@ -198,6 +201,12 @@ class Node:
             # acknowledged: within the grace (and a moment for the cancels of an abort),
             # the peers get them before the link closes.
             self.relay_client.delivered.wait(max(DELIVERY_WAIT, deadline - time.monotonic()))
+
+    def _waiting_for(self) -> tuple[int, int]:
+        """Job loop: the jobs running here, and those sent to peers and not answered."""
+        assert self.book is not None
+        forwarded = self.relay_client.sessions.in_flight if self.relay_client is not None else 0
+        return len(self.book.queue.running), forwarded
 
     def stop(self, grace: float | None = None) -> None:
         try:

@@ -64,20 +64,56 @@ def _warn_if_readable(path: Path) -> None:
         )
 
 
-def _wait_for_signal() -> int:
-    """Block until SIGTERM or SIGINT; return the signal number."""
-    received: list[int] = []
-    stop = threading.Event()
+#: What stops a node or a relay.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not stop.wait(3600):
-        pass
-    return received[0]
+def _catch_stop_signals() -> int:
+    """From now on SIGTERM and SIGINT are caught, however many come, and each one's
+    number reaches a pipe, whose reading end this returns (:func:`_wait_for_signal`).
+    Called before the process starts anything, so that a signal that comes while it
+    starts is kept, not fatal.
+
+    The C library's handler writes the number (``signal.set_wakeup_fd``): a signal sent
+    to the process reaches whichever thread does not block it, often not the main one,
+    and a Python handler runs only once the main thread runs Python again, which it does
+    not while it waits. (Waiting on an Event, as this did, also took a lock in the
+    handler: a second signal while the first held it hung the process for good.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _noted)
+    return read_end
+
+
+def _noted(signum: int, frame: Any) -> None:
+    """The Python side of a stop signal: nothing (its number went to the wakeup pipe)."""
+
+
+def _wait_for_signal(read_end: int) -> int:
+    """Block until the first stop signal; return its number. The later ones are said and
+    change nothing (other signals with a handler, SIGUSR1's thread dump, pass by)."""
+    while True:
+        received = os.read(read_end, 64)
+        stops = [i for i, signum in enumerate(received) if signum in STOP_SIGNALS]
+        if stops:
+            later = bytes(received[stops[0] + 1 :])
+            threading.Thread(target=_say_later_signals, args=(read_end, later), name="signals", daemon=True).start()
+            return received[stops[0]]
+
+
+def _say_later_signals(read_end: int, received: bytes) -> None:
+    """The stop signals that come while the process stops: logged, nothing more."""
+    log = structlog.get_logger("meshnet")
+    while True:
+        for signum in received:
+            if signum in STOP_SIGNALS:
+                log.info("signal_received", signal=signal.Signals(signum).name, action="already stopping")
+        try:
+            received = os.read(read_end, 64)
+        except OSError:
+            return
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -102,10 +138,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
     _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
     keep_freed_buffers()  # this process is the node's own
+    signals = _catch_stop_signals()
     node = Node(config).start()
     _install_thread_dump()
     try:
-        signum = _wait_for_signal()
+        signum = _wait_for_signal(signals)
         structlog.get_logger("meshnet").info("signal_received", signal=signal.Signals(signum).name)
     finally:
         node.stop()
@@ -123,9 +160,10 @@ def cmd_relay(args: argparse.Namespace) -> int:
     _warn_if_readable(path)
     _configure_logging(config.log.format, config.log.level, {"relay_id": config.load_identity().peer_id})
     keep_freed_buffers()  # this process is the relay's own
+    signals = _catch_stop_signals()
     server = RelayServer(config).start()
     try:
-        _wait_for_signal()
+        _wait_for_signal(signals)
     finally:
         server.stop()
     return 0

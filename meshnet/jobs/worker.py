@@ -35,9 +35,11 @@ Outcome = tuple[str, bytes | None, str, str]
 
 def init_worker(enabled: list[str]) -> None:
     global _handlers
-    # Ctrl-C in a terminal reaches the whole process group; the node decides when
-    # workers stop, so they ignore SIGINT.
+    # Ctrl-C in a terminal, or SIGTERM from systemd or docker, reaches the whole process
+    # group; the node decides when workers stop, so they ignore both (as their forkserver
+    # does: meshnet.jobs.forkserver).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     keep_freed_buffers()
     _handlers = load_handlers(enabled)
