@@ -228,7 +228,11 @@ class ClientApiActor(NodeActor):
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, Drain):
-            self.draining = True
+            # On the loop, which reads it for every submission (answered once it is set).
+            if self.loop.running:
+                self.loop.run_sync(self._io_drain)
+            else:
+                self._io_drain()
             return True
         elif isinstance(message, StatusFor):
             try:
@@ -239,6 +243,9 @@ class ClientApiActor(NodeActor):
             self.loop.call_soon(self._io_send, message.conn, encode(reply))
 
     # -- loop thread --
+
+    def _io_drain(self) -> None:
+        self.draining = True
 
     def _io_bind(self) -> str:
         try:

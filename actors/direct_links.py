@@ -96,14 +96,15 @@ class _ExactKey:
 
 
 class _ExpectedKeys:
-    """ZAP credentials for the listener: the keys of peers an attempt expects now. The ZAP
-    thread only tests membership, which is atomic while the loop adds and removes keys."""
+    """ZAP credentials for the listener: the keys of peers an attempt expects now, as an
+    immutable snapshot the loop replaces whenever they change (the ZAP thread reads no
+    state the loop changes under it)."""
 
-    def __init__(self, expected: dict[bytes, tuple[str, int]]):
-        self.expected = expected
+    def __init__(self) -> None:
+        self.keys: frozenset[bytes] = frozenset()
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.expected
+        return key in self.keys
 
 
 @dataclass
@@ -152,6 +153,8 @@ class DirectLinks:
         self._accepted: dict[bytes, str] = {}
         #: Z85 key -> (peer, attempt) of the peers the listener admits now.
         self._expected: dict[bytes, tuple[str, int]] = {}
+        #: What the listener's ZAP handler admits: a snapshot of ``_expected``'s keys.
+        self._admitted = _ExpectedKeys()
         self._listener: zmq.Socket | None = None
         self._guard: ListenerGuard | None = None
         self.listen_port: int | None = None
@@ -175,7 +178,7 @@ class DirectLinks:
             return self.listen_port
         context = self._ctx()
         assert self._auth is not None
-        self._auth.configure_curve_callback(domain=LISTEN_DOMAIN, credentials_provider=_ExpectedKeys(self._expected))
+        self._auth.configure_curve_callback(domain=LISTEN_DOMAIN, credentials_provider=self._admitted)
         router = context.socket(zmq.ROUTER)
         public, secret = self.identity.zmq_curve_keys()
         router.curve_server = True
@@ -203,7 +206,12 @@ class DirectLinks:
         """Attempt ``attempt``: admit ``peer``'s key on the listener, for it to dial."""
         self.close(peer)
         self._expected[curve_public_z85(peer)] = (peer, attempt)
+        self._admit_expected()
         self._arm_pinger()
+
+    def _admit_expected(self) -> None:
+        """Hand the ZAP thread the keys the listener admits now (a new snapshot)."""
+        self._admitted.keys = frozenset(self._expected)
 
     def dial(self, peer: str, attempt: int, remote: str, local_port: int | None, curve_server: bool) -> None:
         """Open attempt ``attempt`` to ``peer`` (replacing any link to it)."""
@@ -302,6 +310,7 @@ class DirectLinks:
         expected = self._expected.get(key)
         if expected is not None and (attempt is None or expected[1] == attempt):
             del self._expected[key]  # an attempt that expected the peer's dial, and ended
+            self._admit_expected()
         link = self.links.get(peer)
         if link is None or (attempt is not None and link.attempt != attempt):
             return
@@ -328,7 +337,8 @@ class DirectLinks:
             self._context = None
 
     def _close_link(self, link: Link) -> None:
-        self._expected.pop(curve_public_z85(link.peer), None)
+        if self._expected.pop(curve_public_z85(link.peer), None) is not None:
+            self._admit_expected()
         link.outbox.clear()
         if link.monitor is None:
             # Accepted: the listener stays. The dialler is told, and takes its link down
@@ -452,6 +462,7 @@ class DirectLinks:
             peer, attempt = expected
             self.close(peer)  # an earlier connection of the same peer's, if any
             self._expected[key] = expected  # (close forgot it)
+            self._admit_expected()
             self._accepted[routing_id] = peer
             link = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
             link.batches, link.parts = _features([f.bytes for f in frames[2:3]])

@@ -265,7 +265,9 @@ class MeshClient:
                 sock.curve_serverkey = curve_public_z85(node_peer_id)
             # Whether the node is there at all (and, with CurveZMQ, whether it refuses our
             # key) shows only as socket events: watch them.
-            self._monitor = sock.get_monitor_socket(LINK_EVENTS)
+            # An address of its own (pyzmq's default names the socket's descriptor, which a
+            # later socket can take again while this monitor's address is still bound).
+            self._monitor = sock.get_monitor_socket(LINK_EVENTS, addr=f"inproc://meshclient-{id(self):x}")
             self._loop.add_reader(self._monitor, self._io_monitor)
             sock.setsockopt(zmq.LINGER, 0)
             # A routing id of our own survives reconnections: results of jobs submitted
@@ -342,6 +344,11 @@ class MeshClient:
         if self._link_timer is not None:
             self._link_timer.cancel()
             self._link_timer = None
+        if self._sock is not None and self._monitor is not None:
+            # Detached first: libzmq's I/O thread sends monitor events with a blocking
+            # send, and one sent after the monitor's reading end is closed blocks that
+            # thread, and every socket of the context, for good.
+            self._sock.disable_monitor()
         self._loop.close_socket(self._monitor)
         self._loop.close_socket(self._sock)
         self._monitor = self._sock = None

@@ -89,7 +89,11 @@ class TimerHandle:
         if not self.cancelled:
             self.cancelled = True
             self.fn, self.args = None, ()
-            self._loop._timer_cancelled()
+            loop = self._loop
+            if loop.in_loop():
+                loop._timer_cancelled()
+            else:  # the count is the loop's: changed on its thread only
+                loop.call_soon(loop._timer_cancelled)
 
 
 def recv_message(
@@ -157,6 +161,7 @@ class SocketLoop:
         self._closed = threading.Event()
         self._pipe_lock = threading.Lock()
         self._cancelled_timers = 0
+        self._compacting = False
 
     # -- any thread --
 
@@ -264,13 +269,15 @@ class SocketLoop:
         loop thread), so that timers cancelled long before they are due (a client's
         give-up timer, once its job has answered) do not pile up."""
         self._cancelled_timers += 1
-        if self._cancelled_timers > 64 and self._cancelled_timers > len(self._timers) // 2:
+        if self._cancelled_timers > 64 and self._cancelled_timers > len(self._timers) // 2 and not self._compacting:
+            self._compacting = True  # one compaction queued at a time
             self.call_soon(self._compact_timers)
 
     def _compact_timers(self) -> None:
         self._timers = [entry for entry in self._timers if not entry[2].cancelled]
         heapq.heapify(self._timers)
         self._cancelled_timers = 0
+        self._compacting = False
 
     def _trim_if_quiet(self) -> None:
         assert self._trim_delay is not None

@@ -71,7 +71,10 @@ def delete_namespace(name: str) -> None:
     """Kill every process in namespace ``name``, then delete it (its veths and iptables
     rules go with it)."""
     for _ in range(50):
-        pids = [int(p) for p in sh("ip", "netns", "pids", name, check=False).split()]
+        # Entering first, then inside: a process that goes from one to the other between
+        # the two looks (``ip netns exec`` joins, then execs) is caught by the second.
+        pids = _entering(name)
+        pids += [int(p) for p in sh("ip", "netns", "pids", name, check=False).split()]
         if not pids:
             break
         for pid in pids:
@@ -81,6 +84,24 @@ def delete_namespace(name: str) -> None:
                 pass
         time.sleep(0.05)  # the kernel reaps them; polled, bounded
     sh("ip", "netns", "del", name, check=False)
+
+
+def _entering(name: str) -> list[int]:
+    """Processes still ``ip netns exec name ...``: started but not yet inside, so ``ip netns
+    pids`` misses them, and once the name is gone they would run on in an unnamed namespace."""
+    wanted = ["ip", "netns", "exec", name]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")[:4]
+        except OSError:
+            continue
+        if argv and [os.path.basename(argv[0]), *argv[1:]] == wanted:
+            found.append(int(entry))
+    return found
 
 
 def sweep() -> list[str]:
