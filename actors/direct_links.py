@@ -25,18 +25,15 @@ frame on it must come with that key. Dialled links are pinged every second and a
 ROUTER serves every accepted link, so libzmq's per-connection events cannot say which
 peer went), and a listener that drops an accepted link says ``[b"bye"]``.
 
-Frames on a link: ``[b"box", message]``, a node-to-node message in the clear (the link is
-encrypted and authenticated end to end), decoded like an opened sealed box; ``ping``,
-``pong`` and ``bye`` are one frame each. ``hi`` may carry a second frame, the words of
-what its sender reads beyond that (``b"boxes parts"``); a listener answers a dialler's hi with
-its own. To a peer that said ``boxes``, the small messages of one loop turn go out as
-one ``[b"boxes", m1, ..., mN]`` (at most MAX_BATCH of them, each under BULK_BYTES): under
-load a turn has many, and one link message for them costs one send, one receive and one
-wake-up of each side's I/O thread instead of N. The batch waits for nothing: it goes when
-the turn that made it ends. To a peer that said ``parts``, a job or result whose payload
-is BULK_BYTES or more goes as ``[b"parts", field, message, bulk]``: the message without
-its bulk field, then that field's bytes as a frame of their own, copied neither by the
-sender (no single buffer is built) nor by the receiver (the frame is the payload).
+What a link carries (hi, box, boxes, parts, ping, pong, bye) is
+:mod:`meshnet.protocol.direct`'s: every frame read here goes through its ``decode_link``.
+To a peer whose hi said ``boxes``, the small messages of one loop turn go out as one
+``[b"boxes", ...]`` (at most MAX_BATCH, each under BULK_BYTES): under load a turn has
+many, and one link message for them costs one send, one receive and one wake-up of each
+side's I/O thread instead of N. The batch waits for nothing: it goes when the turn that
+made it ends. To a peer whose hi said ``parts``, a job or result whose payload is
+BULK_BYTES or more goes as ``[b"parts", field, message, bulk]``, copied neither by the
+sender nor by the receiver.
 """
 
 from __future__ import annotations
@@ -52,29 +49,36 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from meshnet.errors import RemoteProtocolError
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.protocol.codec import BULK_BYTES
+from meshnet.protocol.direct import (
+    BYE,
+    MAX_BATCH,
+    MAX_FRAMES,
+    OUR_HI,
+    PING,
+    PONG,
+    Boxes,
+    Bye,
+    Carried,
+    Hi,
+    LinkMessage,
+    Parts,
+    Ping,
+    box_frames,
+    carried,
+    decode_link,
+    parts_frames,
+)
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
+from meshnet.watched import close_watched, watch
 
 log = structlog.get_logger("meshnet.direct")
 
-BOX = b"box"
-BOXES = b"boxes"
-PARTS = b"parts"
-HI = b"hi"
-PING = b"ping"
-PONG = b"pong"
-BYE = b"bye"
 LISTEN_DOMAIN = "direct-listen"
-#: What this node's hi says it reads: batches of boxes, and boxes in parts.
-FEATURES = BOXES + b" " + PARTS
-#: Boxes in one batch at most. A message of BULK_BYTES or more goes alone (a payload that
-#: large costs far more than its send: it is not held back for others, and the receiver
-#: can take it without a copy).
-MAX_BATCH = 8
-#: Boxes in one batch this node reads (a peer may batch more than this node does).
-MAX_BATCH_READ = 64
+
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
 HEARTBEAT_IVL_MS = 1000
@@ -131,8 +135,8 @@ class Link:
 
 class DirectLinks:
     """Loop thread only. ``on_up(peer, attempt)``, ``on_down(peer, attempt, reason)`` and
-    ``on_message(peer, data, bulk)`` are called on the loop (``bulk``: None, or the field
-    name and frame of a message that came in parts)."""
+    ``on_message(peer, carried)`` are called on the loop (``carried``: one node-to-node
+    message as the link brought it, for :func:`meshnet.protocol.direct.decode_carried`)."""
 
     def __init__(
         self,
@@ -142,7 +146,7 @@ class DirectLinks:
         max_message: int,
         on_up: Callable[[str, int], None],
         on_down: Callable[[str, int, str], None],
-        on_message: Callable[..., None],
+        on_message: Callable[[str, Carried], None],
     ):
         self.identity = identity
         self.loop = loop
@@ -161,7 +165,6 @@ class DirectLinks:
         self._pinger: TimerHandle | None = None
         self._context: zmq.Context | None = None
         self._auth: ThreadAuthenticator | None = None
-        self._monitors = 0
         self.log = log.bind(peer_id=identity.peer_id)
 
     def _ctx(self) -> zmq.Context:
@@ -236,15 +239,12 @@ class DirectLinks:
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-        self._monitors += 1
-        monitor = sock.get_monitor_socket(MONITORED, addr=f"inproc://direct-{id(self):x}-{self._monitors}")
+        monitor = watch(sock, MONITORED, "direct")
         source = f"0.0.0.0:{local_port}" if local_port else "0.0.0.0:0"
         try:
             sock.connect(f"tcp://{source};{remote}")
         except zmq.ZMQError as exc:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+            close_watched(self.loop, sock, monitor)
             self.loop.call_soon(self.on_down, peer, attempt, f"cannot connect to {remote}: {exc}")
             return
         link = Link(peer, attempt, sock, monitor, remote, last_heard=time.monotonic())
@@ -264,7 +264,7 @@ class DirectLinks:
             return False
         if not link.batches or len(data) >= BULK_BYTES:
             self._flush(link)  # what was queued goes first
-            return self._send_frames(link, [BOX, data])
+            return self._send_frames(link, box_frames([data]))
         link.outbox.append(data)
         if len(link.outbox) == 1:
             self.loop.call_soon(self._flush, link)
@@ -284,14 +284,14 @@ class DirectLinks:
         if link is None or not link.up or not link.parts:
             return False
         self._flush(link)  # what was queued goes first
-        return self._send_frames(link, [PARTS, field.encode(), message, bulk])
+        return self._send_frames(link, parts_frames(message, field, bulk))
 
     def _flush(self, link: Link) -> None:
         """Send the messages queued on ``link``: one as a box, more as a batch."""
         queued, link.outbox = link.outbox, []
         if not queued or self.links.get(link.peer) is not link:
             return
-        self._send_frames(link, [BOX, queued[0]] if len(queued) == 1 else [BOXES, *queued])
+        self._send_frames(link, box_frames(queued))
 
     def _send_frames(self, link: Link, frames: list[Any]) -> bool:
         try:
@@ -349,11 +349,7 @@ class DirectLinks:
             except zmq.ZMQError:
                 pass
             return
-        # Detached from its monitor first: libzmq's I/O thread must not block on a
-        # monitor event nobody reads (see the relay client's _io_close).
-        link.sock.disable_monitor()
-        self.loop.close_socket(link.monitor)
-        self.loop.close_socket(link.sock)
+        close_watched(self.loop, link.sock, link.monitor)
         if self._auth is not None:
             # Disabled, not removed: the ZAP thread reads the providers without a lock.
             provider = self._auth.credentials_providers.get(f"direct:{link.peer}")
@@ -365,42 +361,43 @@ class DirectLinks:
             return
         for _ in range(256):
             try:
-                frames = recv_message(link.sock, MAX_BATCH_READ + 1, copied=1)
+                frames = recv_message(link.sock, MAX_FRAMES, copied=1)
             except zmq.Again:
                 return
             link.last_heard = time.monotonic()
-            kind = frames[0] if frames is not None else b""
-            if frames is not None and kind == HI and len(frames) <= 2:
-                link.batches, link.parts = _features(frames[1:])
+            message = self._decode(link, frames)
+            if message is None:
                 continue
-            if frames is not None and kind in (PING, PONG, BYE) and len(frames) == 1:
-                if kind == PING:
-                    self._send_quietly(link, [PONG])
-                elif kind == BYE:
-                    self._down(link, "the peer closed the direct link")
-                    return
-                continue
-            if self._deliver(link, kind, frames[1:] if frames is not None else []):
+            if isinstance(message, Hi):
+                link.batches, link.parts = message.batches, message.parts
+            elif isinstance(message, Ping):
+                self._send_quietly(link, [PONG])
+            elif isinstance(message, Bye):
+                self._down(link, "the peer closed the direct link")
+                return
+            elif self._deliver(link, message):
                 return
 
-    def _deliver(self, link: Link, kind: bytes, frames: list[Any]) -> bool:
-        """Hand the node-to-node messages of a ``[box]``, ``[boxes]`` or ``[parts]`` link
-        message (``frames``: those after its kind) to ``on_message``; any other is logged
-        and dropped. True when the reader is to stop for this turn: a batch is a turn's
-        worth (the loop serves its other sockets, the workers whose jobs it just queued,
-        before it reads another), and a message may have closed the link."""
-        if kind == PARTS and len(frames) == 3:
-            self.on_message(link.peer, frames[1].buffer, (frames[0].bytes.decode("ascii", "replace"), frames[2]))
-            return self.links.get(link.peer) is not link
-        if not (kind == BOX and len(frames) == 1 or kind == BOXES and frames):
-            error = f"not [box, message], [boxes, up to {MAX_BATCH_READ} messages] or [parts, field, message, bulk]"
-            self.log.warning("direct_message_rejected", peer=link.peer, error=error)
-            return False
-        for data in frames:
-            self.on_message(link.peer, data.buffer)
+    def _decode(self, link: Link, frames: list[Any] | None) -> LinkMessage | None:
+        """The link message ``frames`` make, or None (logged) for what is none."""
+        try:
+            if frames is None:
+                raise RemoteProtocolError(f"a link message has at most {MAX_FRAMES} frames")
+            return decode_link(frames)
+        except RemoteProtocolError as exc:
+            self.log.warning("direct_message_rejected", peer=link.peer, error=str(exc))
+            return None
+
+    def _deliver(self, link: Link, message: LinkMessage) -> bool:
+        """Hand the node-to-node messages ``message`` carries to ``on_message``. True when
+        the reader is to stop for this turn: a batch is a turn's worth (the loop serves
+        its other sockets, the workers whose jobs it just queued, before it reads
+        another), and a message may have closed the link."""
+        for item in carried(message):
+            self.on_message(link.peer, item)
             if self.links.get(link.peer) is not link:
                 return True  # the message closed the link
-        return kind == BOXES
+        return isinstance(message, Boxes) and len(message.messages) > 1
 
     def _monitor(self, link: Link) -> None:
         while self.links.get(link.peer) is link:
@@ -411,7 +408,7 @@ class DirectLinks:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and not link.up:
                 link.up, link.last_heard = True, time.monotonic()
-                self._send_quietly(link, [HI, FEATURES])  # a listener learns who we are from it
+                self._send_quietly(link, OUR_HI.frames())  # a listener learns who we are from it
                 self._arm_pinger()
                 self.on_up(link.peer, link.attempt)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -435,7 +432,7 @@ class DirectLinks:
         now = time.monotonic()
         for _ in range(256):
             try:
-                frames = recv_message(router, MAX_BATCH_READ + 2)
+                frames = recv_message(router, MAX_FRAMES + 1)
             except zmq.Again:
                 return
             if frames is None or len(frames) < 2:
@@ -444,30 +441,35 @@ class DirectLinks:
             if self._guard is not None:
                 self._guard.seen(routing_id, frames[-1])
             key = (frames[-1].get("User-Id") or "").encode()
-            kind = frames[1].bytes
             peer = self._accepted.get(routing_id)
             link = self.links.get(peer) if peer is not None else None
             if link is not None and link.routing_id == routing_id:
                 if key != link.key:
                     continue  # not the key that said hi on this connection
                 link.last_heard = now
-                if kind == PING:
+                message = self._decode(link, frames[1:])
+                if isinstance(message, Ping):
                     self._send_quietly(link, [PONG])
-                elif kind in (BOX, BOXES, PARTS) and self._deliver(link, kind, frames[2:]):
+                elif isinstance(message, (Boxes, Parts)) and self._deliver(link, message):
                     return
                 continue
             expected = self._expected.get(key)
-            if kind != HI or expected is None:
+            if expected is None or bytes(frames[1]) != b"hi":
                 continue  # not a dialler this node expects, or not its first word
+            try:
+                hi = decode_link(frames[1:])
+            except RemoteProtocolError:
+                continue
+            assert isinstance(hi, Hi)
             peer, attempt = expected
             self.close(peer)  # an earlier connection of the same peer's, if any
             self._expected[key] = expected  # (close forgot it)
             self._admit_expected()
             self._accepted[routing_id] = peer
             link = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
-            link.batches, link.parts = _features([f.bytes for f in frames[2:3]])
+            link.batches, link.parts = hi.batches, hi.parts
             self.links[peer] = link
-            self._send_quietly(link, [HI, FEATURES])  # what this side reads, in turn
+            self._send_quietly(link, OUR_HI.frames())  # what this side reads, in turn
             self.on_up(peer, attempt)
 
     def _send_quietly(self, link: Link, frames: list[bytes]) -> None:
@@ -497,10 +499,3 @@ class DirectLinks:
                 self._send_quietly(link, [PING])
         if self.links or self._expected:
             self._arm_pinger()
-
-
-def _features(features: list[Any]) -> tuple[bool, bool]:
-    """What a hi's features frame (if any) says its sender reads: ``[boxes, ...]``, and
-    ``[parts, ...]``."""
-    words = bytes(features[0]).split() if features else []
-    return BOXES in words, PARTS in words

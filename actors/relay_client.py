@@ -86,13 +86,13 @@ from meshnet.protocol import (
     Unroutable,
     decode,
     decode_inner,
-    decode_inner_split,
     encode,
     encode_inner,
     encode_inner_parts,
     frame_limit,
     split_bulk,
 )
+from meshnet.protocol.direct import Carried, decode_carried
 from meshnet.rejections import RejectionLog, log_summaries
 from meshnet.relay_link import LinkState, RelayLink
 from meshnet.session import (
@@ -111,6 +111,7 @@ from meshnet.session import (
 from meshnet.session.core import Event
 from meshnet.session.peer import ACK_DELAY
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message
+from meshnet.watched import close_watched, watch
 
 log = structlog.get_logger("meshnet.relay_client")
 
@@ -277,7 +278,6 @@ class RelayClient:
         self._sock_generation = -1
         self._stopped = False
         self._last_register = -math.inf
-        self._monitors = 0
 
     # -- life cycle --
 
@@ -840,12 +840,9 @@ class RelayClient:
     def _on_direct_down(self, peer: str, attempt: int, reason: str) -> None:
         self._punch(self.punch.on_link_down(peer, attempt, reason, time.monotonic()))
 
-    def _on_direct_message(self, peer: str, data: Any, bulk: tuple[str, Any] | None = None) -> None:
+    def _on_direct_message(self, peer: str, item: Carried) -> None:
         try:
-            if bulk is None:
-                box = decode_inner(data, NODE_TO_NODE, max_size=self.max_deliver_body)
-            else:
-                box = decode_inner_split(data, *bulk, NODE_TO_NODE, max_size=self.max_deliver_body)
+            box = decode_carried(item, NODE_TO_NODE, max_size=self.max_deliver_body)
         except ProtocolError as exc:
             self._rejected(peer, "direct_message_rejected", str(exc))
             return
@@ -969,14 +966,7 @@ class RelayClient:
         sock.setsockopt(zmq.RECONNECT_IVL, int(random.uniform(*RECONNECT_IVL_MS)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # The relay refusing our key shows only as a socket event: watch for it.
-        # An address of its own: pyzmq's default names the socket's descriptor, which a
-        # socket opened after this one closes can take again while the old monitor's
-        # address is still bound.
-        self._monitors += 1
-        monitor = sock.get_monitor_socket(
-            HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
-            addr=f"inproc://relay-monitor-{id(self):x}-{self._monitors}",
-        )
+        monitor = watch(sock, HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED, "relay")
         self._handshakes = 0
         # From one local port, which libzmq's reconnects keep: the relay's `observed` is
         # then the NAT's mapping of that port, the one a punch from it will use. A new
@@ -993,15 +983,7 @@ class RelayClient:
         self.loop.add_reader(monitor, self._io_monitor)
 
     def _io_close(self) -> None:
-        if self._sock is not None and self._monitor is not None:
-            # libzmq's I/O thread sends monitor events with a blocking send: one sent
-            # after the monitor's reading end is closed blocks that thread for good, and
-            # with it every socket of the context (seen under a relay restart; closing
-            # the DEALER first does not help: the monitor stays attached until the socket
-            # is torn down). Detached first, no event can be sent.
-            self._sock.disable_monitor()
-        self.loop.close_socket(self._monitor)
-        self.loop.close_socket(self._sock)
+        close_watched(self.loop, self._sock, self._monitor)
         self._monitor = self._sock = None
 
     def _io_monitor(self) -> None:

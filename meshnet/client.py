@@ -53,6 +53,7 @@ from meshnet.protocol import (
     validate,
 )
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message
+from meshnet.watched import close_watched, watch
 
 DEFAULT_TIMEOUT = 60.0
 #: How long past a job's timeout the client waits for its node before giving up on it.
@@ -265,9 +266,7 @@ class MeshClient:
                 sock.curve_serverkey = curve_public_z85(node_peer_id)
             # Whether the node is there at all (and, with CurveZMQ, whether it refuses our
             # key) shows only as socket events: watch them.
-            # An address of its own (pyzmq's default names the socket's descriptor, which a
-            # later socket can take again while this monitor's address is still bound).
-            self._monitor = sock.get_monitor_socket(LINK_EVENTS, addr=f"inproc://meshclient-{id(self):x}")
+            self._monitor = watch(sock, LINK_EVENTS, "meshclient")
             self._loop.add_reader(self._monitor, self._io_monitor)
             sock.setsockopt(zmq.LINGER, 0)
             # A routing id of our own survives reconnections: results of jobs submitted
@@ -344,13 +343,7 @@ class MeshClient:
         if self._link_timer is not None:
             self._link_timer.cancel()
             self._link_timer = None
-        if self._sock is not None and self._monitor is not None:
-            # Detached first: libzmq's I/O thread sends monitor events with a blocking
-            # send, and one sent after the monitor's reading end is closed blocks that
-            # thread, and every socket of the context, for good.
-            self._sock.disable_monitor()
-        self._loop.close_socket(self._monitor)
-        self._loop.close_socket(self._sock)
+        close_watched(self._loop, self._sock, self._monitor)
         self._monitor = self._sock = None
         self._io_fail_all(MeshError("the client was closed before the job ended"))
 

@@ -388,8 +388,12 @@ class PunchCoordinator:
         return self._dial(peer, state, now)
 
     def on_link_up(self, peer: str, attempt: int, now: float) -> list[PunchEvent]:
+        """A link of attempt ``attempt`` is up. A listening side takes it whenever the
+        attempt admits the peer: a dialler may connect as soon as the sync leaves or
+        reaches it, before this side's own moment (or before its sync arrives here)."""
         state = self.peers.get(peer)
-        if state is None or state.attempt != attempt or state.stage is not Stage.DIALING:
+        early = state is not None and state.plan[0] == "listen" and state.stage in (Stage.ANSWERED, Stage.SYNCING)
+        if state is None or state.attempt != attempt or not (state.stage is Stage.DIALING or early):
             return [Abandon(peer, attempt, "superseded")]
         self.targets.pop(state.dialled, None)
         state.stage, state.due, state.failures = Stage.DIRECT, None, 0

@@ -96,9 +96,7 @@ class TimerHandle:
                 loop.call_soon(loop._timer_cancelled)
 
 
-def recv_message(
-    sock: zmq.Socket, max_frames: int, copied: int = 0, last: list[Any] | None = None
-) -> list[Any] | None:
+def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0, last: list[Any] | None = None) -> list[Any] | None:
     """Receive one message frame by frame without blocking (``zmq.Again`` when none).
 
     ``MAXMSGSIZE`` bounds each frame, not a message: a peer could send a message of a

@@ -399,14 +399,15 @@ class SessionPeer:
         """Send ``body`` to ``peer`` as a sealed box, whatever it holds."""
         self.sock.send_multipart(encode(Send(to=peer, ref=ref, op="sealed", body=body)))
 
-    def pump(self, until: Callable[[], bool], timeout: float = 30.0) -> None:
-        """Read and answer what arrives, and keep the session's timers, until ``until()``."""
+    def pump(self, until: Callable[[], bool], timeout: float = 30.0, *, wake_at: float | None = None) -> None:
+        """Read and answer what arrives, and keep the session's timers, until ``until()``
+        (asked again at ``wake_at`` too, when given: a condition on the clock)."""
         deadline = time.monotonic() + timeout
         while not until():
             now = time.monotonic()
             assert now < deadline, "the peer did not answer in time"
-            due = self.core.next_deadline()
-            wait = max(0.0, min(deadline, due if due is not None else deadline) - now)
+            due = min(d for d in (self.core.next_deadline(), wake_at, deadline) if d is not None)
+            wait = max(0.0, due - now)
             if self.sock.poll(int(wait * 1000) + 1):
                 frames = self.sock.recv_multipart()
                 message = decode(frames, RELAY_TO_NODE, max_body=1 << 30)

@@ -277,6 +277,69 @@ def sealed_input(rng: random.Random, corpus: Corpus) -> tuple[str, bytes]:
     return wrong_peer, seal(rng, corpus, rng.choice(corpus.inner))
 
 
+#: The kinds of a direct link's messages (docs/protocol.md §7.8).
+LINK_KINDS = (b"hi", b"box", b"boxes", b"parts", b"ping", b"pong", b"bye")
+
+
+def carried_message(rng: random.Random, corpus: Corpus) -> bytes:
+    """A node-to-node message a link carries: a valid sample as it is, or an input of the
+    sealed-plaintext decoder (a link's messages come in the clear)."""
+    return rng.choice(corpus.inner) if rng.random() < 0.5 else inner_plaintext(rng, corpus)
+
+
+def parts_of(rng: random.Random, corpus: Corpus) -> list[Any]:
+    """``[parts, field, message, bulk]`` from a sample that has a bulk field (its other
+    fields as the message), with the field's name and the message now and then wrong."""
+    splittable = [m for m in map(cbor2.loads, corpus.inner) if m.get("t") in ("job", "job_result")]
+    message = dict(rng.choice(splittable))
+    field = "payload" if message["t"] == "job" else "result"
+    bulk = message.pop(field, b"")
+    roll = rng.random()
+    if roll < 0.15:
+        field = rng.choice(("payload", "result", "id", "", "payload\x00", "x" * 33, "r\u00e9sult"))
+    elif roll < 0.25:
+        message[field] = bulk  # the field twice: in the message and apart
+    data = cbor2.dumps(message)
+    if rng.random() < 0.2:
+        data = mutate_bytes(rng, data, corpus.inner)
+    if rng.random() < 0.3:
+        bulk = random_bytes(rng)
+    return [b"parts", field.encode("utf-8", "surrogatepass"), data, bulk]
+
+
+def hi_features(rng: random.Random) -> bytes:
+    words = [rng.choice(("boxes", "parts", "future", "", "BOXES")) for _ in range(rng.randrange(5))]
+    roll = rng.random()
+    if roll < 0.1:
+        return random_bytes(rng)
+    if roll < 0.15:
+        return b"boxes " * 60  # past the features' limit
+    return " ".join(words).encode()
+
+
+def link_input(rng: random.Random, corpus: Corpus) -> list[Any]:
+    """A direct link's message as it arrives: mostly well-formed around node-to-node
+    messages valid or not; and wrong kinds, frame counts, features and field names."""
+    roll = rng.random()
+    if roll < 0.25:
+        frames = [b"box", carried_message(rng, corpus)]
+    elif roll < 0.45:
+        count = rng.choice((1, 2, 8, 64, 65, rng.randint(2, 70)))
+        frames = [b"boxes", *(carried_message(rng, corpus) for _ in range(count))]
+    elif roll < 0.60:
+        frames = parts_of(rng, corpus)
+    elif roll < 0.75:
+        frames = [b"hi", hi_features(rng)] if rng.random() < 0.8 else [b"hi"]
+    elif roll < 0.85:
+        frames = [rng.choice((b"ping", b"pong", b"bye"))]
+    else:  # a kind with the wrong frames after it, or no kind at all
+        kind = rng.choice((*LINK_KINDS, random_bytes(rng)[:8], b"", b"box\x00", b"boxes" * 3))
+        frames = [kind, *(rng.choice((b"", random_bytes(rng), *corpus.inner[:3])) for _ in range(rng.randrange(6)))]
+        if rng.random() < 0.02:
+            frames = []
+    return [as_buffer(rng, frame) for frame in frames]
+
+
 #: Job payloads and results as clients send them.
 PAYLOADS = (
     {"data": b"abc", "rounds": 2},

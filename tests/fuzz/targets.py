@@ -12,7 +12,8 @@ from meshnet.config import NodeConfig, RelayConfig, load_node_config, load_relay
 from meshnet.errors import ConfigError, IdentityError, RemoteProtocolError, SealError
 from meshnet.identity import Identity, Sealer, curve_public_key, is_peer_id, public_key_from_peer_id
 from meshnet.protocol import decode, decode_inner
-from meshnet.protocol.messages import MessageTable
+from meshnet.protocol.direct import LinkMessage, carried, decode_carried, decode_link
+from meshnet.protocol.messages import Message, MessageTable
 from meshnet.protocol.strict_cbor import loads_value
 from tests.fuzz import generators
 from tests.fuzz.checker import Target
@@ -89,6 +90,33 @@ def inner_target() -> Target:
         allowed=(RemoteProtocolError,),
         generate=generators.inner_input,
         check_result=message_of(table),
+        check_error=unexpected_marked,
+    )
+
+
+def link_target() -> Target:
+    """A direct link's frames: the link message, and each node-to-node message it carries
+    (a link message with one bad message in it counts as refused here; a node drops that
+    one message only)."""
+    table = TABLES["NODE_TO_NODE"]
+
+    def decode_all(frames: list[Any]) -> tuple[LinkMessage, list[Message]]:
+        link = decode_link(frames)
+        return link, [decode_carried(item, table, max_size=MAX_INNER) for item in carried(link)]
+
+    def check(result: tuple[LinkMessage, list[Message]]) -> str | None:
+        link, messages = result
+        if not isinstance(link, LinkMessage):
+            return f"decoded to a {type(link).__name__}, not a link message"
+        return next(filter(None, map(message_of(table), messages)), None)
+
+    return Target(
+        name="direct_link",
+        call=f"decode_link(frames), then decode_carried(each, NODE_TO_NODE, max_size={MAX_INNER})",
+        decode=decode_all,
+        allowed=(RemoteProtocolError,),
+        generate=generators.link_input,
+        check_result=check,
         check_error=unexpected_marked,
     )
 
@@ -183,6 +211,7 @@ def build_targets(seed: int, workdir: Path) -> tuple[dict[str, Target], Corpus]:
     targets = [
         *(frame_target(direction) for direction in generators.FRAME_DIRECTIONS),
         inner_target(),
+        link_target(),
         sealed_target(corpus),
         value_target(),
         config_target("node_config", load_node_config, NodeConfig, generators.node_config_input, workdir),

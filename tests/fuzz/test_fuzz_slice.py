@@ -65,7 +65,7 @@ def test_slice_reaches_the_decoders_past_their_first_checks(slice_result: Campai
     for target in slice_result.targets.values():
         assert target.accepted > 0, target.name
         assert target.slowest is not None and target.median_ns_per_byte > 0, target.name
-    for name in ("client_to_node", "relay_to_node", "node_to_node", "value"):
+    for name in ("client_to_node", "relay_to_node", "node_to_node", "direct_link", "value"):
         assert len(slice_result.targets[name].refusals) >= 10, name
     report = as_json(slice_result)
     assert report["seed"] == DEFAULT_SEED and set(report["decoders"]) == set(DECODERS)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.direct_links import BOX, BOXES, FEATURES, HI, MAX_BATCH, MAX_BATCH_READ, PARTS, DirectLinks
+from actors.direct_links import DirectLinks
 from meshnet.client import MeshClient
 from meshnet.identity import Identity, curve_public_z85
+from meshnet.protocol.direct import BOX, BOXES, HI, MAX_BATCH, MAX_BATCH_READ, OUR_HI, PARTS, Parts
 from meshnet.socket_loop import SocketLoop
 from tests.harness import Mesh
 
@@ -40,11 +42,11 @@ class Listener:
         )
         self.port = self.loop.run_sync(self.links.listen, 0)
 
-    def _on_message(self, peer: str, data: bytes, bulk: tuple[str, bytes] | None = None) -> None:
-        if bulk is None:
-            self._note(self.messages, (peer, bytes(data)))
+    def _on_message(self, peer: str, item: Any) -> None:
+        if isinstance(item, Parts):
+            self._note(self.parts, (peer, bytes(item.message), item.field, bytes(item.bulk)))
         else:
-            self._note(self.parts, (peer, bytes(data), bulk[0], bytes(bulk[1])))
+            self._note(self.messages, (peer, bytes(item)))
 
     def _note(self, into: list, item: object) -> None:
         with self.changed:
@@ -98,9 +100,9 @@ def test_an_expected_peer_cannot_pass_for_another_or_take_its_traffic(listener: 
         listener.wait(lambda: len(listener.messages) == 2)
         assert sorted(listener.messages) == sorted([(p.peer_id, b"from p"), (q.peer_id, b"from q")])
         assert listener.loop.run_sync(listener.links.send, p.peer_id, b"for p")
-        assert to_p.poll(5000) and to_p.recv_multipart() == [HI, FEATURES]  # the listener's own hi first
+        assert to_p.poll(5000) and to_p.recv_multipart() == OUR_HI.frames()  # the listener's own hi first
         assert to_p.poll(5000) and to_p.recv_multipart() == [BOX, b"for p"]
-        assert to_q.poll(5000) and to_q.recv_multipart() == [HI, FEATURES]
+        assert to_q.poll(5000) and to_q.recv_multipart() == OUR_HI.frames()
         assert to_q.poll(300) == 0  # nothing of P's reached Q
     finally:
         context.destroy(linger=0)
@@ -139,7 +141,7 @@ def _two_diallers(
         peers.append((me, sock))
     listener.wait(lambda: len(listener.ups) == 2)
     for _, sock in peers:
-        assert sock.poll(5000) and sock.recv_multipart() == [HI, FEATURES]
+        assert sock.poll(5000) and sock.recv_multipart() == OUR_HI.frames()
     return tuple(peers)
 
 

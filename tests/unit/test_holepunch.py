@@ -548,3 +548,38 @@ def test_a_target_whose_dials_fail_waits_longer_each_time() -> None:
     gaps = [later - earlier for earlier, later in zip(dial_times, dial_times[1:], strict=False)]
     assert len(dial_times) < 7, "every offer drew a dial to the dead target"
     assert all(b > a for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+
+
+def test_a_listener_takes_a_dial_that_comes_before_its_own_moment_to_act() -> None:
+    """A dialler may connect the moment the sync leaves or reaches it (docs §7.8): the
+    listening side takes the link whether it still waits out its half round trip or has
+    not yet read the sync; it does not close it as superseded."""
+    # A offers and listens; B dials as the sync reaches it, before A's half round trip.
+    nodes = {A: PunchCoordinator(A), B: PunchCoordinator(B)}
+    nodes[A].set_candidates(Candidates(A_AT, "open", "198.51.100.11:7001"), 0.0)
+    nodes[B].set_candidates(Candidates(B_AT, "port_restricted"), 0.0)
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.2)
+    [dial] = of(log[B], Dial)
+    assert of(log[A], Expect) and nodes[A].describe(B)["stage"] == "syncing"
+    up = nodes[A].on_link_up(B, dial.attempt, 0.21)
+    assert of(up, Abandon) == [] and of(up, PathChange) == [PathChange(B, True, "dialled", "direct")]
+    assert of(nodes[A].on_tick(1.0), Dial) == [] and nodes[A].is_direct(B)
+    # B offers and A listens: B's dial reaches A before B's sync does.
+    nodes = {A: PunchCoordinator(A), B: PunchCoordinator(B)}
+    nodes[A].set_candidates(Candidates(A_AT, "open", "198.51.100.11:7001"), 0.0)
+    nodes[B].set_candidates(Candidates(B_AT, "port_restricted"), 0.0)
+    [connect] = of(nodes[B].want(A, 0.0), SendPunch)
+    answered = nodes[A].on_punch(B, connect.message, 0.1)
+    assert of(answered, Expect) and nodes[A].describe(B)["stage"] == "answered"
+    up = nodes[A].on_link_up(B, connect.message.attempt, 0.15)
+    assert of(up, Abandon) == [] and nodes[A].is_direct(B)
+    sync = Punch(stage="sync", attempt=connect.message.attempt)
+    assert nodes[A].on_punch(B, sync, 0.2) == [] and nodes[A].is_direct(B)  # the late sync changes nothing
+
+
+def test_a_link_up_on_a_side_that_dials_is_taken_only_once_it_dialled() -> None:
+    nodes = pair()
+    log = carry(nodes, A, nodes[A].want(B, 0.0), 0.2)
+    attempt = of(log[B], Dial)[0].attempt
+    assert nodes[A].describe(B)["stage"] == "syncing"  # A punches: it has not dialled yet
+    assert of(nodes[A].on_link_up(B, attempt, 0.21), Abandon) == [Abandon(B, attempt, "superseded")]
