@@ -38,7 +38,8 @@ lab-tools:
 			iptables iproute2 coturn >/dev/null; \
 	fi
 
-test: $(STAMP) lab-tools
+## Lint first (ruff, mypy: a few seconds), then the suite: CI runs exactly this.
+test: lint lab-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The NAT lab matrix (root): a node of each NAT kind, every pair; prints the path each
@@ -89,9 +90,11 @@ $(PEERS_STAMP): setup.cfg pyproject.toml
 bench-peers: $(PEERS_STAMP)
 	BENCH_PEERS_JSON=$(BENCH_PEERS_JSON) $(PEERS_BIN)/python -m bench.peers
 
+## ruff over everything; mypy over meshnet (strict), actors and relay_server (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check meshnet actors relay_server tests bench
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

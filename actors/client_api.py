@@ -268,8 +268,9 @@ class ClientApiActor(NodeActor):
             guard_listener(router)
             router.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
-            cause = zmq.strerror(exc.errno)
-            raise bind_failure("api.endpoint", self.requested_endpoint, exc.errno, cause, self.config_path) from None
+            number = exc.errno or errno.EINVAL
+            cause = zmq.strerror(number)
+            raise bind_failure("api.endpoint", self.requested_endpoint, number, cause, self.config_path) from None
         self._router = router
         # Connections that sent nothing yet are closed past a cap: idle ones cannot hold
         # the node's descriptors (meshnet.conn_guard).

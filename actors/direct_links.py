@@ -400,9 +400,10 @@ class DirectLinks:
         return isinstance(message, Boxes) and len(message.messages) > 1
 
     def _monitor(self, link: Link) -> None:
-        while self.links.get(link.peer) is link:
+        monitor = link.monitor
+        while monitor is not None and self.links.get(link.peer) is link:
             try:
-                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             kind = event["event"]

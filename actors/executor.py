@@ -18,6 +18,7 @@ holding locks (pykka, ZeroMQ), could deadlock a child.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import socket
 import time
@@ -58,7 +59,7 @@ def _timed_out_text(job: JobSpec, *, started: bool) -> str:
     return f"job reached an executor after its timeout of {job.timeout:g} s and never started"
 
 
-def outcome_of(status_line: bytes, result: bytes | bytearray) -> Outcome:
+def outcome_of(status_line: bytes | bytearray, result: bytes | bytearray) -> Outcome:
     """The outcome a worker's two reply frames stand for."""
     status, error_type, message = status_line.decode("utf-8", "replace").split("\0", 2)
     if status == "succeeded":
@@ -182,8 +183,8 @@ class WorkerPool:
                 continue
             self._workers.append(worker)
             self._idle.append(worker)
-            self.loop.add_reader(worker.sock, lambda w=worker: self._io_readable(w))
-            self.loop.add_reader(worker.sentinel, lambda w=worker: self._io_exited(w))
+            self.loop.add_reader(worker.sock, functools.partial(self._io_readable, worker))
+            self.loop.add_reader(worker.sentinel, functools.partial(self._io_exited, worker))
         self._io_start_pending()
 
     def _io_run(self, job: JobSpec) -> None:

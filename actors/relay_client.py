@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import zmq
@@ -82,6 +82,7 @@ from meshnet.protocol import (
     Punch,
     Register,
     Registered,
+    Sealed,
     Send,
     Unroutable,
     decode,
@@ -637,7 +638,7 @@ class RelayClient:
             # nodes through a tampering relay). Its sender sends it again.
             self._rejected(sender, "sealed_message_rejected", str(exc))
             return
-        self._apply(self.sessions.on_box(sender, box, now))
+        self._apply(self.sessions.on_box(sender, cast(Sealed, box), now))  # NODE_TO_NODE holds Sealed types only
 
     # -- meshnet ping --
 
@@ -846,7 +847,7 @@ class RelayClient:
         except ProtocolError as exc:
             self._rejected(peer, "direct_message_rejected", str(exc))
             return
-        self._apply(self.sessions.on_box(peer, box, time.monotonic(), self.punch.link(peer)))
+        self._apply(self.sessions.on_box(peer, cast(Sealed, box), time.monotonic(), self.punch.link(peer)))
         self._update_ledger_idle()
 
     # -- link --
@@ -1064,7 +1065,9 @@ def _ms(seconds: float | None) -> float | None:
 
 def _path_name(path: str | None) -> str:
     """What ``meshnet peers`` calls a session's path: direct, lan, relayed, or none."""
-    return {"relay": "relayed", None: "none"}.get(path, path)  # type: ignore[arg-type]
+    if path is None:
+        return "none"
+    return "relayed" if path == "relay" else path
 
 
 def _mirror(event: threading.Event, value: bool) -> None:

@@ -16,7 +16,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 import zmq
@@ -54,6 +54,9 @@ from meshnet.protocol import (
 )
 from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message
 from meshnet.watched import close_watched, watch
+
+#: A reply type of the client API (``StatusReply``, ``PeersReply``).
+_Reply = TypeVar("_Reply")
 
 DEFAULT_TIMEOUT = 60.0
 #: How long past a job's timeout the client waits for its node before giving up on it.
@@ -118,9 +121,9 @@ class MeshClient:
         self._context = zmq.Context()
         self._loop = SocketLoop("mesh-client")
         #: Jobs in flight: their future and the timer that gives up on them.
-        self._pending: dict[bytes, tuple[concurrent.futures.Future, TimerHandle | None]] = {}
+        self._pending: dict[bytes, tuple[concurrent.futures.Future[Any], TimerHandle | None]] = {}
         #: Status and peers requests in flight, by the seq they carry (loop thread only).
-        self._requests: dict[int, tuple[type, concurrent.futures.Future]] = {}
+        self._requests: dict[int, tuple[type, concurrent.futures.Future[Any]]] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
@@ -129,8 +132,8 @@ class MeshClient:
         #: thread, under the lock; read by submit).
         self._unreachable: str | None = None
         self._identity = identity
-        self._sock: zmq.Socket | None = None
-        self._monitor: zmq.Socket | None = None
+        self._sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
         # loop thread: the state of the connection to the node
         self._linked = False
         self._link_timer: TimerHandle | None = None
@@ -149,7 +152,7 @@ class MeshClient:
 
     def submit(
         self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[Any]:
         """Submit one job; the future resolves to its decoded result.
 
         Raises ``NodeUnreachable`` at once while the client knows it cannot reach its
@@ -161,7 +164,7 @@ class MeshClient:
         submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout)
         validate(submit)
         frames = encode(submit)
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.job_id = job_id.hex()  # type: ignore[attr-defined]
         with self._lock:
             if self._closed:
@@ -195,7 +198,7 @@ class MeshClient:
         """
         if window < 1:
             raise ValueError("window must be at least 1")
-        in_flight: deque[concurrent.futures.Future] = deque()
+        in_flight: deque[concurrent.futures.Future[Any]] = deque()
         for payload in payloads:
             if len(in_flight) >= window:
                 yield in_flight.popleft().result()
@@ -203,7 +206,7 @@ class MeshClient:
         while in_flight:
             yield in_flight.popleft().result()
 
-    def cancel(self, future: concurrent.futures.Future) -> None:
+    def cancel(self, future: concurrent.futures.Future[Any]) -> None:
         """Ask the node to cancel the job behind ``future``; it ends as ``cancelled``
         unless it finished first."""
         self._loop.call_soon(self._io_send, encode(Cancel(id=bytes.fromhex(future.job_id))))  # type: ignore[attr-defined]
@@ -245,8 +248,8 @@ class MeshClient:
 
     # -- internals --
 
-    def _request(self, request: Any, reply_type: type, timeout: float) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def _request(self, request: Any, reply_type: type[_Reply], timeout: float) -> _Reply:
+        future: concurrent.futures.Future[_Reply] = concurrent.futures.Future()
         self._loop.call_soon(self._io_request, request, reply_type, future)
         try:
             return future.result(timeout=timeout)
@@ -256,7 +259,9 @@ class MeshClient:
                 f"no answer from the node at {self.endpoint} within {timeout:g} s; is it running?"
             ) from None
 
-    def _io_open(self, identity: Identity | None, node_peer_id: str | None, opened: concurrent.futures.Future) -> None:
+    def _io_open(
+        self, identity: Identity | None, node_peer_id: str | None, opened: concurrent.futures.Future[Any]
+    ) -> None:
         try:
             sock = self._context.socket(zmq.DEALER)
             if identity is not None and node_peer_id is not None:
@@ -380,7 +385,7 @@ class MeshClient:
         if not self._io_send(frames):
             self._io_give_up(job_id, None)
 
-    def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future) -> None:
+    def _io_request(self, request: Any, reply_type: type, future: concurrent.futures.Future[Any]) -> None:
         if self._refused is not None:
             _settle(future, exception=self._refused)
             return
@@ -466,7 +471,9 @@ class MeshClient:
         )
 
 
-def _settle(future: concurrent.futures.Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+def _settle(
+    future: concurrent.futures.Future[Any], *, result: Any = None, exception: BaseException | None = None
+) -> None:
     if future.done():
         return
     if exception is not None:

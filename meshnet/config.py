@@ -81,7 +81,7 @@ def _port_or_zero(value: Any) -> int:
 
 def _stun_server(value: Any) -> str:
     if value in ("", "off"):
-        return value
+        return str(value)
     if isinstance(value, str) and host_port(value) is not None:
         return value
     raise ValueError('"HOST:PORT" of a STUN server, "" for the relay\'s (its host, port 3478), or "off"')
@@ -137,7 +137,7 @@ def _optional_endpoint(value: Any) -> str:
 def _peer_id(value: Any) -> str:
     if not is_peer_id(value):
         raise ValueError("a peer id (multibase base58btc, starting with 'z6Mk'), as `meshnet id` prints")
-    return value
+    return str(value)
 
 
 def _optional_peer_id(value: Any) -> str:
@@ -165,14 +165,14 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in choices:
             raise ValueError("one of " + ", ".join(repr(c) for c in choices))
-        return value
+        return str(value)
 
     return check
 
 
 def _running_cap(value: Any) -> int | str:
     if value == "auto":
-        return value
+        return "auto"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError("'auto' or an integer of 0 (no cap) or more")
@@ -180,7 +180,7 @@ def _running_cap(value: Any) -> int | str:
 
 def _executors(value: Any) -> int | str:
     if value == "auto":
-        return value
+        return "auto"
     try:
         return _positive_int(value)
     except ValueError:
@@ -207,7 +207,7 @@ def _private_key(value: Any) -> str:
         Identity.from_private_key(value)
     except IdentityError as exc:
         raise ValueError(f"an Ed25519 private key as `meshnet init` writes it ({exc})") from None
-    return value
+    return str(value)
 
 
 def _check(checker: Callable[[Any], Any]) -> dict[str, Any]:
@@ -439,7 +439,8 @@ def _read(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
         text = data.decode("utf-8")
         _check_key_parts(text, path)
-        return tomllib.loads(text)
+        table: dict[str, Any] = tomllib.loads(text)
+        return table
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; create one with `meshnet init --config {path}`") from None
     except PermissionError:
@@ -457,7 +458,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def load_node_config(path: Path) -> NodeConfig:
-    config = _build(NodeConfig, _read(path), str(path), "")
+    config: NodeConfig = _build(NodeConfig, _read(path), str(path), "")
     config.path = path
     _require_identity(config, path)
     if config.relay.endpoint and not config.relay.peer_id:
@@ -478,7 +479,7 @@ def load_node_config(path: Path) -> NodeConfig:
 
 
 def load_relay_config(path: Path) -> RelayConfig:
-    config = _build(RelayConfig, _read(path), str(path), "")
+    config: RelayConfig = _build(RelayConfig, _read(path), str(path), "")
     config.path = path
     _require_identity(config, path)
     if config.stun.alt_port == config.stun.port:

@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from meshnet.conn_guard import HANDSHAKE_IVL_MS, Address, ConnectionGuard, PendingConnection, reserve_for
 from meshnet.log_budget import LogBudget
 from meshnet.socket_loop import SocketLoop
+from meshnet.watched import watch
 
 log = structlog.get_logger("meshnet.listener")
 
@@ -81,7 +82,7 @@ def open_files_report() -> dict[str, int]:
     return {"open_files": soft, "open_files_reserve": reserve_for(soft)}
 
 
-def guard_listener(sock: zmq.Socket) -> None:
+def guard_listener(sock: zmq.Socket[Any]) -> None:
     """Options for a socket that will be guarded (before it binds): libzmq closes a
     connection whose handshake has not completed within HANDSHAKE_IVL_MS."""
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
@@ -90,7 +91,7 @@ def guard_listener(sock: zmq.Socket) -> None:
 class ListenerGuard:
     """Loop thread only."""
 
-    def __init__(self, loop: SocketLoop, sock: zmq.Socket, *, name: str, logger: Any = log):
+    def __init__(self, loop: SocketLoop, sock: zmq.Socket[Any], *, name: str, logger: Any = log):
         self.loop = loop
         self.name = name
         self.core = ConnectionGuard(limit=open_files_limit())
@@ -103,7 +104,7 @@ class ListenerGuard:
         self._seen: OrderedDict[bytes, tuple[int, tuple[Address, Address] | None]] = OrderedDict()
         self._conn_of: dict[int, bytes] = {}
         self._sock = sock
-        self.monitor = sock.get_monitor_socket(MONITORED, addr=f"inproc://guard-{name}-{id(self):x}")
+        self.monitor: zmq.Socket[Any] | None = watch(sock, MONITORED, f"guard-{name}")
         loop.add_reader(self.monitor, self._on_events)
 
     def seen(self, conn: bytes, frame: zmq.Frame) -> None:
@@ -153,9 +154,9 @@ class ListenerGuard:
                         self._shut(conn)
             else:
                 self.core.on_gone(fd)
-                conn = self._conn_of.pop(fd, None)
-                if conn is not None and self._seen.get(conn, (-1,))[0] == fd:
-                    del self._seen[conn]
+                routing_id = self._conn_of.pop(fd, None)
+                if routing_id is not None and self._seen.get(routing_id, (-1,))[0] == fd:
+                    del self._seen[routing_id]
 
     def _shut(self, conn: PendingConnection) -> None:
         if not _shutdown(conn.fd, (conn.local, conn.remote)):
@@ -203,7 +204,8 @@ def _talking(fd: int) -> bool:
         return False
     if len(info) < TCP_INFO_BYTES_RECEIVED + 8:
         return False  # a kernel before 4.1 says nothing: all pending look alike
-    return struct.unpack_from("=Q", info, TCP_INFO_BYTES_RECEIVED)[0] > 0
+    received: int = struct.unpack_from("=Q", info, TCP_INFO_BYTES_RECEIVED)[0]
+    return received > 0
 
 
 def _addresses(fd: int) -> tuple[Address, Address] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -37,7 +39,7 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     fields = dict(static or {})
 
-    def add_static(logger: object, method: str, event_dict: dict) -> dict:
+    def add_static(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in fields.items():
             event_dict.setdefault(key, value)
         return event_dict
@@ -79,7 +81,7 @@ class _ExceptionReturnedToCaller(logging.Filter):
 
 class _StdlibToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        fields = {"logger": record.name}
+        fields: dict[str, Any] = {"logger": record.name}
         if record.exc_info:
             fields["exc_info"] = record.exc_info
         structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)

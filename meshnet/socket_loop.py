@@ -55,7 +55,7 @@ _READABLE = int(zmq.POLLIN | zmq.POLLERR)
 _WRITABLE = int(zmq.POLLOUT)
 
 
-def send_message(sock: zmq.Socket, frames: list[Any]) -> None:
+def send_message(sock: zmq.Socket[Any], frames: list[Any]) -> None:
     """``sock.send_multipart(frames, zmq.NOBLOCK, copy=False)``, without its per-frame
     flag arithmetic. Small frames are copied by pyzmq anyway (below its copy threshold)."""
     last = len(frames) - 1
@@ -63,13 +63,14 @@ def send_message(sock: zmq.Socket, frames: list[Any]) -> None:
         sock.send(frame, _SEND_MORE if i < last else _NOBLOCK, copy=False)
 
 
-def send_tracked(sock: zmq.Socket, frames: list[Any]) -> zmq.MessageTracker:
+def send_tracked(sock: zmq.Socket[Any], frames: list[Any]) -> zmq.MessageTracker:
     """:func:`send_message`, tracking the last frame: the tracker is done once ZeroMQ has
     let go of it (written to the kernel, or dropped with its connection)."""
     last = len(frames) - 1
     for frame in frames[:last]:
         sock.send(frame, _SEND_MORE, copy=False)
-    return sock.send(frames[last], _NOBLOCK, copy=False, track=True)
+    tracker: zmq.MessageTracker = sock.send(frames[last], _NOBLOCK, copy=False, track=True)
+    return tracker
 
 
 class TimerHandle:
@@ -96,7 +97,9 @@ class TimerHandle:
                 loop.call_soon(loop._timer_cancelled)
 
 
-def recv_message(sock: zmq.Socket, max_frames: int, copied: int = 0, last: list[Any] | None = None) -> list[Any] | None:
+def recv_message(
+    sock: zmq.Socket[Any], max_frames: int, copied: int = 0, last: list[Any] | None = None
+) -> list[Any] | None:
     """Receive one message frame by frame without blocking (``zmq.Again`` when none).
 
     ``MAXMSGSIZE`` bounds each frame, not a message: a peer could send a message of a
@@ -309,7 +312,7 @@ class SocketLoop:
         except Exception:
             log.exception("loop_callback_failed", loop=self.name, callback=getattr(fn, "__qualname__", repr(fn)))
 
-    def _run_timers(self) -> float | None:
+    def _run_timers(self) -> int | None:
         """Run due timers; return milliseconds until the next, None when there is none."""
         timers = self._timers
         while timers:

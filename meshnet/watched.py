@@ -25,13 +25,13 @@ import zmq
 _numbers = itertools.count(1)
 
 
-def watch(sock: zmq.Socket, events: int, name: str) -> zmq.Socket:
+def watch(sock: zmq.Socket[Any], events: int, name: str) -> zmq.Socket[Any]:
     """A monitor of ``events`` on ``sock``, at an inproc address no other monitor of
     this process has had (``name`` says whose, for a reader of libzmq's errors)."""
     return sock.get_monitor_socket(events, addr=f"inproc://{name}-monitor-{os.getpid()}-{next(_numbers)}")
 
 
-def close_watched(loop: Any, sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+def close_watched(loop: Any, sock: zmq.Socket[Any] | None, monitor: zmq.Socket[Any] | None) -> None:
     """Close ``sock`` and its ``monitor`` (either may be None) on ``loop``
     (:class:`meshnet.socket_loop.SocketLoop`, whose thread this runs on): detached
     first, then neither watched nor open."""

@@ -166,8 +166,8 @@ class RelayServer:
             router.bind(settings.bind)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
-            error_text = zmq.strerror(exc.errno)
-            self._error = bind_failure("relay.bind", settings.bind, exc.errno, error_text, self.config.path)
+            number = exc.errno or errno.EINVAL
+            self._error = bind_failure("relay.bind", settings.bind, number, zmq.strerror(number), self.config.path)
             self._ready.set()
             return
         self._router = router

@@ -17,7 +17,7 @@ from typing import Any
 import cbor2
 import structlog
 
-from meshnet.errors import ProtocolError
+from meshnet.errors import ProtocolError, RemoteProtocolError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, frames_size
 from meshnet.holepunch import address_ip
 from meshnet.identity import curve_public_z85
@@ -49,7 +49,7 @@ log = structlog.get_logger("meshnet.relay")
 #: Room for the peer list in a peers reply, under the header limits of its link: bytes,
 #: and data items (which a node counts before it decodes anything).
 PEERS_REPLY_BUDGET = RELAY_TO_NODE.header_bytes - 4096
-PEERS_REPLY_ITEMS = RELAY_TO_NODE.items - 64
+PEERS_REPLY_ITEMS = RELAY_TO_NODE.max_items - 64
 #: Peers remembered per destination as having sent to it, to tell them when it leaves.
 MAX_CORRESPONDENTS = 1024
 
@@ -168,7 +168,7 @@ class RelayCore:
         except ProtocolError as exc:
             out = self._count_received(entry, frames)  # its sender counted it as sent
             self.on_rejected(conn, str(exc), now)
-            header = exc.header
+            header = exc.header if isinstance(exc, RemoteProtocolError) else None
             if isinstance(header, Send):  # a job, result or cancel: named, so its sender can end it
                 return out + self._reply_to(conn, self._unroutable(header, exc.code, str(exc)))
             return out + self._reply_to(conn, Error(code=exc.code, message=str(exc)))

@@ -96,7 +96,7 @@ class StunServer:
     # -- loop thread --
 
     def _open(self) -> None:
-        assert self.responder is not None
+        assert self.responder is not None and self.loop is not None
         for address in self.responder.addresses:
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -115,6 +115,7 @@ class StunServer:
         self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._log_summary)
 
     def _close(self) -> None:
+        assert self.loop is not None
         if self._summary is not None:
             self._summary.cancel()
             self._summary = None
@@ -124,7 +125,7 @@ class StunServer:
 
     def _log_summary(self) -> None:
         """One line for what was refused since the last (none if nothing was)."""
-        assert self.responder is not None
+        assert self.responder is not None and self.loop is not None
         counts = self.responder.counts
         since = {what: counts[what] - self._logged[what] for what in REFUSED if counts[what] > self._logged[what]}
         if since:

@@ -57,7 +57,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_job(kind: str, payload: bytes) -> Outcome:
+def run_job(kind: str, payload: bytes | bytearray) -> Outcome:
     handler = _handlers.get(kind)
     if handler is None:  # the node checks first; this guards a config changed under a running pool
         return ("failed", None, "UnknownKind", f"job kind {kind!r} is not enabled on this node")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cbor2
@@ -82,7 +82,8 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
     if not fields.keys() <= rules.keys():  # a set comparison, in C: the usual case costs little
         unknown = [k for k in fields if k not in rules]
         raise RemoteProtocolError(f"{cls.TYPE}: unknown field {strict_cbor.describe(unknown[0])}")
-    checks, whole = _plan(cls)
+    # A class is hashable (mypy reads the frozen dataclasses' instance __hash__ as the class's).
+    checks, whole = _plan(cls)  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     for name, rule, may_be_absent in checks:
         value = fields.get(name)
@@ -105,7 +106,7 @@ def _build_checked(fields: dict[Any, Any], accept: MessageTable, body: Any, max_
     if whole:
         # Every field has its value, checked: the instance is made as __init__ would
         # make it, without a frozen dataclass's object.__setattr__ per field.
-        message = object.__new__(cls)
+        message: Message = object.__new__(cls)
         message.__dict__.update(values)
     else:
         try:
@@ -161,7 +162,7 @@ def decode(frames: Sequence[Any], accept: MessageTable, *, max_body: int) -> Mes
         raise _unexpected(exc) from None
 
 
-def _guarded(decode_step: Any) -> Message:
+def _guarded(decode_step: Callable[[], Message]) -> Message:
     """Run ``decode_step``, with :func:`decode`'s guarantee: only protocol errors leave it."""
     try:
         return decode_step()
@@ -238,7 +239,7 @@ def _head(major: int, n: int) -> bytes:
 def decode_inner(data: Any, accept: MessageTable, *, max_size: int) -> Message:
     """Validate one node-to-node message (the plaintext of a sealed body), as
     :func:`decode` does a header."""
-    limits = _inner_limits(max_size, accept.items, accept.depth)
+    limits = _inner_limits(max_size, accept.max_items, accept.depth)
     return _guarded(lambda: _build(_load_map(data, limits, "sealed message"), accept, None))
 
 
@@ -252,7 +253,7 @@ def split_bulk(message: Message) -> tuple[bytes, str, Any] | None:
     its value as it is (no copy); None when it has no value of at least BULK_BYTES."""
     name = BULK_FIELDS.get(message.TYPE)
     value = getattr(message, name) if name is not None else None
-    if value is None or len(memoryview(value)) < BULK_BYTES:
+    if name is None or value is None or len(memoryview(value)) < BULK_BYTES:
         return None
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
     for field in message.RULES:
@@ -272,7 +273,7 @@ def decode_inner_split(data: Any, name: str, bulk: Any, accept: MessageTable, *,
     size = len(memoryview(data)) + len(memoryview(bulk))
     if size > max_size:
         raise MessageTooLarge(f"sealed message is {size} bytes; the limit is {max_size}")
-    limits = _inner_limits(max_size, accept.items, accept.depth)
+    limits = _inner_limits(max_size, accept.max_items, accept.depth)
 
     def build() -> Message:
         fields = _load_map(data, limits, "sealed message")

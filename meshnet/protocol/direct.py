@@ -102,7 +102,7 @@ LinkMessage = Hi | Boxes | Parts | Ping | Pong | Bye
 Carried = Any  # a buffer (one message's CBOR map) or a Parts
 
 OUR_HI = Hi(batches=True, parts=True)
-_SINGLE = {PING: Ping(), PONG: Pong(), BYE: Bye()}
+_SINGLE: dict[bytes, LinkMessage] = {PING: Ping(), PONG: Pong(), BYE: Bye()}
 _KINDS = (HI, BOX, BOXES, PARTS, PING, PONG, BYE)
 _LONGEST_KIND = max(len(kind) for kind in _KINDS)
 

@@ -164,7 +164,7 @@ def kind(value: Any) -> str:
 def peer_id(value: Any) -> str:
     if not is_peer_id(value):
         raise ValueError("a peer id")
-    return value
+    return str(value)
 
 
 def optional(rule: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -200,7 +200,7 @@ def text(value: Any) -> str:
 def status(value: Any) -> str:
     if value not in STATUSES:
         raise ValueError("one of " + ", ".join(STATUSES))
-    return value
+    return str(value)
 
 
 def error(value: Any) -> dict[str, str] | None:
@@ -257,7 +257,8 @@ def plain_value(value: Any, what: str = "value", *, max_depth: int = MAX_DEPTH, 
 def small_map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("a map with text keys")
-    return plain_value(value, "a map")
+    checked: dict[str, Any] = plain_value(value, "a map")
+    return checked
 
 
 #: A node's capabilities: small enough that a relay's list of thousands of peers stays
@@ -271,7 +272,8 @@ def capabilities(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ValueError("a map with text keys")
-    return plain_value(value, "a map", max_depth=MAX_CAPS_DEPTH, max_values=MAX_CAPS_VALUES)
+    checked: dict[str, Any] = plain_value(value, "a map", max_depth=MAX_CAPS_DEPTH, max_values=MAX_CAPS_VALUES)
+    return checked
 
 
 #: Addresses a node may announce: a few interfaces and ports, each a short endpoint.
@@ -300,7 +302,10 @@ def map_list(value: Any) -> list[dict[str, Any]]:
         raise ValueError(f"a list of at most {MAX_LIST} maps")
     # A list of peers, each with its capabilities: deeper and larger than one map, and
     # bounded by the items its link's header may hold.
-    return plain_value(value, "a list of maps", max_depth=MAX_CAPS_DEPTH + 3, max_values=MAX_LIST_ITEMS)
+    checked: list[dict[str, Any]] = plain_value(
+        value, "a list of maps", max_depth=MAX_CAPS_DEPTH + 3, max_values=MAX_LIST_ITEMS
+    )
+    return checked
 
 
 def byte_string(value: Any) -> bytes:
@@ -322,7 +327,7 @@ SEALED_OPS = ("sealed",)
 def op(value: Any) -> str:
     if value not in SEALED_OPS:
         raise ValueError("one of " + ", ".join(SEALED_OPS))
-    return value
+    return str(value)
 
 
 def seq(value: Any) -> int:
@@ -713,7 +718,7 @@ class JobCancel(Sealed):
 def punch_stage(value: Any) -> str:
     if value not in ("connect", "answer", "sync", "refuse"):
         raise ValueError("one of 'connect', 'answer', 'sync', 'refuse'")
-    return value
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -751,7 +756,7 @@ class Punch(Sealed):
     reason: str | None = None
 
 
-class MessageTable(dict):
+class MessageTable(dict[str, type[Message]]):
     """The message types one side accepts on one link (type name -> class), and what a
     header there may hold: ``header_bytes`` and ``items`` (data items in all, counted
     before anything is built). Headers are small on links that carry no lists; where
@@ -767,7 +772,8 @@ class MessageTable(dict):
         return self.limits.size
 
     @property
-    def items(self) -> int:
+    def max_items(self) -> int:
+        """CBOR data items a header here may hold (its ``items`` would be dict's)."""
         return self.limits.items
 
     @property

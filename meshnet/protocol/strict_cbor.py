@@ -222,6 +222,7 @@ _NOTHING = io.BytesIO(b"")
 
 
 def _decoder(depth: int) -> cbor2.CBORDecoder:
+    by_depth: dict[int, cbor2.CBORDecoder]
     try:
         by_depth = _decoders.by_depth
     except AttributeError:
@@ -303,7 +304,7 @@ def _diagnose(data: Any, limits: Limits, exc: BaseException) -> str:
 
 def _cause(exc: BaseException) -> str:
     """cbor2's reason, without the values it may quote (a long key, say), cut short."""
-    reasons = []
+    reasons: list[str] = []
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(reasons) < 3:
         seen.add(id(exc))

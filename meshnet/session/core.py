@@ -425,6 +425,7 @@ class SessionCore:
             # to its timeout, which names these bounces.
             return [Notice("relay_claim_ignored", {"peer": peer, "claim": reason, "text": text})]
         if job is not None:
+            assert isinstance(message, Job)
             # It never reached the peer, and never will: it goes on as a small cancel in
             # its place (the peer's stream must have no hole), at once.
             events = self._settle(job, Outcome.refused("too_large", f"the relay refused to carry it: {text}"), now)

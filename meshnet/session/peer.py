@@ -17,11 +17,14 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from meshnet.protocol.messages import Hello, PeerAck, Sealed
 from meshnet.session.state import Move, State, next_state
 from meshnet.session.windows import STREAM_WINDOW, ReceiveWindow, ReplayWindow, RoundTrip
+
+#: Any node-to-node message type: what is stamped comes back as the same type.
+_Box = TypeVar("_Box", bound=Sealed)
 
 #: A message received is acknowledged within this (unless something else goes back
 #: first, carrying the ack): short against a round trip, long enough to gather a burst.
@@ -194,7 +197,7 @@ class PeerSession:
         self.counters[box.ctr] = pending.seq
         return box
 
-    def _stamp(self, message: Sealed) -> Sealed:
+    def _stamp(self, message: _Box) -> _Box:
         """``message`` with this session's header and the current acknowledgement."""
         self.counter += 1
         self.unacked_in = 0
@@ -261,7 +264,7 @@ class PeerSession:
             elif box.probe:
                 received.replies.append(self._stamp(PeerAck()))
             sent_at = self.pings_sent.pop(box.pong, None) if box.pong is not None else None
-            if sent_at is not None:
+            if box.pong is not None and sent_at is not None:
                 received.pong = (box.pong, now - sent_at)
         elif box.seq is not None:
             if self.inbound.receive(box.seq):
@@ -395,7 +398,7 @@ class PeerSession:
         return sent, unsent
 
 
-def with_fields(message: Sealed, fields: dict[str, Any]) -> Sealed:
+def with_fields(message: _Box, fields: dict[str, Any]) -> _Box:
     """A copy of ``message`` with ``fields`` changed. ``dataclasses.replace`` builds the
     copy through ``__init__`` with every field: two of those per box were a third of the
     session's own time per job (measured). The messages are frozen dataclasses with no

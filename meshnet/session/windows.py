@@ -113,4 +113,4 @@ class RoundTrip:
 
     def backed_off(self, attempts: int) -> float:
         """The timeout after ``attempts`` sends of the same message."""
-        return min(self.MAX, self.rto * 2 ** min(attempts - 1, 8))
+        return min(self.MAX, self.rto * 2.0 ** min(attempts - 1, 8))
