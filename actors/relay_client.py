@@ -19,7 +19,6 @@ import functools
 import math
 import os
 import random
-import socket
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,8 @@ from actors.messages import (
     RunThere,
     Tick,
 )
+from actors.network_check import CheckNetwork, NetworkChecked
+from actors.supervision import Child
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.endpoints import connect_from, free_tcp_port, tcp_address
 from meshnet.errors import ProtocolError, SealError
@@ -65,7 +66,7 @@ from meshnet.holepunch import (
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
 from meshnet.memory_budget import MemoryBudget
-from meshnet.natcheck import NatReport, classify, local_ip_toward, stun_server
+from meshnet.natcheck import NatReport, stun_server
 from meshnet.protocol import (
     BODY_SLACK,
     MAX_FRAMES,
@@ -122,6 +123,8 @@ RECENT_REGISTER = 0.5
 #: libzmq's own reconnection interval, drawn per socket, and its backed-off cap (ms).
 RECONNECT_IVL_MS = (100.0, 1000.0)
 RECONNECT_IVL_MAX_MS = 5000
+#: A network check whose actor failed is asked again after 1 s, 2 s, 4 s, ... up to this.
+MAX_CHECK_RETRY = 60.0
 LINK_LOST = "the node lost its connection to the relay"
 DISPLACED = "another process with this node's identity took its place at the relay; this node no longer uses it"
 #: The relay connection moves to a fresh local port after a failed punch at most this
@@ -191,8 +194,12 @@ class RelayClient:
         stun: str = "",
         direct_port: int = 0,
         direct_links: bool = True,
+        network_check: Child | None = None,
     ):
         self.identity = identity
+        #: The actor that finds out this node's LAN address and NAT type (off the loop);
+        #: None: direct links are off (nothing is asked).
+        self.network_check = network_check
         self.peer_id = identity.peer_id
         self.sealer = sealer
         self.endpoint = endpoint
@@ -262,6 +269,9 @@ class RelayClient:
         #: IP (as the relay observed it): a new one means a new network, checked again.
         self._checked = False
         self._checked_at_ip = ""
+        #: Network checks in a row whose actor failed, and the timer of the next try.
+        self._check_failures = 0
+        self._check_retry: TimerHandle | None = None
         #: Boxes sent to peers, by path.
         self.boxes_sent: Counter[str] = Counter()
         self._punch_timer: TimerHandle | None = None
@@ -310,6 +320,8 @@ class RelayClient:
                 self._session_timer.cancel()
             if self._punch_timer is not None:
                 self._punch_timer.cancel()
+            if self._check_retry is not None:
+                self._check_retry.cancel()
 
     def post(self, message: Any) -> None:
         """Hand this relay client a message (thread-safe); on its loop, handled now."""
@@ -385,6 +397,8 @@ class RelayClient:
             self._query_peers(message.reply, now)
         elif isinstance(message, PingThere):
             self._ping_peer(message, now)
+        elif isinstance(message, NetworkChecked):
+            self._on_network_checked(message)
         elif isinstance(message, Reconnect):
             if self.link.state is not LinkState.DISPLACED:
                 self._connect()
@@ -695,7 +709,7 @@ class RelayClient:
     def _on_observed(self, observed: str, now: float) -> None:
         """Registered, and seen by the relay at ``observed``: this node's candidates. A
         punch is offered only once the node knows its LAN address and NAT type (or knows
-        it will not), which a thread of its own finds out: DNS and STUN take time."""
+        it will not), which the network-check actor finds out off the loop: DNS and STUN take time."""
         enabled = self.punch.enabled
         public_ip = address_ip(observed)
         if self._checked and public_ip != self._checked_at_ip:
@@ -707,9 +721,20 @@ class RelayClient:
         self._punch(self.punch.set_candidates(self._candidates(observed), now, final=not enabled or self._checked))
         if enabled and not self._checked and not self._classifying:
             self._checked_at_ip = public_ip
-            self._classifying = True
-            server = stun_server(self.stun, self.endpoint)
-            threading.Thread(target=self._check_network, args=(server,), name="nat-check", daemon=True).start()
+            self._ask_network_check()
+
+    def _ask_network_check(self) -> None:
+        """Ask the network-check actor (off the loop: DNS and STUN take time) for this
+        node's LAN address and NAT type; its answer comes back as ``NetworkChecked``."""
+        self._check_retry = None
+        if self._stopped or self._classifying or self._checked:
+            return
+        if self.network_check is None:
+            self._on_network_checked(NetworkChecked(None, None, "no network check with direct links off"))
+            return
+        self._classifying = True
+        server = stun_server(self.stun, self.endpoint)
+        self.network_check.tell(CheckNetwork(reply_to=self.post, relay_endpoint=self.endpoint, stun=server))
 
     def _candidates(self, observed: str) -> Candidates:
         """This node's candidates: the relay-observed address, the NAT type, and its
@@ -726,27 +751,21 @@ class RelayClient:
         public_ip = address_ip(observed)
         return Candidates(observed, nat, f"{public_ip}:{port}", f"{self._lan_ip}:{port}")
 
-    def _check_network(self, server: tuple[str, int] | None) -> None:
-        """Its own thread: the LAN address this node reaches the relay from, and its NAT
-        type by STUN against ``server`` (None: not asked). Whatever fails is logged, and
-        the node goes on without it; the answer always reaches the loop."""
-        lan_ip: str | None = None
-        report: NatReport | None = None
-        try:
-            relay = tcp_address(self.endpoint)
-            if relay is not None:
-                lan_ip = local_ip_toward((socket.gethostbyname(relay[0]), relay[1]))
-            if server is not None:
-                report = classify(server)
-        except Exception as exc:  # pystun3 raises more than OSError on odd answers
-            where = f"{server[0]}:{server[1]}" if server is not None else "-"
-            self.log.warning("nat_check_failed", stun=where, error=f"{type(exc).__name__}: {exc}")
-        self.loop.call_soon(self._on_network_checked, lan_ip, report)
-
-    def _on_network_checked(self, lan_ip: str | None, report: NatReport | None) -> None:
-        self._classifying, self._checked = False, True
+    def _on_network_checked(self, checked: NetworkChecked) -> None:
+        self._classifying = False
         if self._stopped:
             return
+        if checked.crashed:
+            # The actor failed (and was restarted): asked again, later each time.
+            self._check_failures += 1
+            delay = min(2.0 ** (self._check_failures - 1), MAX_CHECK_RETRY)
+            self.log.warning("network_check_retry", error=checked.error, seconds=delay)
+            self._check_retry = self.loop.call_later(delay, self._ask_network_check)
+            return
+        self._checked, self._check_failures = True, 0
+        lan_ip, report = checked.lan_ip, checked.report
+        self.log.info("network_checked", lan_ip=lan_ip, nat=report.nat_type if report is not None else None,
+                      error=checked.error or None)  # fmt: skip
         self._lan_ip = lan_ip
         if report is not None:
             self.nat = report

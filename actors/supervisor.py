@@ -14,6 +14,7 @@ are flushed to clients, and the pool is stopped with its workers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -22,10 +23,12 @@ import zmq
 
 from actors.client_api import ClientApiActor
 from actors.executor import ExecutorActor, WorkerPool
-from actors.identity import IdentityActor
+from actors.identity import Describe, IdentityActor
 from actors.job_queue import JobBook, JobQueueActor
 from actors.messages import Abort, Alive, Drain
+from actors.network_check import NetworkCheckActor
 from actors.relay_client import RelayClient, RelayClientActor, node_capabilities
+from actors.supervision import Child, Supervisor
 from meshnet.config import NodeConfig
 from meshnet.errors import MeshError
 from meshnet.identity import Sealer
@@ -42,15 +45,24 @@ DELIVERY_WAIT = 1.0
 
 
 class Node:
-    def __init__(self, config: NodeConfig):
+    """``on_fatal(why)``: called once (from any thread) when a supervised actor failed
+    past its restart budget; whoever runs the node stops it then (``meshnet node``:
+    exit status 1 after one ``node_failed`` line)."""
+
+    def __init__(self, config: NodeConfig, on_fatal: Callable[[str], None] | None = None):
         self.config = config
+        self.on_fatal = on_fatal
+        #: Why the node must stop, once a supervised actor failed past its budget.
+        self.failure: str | None = None
+        #: The actors off the job loop: restarted when they fail (actors.supervision).
+        self.supervisor = Supervisor(self._give_up)
         check_enabled(config.jobs.enabled, str(config.path or "config"))
         self.identity = config.load_identity()
         self.peer_id = self.identity.peer_id
         self.context = zmq.Context()
         self.started_at = time.monotonic()
         self.actors: list[pykka.ActorRef] = []
-        self.identity_actor: pykka.ActorRef | None = None
+        self.identity_actor: Child | None = None
         self.executor: pykka.ActorRef | None = None
         self.queue: pykka.ActorRef | None = None
         self.book: JobBook | None = None
@@ -71,7 +83,7 @@ class Node:
         try:
             identity = self.identity
             sealer = Sealer(identity)
-            self.identity_actor = self._start(IdentityActor.start(identity, sealer))
+            self.identity_actor = self._supervise("identity", lambda s: IdentityActor.start(s, identity))
             # The job loop and the parts that run on it are made here and handed to each
             # other; the actors supervise them (start, stop, in order).
             loop = SocketLoop("jobs", trim_after=0.5)
@@ -111,6 +123,8 @@ class Node:
             )
             self.endpoint = self.api.proxy().bind().get()
             if config.relay.endpoint:
+                peer_id = self.peer_id
+                network_check = self._supervise("network_check", lambda s: NetworkCheckActor.start(s, peer_id))
                 self.relay_client = RelayClient(
                     identity=identity,
                     sealer=sealer,
@@ -132,6 +146,7 @@ class Node:
                     stun=config.relay.stun,
                     direct_port=config.relay.direct_port,
                     direct_links=config.relay.direct_links,
+                    network_check=network_check,
                 )
                 self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:
@@ -150,6 +165,24 @@ class Node:
         )
         return self
 
+    def _supervise(self, name: str, start: Callable[[Supervisor], pykka.ActorRef]) -> Child:
+        """Start actor ``name`` under the node's supervisor (checked as :meth:`_start`)."""
+        child = self.supervisor.start(name, start)
+        try:
+            child.ask(Alive(), timeout=10)
+        except pykka.ActorDeadError:
+            raise MeshError(f"the {name} actor failed to start; its error is logged above") from None
+        return child
+
+    def _give_up(self, why: str) -> None:
+        """A supervised actor failed past its budget (its thread): the node must stop."""
+        if self.failure is None:
+            self.failure = why
+            if self.on_fatal is not None:
+                self.on_fatal(why)
+            else:
+                self.log.error("node_failed", error=why)
+
     def _start(self, ref: pykka.ActorRef) -> pykka.ActorRef:
         """Keep ``ref`` for stopping; fail start-up if the actor died in ``on_start``
         (pykka would only log it, leaving a node without one of its parts)."""
@@ -163,8 +196,10 @@ class Node:
     def status(self) -> dict[str, Any]:
         """What ``meshnet status`` shows. Safe from any thread but the actors' own."""
         assert self.book is not None
+        assert self.identity_actor is not None
         info: dict[str, Any] = {
             "peer_id": self.peer_id,
+            "identity": self.identity_actor.ask(Describe(), timeout=5),
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "api": self.endpoint,
             **self.book.on_loop(self.book.status),
@@ -223,4 +258,5 @@ class Node:
             except pykka.ActorDeadError:
                 pass
         self.actors.clear()
+        self.supervisor.stop()  # started first, stopped last
         self.context.destroy(linger=0)

@@ -66,11 +66,15 @@ def _warn_if_readable(path: Path) -> None:
 
 #: What stops a node or a relay.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Written to the wakeup pipe (no signal has number 0) when a node must stop because a
+#: supervised actor failed past its restart budget.
+FAILED = 0
 
 
-def _catch_stop_signals() -> int:
+def _catch_stop_signals() -> tuple[int, int]:
     """From now on SIGTERM and SIGINT are caught, however many come, and each one's
-    number reaches a pipe, whose reading end this returns (:func:`_wait_for_signal`).
+    number reaches a pipe, whose reading and writing ends this returns (the reading end
+    for :func:`_wait_for_signal`; the writing end takes :data:`FAILED` too).
     Called before the process starts anything, so that a signal that comes while it
     starts is kept, not fatal.
 
@@ -84,7 +88,7 @@ def _catch_stop_signals() -> int:
     signal.set_wakeup_fd(write_end)
     for stop in STOP_SIGNALS:
         signal.signal(stop, _noted)
-    return read_end
+    return read_end, write_end
 
 
 def _noted(signum: int, frame: Any) -> None:
@@ -92,11 +96,12 @@ def _noted(signum: int, frame: Any) -> None:
 
 
 def _wait_for_signal(read_end: int) -> int:
-    """Block until the first stop signal; return its number. The later ones are said and
-    change nothing (other signals with a handler, SIGUSR1's thread dump, pass by)."""
+    """Block until the first stop signal (or :data:`FAILED`); return its number. The later
+    ones are said and change nothing (other signals with a handler, SIGUSR1's thread
+    dump, pass by)."""
     while True:
         received = os.read(read_end, 64)
-        stops = [i for i, signum in enumerate(received) if signum in STOP_SIGNALS]
+        stops = [i for i, signum in enumerate(received) if signum in STOP_SIGNALS or signum == FAILED]
         if stops:
             later = bytes(received[stops[0] + 1 :])
             threading.Thread(target=_say_later_signals, args=(read_end, later), name="signals", daemon=True).start()
@@ -138,15 +143,28 @@ def cmd_node(args: argparse.Namespace) -> int:
     config = _load_node(_config_path(args, "node.toml"), create=not args.config)
     _configure_logging(config.log.format, config.log.level, {"peer_id": config.load_identity().peer_id})
     keep_freed_buffers()  # this process is the node's own
-    signals = _catch_stop_signals()
-    node = Node(config).start()
+    signals, wake = _catch_stop_signals()
+    node = Node(config, on_fatal=lambda why: _wake(wake)).start()
     _install_thread_dump()
+    log = structlog.get_logger("meshnet")
     try:
         signum = _wait_for_signal(signals)
-        structlog.get_logger("meshnet").info("signal_received", signal=signal.Signals(signum).name)
+        if signum != FAILED:
+            log.info("signal_received", signal=signal.Signals(signum).name)
     finally:
         node.stop()
+    if node.failure is not None:
+        log.error("node_failed", error=node.failure, fix="see the actor_restarted lines above for its errors")
+        return 1
     return 0
+
+
+def _wake(write_end: int) -> None:
+    """Any thread: wake the main thread's wait, to stop the node (:data:`FAILED`)."""
+    try:
+        os.write(write_end, bytes([FAILED]))
+    except BlockingIOError:
+        pass  # the pipe is full of wakeups already
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -160,7 +178,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     _warn_if_readable(path)
     _configure_logging(config.log.format, config.log.level, {"relay_id": config.load_identity().peer_id})
     keep_freed_buffers()  # this process is the relay's own
-    signals = _catch_stop_signals()
+    signals, _ = _catch_stop_signals()
     server = RelayServer(config).start()
     try:
         _wait_for_signal(signals)
