@@ -60,10 +60,13 @@ log = structlog.get_logger("meshnet.api")
 
 RECV_BATCH = 256
 #: Answers of at least this many bytes are followed until ZeroMQ lets go of them, and
-#: count against the node's memory budget meanwhile (ZeroMQ queues API_SEND_HWM of them
-#: per connection, 8 x 64 MiB at worst). Smaller ones cost at most API_SEND_HWM x this per
-#: connection, unfollowed: a tracker costs more than they do.
-TRACK_BYTES = 64 * 1024
+#: count against the node's memory budget meanwhile. Smaller ones cost at most
+#: API_SEND_HWM x this (256 KiB) per connection, unfollowed: a tracker costs more than
+#: they do.
+TRACK_BYTES = 4 * 1024
+#: Followed answers ZeroMQ may hold for one connection at once; past it the next waits
+#: here, counted in bytes (one answer always goes, however large).
+ZMQ_BYTES_PER_CLIENT = 32 * 1024 * 1024
 #: How often answers followed in ZeroMQ are looked at while some are (doubling from the
 #: first to the longest while none is let go: a client that reads frees them within
 #: milliseconds; one that does not costs a wake-up a second).
@@ -175,6 +178,8 @@ class ClientApiActor(NodeActor):
         #: Large answers ZeroMQ holds for clients (loop thread): (tracker, conn, bytes,
         #: when sent), oldest first, and their bytes in all.
         self._tracked: list[tuple[zmq.MessageTracker, bytes, int, float]] = []
+        #: Bytes of followed answers in ZeroMQ's queue, per connection.
+        self._in_zmq: dict[bytes, int] = {}
         self.tracked_bytes = 0
         #: Clients cut whose connection could not be closed (loop thread).
         self._unclosable: OrderedDict[bytes, None] = OrderedDict()
@@ -304,30 +309,44 @@ class ClientApiActor(NodeActor):
             self._io_hold(conn, frames)
             return
         try:
-            if len(frames) > 1 and len(frames[-1]) >= TRACK_BYTES:
-                self._io_track(conn, send_tracked(router, [conn, *frames]), len(frames[-1]))
-            else:
-                send_message(router, [conn, *frames])
+            sent = self._io_try_send(router, conn, frames)
         except zmq.Again:  # ZeroMQ's queue for this client is full: it is not reading
-            self._io_hold(conn, frames)
+            sent = False
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             outboxes.discarded += 1  # the client went away; its answers have nowhere to go
-        else:
-            if outboxes.dropped and outboxes.reading_again(conn):
-                self.log.info("client_reading_again", client=client_tag(conn))
+            return
+        if not sent:
+            self._io_hold(conn, frames)
+        elif outboxes.dropped and outboxes.reading_again(conn):
+            self.log.info("client_reading_again", client=client_tag(conn))
+
+    def _io_try_send(self, router: zmq.Socket[Any], conn: bytes, frames: list[Any]) -> bool:
+        """Hand one answer to ZeroMQ: False if it would put more than ZMQ_BYTES_PER_CLIENT
+        of followed answers in its queue for ``conn`` (then it waits here); ``zmq.Again``
+        when that queue is full of messages."""
+        size = len(frames[-1]) if len(frames) > 1 else 0
+        if size < TRACK_BYTES:
+            send_message(router, [conn, *frames])
+            return True
+        queued = self._in_zmq.get(conn, 0)
+        if queued and queued + size > ZMQ_BYTES_PER_CLIENT:
+            return False
+        self._io_track(conn, send_tracked(router, [conn, *frames]), size)
+        return True
 
     def _io_hold(self, conn: bytes, frames: list[Any]) -> None:
         now = time.monotonic()
         size = frames_size(frames)
         waiting = self.outboxes.unread(conn) + size
-        state = self.outboxes.hold(conn, frames, size, now)
+        queued = self._in_zmq.get(conn, 0)  # unread too, in ZeroMQ's queue for it
+        state = self.outboxes.hold(conn, frames, size, now, queued)
         if state == "pushed_back":
             self.log.warning(
                 "client_pushed_back",
                 client=client_tag(conn),
-                unread_bytes=self.outboxes.unread(conn),
+                unread_bytes=self.outboxes.unread(conn) + queued,
                 action="its new jobs are refused busy until it reads",
             )
         elif state == "dropped":
@@ -343,6 +362,7 @@ class ClientApiActor(NodeActor):
             return
         self._tracked.append((tracker, conn, size, time.monotonic()))
         self.tracked_bytes += size
+        self._in_zmq[conn] = self._in_zmq.get(conn, 0) + size
         if self._sweep_timer is None:
             self._sweep_delay = FIRST_SWEEP_S
             self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
@@ -356,6 +376,16 @@ class ClientApiActor(NodeActor):
         freed = len(kept) < len(self._tracked)
         self.tracked_bytes = sum(entry[2] for entry in kept)
         self._tracked = kept
+        in_zmq: dict[bytes, int] = {}
+        for _, conn, size, _ in kept:
+            in_zmq[conn] = in_zmq.get(conn, 0) + size
+        self._in_zmq = in_zmq
+        if freed and self.outboxes.backlogs and self._router is not None:
+            # Room in ZeroMQ's queue for answers held back by ZMQ_BYTES_PER_CLIENT: now,
+            # not at the retry timer's next (backed-off) turn.
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
+            self._retry_timer = self.loop.call_later(0.0, self._io_retry_held)
         if kept and self._router is not None:
             self._sweep_delay = FIRST_SWEEP_S if freed else min(LONGEST_SWEEP_S, self._sweep_delay * 2)
             self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
@@ -397,6 +427,7 @@ class ClientApiActor(NodeActor):
         if closed:
             self._tracked = [entry for entry in self._tracked if entry[1] != conn]
             self.tracked_bytes -= queued
+            self._in_zmq.pop(conn, None)
         else:
             # Not known or gone (ipc, or it left): what ZeroMQ holds for it goes when it
             # does; it is not tried again meanwhile.
@@ -435,7 +466,8 @@ class ClientApiActor(NodeActor):
         for conn in list(outboxes.backlogs):
             while (frames := outboxes.head(conn)) is not None:
                 try:
-                    send_message(router, [conn, *frames])
+                    if not self._io_try_send(router, conn, frames):
+                        break
                 except zmq.Again:
                     break
                 except zmq.ZMQError as exc:

@@ -31,9 +31,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Messages ZeroMQ queues per client connection beyond what the kernel takes: a few, so
-#: that what a stalled client costs is counted here, in bytes.
-API_SEND_HWM = 8
+#: Messages ZeroMQ queues per client connection beyond what the kernel takes. More than a
+#: client's usual window of jobs in flight: a reading client's answers go out at once.
+#: (At 8, answers to a client with 48 in flight met a full queue again and again and
+#: waited for the retry timer: the local path ran at 0.4-0.6x its former jobs/s.) What
+#: they may cost is bounded in bytes, not by this: the client API follows every answer
+#: of TRACK_BYTES or more, and holds back what would put more than
+#: ZMQ_BYTES_PER_CLIENT of them in ZeroMQ's queue for one connection.
+API_SEND_HWM = 64
 #: Bytes of answers a client connection may have waiting by default (``api.max_unread_bytes``):
 #: room for one largest result.
 DEFAULT_MAX_UNREAD_BYTES = 64 * 1024 * 1024
@@ -79,9 +84,10 @@ class Outboxes:
         """Whether answers wait for ``conn`` (a new one must wait behind them)."""
         return conn in self.backlogs
 
-    def hold(self, conn: bytes, frames: list[Any], size: int, now: float) -> str:
-        """Keep an answer that ZeroMQ's queue for ``conn`` did not take. Returns
-        ``"held"``; ``"pushed_back"`` when that crossed half the budget (refuse the
+    def hold(self, conn: bytes, frames: list[Any], size: int, now: float, queued: int = 0) -> str:
+        """Keep an answer that ZeroMQ's queue for ``conn`` did not take (``queued``: the
+        bytes of answers that queue holds for it, unread too). Returns ``"held"``;
+        ``"pushed_back"`` when what is unread crossed half the budget (refuse the
         client's new jobs from now on); ``"dropped"`` when the client counts as not
         reading any more (see the module's rules): what was held is discarded;
         ``"discarded"`` when ``conn`` was dropped already (the answer is thrown away)."""
@@ -97,7 +103,7 @@ class Outboxes:
         if self._stalled(backlog, now):
             self._drop(conn, now)
             return "dropped"
-        if not backlog.pushed_back and backlog.size > self.budget // 2:
+        if not backlog.pushed_back and backlog.size + queued > self.budget // 2:
             backlog.pushed_back = True
             return "pushed_back"
         return "held"

@@ -174,7 +174,8 @@ def peak_rss_during(pid: int, stop: threading.Event, peak: list[int]) -> threadi
 
 #: The node's documented bound for one client that never reads 2 MiB results (README,
 #: "Memory"): its base, jobs.max_queued_bytes (256 MiB; 66 jobs of 2 MiB use 132),
-#: api.max_unread_bytes (64 MiB) and ZeroMQ's 8 messages for that client (16 MiB).
+#: api.max_unread_bytes (64 MiB) and what ZeroMQ may queue for that client (answers of
+#: 4 KiB or more: at most ZMQ_BYTES_PER_CLIENT, 32 MiB).
 NODE_BOUND_FOR_A_STALLED_CLIENT = 500 * 1024 * 1024
 
 

@@ -35,6 +35,14 @@ def test_past_half_the_budget_the_client_is_pushed_back_once():
     assert boxes.refuses(A) and not boxes.refuses(B)
 
 
+def test_what_zeromq_holds_for_the_client_counts_toward_its_push_back():
+    """Answers already in ZeroMQ's queue for the client are unread too: with 400 bytes
+    there, the first 200 held here cross half of a 1000-byte budget."""
+    boxes = Outboxes(budget=1000)
+    assert boxes.hold(A, [b"x"], 200, now=0.0, queued=400) == "pushed_back"
+    assert boxes.hold(B, [b"x"], 200, now=0.0, queued=0) == "held"
+
+
 def test_a_client_that_reads_slowly_is_kept_past_its_budget():
     """A burst of results to a client that reads, if slower than they come: pushed back
     (no new jobs), not dropped, while answers keep going out to it."""
