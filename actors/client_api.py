@@ -25,6 +25,7 @@ import structlog
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from actors.answers import Answers
 from actors.base import NodeActor
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, Drain, PingThere, QueryPeers, RunThere
@@ -32,7 +33,7 @@ from meshnet.endpoints import bind_failure, is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
 from meshnet.identity import Identity, curve_public_z85
-from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.jobs.model import REFUSED_DRAINING, JobSpec, Outcome, ToClient
 from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.log_budget import LogBudget
 from meshnet.memory_budget import MemoryBudget, Reader, readers_to_cut
@@ -137,6 +138,7 @@ class ClientApiActor(NodeActor):
         config_path: Path | None = None,
         max_unread: int = DEFAULT_MAX_UNREAD_BYTES,
         memory: MemoryBudget | None = None,
+        answers: Answers | None = None,
     ):
         super().__init__()
         if not is_local_endpoint(endpoint) and not allowed_clients:
@@ -149,6 +151,8 @@ class ClientApiActor(NodeActor):
         self.requested_endpoint = endpoint
         self.allowed_clients = allowed_clients
         self.book = book
+        if answers is not None:  # the results of this node's clients' jobs come here
+            answers.serve_clients(self._io_answer)
         #: Where jobs for other peers go; None: no relay configured. Set by :meth:`serve`.
         self.relay: Callable[[Any], None] | None = None
         self.config_path = config_path
@@ -555,7 +559,6 @@ class ClientApiActor(NodeActor):
             self._io_ping(conn, message)
 
     def _io_submit(self, conn: bytes, message: Submit) -> None:
-        loop = self.loop
         job_id = message.id
         peer = message.to if message.to != self.peer_id else None
         if job_id in self.in_flight:
@@ -564,29 +567,14 @@ class ClientApiActor(NodeActor):
             duplicate = f"job {job_id.hex()} is in flight already; its result will come; use a new id for a new job"
             self._io_send(conn, encode(Error(code="duplicate", message=duplicate, id=job_id)))
             return
-        in_flight = self.in_flight
-        in_flight.add(job_id)
-        send = self._io_send
-
-        def answer(frames: list[Any]) -> None:
-            in_flight.discard(job_id)
-            send(conn, frames)
-
-        def reply(outcome: Outcome) -> None:
-            frames = encode(
-                Result(id=job_id, status=outcome.status, error=outcome.error, body=outcome.result, peer=peer)
-            )
-            if loop.in_loop():  # a job that ended on the loop (most do): its answer goes now
-                answer(frames)
-            else:
-                loop.call_soon(answer, frames)
-
+        self.in_flight.add(job_id)
         timeout = message.timeout or self.default_timeout
+        back = ToClient(conn, peer)
         job = JobSpec(
-            id=job_id, kind=message.kind, payload=message.body, timeout=timeout, reply=reply, origin=client_origin(conn)
+            id=job_id, kind=message.kind, payload=message.body, timeout=timeout, back=back, origin=client_origin(conn)
         )
         if self.draining:
-            reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+            self._io_answer(job, back, REFUSED_DRAINING)
         elif (self.outboxes.backlogs or self.outboxes.dropped) and self.outboxes.refuses(conn):
             unread = (
                 f"this client has not read {self.outboxes.unread(conn)} bytes of answers"
@@ -594,19 +582,27 @@ class ClientApiActor(NodeActor):
                 else "this client stopped reading its answers and they were discarded"
             )
             limit = f"api.max_unread_bytes is {self.outboxes.budget}"
-            reply(Outcome.refused("busy", f"{unread} ({limit}); read them first"))
+            self._io_answer(job, back, Outcome.refused("busy", f"{unread} ({limit}); read them first"))
         elif timeout > self.max_timeout:
-            reply(Outcome.refused("invalid", f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"))
+            why = f"timeout {timeout:g} s exceeds this node's jobs.max_timeout"
+            self._io_answer(job, back, Outcome.refused("invalid", why))
         elif peer is None:
             # At once, not after the rest of this batch is read: a free worker starts it
             # while the loop reads on.
             self.book.submit([job])
         elif self.relay is None:
-            reply(Outcome.refused("no_relay", "this node has no relay configured, so it cannot reach other peers"))
+            why = "this node has no relay configured, so it cannot reach other peers"
+            self._io_answer(job, back, Outcome.refused("no_relay", why))
         elif not self.memory.admits(size := len(memoryview(message.body))):
-            reply(Outcome.refused("busy", self.memory.why(size)))
+            self._io_answer(job, back, Outcome.refused("busy", self.memory.why(size)))
         else:
             self.relay(RunThere([(job, peer)]))
+
+    def _io_answer(self, job: JobSpec, back: ToClient, outcome: Outcome) -> None:
+        """Job ``job`` of client ``back.conn`` ended with ``outcome``: its one result."""
+        self.in_flight.discard(job.id)
+        result = Result(id=job.id, status=outcome.status, error=outcome.error, body=outcome.result, peer=back.peer)
+        self._io_send(back.conn, encode(result))
 
     def _io_ping(self, conn: bytes, message: PingPeer) -> None:
         loop, send, seq, peer = self.loop, self._io_send, message.seq, message.peer

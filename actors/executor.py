@@ -94,8 +94,8 @@ class WorkerPool:
 
     :meth:`run` and :meth:`cancel` are safe from any thread (the job book calls them
     from whichever thread admitted or ended a job); everything else happens on
-    ``loop``. Each job's outcome goes to ``report`` (the job book's ``finish``), once,
-    on the loop thread.
+    ``loop``. Each job's outcome goes to what :meth:`report_to` named (the job book's
+    ``finish``), once, on the loop thread.
     """
 
     def __init__(self, loop: SocketLoop, *, workers: int, enabled: list[str], max_payload: int):
@@ -119,6 +119,11 @@ class WorkerPool:
         self._failed_starts = 0
         #: Job ids cancelled before the call that starts them reached the loop.
         self._cancelled_early: dict[bytes, str] = {}
+
+    def report_to(self, take: Report) -> None:
+        """Every job's outcome goes to ``take`` (the job book's ``finish``; set once, by
+        the book, before the first job runs)."""
+        self.report = take
 
     # -- any thread --
 

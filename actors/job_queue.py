@@ -20,9 +20,10 @@ from typing import Any
 
 import structlog
 
+from actors.answers import Answers
 from actors.base import NodeActor, log_job_end
 from actors.executor import WorkerPool
-from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, JobSpec, Outcome, job_id_text
+from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, REFUSED_DRAINING, JobSpec, Outcome, job_id_text
 from meshnet.jobs.queue import JobQueue
 from meshnet.log_budget import LogBudget
 from meshnet.memory_budget import MemoryBudget
@@ -50,8 +51,12 @@ class JobBook:
         max_bytes: int | None = None,
         max_per_origin: int | None = None,
         memory: MemoryBudget | None = None,
+        answers: Answers | None = None,
     ):
         self.runner = runner
+        #: Where each job's terminal status goes, by its way back (None: nowhere).
+        self.answers = answers
+        runner.report_to(self.finish)
         self.loop = runner.loop
         self.queue = JobQueue(slots=slots, capacity=capacity, max_bytes=max_bytes, max_per_origin=max_per_origin)
         self.enabled = frozenset(enabled)
@@ -175,7 +180,7 @@ class JobBook:
         if reason == "duplicate":
             return Outcome.refused("duplicate", f"a job with id {job_id_text(job.id)} was already submitted")
         if reason == "draining":
-            return Outcome.refused("draining", "the node is shutting down and takes no new jobs")
+            return REFUSED_DRAINING
         return None
 
     def _start(self) -> list[JobSpec]:
@@ -196,7 +201,8 @@ class JobBook:
             refused = outcome.status == "refused"
             if not refused or self.refusals.allow(submitter, f"{outcome.reason}: {outcome.message}"):
                 log_job_end(log, job.id, job.kind, outcome, submitter=submitter)
-            job.reply(outcome)
+            if self.answers is not None:
+                self.answers.answer(job, outcome)
 
     def _arm_expiry(self, deadline: float | None) -> None:
         """Have the timer fire by ``deadline`` (it may fire for a job that has started
@@ -219,15 +225,11 @@ class JobBook:
 
 class JobQueueActor(NodeActor):
     """Supervises the node's :class:`JobBook` (made by the supervisor and handed to the
-    parts on the job loop, which call it directly there): connects the pool's reports to
-    it at start, closes it at stop."""
+    parts on the job loop, which call it directly there): closes it at stop."""
 
     def __init__(self, book: JobBook):
         super().__init__()
         self._book = book
-
-    def on_start(self) -> None:
-        self._book.runner.report = self._book.finish
 
     def on_stop(self) -> None:
         if self._book.loop.running:

@@ -1,7 +1,8 @@
 """Messages the node's actors ``tell`` each other.
 
 Between actors, ``tell`` only on the job path (an ``ask`` round trip costs two thread
-wake-ups); replies travel as callables carried in the message.
+wake-ups). A job's end travels by the way back the job carries (``JobSpec.back``,
+actors/answers.py); a ping's and a peer query's answer, by the callable in its message.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshnet.jobs.model import JobSpec, Outcome
-
-Reply = Callable[[Outcome], None]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from actors.answers import Answers
 from actors.base import NodeActor, log_job_end
 from actors.direct_links import DirectLinks
 from actors.job_queue import JobBook
@@ -64,7 +65,7 @@ from meshnet.holepunch import (
     address_ip,
 )
 from meshnet.identity import Identity, Sealer, curve_public_z85
-from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.jobs.model import REFUSED_DRAINING, JobSpec, Outcome, ToPeer
 from meshnet.memory_budget import MemoryBudget
 from meshnet.natcheck import NatReport, stun_server
 from meshnet.protocol import (
@@ -195,6 +196,7 @@ class RelayClient:
         direct_port: int = 0,
         direct_links: bool = True,
         network_check: Child | None = None,
+        answers: Answers | None = None,
     ):
         self.identity = identity
         #: The actor that finds out this node's LAN address and NAT type (off the loop);
@@ -229,6 +231,9 @@ class RelayClient:
         self.context = context
         self._owns_loop = loop is None
         self.loop = loop or SocketLoop("relay-client")
+        #: Where jobs' ends go, by their way back: this client answers the peers' (ToPeer).
+        self.answers = answers if answers is not None else Answers(self.loop)
+        self.answers.serve_peers(self._answer_peer)
         self.generation = 0
         #: Peers queries waiting for the relay's answer, by the seq they were sent with.
         self.pending_peers: dict[int, Any] = {}
@@ -373,7 +378,7 @@ class RelayClient:
         if self._stopped:
             if isinstance(message, RunThere):  # the node is stopping: still one answer each
                 for job, _ in message.jobs:
-                    job.reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+                    self.answers.answer(job, REFUSED_DRAINING)
             elif isinstance(message, PingThere):
                 message.reply(None, "unavailable", "the node is shutting down")
             elif isinstance(message, QueryPeers):
@@ -383,7 +388,7 @@ class RelayClient:
         if isinstance(message, RunThere):
             for job, peer in message.jobs:
                 if self.link.state is LinkState.DISPLACED:
-                    job.reply(Outcome.refused("no_relay", DISPLACED))
+                    self.answers.answer(job, Outcome.refused("no_relay", DISPLACED))
                 else:
                     self._apply(self.sessions.submit(job, peer, now))
                     self._want_direct(peer, now)
@@ -446,7 +451,7 @@ class RelayClient:
                 self._transmit(event)
             elif isinstance(event, Settled):
                 log_job_end(self.log, event.job.id, event.job.kind, event.outcome, to=event.peer)
-                event.job.reply(event.outcome)
+                self.answers.answer(event.job, event.outcome)
             elif isinstance(event, Execute):
                 self._run(event.peer, event.job)
                 self._want_direct(event.peer, time.monotonic())
@@ -531,18 +536,17 @@ class RelayClient:
             self._io_send(self.generation, item.frames, item.size)
 
     def _run(self, sender: str, job: Any) -> None:
-        """Run a peer's job here; its end goes back through the session."""
-        post = self.post
-
-        def reply(outcome: Outcome) -> None:
-            # Called by whichever thread ended the job (on the loop: sent at once).
-            post(ReplyToPeer(sender, job.id, outcome))
-
+        """Run a peer's job here; its end goes back through the session (ToPeer)."""
+        back = ToPeer(sender)
+        spec = JobSpec(id=job.id, kind=job.kind, payload=job.payload, timeout=job.timeout, back=back, origin=sender)
         if self.draining:
-            reply(Outcome.refused("draining", "the node is shutting down and takes no new jobs"))
+            self._answer_peer(spec, back, REFUSED_DRAINING)
             return
-        spec = JobSpec(id=job.id, kind=job.kind, payload=job.payload, timeout=job.timeout, reply=reply, origin=sender)
         self.book.submit([spec])  # at once: a free worker starts it while the batch is read on
+
+    def _answer_peer(self, job: JobSpec, back: ToPeer, outcome: Outcome) -> None:
+        """Loop thread: job ``job``, which peer ``back.peer`` sent, ended with ``outcome``."""
+        self._handle(ReplyToPeer(back.peer, job.id, outcome))
 
     # -- incoming --
 

@@ -21,6 +21,7 @@ import pykka
 import structlog
 import zmq
 
+from actors.answers import Answers
 from actors.client_api import ClientApiActor
 from actors.executor import ExecutorActor, WorkerPool
 from actors.identity import Describe, IdentityActor
@@ -91,6 +92,8 @@ class Node:
             # One budget of memory for the whole node: each part on the job loop tells it
             # what it holds (meshnet.memory_budget).
             memory = self.memory
+            # Where each job's end goes, by the way back it carries (actors/answers.py).
+            answers = Answers(loop)
             self.book = JobBook(
                 runner=runner,
                 slots=workers,
@@ -101,6 +104,7 @@ class Node:
                 max_bytes=jobs.max_queued_bytes,
                 max_per_origin=config.running_cap,
                 memory=memory,
+                answers=answers,
             )
             self.executor = self._start(ExecutorActor.start(loop=loop, pool=runner))
             self.queue = self._start(JobQueueActor.start(self.book))
@@ -119,6 +123,7 @@ class Node:
                     config_path=config.path,
                     max_unread=config.api.max_unread_bytes,
                     memory=memory,
+                    answers=answers,
                 )
             )
             self.endpoint = self.api.proxy().bind().get()
@@ -147,6 +152,7 @@ class Node:
                     direct_port=config.relay.direct_port,
                     direct_links=config.relay.direct_links,
                     network_check=network_check,
+                    answers=answers,
                 )
                 self.relay = self._start(RelayClientActor.start(self.relay_client))
             else:

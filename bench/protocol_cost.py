@@ -86,7 +86,7 @@ class SessionPair:
     def jobs(self, jobs: int) -> None:
         for _ in range(0, jobs, BATCH):
             for _ in range(BATCH):
-                spec = JobSpec(id=os.urandom(16), kind="echo", payload=b"\xf6", timeout=60.0, reply=_ignore, origin="c")
+                spec = JobSpec(id=os.urandom(16), kind="echo", payload=b"\xf6", timeout=60.0, origin="c")
                 self._apply("a", self.cores["a"].submit(spec, "b", self.now))
             while self.wire or self.runs:
                 for name, data in self.wire:
@@ -97,10 +97,6 @@ class SessionPair:
                     self._apply(name, self.cores[name].job_finished(peer, job_id, DONE, self.now))
                 self.runs.clear()
             self.now += 0.001
-
-
-def _ignore(_: Outcome) -> None:
-    pass
 
 
 def _cpu_us_per_job(run: Callable[[int], None], jobs: int) -> float:

@@ -9,19 +9,40 @@ from typing import Any
 from meshnet.protocol.messages import clip
 
 
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    """A job's way back: a client of this node's API, on connection ``conn``; ``peer``
+    is the peer the client sent it to (None: it ran here), which its result names."""
+
+    conn: bytes
+    peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToPeer:
+    """A job's way back: the session of peer ``peer``, which sent it to run here."""
+
+    peer: str
+
+
+#: Where a job's one terminal status goes (None: nobody waits for it: tests, benches).
+WayBack = ToClient | ToPeer | None
+
+
 @dataclass
 class JobSpec:
     """A job admitted or about to be admitted by a node.
 
-    ``payload`` stays CBOR-encoded (any buffer); only the worker decodes it. ``reply``
-    is opaque to the cores: the actor that admitted the job knows how to answer it.
+    ``payload`` stays CBOR-encoded (any buffer); only the worker decodes it. ``back`` says
+    where its answer goes, as data: the node's ``Answers`` hands it there
+    (actors/answers.py).
     """
 
     id: bytes
     kind: str
     payload: Any
     timeout: float
-    reply: Any = None
+    back: WayBack = None
     #: Who submitted it: ``client:CONNECTION`` or the peer id of the node that forwarded
     #: it; only they may cancel it.
     origin: str = "client"
@@ -64,6 +85,8 @@ class Outcome:
 
 #: Why a job cancelled by whoever submitted it ended.
 CANCELLED_BY_SUBMITTER = "cancelled by its submitter"
+#: The end of a job that reaches a node while it drains (it is shutting down).
+REFUSED_DRAINING = Outcome.refused("draining", "the node is shutting down and takes no new jobs")
 
 
 def job_id_text(job_id: bytes) -> str:

@@ -48,7 +48,7 @@ def pool() -> Iterator[tuple[WorkerPool, Reports]]:
     loop = SocketLoop("test-jobs").start()
     pool = WorkerPool(loop, workers=2, enabled=KINDS, max_payload=16 * 1024 * 1024)
     reports = Reports()
-    pool.report = reports
+    pool.report_to(reports)
     pool.open()
     try:
         yield pool, reports
@@ -138,7 +138,7 @@ def test_workers_that_die_at_start_are_replaced_with_growing_delays() -> None:
     loop = SocketLoop("test-jobs").start()
     pool = WorkerPool(loop, workers=1, enabled=["no-such-kind"], max_payload=1024)
     reports = Reports()
-    pool.report = reports
+    pool.report_to(reports)
     spawned: list[float] = []
     five = threading.Event()
     spawn = pool._spawn
