@@ -479,6 +479,8 @@ class ClientApiActor(NodeActor):
                         raise
                     outboxes.gone(conn)
                     break
+                if outboxes.head(conn) is not frames:
+                    break  # following it made room by cutting this very client: its backlog is gone
                 outboxes.sent_head(conn, now)
         for conn, unread in outboxes.drop_stalled(now):
             self._log_dropped(conn, unread)

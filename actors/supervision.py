@@ -61,7 +61,7 @@ class InjectedFault(RuntimeError):
 
 
 def _faults_from_env() -> dict[str, int]:
-    """``MESHNET_FAULTS="nat_check:1,identity:4"``: the named actors raise on that many
+    """``MESHNET_FAULTS="network_check:1,identity:4"``: the named actors raise on that many
     of their next messages (a test's way to make a real node's actor fail)."""
     faults = {}
     for item in os.environ.get("MESHNET_FAULTS", "").split(","):
