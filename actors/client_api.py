@@ -312,6 +312,8 @@ class ClientApiActor(NodeActor):
         if outboxes.backlogs and outboxes.holds(conn):  # behind what already waits for it
             self._io_hold(conn, frames)
             return
+        # Dropped before this answer (not by the room its tracking made just now).
+        was_dropped = bool(outboxes.dropped) and conn in outboxes.dropped
         try:
             sent = self._io_try_send(router, conn, frames)
         except zmq.Again:  # ZeroMQ's queue for this client is full: it is not reading
@@ -323,7 +325,7 @@ class ClientApiActor(NodeActor):
             return
         if not sent:
             self._io_hold(conn, frames)
-        elif outboxes.dropped and outboxes.reading_again(conn):
+        elif was_dropped and outboxes.reading_again(conn):
             self.log.info("client_reading_again", client=client_tag(conn))
 
     def _io_try_send(self, router: zmq.Socket[Any], conn: bytes, frames: list[Any]) -> bool:
@@ -383,8 +385,9 @@ class ClientApiActor(NodeActor):
         in_zmq: dict[bytes, int] = {}
         for _, conn, size, _ in kept:
             in_zmq[conn] = in_zmq.get(conn, 0) + size
+        room = [conn for conn in self._in_zmq if in_zmq.get(conn, 0) < self._in_zmq[conn]]
         self._in_zmq = in_zmq
-        if freed and self.outboxes.backlogs and self._router is not None:
+        if any(conn in self.outboxes.backlogs for conn in room) and self._router is not None:
             # Room in ZeroMQ's queue for answers held back by ZMQ_BYTES_PER_CLIENT: now,
             # not at the retry timer's next (backed-off) turn.
             if self._retry_timer is not None:
@@ -485,7 +488,7 @@ class ClientApiActor(NodeActor):
         for conn, unread in outboxes.drop_stalled(now):
             self._log_dropped(conn, unread)
         delay = outboxes.next_retry()
-        if delay is not None:
+        if delay is not None and self._retry_timer is None:  # (a sweep above may have set one)
             self._retry_timer = self.loop.call_later(delay, self._io_retry_held)
 
     def _io_readable(self) -> None:

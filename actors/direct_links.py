@@ -55,6 +55,7 @@ from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.protocol.codec import BULK_BYTES
 from meshnet.protocol.direct import (
     BYE,
+    HI,
     MAX_BATCH,
     MAX_FRAMES,
     OUR_HI,
@@ -455,7 +456,7 @@ class DirectLinks:
                     return
                 continue
             expected = self._expected.get(key)
-            if expected is None or bytes(frames[1]) != b"hi":
+            if expected is None or len(frames[1]) != len(HI) or bytes(frames[1]) != HI:
                 continue  # not a dialler this node expects, or not its first word
             try:
                 hi = decode_link(frames[1:])

@@ -727,10 +727,16 @@ class RelayClient:
             self._checked_at_ip = public_ip
             self._ask_network_check()
 
+    def _retry_network_check(self) -> None:
+        self._check_retry = None  # fired: nothing to cancel
+        self._ask_network_check()
+
     def _ask_network_check(self) -> None:
         """Ask the network-check actor (off the loop: DNS and STUN take time) for this
         node's LAN address and NAT type; its answer comes back as ``NetworkChecked``."""
-        self._check_retry = None
+        if self._check_retry is not None:  # asked now: a retry still pending is not needed
+            self._check_retry.cancel()
+            self._check_retry = None
         if self._stopped or self._classifying or self._checked:
             return
         if self.network_check is None:
@@ -764,7 +770,7 @@ class RelayClient:
             self._check_failures += 1
             delay = min(2.0 ** (self._check_failures - 1), MAX_CHECK_RETRY)
             self.log.warning("network_check_retry", error=checked.error, seconds=delay)
-            self._check_retry = self.loop.call_later(delay, self._ask_network_check)
+            self._check_retry = self.loop.call_later(delay, self._retry_network_check)
             return
         self._checked, self._check_failures = True, 0
         lan_ip, report = checked.lan_ip, checked.report

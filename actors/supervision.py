@@ -170,7 +170,10 @@ class Supervisor:
             return
         child, start, budget = entry
         if budget.allow(time.monotonic()):
-            child.ref = start(self)
+            child.ref = replacement = start(self)
+            if self._stopping.is_set():  # stop() began meanwhile, and may have missed it
+                replacement.stop(block=False)
+                return
             self.log.error("actor_restarted", actor=name, error=why, restarts=budget.recent)
             return
         if not self._given_up.is_set():

@@ -153,6 +153,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             log.info("signal_received", signal=signal.Signals(signum).name)
     finally:
         node.stop()
+        _ignore_stop_signals()
     if node.failure is not None:
         log.error("node_failed", error=node.failure, fix="see the actor_restarted lines above for its errors")
         return 1
@@ -184,7 +185,17 @@ def cmd_relay(args: argparse.Namespace) -> int:
         _wait_for_signal(signals)
     finally:
         server.stop()
+        _ignore_stop_signals()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """Stopped: a stop signal that comes now changes nothing. Ignored, not caught: while
+    the interpreter finalizes it puts back the default action of a signal it catches, so
+    a late second signal (make's, or a group's sent twice) killed a process that had
+    stopped cleanly (exit status -2 instead of 0)."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _install_thread_dump() -> None:
