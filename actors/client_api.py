@@ -429,7 +429,7 @@ class ClientApiActor(NodeActor):
         """Drop client ``conn``: what waits for it here is discarded, and its connection
         closed, which makes ZeroMQ drop what it queued for it."""
         held = self.outboxes.cut(conn, now)
-        queued = sum(size for _, c, size, _ in self._tracked if c == conn)
+        queued = self._in_zmq.get(conn, 0)
         closed = self._guard is not None and self._guard.disconnect(conn)
         if closed:
             self._tracked = [entry for entry in self._tracked if entry[1] != conn]

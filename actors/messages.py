@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.jobs.model import JobSpec
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,6 @@ class Abort:
     """The drain grace is over: end every job still running."""
 
     reason: str
-
-
-@dataclass(frozen=True)
-class ReplyToPeer:
-    """Send ``outcome`` of job ``job_id`` back to the peer that forwarded it."""
-
-    peer: str
-    job_id: bytes
-    outcome: Outcome
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from actors.messages import (
     PingThere,
     QueryPeers,
     Reconnect,
-    ReplyToPeer,
     RunThere,
     Tick,
 )
@@ -392,8 +391,6 @@ class RelayClient:
                 else:
                     self._apply(self.sessions.submit(job, peer, now))
                     self._want_direct(peer, now)
-        elif isinstance(message, ReplyToPeer):
-            self._apply(self.sessions.job_finished(message.peer, message.job_id, message.outcome, now))
         elif isinstance(message, Tick):
             self._on_tick()
         elif isinstance(message, CancelJob):
@@ -545,8 +542,12 @@ class RelayClient:
         self.book.submit([spec])  # at once: a free worker starts it while the batch is read on
 
     def _answer_peer(self, job: JobSpec, back: ToPeer, outcome: Outcome) -> None:
-        """Loop thread: job ``job``, which peer ``back.peer`` sent, ended with ``outcome``."""
-        self._handle(ReplyToPeer(back.peer, job.id, outcome))
+        """Loop thread: job ``job``, which peer ``back.peer`` sent, ended with ``outcome``:
+        answered in the peer's session (not once this client has stopped)."""
+        if self._stopped:
+            return
+        self._apply(self.sessions.job_finished(back.peer, job.id, outcome, time.monotonic()))
+        self._update_ledger_idle()
 
     # -- incoming --
 

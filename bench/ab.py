@@ -12,18 +12,15 @@ minutes apart (``bench.direct_ab`` adds the raw direct route as a third subject)
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import cbor2
 import psutil
 
 import tests.harness as harness
-from bench.direct_ab import _round
+from bench.direct_ab import _round, ab_parser, ab_payload
 from bench.load import Target
 from bench.run import CORES, until_linked
 from meshnet.identity import Identity
@@ -60,14 +57,10 @@ def _subject(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("other", type=Path, help="a checkout of the code to compare with (e.g. a git worktree)")
+    parser = ab_parser(__doc__, rounds=5)
     parser.add_argument("--path", choices=PATHS, default="local")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--big", action="store_true", help="8 MiB echo payloads: MB/s, both ways")
     args = parser.parse_args()
-    big = cbor2.dumps(os.urandom(8 * 1024 * 1024)) if args.big else None
-    unit = "MB/s" if big else "jobs/s"
+    big, unit = ab_payload(args.big)
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
         try:

@@ -71,14 +71,23 @@ def _round(target: Target, processes: dict[str, psutil.Process], big: bytes | No
     return rate, nodes * 1e6 / jobs
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def ab_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """What every same-run A/B takes: the other checkout, its rounds, and ``--big``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("other", type=Path, help="a checkout of the code to compare with (e.g. a git worktree)")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--big", action="store_true", help="8 MiB echo payloads: MB/s, both ways")
-    args = parser.parse_args()
-    big = cbor2.dumps(os.urandom(8 * 1024 * 1024)) if args.big else None
-    unit = "MB/s" if big else "jobs/s"
+    return parser
+
+
+def ab_payload(big: bool) -> tuple[bytes | None, str]:
+    """The payload of each job (None: the no-op echo) and the unit of the figures."""
+    return (cbor2.dumps(os.urandom(8 * 1024 * 1024)), "MB/s") if big else (None, "jobs/s")
+
+
+def main() -> int:
+    args = ab_parser(__doc__, rounds=7).parse_args()
+    big, unit = ab_payload(args.big)
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp))
         chain = RawDirectChain(CORES)
