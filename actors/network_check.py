@@ -20,19 +20,9 @@ import structlog
 from actors.supervision import Request, SupervisedActor, Supervisor
 from meshnet.endpoints import tcp_address
 from meshnet.natcheck import NatReport, classify, local_ip_toward
+from meshnet.node.core import NetworkChecked
 
 log = structlog.get_logger("meshnet.natcheck")
-
-
-@dataclass(frozen=True)
-class NetworkChecked:
-    """The answer: the LAN address toward the relay, and the NAT report (None where it
-    could not be found out, ``error`` says why); ``crashed``: the actor failed on it."""
-
-    lan_ip: str | None
-    report: NatReport | None
-    error: str = ""
-    crashed: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from actors.identity import Describe, IdentityActor
 from actors.job_queue import JobBook, JobQueueActor
 from actors.messages import Abort, Alive, Drain
 from actors.network_check import NetworkCheckActor
-from actors.relay_client import RelayClient, RelayClientActor, node_capabilities
+from actors.relay_client import RelayClient, RelayClientActor
 from actors.supervision import Child, Supervisor
+from meshnet.capabilities import node_capabilities
 from meshnet.config import NodeConfig
 from meshnet.errors import MeshError
 from meshnet.identity import Sealer

@@ -3,7 +3,7 @@ at libzmq's old default (100) and at MeshNet's (``relay.listen_backlog``).
 
 For each backlog it starts a relay (a subprocess logging JSON, ``access = "open"``,
 heartbeat 1 s, liveness 3) on a free loopback port and N simulated nodes in this process:
-each its own identity and its own CurveZMQ DEALER set up as ``actors/relay_client.py``
+each its own identity and its own CurveZMQ DEALER set up as ``actors/relay_connection.py``
 ``_io_open`` does (the same reconnection interval and cap), registering, pinging every
 heartbeat, registering again on ``not_registered``, watching its handshakes as a node does
 (a new connection: silence counted from then, and a ping asks whether the relay knows
@@ -44,12 +44,13 @@ import tomli_w
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.relay_client import HANDSHAKE_FAILURES, RECENT_REGISTER, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
+from actors.relay_connection import HANDSHAKE_FAILURES, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
 from bench.load import percentile
 from meshnet.config import DEFAULT_LISTEN_BACKLOG
 from meshnet.errors import ProtocolError
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.listener_guard import raise_open_files_limit
+from meshnet.node.core import RECENT_REGISTER
 from meshnet.protocol import RELAY_TO_NODE, Error, Ping, Register, Registered, decode, encode
 from meshnet.relay_link import RelayLink
 from tests.harness import REPO, free_port
@@ -273,7 +274,7 @@ class Swarm:
         self._connect(node, now)
         self.call_at(now + random.uniform(0, 1) * min(node.link.heartbeat, 1.0), self._tick, node)
 
-    # -- a node, as actors/relay_client.py and meshnet/relay_link.py drive one --
+    # -- a node, as actors/relay_connection.py and meshnet/node/core.py drive one --
 
     def _connect(self, node: SimNode, now: float) -> None:
         sock = self.context.socket(zmq.DEALER)
