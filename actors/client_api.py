@@ -28,7 +28,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from actors.answers import Answers
 from actors.base import NodeActor
 from actors.job_queue import JobBook
-from actors.messages import CancelJob, Drain, PingThere, QueryPeers, RunThere
+from actors.messages import CancelJob, ClientRequest, Drain, PingThere, QueryPeers, RunThere
 from meshnet.endpoints import bind_failure, is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError, StartupError
 from meshnet.flow import frames_size
@@ -37,10 +37,13 @@ from meshnet.jobs.model import REFUSED_DRAINING, JobSpec, Outcome, ToClient
 from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.log_budget import LogBudget
 from meshnet.memory_budget import MemoryBudget, Reader, readers_to_cut
+from meshnet.node.effects import PeersAnswered, PingAnswered
 from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, MAX_DROPPED, Outboxes
 from meshnet.protocol import (
+    BATCH_RESULT_BYTES,
     CLIENT_TO_NODE,
     MAX_FRAMES,
+    MAX_RESULTS,
     Cancel,
     Error,
     PeersReply,
@@ -48,6 +51,7 @@ from meshnet.protocol import (
     PingPeer,
     PingReply,
     Result,
+    Results,
     StatusReply,
     StatusRequest,
     Submit,
@@ -153,6 +157,7 @@ class ClientApiActor(NodeActor):
         self.book = book
         if answers is not None:  # the results of this node's clients' jobs come here
             answers.serve_clients(self._io_answer)
+            answers.serve_requests(self._io_replied)
         #: Where jobs for other peers go; None: no relay configured. Set by :meth:`serve`.
         self.relay: Callable[[Any], None] | None = None
         self.config_path = config_path
@@ -176,6 +181,10 @@ class ClientApiActor(NodeActor):
         #: Ids of the jobs submitted here that have no result yet (loop thread only): a
         #: submit reusing one is refused with an ``error``, never a ``result``.
         self.in_flight: set[bytes] = set()
+        #: The results of this loop turn for each client that reads batches, sent as one
+        #: ``results`` when the turn has read what it had; and whether that is asked.
+        self._results: dict[bytes, list[Result]] = {}
+        self._results_flush_asked = False
         self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
         self.rejections = LogBudget(self.loop, self.log, "client_messages_rejected", "client")
@@ -574,7 +583,7 @@ class ClientApiActor(NodeActor):
             return
         self.in_flight.add(job_id)
         timeout = message.timeout or self.default_timeout
-        back = ToClient(conn, peer)
+        back = ToClient(conn, peer, bool(message.batch))
         job = JobSpec(
             id=job_id, kind=message.kind, payload=message.body, timeout=timeout, back=back, origin=client_origin(conn)
         )
@@ -604,39 +613,67 @@ class ClientApiActor(NodeActor):
             self.relay(RunThere([(job, peer)]))
 
     def _io_answer(self, job: JobSpec, back: ToClient, outcome: Outcome) -> None:
-        """Job ``job`` of client ``back.conn`` ended with ``outcome``: its one result."""
+        """Job ``job`` of client ``back.conn`` ended with ``outcome``: its one result. To a
+        client that reads batches, a small result waits for the turn's end, with the
+        others of the turn (an idle client waits for nothing: its turn ends now)."""
         self.in_flight.discard(job.id)
-        result = Result(id=job.id, status=outcome.status, error=outcome.error, body=outcome.result, peer=back.peer)
-        self._io_send(back.conn, encode(result))
+        conn, body = back.conn, outcome.result
+        result = Result(id=job.id, status=outcome.status, error=outcome.error, body=body, peer=back.peer)
+        waiting = self._results.get(conn)
+        if back.batch and (body is None or len(body) < BATCH_RESULT_BYTES):
+            if waiting is None:
+                waiting = self._results[conn] = []
+            waiting.append(result)
+            if len(waiting) >= MAX_RESULTS:
+                self._io_send_results(conn, self._results.pop(conn))
+            elif not self._results_flush_asked:
+                self._results_flush_asked = True
+                self.loop.call_soon(self._io_flush_results)
+            return
+        if waiting is not None:  # what waits goes first
+            self._io_send_results(conn, self._results.pop(conn))
+        self._io_send(conn, encode(result))
+
+    def _io_flush_results(self) -> None:
+        self._results_flush_asked = False
+        results, self._results = self._results, {}
+        for conn, waiting in results.items():
+            self._io_send_results(conn, waiting)
+
+    def _io_send_results(self, conn: bytes, results: list[Result]) -> None:
+        self._io_send(conn, encode(results[0] if len(results) == 1 else Results(results=tuple(results))))
 
     def _io_ping(self, conn: bytes, message: PingPeer) -> None:
-        loop, send, seq, peer = self.loop, self._io_send, message.seq, message.peer
-
-        def reply(answer: dict[str, Any] | None, code: str, why: str) -> None:
-            if answer is None:
-                frames = encode(Error(code=code, message=why, seq=seq))
-            else:
-                frames = encode(PingReply(peer=peer, seq=seq, **{**answer, "rtt": max(answer["rtt"], 1e-9)}))
-            loop.call_soon(send, conn, frames)
-
+        peer = message.peer
+        request = ClientRequest(conn, message.seq, peer)
         if peer == self.peer_id:
-            reply(None, "invalid", f"{peer} is this node's own peer id; name another node's")
+            why = f"{peer} is this node's own peer id; name another node's"
+            self._io_replied(PingAnswered(request, None, "invalid", why))
         elif self.relay is None:
-            reply(None, "no_relay", "this node has no relay configured, so it reaches no other peers")
+            why = "this node has no relay configured, so it reaches no other peers"
+            self._io_replied(PingAnswered(request, None, "no_relay", why))
         else:
-            self.relay(PingThere(peer, min(message.timeout or PING_TIMEOUT, PING_TIMEOUT_MAX), reply))
+            self.relay(PingThere(peer, min(message.timeout or PING_TIMEOUT, PING_TIMEOUT_MAX), request))
 
     def _io_peers(self, conn: bytes, seq: int | None) -> None:
-        loop = self.loop
-        send = self._io_send
-
-        def reply(peers: list[dict[str, Any]] | None, error: str) -> None:
-            if peers is None:
-                loop.call_soon(send, conn, encode(Error(code="no_relay", message=error, seq=seq)))
-            else:
-                loop.call_soon(send, conn, encode(PeersReply(peers=peers, seq=seq)))
-
+        request = ClientRequest(conn, seq)
         if self.relay is None:
-            reply([], "")  # a node alone has no peers: an answer, not an error
+            self._io_replied(PeersAnswered(request, []))  # a node alone has no peers: an answer, not an error
         else:
-            self.relay(QueryPeers(reply))
+            self.relay(QueryPeers(request))
+
+    def _io_replied(self, reply: PingAnswered | PeersAnswered) -> None:
+        """The answer to a client's ping or peers query (from the relay client, by Answers)."""
+        request = reply.request
+        assert isinstance(request, ClientRequest)
+        if isinstance(reply, PeersAnswered):
+            if reply.peers is None:
+                frames = encode(Error(code="no_relay", message=reply.error, seq=request.seq))
+            else:
+                frames = encode(PeersReply(peers=reply.peers, seq=request.seq))
+        elif reply.answer is None:
+            frames = encode(Error(code=reply.code, message=reply.why, seq=request.seq))
+        else:
+            answer = {**reply.answer, "rtt": max(reply.answer["rtt"], 1e-9)}
+            frames = encode(PingReply(peer=request.peer, seq=request.seq, **answer))
+        self._io_send(request.conn, frames)

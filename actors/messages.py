@@ -2,14 +2,12 @@
 
 Between actors, ``tell`` only on the job path (an ``ask`` round trip costs two thread
 wake-ups). A job's end travels by the way back the job carries (``JobSpec.back``,
-actors/answers.py); a ping's and a peer query's answer, by the callable in its message.
+actors/answers.py); a ping's and a peer query's answer, by the request it names, the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from meshnet.jobs.model import JobSpec
 
@@ -40,19 +38,30 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class ClientRequest:
+    """Who asked, as data: client connection ``conn``, its request's ``seq``, and the peer
+    it named (for a ping). The answer goes back through ``Answers`` to the client API."""
+
+    conn: bytes
+    seq: int | None
+    peer: str = ""
+
+
+@dataclass(frozen=True)
 class QueryPeers:
-    reply: Callable[[list[dict[str, Any]] | None, str], None]
+    """Ask the relay for its peers; answered with a ``PeersAnswered`` naming ``request``."""
+
+    request: ClientRequest
 
 
 @dataclass(frozen=True)
 class PingThere:
     """Measure a round trip to ``peer`` (``meshnet ping``) within ``timeout`` seconds;
-    ``reply`` takes the answer's fields (``rtt``, ``path``, ``sent``, ``address``), or
-    None with an error code and message."""
+    answered with a ``PingAnswered`` naming ``request``."""
 
     peer: str
     timeout: float
-    reply: Callable[[dict[str, Any] | None, str, str], None]
+    request: ClientRequest
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,8 @@ from actors.messages import Abort, CancelJob, Drain, PingThere, QueryPeers, RunT
 from actors.network_check import CheckNetwork
 from actors.relay_connection import RelayConnection
 from actors.supervision import Child
-from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
-from meshnet.endpoints import free_tcp_port, tcp_address
 from meshnet.holepunch import Abandon, Dial, Expect
-from meshnet.identity import Identity, Sealer
+from meshnet.identity import Identity
 from meshnet.jobs.model import JobSpec, Outcome, ToPeer
 from meshnet.memory_budget import MemoryBudget
 from meshnet.natcheck import stun_server
@@ -46,12 +44,14 @@ from meshnet.node.effects import (
     CloseRelay,
     Disconnected,
     Effect,
+    FlushSoon,
     HandshakeFailed,
     Listen,
     Log,
     OpenRelay,
+    PeersAnswered,
+    PingAnswered,
     Reconnected,
-    Reply,
     RunJob,
     SendDirect,
     SendRelay,
@@ -73,59 +73,26 @@ class RelayClient:
     def __init__(
         self,
         *,
+        core: NodeCore,
         identity: Identity,
-        sealer: Sealer,
-        endpoint: str,
-        relay_peer_id: str,
         book: JobBook,
-        heartbeat: float,
-        liveness: int,
-        backoff_min: float,
-        backoff_max: float,
-        max_payload: int,
-        capabilities: dict[str, Any],
-        listen: list[str],
         context: zmq.Context,
         loop: SocketLoop | None = None,
-        max_queued_bytes: int = DEFAULT_RELAY_QUEUE_BYTES,
         memory: MemoryBudget | None = None,
-        local_port: int = 0,
         stun: str = "",
-        direct_port: int = 0,
-        direct_links: bool = True,
         network_check: Child | None = None,
         answers: Answers | None = None,
     ):
+        #: The node's protocol (sans-IO); this shell carries out what it decides.
+        self.core = core
         self.identity = identity
-        self.endpoint = endpoint
-        self.relay_peer_id = relay_peer_id
+        self.endpoint = core.endpoint
         self.book = book
         self.context = context
         #: The actor that finds out this node's LAN address and NAT type (off the loop);
-        #: None: direct links are off (nothing is asked).
+        #: None: direct links are off (the core asks nothing).
         self.network_check = network_check
         self.stun = stun
-        address = tcp_address(endpoint)
-        ipv6 = address is not None and ":" in address[0]
-        self.core = NodeCore(
-            peer_id=identity.peer_id,
-            relay_peer_id=relay_peer_id,
-            endpoint=endpoint,
-            sealer=sealer,
-            heartbeat=heartbeat,
-            liveness=liveness,
-            backoff_min=backoff_min,
-            backoff_max=backoff_max,
-            max_payload=max_payload,
-            capabilities=capabilities,
-            listen=listen,
-            free_port=(lambda: free_tcp_port(ipv6=ipv6)) if address is not None else None,
-            max_queued_bytes=max_queued_bytes,
-            local_port=local_port,
-            direct_port=direct_port,
-            direct_links=direct_links,
-            network_check=network_check is not None,
-        )
         #: What the sessions hold for peers counts against the node's one memory budget.
         (memory or MemoryBudget()).add_part("sessions", lambda: self.core.held_bytes)
         self._owns_loop = loop is None
@@ -142,11 +109,11 @@ class RelayClient:
         self.delivered = threading.Event()
         self.delivered.set()
         self._ledger_check_due = False
-        self.log = log.bind(peer_id=identity.peer_id, relay=endpoint)
+        self.log = log.bind(peer_id=identity.peer_id, relay=core.endpoint)
         self.relay = RelayConnection(
             identity=identity,
-            endpoint=endpoint,
-            relay_peer_id=relay_peer_id,
+            endpoint=core.endpoint,
+            relay_peer_id=core.relay_peer_id,
             max_message=frame_limit(self.core.max_deliver_body),
             context=context,
             loop=self.loop,
@@ -225,9 +192,9 @@ class RelayClient:
         elif isinstance(message, CancelJob):
             self._drive(core.cancel(message.job_id, message.requester, now))
         elif isinstance(message, QueryPeers):
-            self._drive(core.query_peers(message.reply, now))
+            self._drive(core.query_peers(message.request, now))
         elif isinstance(message, PingThere):
-            self._drive(core.ping(message.peer, message.timeout, message.reply, now))
+            self._drive(core.ping(message.peer, message.timeout, message.request, now))
         elif isinstance(message, NetworkChecked):
             self._drive(core.on_network_checked(message, now))
         elif isinstance(message, (HandshakeFailed, Reconnected, Disconnected)):
@@ -283,6 +250,8 @@ class RelayClient:
             if effect.peer:
                 log_job_end(self.log, effect.job.id, effect.job.kind, effect.outcome, to=effect.peer)
             self.answers.answer(effect.job, effect.outcome)
+        elif isinstance(effect, FlushSoon):
+            self.loop.call_soon(self._flush)  # after the readers of this turn
         elif isinstance(effect, SetTimer):
             old = self._timers.pop(effect.key, None)
             if old is not None:
@@ -295,8 +264,8 @@ class RelayClient:
                 timer.cancel()
         elif isinstance(effect, StopJob):
             self.book.cancel(effect.job_id, effect.peer)
-        elif isinstance(effect, Reply):
-            effect.reply_to(*effect.args)
+        elif isinstance(effect, (PingAnswered, PeersAnswered)):
+            self.answers.reply(effect)
         elif isinstance(effect, Log):
             getattr(self.log, effect.level)(effect.event, **effect.fields)
         elif isinstance(effect, Dial):
@@ -320,6 +289,10 @@ class RelayClient:
             self.relay.open(effect.generation, effect.local_port)
         elif isinstance(effect, CloseRelay):
             self.relay.close()
+
+    def _flush(self) -> None:
+        if not self._stopped:
+            self._drive(self.core.flush(time.monotonic()))
 
     def _on_timer(self, key: Any) -> None:
         self._timers.pop(key, None)

@@ -32,11 +32,13 @@ from actors.relay_client import RelayClient, RelayClientActor
 from actors.supervision import Child, Supervisor
 from meshnet.capabilities import node_capabilities
 from meshnet.config import NodeConfig
+from meshnet.endpoints import port_picker
 from meshnet.errors import MeshError
 from meshnet.identity import Sealer
 from meshnet.jobs.registry import check_enabled
 from meshnet.listener_guard import open_files_report, raise_open_files_limit
 from meshnet.memory_budget import MemoryBudget
+from meshnet.node.core import NodeCore
 from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.node")
@@ -131,27 +133,33 @@ class Node:
             if config.relay.endpoint:
                 peer_id = self.peer_id
                 network_check = self._supervise("network_check", lambda s: NetworkCheckActor.start(s, peer_id))
-                self.relay_client = RelayClient(
-                    identity=identity,
+                relay = config.relay
+                core = NodeCore(
+                    peer_id=identity.peer_id,
+                    relay_peer_id=relay.peer_id,
+                    endpoint=relay.endpoint,
                     sealer=sealer,
-                    endpoint=config.relay.endpoint,
-                    relay_peer_id=config.relay.peer_id,
-                    book=self.book,
-                    heartbeat=config.relay.heartbeat_interval,
-                    liveness=config.relay.liveness,
-                    backoff_min=config.relay.reconnect_min,
-                    backoff_max=config.relay.reconnect_max,
+                    heartbeat=relay.heartbeat_interval,
+                    liveness=relay.liveness,
+                    backoff_min=relay.reconnect_min,
+                    backoff_max=relay.reconnect_max,
                     max_payload=jobs.max_payload_bytes,
                     capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
-                    listen=config.relay.listen,
+                    listen=relay.listen,
+                    free_port=port_picker(relay.endpoint),
+                    max_queued_bytes=relay.max_queued_bytes,
+                    local_port=relay.local_port,
+                    direct_port=relay.direct_port,
+                    direct_links=relay.direct_links,
+                )
+                self.relay_client = RelayClient(
+                    core=core,
+                    identity=identity,
+                    book=self.book,
                     context=self.context,
                     loop=runner.loop,
-                    max_queued_bytes=config.relay.max_queued_bytes,
                     memory=memory,
-                    local_port=config.relay.local_port,
-                    stun=config.relay.stun,
-                    direct_port=config.relay.direct_port,
-                    direct_links=config.relay.direct_links,
+                    stun=relay.stun,
                     network_check=network_check,
                     answers=answers,
                 )

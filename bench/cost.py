@@ -121,11 +121,11 @@ def _relayed_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
     entry, exit_node, raw_relay = (psutil.Process(p.pid) for p in reversed(chain.procs))
     return [
         ("baseline (a)", baseline.target, {"server": psutil.Process(baseline.proc.pid)}),
-        ("MeshNet local", Target("local", nodes["a"][1], "meshnet"), {"node": nodes["a"][0]}),
+        ("MeshNet local", Target("local", nodes["a"][1], "meshnet", batch=True), {"node": nodes["a"][0]}),
         ("raw relayed route", chain.target, {"entry": entry, "relay": raw_relay, "exit": exit_node}),
         (
             "MeshNet relayed",
-            Target("relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id),
+            Target("relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id, batch=True),
             {"A": nodes["a"][0], "relay": relay, "B": nodes["b"][0]},
         ),
     ]
@@ -135,7 +135,7 @@ def _direct_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
     chain = RawDirectChain(CORES)
     stack.append(chain)
     nodes, ids, _ = _nodes(mesh, direct=True)
-    target = Target("direct", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
+    target = Target("direct", nodes["a"][1], "meshnet", to=ids["b"].peer_id, batch=True)
     until_linked(target, nodes["a"][2])
     entry, exit_node = (psutil.Process(p.pid) for p in reversed(chain.procs))
     return [

@@ -280,12 +280,15 @@ def run() -> dict[str, Any]:
                     relay_settings=direct if name in ("da", "db") else None,
                 )
                 nodes[name] = (mesh.start_node(name, path, registered=linked), api)
-            local = Target("MeshNet local", nodes["a"][1], "meshnet")
-            relayed = Target("MeshNet relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id)
-            direct_target = Target("MeshNet direct", nodes["da"][1], "meshnet", to=ids["db"].peer_id)
+            local = Target("MeshNet local", nodes["a"][1], "meshnet", batch=True)
+            relayed = Target("MeshNet relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id, batch=True)
+            direct_target = Target("MeshNet direct", nodes["da"][1], "meshnet", to=ids["db"].peer_id, batch=True)
 
-            one_executor = {"baseline_a": b_pool1.target, "local": Target("local 1", nodes["l1"][1], "meshnet")}
-            one_executor["relayed"] = Target("relayed 1", nodes["a"][1], "meshnet", to=ids["b1"].peer_id)
+            one_executor = {
+                "baseline_a": b_pool1.target,
+                "local": Target("local 1", nodes["l1"][1], "meshnet", batch=True),
+            }
+            one_executor["relayed"] = Target("relayed 1", nodes["a"][1], "meshnet", to=ids["b1"].peer_id, batch=True)
             subjects = [
                 Subject("baseline_b", "baseline (b)", b_nopool.target, None),
                 Subject("baseline_a", "baseline (a)", b_pool.target, body),

@@ -44,6 +44,7 @@ from meshnet.protocol import (
     PingPeer,
     PingReply,
     Result,
+    Results,
     StatusReply,
     StatusRequest,
     Submit,
@@ -161,7 +162,7 @@ class MeshClient:
         if len(body) > self.max_payload:
             raise LocalProtocolError(f"payload is {len(body)} bytes encoded; the limit is {self.max_payload}")
         job_id = os.urandom(JOB_ID_BYTES)
-        submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout)
+        submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout, batch=True)
         validate(submit)
         frames = encode(submit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -429,6 +430,9 @@ class MeshClient:
                 continue  # a node that speaks garbage cannot answer any particular future
             if isinstance(message, Result):
                 self._io_result(message)
+            elif isinstance(message, Results):
+                for result in message.results:
+                    self._io_result(result)
             elif isinstance(message, (StatusReply, PeersReply, PingReply, Error)):
                 request = self._requests.pop(message.seq, None) if message.seq is not None else None
                 if request is None:

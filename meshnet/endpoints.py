@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from meshnet.errors import StartupError
@@ -83,3 +84,13 @@ def free_tcp_port(ipv6: bool = False) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind(("::" if ipv6 else "0.0.0.0", 0))
         return int(sock.getsockname()[1])
+
+
+def port_picker(endpoint: str) -> Callable[[], int] | None:
+    """What picks the local port of each new connection to ``endpoint`` (None: it is not
+    on tcp://, and its connections have no port of their own)."""
+    address = tcp_address(endpoint)
+    if address is None:
+        return None
+    ipv6 = ":" in address[0]
+    return lambda: free_tcp_port(ipv6=ipv6)

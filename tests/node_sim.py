@@ -31,11 +31,13 @@ from meshnet.node.effects import (
     CancelTimer,
     CloseRelay,
     Disconnected,
+    FlushSoon,
     Listen,
     Log,
     OpenRelay,
+    PeersAnswered,
+    PingAnswered,
     Reconnected,
-    Reply,
     RunJob,
     SendDirect,
     SendRelay,
@@ -152,7 +154,7 @@ class NodeSimulation:
         self.executed: Counter[tuple[str, bytes]] = Counter()
         self.settled: dict[bytes, list[Outcome]] = defaultdict(list)
         self.submitted: dict[bytes, tuple[str, str]] = {}
-        self.replies: list[tuple[Any, tuple[Any, ...]]] = []
+        self.replies: list[PingAnswered | PeersAnswered] = []
         self.logs: list[tuple[str, str, Log]] = []
         self.bad_dials: list[tuple[str, Dial]] = []
         self.port_renewals = 0
@@ -231,6 +233,8 @@ class NodeSimulation:
             self._send_up(node, effect)
         elif isinstance(effect, SendDirect):
             self._send_direct(node, effect)
+        elif isinstance(effect, FlushSoon):  # the turn's end: after what is due now
+            self.at(self.now, lambda: self._drive(node, node.core.flush(self.now)))
         elif isinstance(effect, SetTimer):
             token = next(self._tokens)
             node.timers[effect.key] = token
@@ -248,8 +252,8 @@ class NodeSimulation:
                 return core.job_finished(effect.peer, effect.job_id, Outcome.cancelled("stopped"), self.now)
         elif isinstance(effect, AnswerJob):
             self.settled[effect.job.id].append(effect.outcome)
-        elif isinstance(effect, Reply):
-            self.replies.append((effect.reply_to, effect.args))
+        elif isinstance(effect, (PingAnswered, PeersAnswered)):
+            self.replies.append(effect)
         elif isinstance(effect, Log):
             self.logs.append((node.name, effect.event, effect))
             if effect.event == "relay_port_renewed":

@@ -12,10 +12,12 @@ from meshnet.protocol.messages import clip
 @dataclass(frozen=True, slots=True)
 class ToClient:
     """A job's way back: a client of this node's API, on connection ``conn``; ``peer``
-    is the peer the client sent it to (None: it ran here), which its result names."""
+    is the peer the client sent it to (None: it ran here), which its result names;
+    ``batch``: the client reads several results in one ``results`` message."""
 
     conn: bytes
     peer: str | None = None
+    batch: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ event.
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -50,13 +50,15 @@ from meshnet.node.effects import (
     CancelTimer,
     CloseRelay,
     Effect,
+    FlushSoon,
     HandshakeFailed,
     Listen,
     Log,
     OpenRelay,
+    PeersAnswered,
+    PingAnswered,
     Reconnected,
     RelayEvent,
-    Reply,
     RunJob,
     SendDirect,
     SendRelay,
@@ -86,6 +88,15 @@ from meshnet.protocol import (
     encode,
     encode_inner_parts,
 )
+from meshnet.protocol.batch import (
+    BATCH_BULK_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    encode_batch_parts,
+    is_batch,
+    split_batch,
+)
+from meshnet.protocol.codec import BULK_FIELDS
 from meshnet.protocol.direct import Carried, decode_carried
 from meshnet.rejections import RejectionLog
 from meshnet.relay_link import LinkState, RelayLink
@@ -124,6 +135,8 @@ RELAY_CLAIMS = {
     "peer_down_ignored": "the relay said a peer left that is up on a direct path",
     "peer_down_disproved": "the relay said a peer left; it answered since",
 }
+#: Batches sent whose bounce is still possible, remembered by (peer, ref): what each held.
+MAX_BATCHES_KEPT = 4096
 #: The core's timers (besides one per ping: ``("ping", peer, number)``).
 TICK, SESSIONS, PUNCH, RECONNECT, CHECK_RETRY = "tick", "sessions", "punch", "reconnect", "check_retry"
 
@@ -208,7 +221,9 @@ class NodeCore:
         )
         #: Jobs and results held for peers until acknowledged, within max_queued_bytes;
         #: their sealed copies waiting for room on the relay link have a budget as large.
-        self.sessions = sessions or SessionCore(budget=max_queued_bytes, max_payload=max_payload)
+        self.sessions = sessions or SessionCore(
+            budget=max_queued_bytes, max_payload=max_payload, batch=MAX_BATCH_MESSAGES
+        )
         self.max_payload = max_payload
         #: The largest deliver body this node decodes: told to the relay, which refuses
         #: larger sends to us (our socket would drop the connection past it).
@@ -256,6 +271,13 @@ class NodeCore:
         #: When the sessions' and the punch's timers are set for (inf: not set).
         self._sessions_at = math.inf
         self._punch_at = math.inf
+        #: Boxes for each peer gathered in this loop turn, and their bytes (sealed as one
+        #: batch when the turn ends), and whether the shell was asked to end it.
+        self._batching: dict[str, list[Sealed]] = {}
+        self._batching_bytes: dict[str, int] = {}
+        self._flush_asked = False
+        #: The boxes of the batches sent lately, by (peer, ref): a bounce names the first.
+        self._batches: OrderedDict[tuple[str, bytes], list[tuple[int, int]]] = OrderedDict()
         self._work: deque[_Work] = deque()
         self._effects: list[Effect] = []
         self._now = 0.0
@@ -355,35 +377,35 @@ class NodeCore:
             self._apply(self.sessions.cancel(job_id, requester, now))
         return self._settle()
 
-    def ping(self, peer: str, timeout: float, reply_to: Any, now: float) -> list[Effect]:
+    def ping(self, peer: str, timeout: float, request: Any, now: float) -> list[Effect]:
         """Measure a round trip to ``peer`` on its current path; ask for a direct link, as
-        a job would (``tailscale ping`` does the same): later pings may take it.
-        ``reply_to`` gets ``(answer, code, why)``."""
+        a job would (``tailscale ping`` does the same): later pings may take it. The
+        answer is a ``PingAnswered`` naming ``request`` (opaque here: who asked)."""
         self._now = now
         sent = self.sessions.paths.current(peer)
         if self.stopped:
-            return [Reply(reply_to, (None, "unavailable", "the node is shutting down"))]
+            return [PingAnswered(request, None, "unavailable", "the node is shutting down")]
         if self.link.state is LinkState.DISPLACED:
-            return [Reply(reply_to, (None, "no_relay", DISPLACED))]
+            return [PingAnswered(request, None, "no_relay", DISPLACED)]
         if sent is None:
             why = f"not connected to the relay at {self.endpoint} now, and no direct link to {peer}; try again"
-            return [Reply(reply_to, (None, "unavailable", why))]
+            return [PingAnswered(request, None, "unavailable", why)]
         if len(self.pending_pings) >= MAX_PENDING_PINGS:
             why = f"{MAX_PENDING_PINGS} pings wait for answers already; try again later"
-            return [Reply(reply_to, (None, "unavailable", why))]
+            return [PingAnswered(request, None, "unavailable", why)]
         number, events = self.sessions.ping(peer, now)
-        self.pending_pings[peer, number] = (reply_to, sent, timeout)
+        self.pending_pings[peer, number] = (request, sent, timeout)
         self._effects.append(SetTimer(("ping", peer, number), now + timeout))
         self._apply(events)
         self._want_direct(peer)
         return self._settle()
 
-    def query_peers(self, reply_to: Any, now: float) -> list[Effect]:
-        """Ask the relay for its peers; ``reply_to`` gets ``(peers, error)``."""
+    def query_peers(self, request: Any, now: float) -> list[Effect]:
+        """Ask the relay for its peers; the answer is a ``PeersAnswered`` naming ``request``."""
         self._now = now
         if self.stopped:
-            return [Reply(reply_to, (None, "the node is shutting down"))]
-        self._query_peers(reply_to)
+            return [PeersAnswered(request, None, "the node is shutting down")]
+        self._query_peers(request)
         return self._settle()
 
     # -- inputs: jobs run here --
@@ -470,6 +492,15 @@ class NodeCore:
         is then sent again by its session)."""
         self.flow.on_unsent(counted)
         return []
+
+    def flush(self, now: float) -> list[Effect]:
+        """The loop turn has read what it had: what was gathered for each peer leaves, one
+        sealed batch per peer."""
+        self._now = now
+        self._flush_asked = False
+        for peer in list(self._batching):
+            self._seal_and_send(peer, self._take_batch(peer))
+        return self._settle()
 
     # -- inputs: direct links --
 
@@ -669,21 +700,59 @@ class NodeCore:
             return
         if not self.link.registered:
             return
+        peer, box = event.peer, event.box
         self.boxes_sent["relay"] += 1
-        box = event.box
-        sealed = self.sealer.seal_parts(event.peer, encode_inner_parts(box))
+        count, room = self.sessions.batch_room(peer)
+        size = _bulk_size(box)
+        waiting = self._batching.get(peer)
+        if count > 1 and size < BATCH_BULK_BYTES:
+            if waiting is not None and self._batching_bytes[peer] + size > min(room, MAX_BATCH_BYTES):
+                self._seal_and_send(peer, self._take_batch(peer))  # full: it goes, a new one starts
+                waiting = None
+            if waiting is None:
+                waiting = self._batching[peer] = []
+                self._batching_bytes[peer] = 0
+            waiting.append(box)
+            self._batching_bytes[peer] += size
+            if len(waiting) >= min(count, MAX_BATCH_MESSAGES):
+                self._seal_and_send(peer, self._take_batch(peer))
+            elif not self._flush_asked:
+                self._flush_asked = True
+                self._effects.append(FlushSoon())
+            return
+        if waiting is not None:  # what was gathered goes first
+            self._seal_and_send(peer, self._take_batch(peer))
+        self._seal_and_send(peer, [box])
+
+    def _take_batch(self, peer: str) -> list[Sealed]:
+        del self._batching_bytes[peer]
+        return self._batching.pop(peer)
+
+    def _seal_and_send(self, peer: str, boxes: list[Sealed]) -> None:
+        """Seal ``boxes`` for ``peer`` as one (a batch if more than one) and send it on the
+        relay link, within its window (else queued, or dropped past the queue's budget:
+        the session sends again)."""
+        if not self.link.registered:
+            return
+        first = boxes[0]
+        parts = encode_inner_parts(first) if len(boxes) == 1 else encode_batch_parts(boxes)
+        sealed = self.sealer.seal_parts(peer, parts)
         if self.relay_max_body is not None and len(sealed) > self.relay_max_body:
             why = f"the sealed message is {len(sealed)} bytes; the relay takes at most {self.relay_max_body}"
-            self._work.append(_Bounced(event.peer, box.sid, box.ctr, "too_large", why))
+            self._work.extend(_Bounced(peer, box.sid, box.ctr, "too_large", why) for box in boxes)
             return
-        ref = box_ref(box)
-        frames = encode(Send(to=event.peer, ref=ref, op="sealed", body=sealed))
+        ref = box_ref(first)
+        if len(boxes) > 1:
+            self._batches[peer, ref] = [(box.sid, box.ctr) for box in boxes]
+            if len(self._batches) > MAX_BATCHES_KEPT:
+                self._batches.popitem(last=False)
+        frames = encode(Send(to=peer, ref=ref, op="sealed", body=sealed))
         size = frames_size(frames)
         if not self.queue.entries and self.flow.may_send(size):
             self.flow.on_sent(size)
             self._effects.append(SendRelay(self.generation, frames, size))
         elif self.queue.fits(size):
-            self.queue.push(Queued(frames, size, ref, "sealed", event.peer))
+            self.queue.push(Queued(frames, size, ref, "sealed", peer))
 
     def _drain_queue(self) -> None:
         """Send what waits, as far as the window now allows."""
@@ -701,24 +770,29 @@ class NodeCore:
 
     def _on_deliver(self, message: Deliver) -> None:
         sender = message.sender
+        limit = self.max_deliver_body
         try:
             plaintext = self.sealer.open(sender, message.body)
-            box = decode_inner(plaintext, NODE_TO_NODE, max_size=self.max_deliver_body)
+            if is_batch(plaintext):
+                boxes = [decode_inner(item, NODE_TO_NODE, max_size=limit) for item in split_batch(plaintext)]
+            else:
+                boxes = [decode_inner(plaintext, NODE_TO_NODE, max_size=limit)]
         except (SealError, ProtocolError) as exc:
             # Altered in transit, not sealed by its claimed sender, or not a message we
-            # read: dropped, never answered (an answer to garbage could loop between two
-            # nodes through a tampering relay). Its sender sends it again.
+            # read: dropped (a batch whole), never answered (an answer to garbage could
+            # loop between two nodes through a tampering relay). Its sender sends again.
             self._rejected(sender, "sealed_message_rejected", str(exc))
             return
-        self._apply(self.sessions.on_box(sender, cast(Sealed, box), self._now))  # NODE_TO_NODE holds Sealed only
+        for box in boxes:  # NODE_TO_NODE holds Sealed types only
+            self._apply(self.sessions.on_box(sender, cast(Sealed, box), self._now))
 
     def _on_unroutable(self, message: Unroutable) -> None:
         named = split_box_ref(message.ref)
         if named is None:
             self._rejected("relay", "relay_message_rejected", f"an unroutable whose ref is not {BOX_REF_BYTES} bytes")
             return
-        sid, counter = named
-        self._apply(self.sessions.on_bounce(message.to, sid, counter, message.reason, message.message, self._now))
+        for sid, counter in self._batches.pop((message.to, message.ref), None) or [named]:
+            self._apply(self.sessions.on_bounce(message.to, sid, counter, message.reason, message.message, self._now))
         if message.reason == "peer_not_connected":
             for key in [key for key in self.pending_pings if key[0] == message.to]:
                 self._ping_answered(key, None, "peer_not_connected", message.message)
@@ -751,10 +825,10 @@ class NodeCore:
     def _ping_answered(
         self, key: tuple[str, int], answer: dict[str, Any] | None, code: str, why: str, *, expired: bool = False
     ) -> None:
-        reply_to, _, _ = self.pending_pings.pop(key)
+        request, _, _ = self.pending_pings.pop(key)
         if not expired:
             self._effects.append(CancelTimer(("ping", *key)))
-        self._effects.append(Reply(reply_to, (answer, code, why)))
+        self._effects.append(PingAnswered(request, answer, code, why))
 
     def _query_peers(self, asker: Any, peer: str | None = None) -> None:
         """Ask the relay for its peers (``peer``: that one alone)."""
@@ -781,7 +855,7 @@ class NodeCore:
             vouched = observed if isinstance(observed, str) else None
             self._punch(self.punch.on_vouched(asker.peer, vouched, self._now))
         else:
-            self._effects.append(Reply(asker, (peers, error)))
+            self._effects.append(PeersAnswered(asker, peers, error))
 
     def _fail_peer_queries(self, why: str) -> None:
         pending, self.pending_peers = self.pending_peers, {}
@@ -886,6 +960,8 @@ class NodeCore:
         queries waiting for the relay's answer fail now, saying ``why``."""
         self._fail_peer_queries(why)
         self.queue.clear()
+        self._batching.clear()
+        self._batching_bytes.clear()
         self._apply(self.sessions.on_path("relay", False, self._now))
 
     def _on_lost(self) -> None:
@@ -1006,3 +1082,10 @@ def _path_name(path: str | None) -> str:
     if path is None:
         return "none"
     return "relayed" if path == "relay" else path
+
+
+def _bulk_size(box: Sealed) -> int:
+    """The size of a box's payload or result (0: it has none)."""
+    name = BULK_FIELDS.get(box.TYPE)
+    value = getattr(box, name) if name is not None else None
+    return memoryview(value).nbytes if value is not None else 0

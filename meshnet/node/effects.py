@@ -43,6 +43,12 @@ class SendRelay:
     counted: int
 
 
+@dataclass(slots=True)
+class FlushSoon:
+    """Call :meth:`NodeCore.flush` once this loop turn has read what it has: the boxes for
+    each peer gathered meanwhile leave as one sealed batch (an idle path adds no delay)."""
+
+
 # -- direct links --
 
 
@@ -104,12 +110,24 @@ class AskNetworkCheck:
 
 
 @dataclass(slots=True)
-class Reply:
-    """Answer a request (a ping, a peers query) that came with ``reply_to``: call it with
-    ``args``. The core never calls it itself: what asked may be on its way out."""
+class PingAnswered:
+    """The answer to a ping asked with ``request``: the round trip's fields (``rtt``,
+    ``path``, ``sent``, ``address``), or None with an error ``code`` and ``why``."""
 
-    reply_to: Any
-    args: tuple[Any, ...]
+    request: Any
+    answer: dict[str, Any] | None
+    code: str = ""
+    why: str = ""
+
+
+@dataclass(slots=True)
+class PeersAnswered:
+    """The answer to a peers query asked with ``request``: the relay's list (with this
+    node's path to each), or None and ``error``."""
+
+    request: Any
+    peers: list[dict[str, Any]] | None
+    error: str = ""
 
 
 @dataclass(slots=True)
@@ -139,6 +157,7 @@ Effect = (
     OpenRelay
     | CloseRelay
     | SendRelay
+    | FlushSoon
     | Listen
     | SendDirect
     | Dial
@@ -148,7 +167,8 @@ Effect = (
     | StopJob
     | AnswerJob
     | AskNetworkCheck
-    | Reply
+    | PingAnswered
+    | PeersAnswered
     | SetTimer
     | CancelTimer
     | Log

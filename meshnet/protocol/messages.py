@@ -49,6 +49,9 @@ __all__ = [
     "PingPeer",
     "PingReply",
     "Result",
+    "Results",
+    "MAX_RESULTS",
+    "BATCH_RESULT_BYTES",
     "StatusReply",
     "PeersReply",
     "Error",
@@ -353,18 +356,32 @@ class Message:
 # client -> node
 
 
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class Submit(Message):
-    """Run ``kind`` on ``body`` (the CBOR-encoded payload) here (``to`` absent) or on peer ``to``."""
+    """Run ``kind`` on ``body`` (the CBOR-encoded payload) here (``to`` absent) or on peer
+    ``to``. ``batch``: the client reads ``results`` (several jobs' ends in one message)."""
 
     TYPE = "submit"
     BODY = Body.REQUIRED
-    RULES = {"id": job_id, "kind": kind, "to": optional(peer_id), "timeout": optional(seconds)}
+    RULES = {
+        "id": job_id,
+        "kind": kind,
+        "to": optional(peer_id),
+        "timeout": optional(seconds),
+        "batch": optional(flag),
+    }
     id: bytes
     kind: str
     body: Any = b""
     to: str | None = None
     timeout: float | None = None
+    batch: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -422,6 +439,57 @@ class Result(Message):
     error: dict[str, str] | None = None
     body: Any = None
     peer: str | None = None
+
+
+#: The most job ends one ``results`` carries; a result of this size or more goes alone.
+MAX_RESULTS = 64
+BATCH_RESULT_BYTES = 16 * 1024
+_RESULT_FIELDS = frozenset({"id", "status", "error", "peer", "result"})
+
+
+def result_list(value: Any) -> tuple[Result, ...]:
+    """The entries of a ``results``: 1 to MAX_RESULTS maps, each a ``result``'s fields
+    with its result value inline (``result``, the CBOR-encoded value, when it succeeded)."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RESULTS:
+        raise ValueError(f"a list of 1 to {MAX_RESULTS} maps")
+    results = []
+    for entry in value:
+        if not isinstance(entry, dict) or not entry.keys() <= _RESULT_FIELDS:
+            raise ValueError("maps of id, status, and optional error, peer and result")
+        body = entry.get("result")
+        results.append(
+            Result(
+                id=job_id(entry.get("id")),
+                status=status(entry.get("status")),
+                error=error(entry.get("error")),
+                body=None if body is None else byte_string(body),
+                peer=optional(peer_id)(entry.get("peer")),
+            )
+        )
+    return tuple(results)
+
+
+@dataclass(frozen=True)
+class Results(Message):
+    """Several jobs' terminal statuses, each as its ``result`` would say it, to a client
+    whose submits said ``batch``: the ends of one turn of the node's loop, together."""
+
+    TYPE = "results"
+    RULES = {"results": result_list}
+    results: tuple[Result, ...]
+
+    def header_fields(self) -> dict[str, Any]:
+        entries = []
+        for result in self.results:
+            entry: dict[str, Any] = {"id": result.id, "status": result.status}
+            if result.error is not None:
+                entry["error"] = result.error
+            if result.peer is not None:
+                entry["peer"] = result.peer
+            if result.body is not None:
+                entry["result"] = bytes(result.body)
+            entries.append(entry)
+        return {"results": entries}
 
 
 @dataclass(frozen=True)
@@ -608,12 +676,6 @@ def sack_list(value: Any) -> list[int]:
     return value
 
 
-def flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("true or false")
-    return value
-
-
 #: The session header every sealed node-to-node message carries (meshnet.session):
 #: ``sid`` the sender's session id, ``rsid`` the receiver's as the sender knows it (absent
 #: only in a ``hello`` to a peer not yet known), ``ctr`` the sender's counter of sealed
@@ -650,11 +712,13 @@ class Hello(Sealed):
     ``hello`` whenever its ``rsid`` is not the receiver's session id. ``max_payload``: the
     largest job payload or result the sender takes (its ``jobs.max_payload_bytes``), so
     that a job or result over it is refused ``too_large`` by the side that has it, before
-    it is sent, on every path (absent: not said)."""
+    it is sent, on every path (absent: not said). ``batch``: the most messages the sender
+    reads in one sealed batch (meshnet.protocol.batch; absent: it reads none)."""
 
     TYPE = "hello"
-    RULES = {**SESSION_RULES, "max_payload": optional(seq)}
+    RULES = {**SESSION_RULES, "max_payload": optional(seq), "batch": optional(seq)}
     max_payload: int | None = None
+    batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -789,6 +853,7 @@ CLIENT_TO_NODE = MessageTable(
 NODE_TO_CLIENT = MessageTable(
     "node to client",
     Result,
+    Results,
     StatusReply,
     PeersReply,
     PingReply,

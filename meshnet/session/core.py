@@ -192,11 +192,14 @@ class SessionCore:
         grace: float = DEADLINE_GRACE,
         max_payload: int | None = None,
         down_check: float = PEER_DOWN_CHECK,
+        batch: int | None = None,
     ):
         #: Bytes of jobs and results held for peers (sent and unacknowledged, or waiting).
         self.budget = budget
         #: The largest payload or result this node takes (told to each peer in its hellos).
         self.max_payload = max_payload
+        #: The most messages this node reads in one sealed batch (told in its hellos).
+        self.batch = batch
         self.down_check = down_check
         self.held = 0
         self.silence = silence
@@ -549,6 +552,15 @@ class SessionCore:
         acknowledged: a node stopping waits for this, within its grace."""
         return any(session.unacked or session.waiting for session in self.sessions.values())
 
+    def batch_room(self, peer: str) -> tuple[int, int]:
+        """How many messages ``peer`` reads in one sealed batch (1: it reads none), and how
+        many bytes of payloads and results the batch may hold (the peer's max_payload:
+        the relay refuses a body larger than what the peer said it takes)."""
+        session = self.sessions.get(peer)
+        if session is None or session.peer_batch is None or session.peer_max_payload is None:
+            return 1, 0
+        return session.peer_batch, session.peer_max_payload
+
     # -- internals --
 
     def _session(self, peer: str, now: float) -> PeerSession:
@@ -556,7 +568,7 @@ class SessionCore:
         if session is not None:
             self.sessions.move_to_end(peer)
             return session
-        session = PeerSession(peer, self._new_sid, self.max_payload)
+        session = PeerSession(peer, self._new_sid, self.max_payload, self.batch)
         self.sessions[peer] = session
         path = self.paths.current(peer)
         self._path_of[peer] = path

@@ -78,13 +78,17 @@ class Received:
 
 
 class PeerSession:
-    def __init__(self, peer: str, new_sid: Callable[[], int], max_payload: int | None = None):
+    def __init__(self, peer: str, new_sid: Callable[[], int], max_payload: int | None = None, batch: int | None = None):
         self.peer = peer
         self._new_sid = new_sid
         #: The largest payload or result this side takes, told in its hellos; and the
         #: peer's, from its hellos (None: it has not said).
         self.max_payload = max_payload
         self.peer_max_payload: int | None = None
+        #: The most messages this side reads in one sealed batch, told in its hellos; and
+        #: the peer's, from its last hello (None: it reads none: one message per box).
+        self.batch = batch
+        self.peer_batch: int | None = None
         self.state = State.NEW
         self.local_sid = new_sid()
         self.remote_sid: int | None = None
@@ -186,7 +190,7 @@ class PeerSession:
     def _hello(self, now: float) -> Hello:
         self.hellos += 1
         self.hello_due = now + self.rtt.backed_off(self.hellos)
-        return self._stamp(Hello(max_payload=self.max_payload))
+        return self._stamp(Hello(max_payload=self.max_payload, batch=self.batch))
 
     def _box_for(self, pending: Pending, now: float) -> Sealed:
         pending.sends += 1
@@ -245,6 +249,7 @@ class PeerSession:
         if isinstance(box, Hello):
             if box.max_payload is not None:
                 self.peer_max_payload = box.max_payload
+            self.peer_batch = box.batch
             self.state = next_state(self.state, Move.HELLO)
             self.hello_due = None
             # Answered when the peer does not know our current id, and whenever its hello
@@ -283,7 +288,7 @@ class PeerSession:
         if not self.path_up or (now - self.answered_at < ANSWER_GAP and not force):
             return []
         self.answered_at = now
-        return [self._stamp(Hello(max_payload=self.max_payload))]
+        return [self._stamp(Hello(max_payload=self.max_payload, batch=self.batch))]
 
     def _on_ack(self, cumulative: int | None, sack: list[int] | None, now: float) -> list[Pending]:
         acked: list[Pending] = []

@@ -277,6 +277,39 @@ def sealed_input(rng: random.Random, corpus: Corpus) -> tuple[str, bytes]:
     return wrong_peer, seal(rng, corpus, rng.choice(corpus.inner))
 
 
+def batch_input(rng: random.Random, corpus: Corpus) -> Any:
+    """A batch's plaintext (docs/protocol.md §7.2): arrays of node-to-node messages valid
+    or not, of any count; heads in long forms, indefinite, cut short, with bytes after."""
+    roll = rng.random()
+    count = rng.choice((1, 2, 3, 8, 64, 65, rng.randint(0, 70)))
+    valid = roll < 0.45  # mostly valid messages: a batch is refused whole for one bad one
+    items = [
+        rng.choice(corpus.inner) if valid and rng.random() < 0.95 else inner_plaintext(rng, corpus)
+        for _ in range(min(count, 70))
+    ]
+    data = _cbor_head(4, count) + b"".join(_cbor_head(2, len(item)) + item for item in items)
+    if valid:
+        pass
+    elif roll < 0.75:
+        data = mutate_bytes(rng, data, corpus.inner[:2], max_rounds=3)
+    elif roll < 0.85:  # a head in a longer form than it needs, or indefinite
+        data = rng.choice((b"\x98\x02", b"\x99\x00\x02", b"\x9f", b"\x82\x5f")) + data[1:]
+    elif roll < 0.95:
+        data = data[: rng.randrange(len(data) + 1)] + (random_bytes(rng) if rng.random() < 0.5 else b"")
+    else:
+        data = bytes([0x80 | rng.randrange(32)]) + random_bytes(rng)
+    return as_buffer(rng, data, bytearray_share=0.4)
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes([major << 5 | n])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
+    raise ValueError(n)
+
+
 #: The kinds of a direct link's messages (docs/protocol.md §7.8).
 LINK_KINDS = (b"hi", b"box", b"boxes", b"parts", b"ping", b"pong", b"bye")
 

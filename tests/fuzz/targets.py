@@ -12,6 +12,7 @@ from meshnet.config import NodeConfig, RelayConfig, load_node_config, load_relay
 from meshnet.errors import ConfigError, IdentityError, RemoteProtocolError, SealError
 from meshnet.identity import Identity, Sealer, curve_public_key, is_peer_id, public_key_from_peer_id
 from meshnet.protocol import decode, decode_inner
+from meshnet.protocol.batch import MAX_BATCH_MESSAGES, split_batch
 from meshnet.protocol.direct import LinkMessage, carried, decode_carried, decode_link
 from meshnet.protocol.messages import Message, MessageTable
 from meshnet.protocol.strict_cbor import loads_value
@@ -121,6 +122,30 @@ def link_target() -> Target:
     )
 
 
+def batch_target() -> Target:
+    """A batch's plaintext: its messages split out, then each decoded (a node drops a
+    batch whole if any of its messages is refused)."""
+    table = TABLES["NODE_TO_NODE"]
+
+    def decode_all(data: Any) -> list[Message]:
+        return [decode_inner(item, table, max_size=MAX_INNER) for item in split_batch(data)]
+
+    def check(messages: list[Message]) -> str | None:
+        if not 1 <= len(messages) <= MAX_BATCH_MESSAGES:
+            return f"decoded to {len(messages)} messages"
+        return next(filter(None, map(message_of(table), messages)), None)
+
+    return Target(
+        name="batch",
+        call=f"split_batch(data), then decode_inner(each, NODE_TO_NODE, max_size={MAX_INNER})",
+        decode=decode_all,
+        allowed=(RemoteProtocolError,),
+        generate=generators.batch_input,
+        check_result=check,
+        check_error=unexpected_marked,
+    )
+
+
 def sealed_target(corpus: Corpus) -> Target:
     sealer = Sealer(corpus.receiver)
     table = TABLES["NODE_TO_NODE"]
@@ -212,6 +237,7 @@ def build_targets(seed: int, workdir: Path) -> tuple[dict[str, Target], Corpus]:
         *(frame_target(direction) for direction in generators.FRAME_DIRECTIONS),
         inner_target(),
         link_target(),
+        batch_target(),
         sealed_target(corpus),
         value_target(),
         config_target("node_config", load_node_config, NodeConfig, generators.node_config_input, workdir),

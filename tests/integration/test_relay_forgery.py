@@ -29,7 +29,8 @@ MiB = 1 << 20
 
 class ForgingCore(RelayCore):
     """Forwards every send; besides, bounces one in five back to its sender with a false
-    reason, and tells the sender its peer left every 40 forwards."""
+    reason, and tells the sender its peer left every 15 forwards (a forward is often a
+    batch of several boxes)."""
 
     def __init__(self, *args, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,7 +43,7 @@ class ForgingCore(RelayCore):
             reason = self.rng.choice(["too_large", "relay_busy", "peer_not_connected"])
             out += self._reply_to(sender, self._unroutable(message, reason, f"forged {reason}"))
             self.forged[reason] += 1
-        if self.forwarded % 40 == 0:
+        if self.forwarded % 15 == 0:
             out += self._reply_to(sender, PeerDown(peer_id=message.to))
             self.forged["peer_down"] += 1
         return out

@@ -31,6 +31,7 @@ from meshnet.protocol import (
     Register,
     Registered,
     Result,
+    Results,
     Send,
     StatusReply,
     StatusRequest,
@@ -49,7 +50,7 @@ FULL_ERROR = {"type": "RuntimeError", "message": "boom", "reason": ""}
 SAMPLES = {
     "CLIENT_TO_NODE": [
         Submit(id=JOB_ID, kind="echo", body=PAYLOAD),
-        Submit(id=JOB_ID, kind="sha256", body=PAYLOAD, to=PEER, timeout=2.5),
+        Submit(id=JOB_ID, kind="sha256", body=PAYLOAD, to=PEER, timeout=2.5, batch=True),
         Cancel(id=JOB_ID),
         StatusRequest(),
         PeersRequest(),
@@ -59,6 +60,12 @@ SAMPLES = {
     "NODE_TO_CLIENT": [
         Result(id=JOB_ID, status="succeeded", body=PAYLOAD, peer=PEER),
         Result(id=JOB_ID, status="failed", error=FULL_ERROR),
+        Results(
+            results=(
+                Result(id=JOB_ID, status="succeeded", body=PAYLOAD, peer=PEER),
+                Result(id=bytes(16), status="failed", error=FULL_ERROR),
+            )
+        ),
         StatusReply(info={"queued": 1, "running": 2, "jobs": {"succeeded": 3}}),
         PeersReply(peers=[PEER_INFO]),
         PingReply(peer=PEER, rtt=0.0012, path="direct", sent="relay", address="1.2.3.4:5", seq=3),

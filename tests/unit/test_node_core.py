@@ -14,10 +14,13 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshnet.jobs.model import Outcome
-from meshnet.node.core import DISPLACED, PEERS_QUERY_TIMEOUT, NodeCore
-from meshnet.node.effects import AnswerJob, Log, OpenRelay, Reply, SendRelay, SetTimer
-from meshnet.protocol import Error, Pong, Registered, encode
+from meshnet.identity import Sealer
+from meshnet.jobs.model import JobSpec
+from meshnet.natcheck import NatReport
+from meshnet.node.core import DISPLACED, PEERS_QUERY_TIMEOUT, NetworkChecked, NodeCore
+from meshnet.node.effects import AnswerJob, FlushSoon, Log, OpenRelay, PeersAnswered, PingAnswered, SendRelay, SetTimer
+from meshnet.protocol import NODE_TO_RELAY, Error, Pong, Registered, Send, Unroutable, decode, encode
+from meshnet.protocol.batch import is_batch, split_batch
 from tests.node_sim import Chaos, NodeSimulation
 
 NAMES = ("A", "B", "C")
@@ -208,9 +211,9 @@ def test_a_peers_query_the_relay_never_answers_is_answered_after_its_timeout() -
     for second in range(1, int(PEERS_QUERY_TIMEOUT) + 2):  # the relay answers heartbeats, not the query
         pong = encode(Pong(seq=core.link._ping_seq))
         core.on_relay_frames(1, [bytes(f) for f in pong], second - 0.5)
-        replies += [e for e in core.on_timer("tick", float(second)) if isinstance(e, Reply)]
-    assert len(replies) == 1 and replies[0].reply_to is asked and replies[0].args[0] is None
-    assert "did not answer" in replies[0].args[1]
+        replies += [e for e in core.on_timer("tick", float(second)) if isinstance(e, PeersAnswered)]
+    assert len(replies) == 1 and replies[0].request is asked and replies[0].peers is None
+    assert "did not answer" in replies[0].error
 
 
 def test_a_ping_with_no_answer_times_out_with_one_reply() -> None:
@@ -221,17 +224,14 @@ def test_a_ping_with_no_answer_times_out_with_one_reply() -> None:
     asked = object()
     sim._drive(node, node.core.ping(other.identity.peer_id, 2.0, asked, sim.now))
     sim.run(10.0)
-    answers = [args for who, args in sim.replies if who is asked]
-    assert len(answers) == 1 and answers[0][1] in ("timed_out", "unavailable")
+    answers = [a for a in sim.replies if isinstance(a, PingAnswered) and a.request is asked]
+    assert len(answers) == 1 and answers[0].code in ("timed_out", "unavailable")
 
 
 def test_a_network_change_is_checked_again_before_anything_is_offered() -> None:
     core = _core()
     core.start(0.0)
     _registered(core, 0.1, "203.0.113.9:50000")
-    from meshnet.natcheck import NatReport
-    from meshnet.node.core import NetworkChecked
-
     report = NatReport("port_restricted", "203.0.113.9:3478", "", "stun", True, 0.1)
     core.on_listening(7000, "", 0.2)
     core.on_network_checked(NetworkChecked("10.0.0.2", report), 0.3)
@@ -241,4 +241,70 @@ def test_a_network_change_is_checked_again_before_anything_is_offered() -> None:
     effects = _registered(core, 1.1, "198.51.100.77:50000")
     assert [e for e in effects if isinstance(e, Log) and e.event == "network_changed"]
     assert not core.punch.final  # nothing is offered on what the old network said
-    assert Outcome  # noqa: B018 - imported for the type of a job's end
+
+
+# -- batches --
+
+
+def _open_session(sim: NodeSimulation) -> None:
+    """A and B exchange hellos (through one job), and the relay path carries them."""
+    sim.at(3.0, sim.submit, "A", "B", b"job-000000000000")
+    sim.run(5.0)
+    assert sim.settled[b"job-000000000000"][0].status == "succeeded"
+
+
+def _twenty_jobs(sim: NodeSimulation) -> list[tuple[JobSpec, str]]:
+    peer = sim.nodes["B"].identity.peer_id
+    jobs = []
+    for n in range(1, 21):
+        job_id = b"job-%012d" % n
+        sim.submitted[job_id] = ("A", "B")
+        jobs.append((JobSpec(id=job_id, kind="echo", payload=b"x", timeout=30.0, origin="client:sim"), peer))
+    return jobs
+
+
+def test_a_turns_jobs_for_one_peer_leave_as_one_sealed_batch() -> None:
+    sim = NodeSimulation(random.Random(7), direct_works=lambda a, b: False)
+    _open_session(sim)
+    node = sim.nodes["A"]
+    effects = node.core.submit(_twenty_jobs(sim), sim.now)
+    assert not [e for e in effects if isinstance(e, SendRelay)]  # gathered until the turn ends
+    assert [e for e in effects if isinstance(e, FlushSoon)] == [FlushSoon()]
+    flushed = node.core.flush(sim.now)
+    [send] = [e for e in flushed if isinstance(e, SendRelay)]
+    message = decode(send.frames, NODE_TO_RELAY, max_body=1 << 20)
+    assert isinstance(message, Send)
+    plaintext = Sealer(sim.nodes["B"].identity).open(node.identity.peer_id, message.body)
+    assert is_batch(plaintext) and len(split_batch(plaintext)) == 20
+    sim._drive(node, effects + flushed)
+    sim.run(30.0)
+    assert_true_ends(sim)
+    assert {o[0].status for o in sim.settled.values()} == {"succeeded"}
+
+
+def test_a_peer_that_reads_no_batches_gets_one_message_per_box() -> None:
+    sim = NodeSimulation(random.Random(8), direct_works=lambda a, b: False)
+    sim.nodes["B"].core.sessions.batch = None  # an older node: its hellos carry no batch
+    _open_session(sim)
+    node = sim.nodes["A"]
+    effects = node.core.submit(_twenty_jobs(sim), sim.now)
+    assert len([e for e in effects if isinstance(e, SendRelay)]) == 20
+    assert not [e for e in effects if isinstance(e, FlushSoon)]
+    sim._drive(node, effects)
+    sim.run(30.0)
+    assert_true_ends(sim)
+    assert {o[0].status for o in sim.settled.values()} == {"succeeded"}
+
+
+def test_a_bounced_batch_is_a_bounce_of_each_of_its_messages() -> None:
+    sim = NodeSimulation(random.Random(9), direct_works=lambda a, b: False)
+    _open_session(sim)
+    node = sim.nodes["A"]
+    node.core.submit(_twenty_jobs(sim), sim.now)
+    [send] = [e for e in node.core.flush(sim.now) if isinstance(e, SendRelay)]
+    message = decode(send.frames, NODE_TO_RELAY, max_body=1 << 20)
+    assert isinstance(message, Send)
+    bounce = Unroutable(to=message.to, ref=message.ref, op="sealed", reason="relay_busy", message="full")
+    node.core.on_relay_frames(node.core.generation, [bytes(f) for f in encode(bounce)], sim.now)
+    bounced = [job for job in node.core.sessions.sent.values() if job.bounced == "relay_busy"]
+    assert len(bounced) == 20

@@ -33,6 +33,7 @@ from meshnet.protocol import (
     encode,
     encode_inner,
 )
+from meshnet.protocol.batch import encode_batch_parts, split_batch
 from meshnet.session import Execute, SessionCore, Settled, Transmit, box_ref
 from relay_server.routing import RelayCore
 
@@ -238,6 +239,13 @@ def vectors() -> dict[str, str]:
         isinstance(unroutable, Unroutable) and decode(error.frames, RELAY_TO_NODE, max_body=0).code == "not_registered"
     )
     out["unroutable no_relay"] = header_block(bounce.frames, unroutable)
+
+    # §7.2: B's result and its refusal of a second job, in one batch.
+    batched = [expected["job_result"], expected["refusal"]]
+    data = b"".join(bytes(part) for part in encode_batch_parts(batched))
+    sizes = ", ".join(f"bytes({len(encode_inner(box))}) {box.TYPE}" for box in batched)
+    out["batch"] = f"batch plaintext ({len(data)} bytes) = array(2), {sizes}:\n{wrapped(data)}"
+    assert [decode_inner(item, NODE_TO_NODE, max_size=MAX_SIZE) for item in split_batch(data)] == batched
     return out
 
 
