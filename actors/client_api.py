@@ -2,8 +2,9 @@
 
 The ROUTER lives on the node's job loop (a :class:`SocketLoop` shared with the worker
 pool and the relay client). On the job path the loop thread decodes a submission and
-hands it to the job book (or the relay client) directly, with a reply callable that
-sends the result from the loop: no thread hop per job.
+hands it to the job book (or the relay client) directly, the job carrying its way back
+as data (``ToClient``); its end comes back through ``Answers`` and goes out on the same
+socket, on the same thread (actors/client_answers.py holds what a client does not read).
 Requests that need answers from several actors (``status``) come to the actor itself,
 which may wait without holding up the socket.
 """
@@ -12,10 +13,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import os
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +24,18 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from actors.answers import Answers
 from actors.base import NodeActor
+from actors.client_answers import AnswerDelivery, client_tag
 from actors.job_queue import JobBook
 from actors.messages import CancelJob, ClientRequest, Drain, PingThere, QueryPeers, RunThere
 from meshnet.endpoints import bind_failure, is_local_endpoint
 from meshnet.errors import ConfigError, ProtocolError, StartupError
-from meshnet.flow import frames_size
 from meshnet.identity import Identity, curve_public_z85
 from meshnet.jobs.model import REFUSED_DRAINING, JobSpec, Outcome, ToClient
 from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.log_budget import LogBudget
-from meshnet.memory_budget import MemoryBudget, Reader, readers_to_cut
+from meshnet.memory_budget import MemoryBudget
 from meshnet.node.effects import PeersAnswered, PingAnswered
-from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES, MAX_DROPPED, Outboxes
+from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES
 from meshnet.protocol import (
     BATCH_RESULT_BYTES,
     CLIENT_TO_NODE,
@@ -59,24 +56,11 @@ from meshnet.protocol import (
     encode,
     frame_limit,
 )
-from meshnet.socket_loop import SocketLoop, TimerHandle, recv_message, send_message, send_tracked
+from meshnet.socket_loop import SocketLoop, recv_message
 
 log = structlog.get_logger("meshnet.api")
 
 RECV_BATCH = 256
-#: Answers of at least this many bytes are followed until ZeroMQ lets go of them, and
-#: count against the node's memory budget meanwhile. Smaller ones cost at most
-#: API_SEND_HWM x this (256 KiB) per connection, unfollowed: a tracker costs more than
-#: they do.
-TRACK_BYTES = 4 * 1024
-#: Followed answers ZeroMQ may hold for one connection at once; past it the next waits
-#: here, counted in bytes (one answer always goes, however large).
-ZMQ_BYTES_PER_CLIENT = 32 * 1024 * 1024
-#: How often answers followed in ZeroMQ are looked at while some are (doubling from the
-#: first to the longest while none is let go: a client that reads frees them within
-#: milliseconds; one that does not costs a wake-up a second).
-FIRST_SWEEP_S = 0.005
-LONGEST_SWEEP_S = 1.0
 #: A ``ping_peer`` without a timeout waits this long for its peer; none waits longer
 #: than the max (each holds a timer and an entry on the node until it ends).
 PING_TIMEOUT = 5.0
@@ -94,16 +78,6 @@ class StatusFor:
 def client_origin(conn: bytes) -> str:
     """The origin of jobs submitted on client connection ``conn``."""
     return f"client:{conn.hex()}"
-
-
-_TAG_KEY = os.urandom(16)
-
-
-def client_tag(conn: bytes) -> str:
-    """How logs name client connection ``conn``: a keyed hash of its routing id, never
-    the id itself, which is what another client would need to take its results over
-    (docs/protocol.md §10)."""
-    return "client-" + hashlib.blake2s(conn, key=_TAG_KEY, digest_size=4).hexdigest()
 
 
 #: What the log calls the handshakes ZAP refused: one source, however many keys (a
@@ -177,7 +151,6 @@ class ClientApiActor(NodeActor):
         self._guard: ListenerGuard | None = None
         #: The last frame read (recv_message's ``last``), for its connection's descriptor.
         self._last: list[Any] = [None]
-        self.outboxes = Outboxes(max_unread)
         #: Ids of the jobs submitted here that have no result yet (loop thread only): a
         #: submit reusing one is refused with an ``error``, never a ``result``.
         self.in_flight: set[bytes] = set()
@@ -185,22 +158,14 @@ class ClientApiActor(NodeActor):
         #: ``results`` when the turn has read what it had; and whether that is asked.
         self._results: dict[bytes, list[Result]] = {}
         self._results_flush_asked = False
-        self._retry_timer: TimerHandle | None = None
         self.log = log.bind(peer_id=self.peer_id)
         self.rejections = LogBudget(self.loop, self.log, "client_messages_rejected", "client")
-        #: Large answers ZeroMQ holds for clients (loop thread): (tracker, conn, bytes,
-        #: when sent), oldest first, and their bytes in all.
-        self._tracked: list[tuple[zmq.MessageTracker, bytes, int, float]] = []
-        #: Bytes of followed answers in ZeroMQ's queue, per connection.
-        self._in_zmq: dict[bytes, int] = {}
-        self.tracked_bytes = 0
-        #: Clients cut whose connection could not be closed (loop thread).
-        self._unclosable: OrderedDict[bytes, None] = OrderedDict()
-        self._sweep_timer: TimerHandle | None = None
-        self._sweep_delay = FIRST_SWEEP_S
         self.memory = memory or MemoryBudget()
-        self.memory.add_part("answers", lambda: self.outboxes.total + self.tracked_bytes)
-        self.memory.add_reliever(self._io_make_room)
+        #: Answers to clients: held while they do not read, within the memory budget.
+        self.delivery = AnswerDelivery(loop=self.loop, logger=self.log, memory=self.memory, max_unread=max_unread)
+        self.outboxes = self.delivery.outboxes
+        #: Send one answer to a client (loop thread): the delivery's, called directly.
+        self._io_send = self.delivery.send
 
     def bind(self) -> str:
         """Bind the endpoint, without reading from it yet (:meth:`serve` does); raise
@@ -293,6 +258,7 @@ class ClientApiActor(NodeActor):
         # Connections that sent nothing yet are closed past a cap: idle ones cannot hold
         # the node's descriptors (meshnet.conn_guard).
         self._guard = ListenerGuard(self.loop, router, name="api", logger=self.log)
+        self.delivery.attach(router, self._guard)
         return router.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _io_serve(self, relay: Callable[[Any], None] | None) -> None:
@@ -302,9 +268,7 @@ class ClientApiActor(NodeActor):
 
     def _io_close(self) -> None:
         self.rejections.close()
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-            self._sweep_timer = None
+        self.delivery.close()
         if self._guard is not None:
             self._guard.close()
             self._guard = None
@@ -312,193 +276,6 @@ class ClientApiActor(NodeActor):
             self.loop.close_socket(self._router, linger=1000)  # the last results still go out
         finally:
             self._router = None
-
-    def _io_send(self, conn: bytes, frames: list[Any]) -> None:
-        router = self._router
-        if router is None:
-            return
-        outboxes = self.outboxes
-        if outboxes.backlogs and outboxes.holds(conn):  # behind what already waits for it
-            self._io_hold(conn, frames)
-            return
-        # Dropped before this answer (not by the room its tracking made just now).
-        was_dropped = bool(outboxes.dropped) and conn in outboxes.dropped
-        try:
-            sent = self._io_try_send(router, conn, frames)
-        except zmq.Again:  # ZeroMQ's queue for this client is full: it is not reading
-            sent = False
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
-            outboxes.discarded += 1  # the client went away; its answers have nowhere to go
-            return
-        if not sent:
-            self._io_hold(conn, frames)
-        elif was_dropped and outboxes.reading_again(conn):
-            self.log.info("client_reading_again", client=client_tag(conn))
-
-    def _io_try_send(self, router: zmq.Socket[Any], conn: bytes, frames: list[Any]) -> bool:
-        """Hand one answer to ZeroMQ: False if it would put more than ZMQ_BYTES_PER_CLIENT
-        of followed answers in its queue for ``conn`` (then it waits here); ``zmq.Again``
-        when that queue is full of messages."""
-        size = len(frames[-1]) if len(frames) > 1 else 0
-        if size < TRACK_BYTES:
-            send_message(router, [conn, *frames])
-            return True
-        queued = self._in_zmq.get(conn, 0)
-        if queued and queued + size > ZMQ_BYTES_PER_CLIENT:
-            return False
-        self._io_track(conn, send_tracked(router, [conn, *frames]), size)
-        return True
-
-    def _io_hold(self, conn: bytes, frames: list[Any]) -> None:
-        now = time.monotonic()
-        size = frames_size(frames)
-        waiting = self.outboxes.unread(conn) + size
-        queued = self._in_zmq.get(conn, 0)  # unread too, in ZeroMQ's queue for it
-        state = self.outboxes.hold(conn, frames, size, now, queued)
-        if state == "pushed_back":
-            self.log.warning(
-                "client_pushed_back",
-                client=client_tag(conn),
-                unread_bytes=self.outboxes.unread(conn) + queued,
-                action="its new jobs are refused busy until it reads",
-            )
-        elif state == "dropped":
-            self._log_dropped(conn, waiting)
-        if self.memory.over():
-            self._io_make_room(0)
-        if self._retry_timer is None and self.outboxes.backlogs:
-            self._retry_timer = self.loop.call_later(self.outboxes.next_retry() or 0.0, self._io_retry_held)
-
-    def _io_track(self, conn: bytes, tracker: zmq.MessageTracker, size: int) -> None:
-        """A large answer went to ZeroMQ: counted until ZeroMQ lets go of it."""
-        if tracker.done:
-            return
-        self._tracked.append((tracker, conn, size, time.monotonic()))
-        self.tracked_bytes += size
-        self._in_zmq[conn] = self._in_zmq.get(conn, 0) + size
-        if self._sweep_timer is None:
-            self._sweep_delay = FIRST_SWEEP_S
-            self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
-        if self.memory.over():
-            self._io_make_room(0)
-
-    def _io_sweep(self) -> None:
-        """Forget the followed answers ZeroMQ has let go of; look again while any is held."""
-        self._sweep_timer = None
-        kept = [entry for entry in self._tracked if not entry[0].done]
-        freed = len(kept) < len(self._tracked)
-        self.tracked_bytes = sum(entry[2] for entry in kept)
-        self._tracked = kept
-        in_zmq: dict[bytes, int] = {}
-        for _, conn, size, _ in kept:
-            in_zmq[conn] = in_zmq.get(conn, 0) + size
-        room = [conn for conn in self._in_zmq if in_zmq.get(conn, 0) < self._in_zmq[conn]]
-        self._in_zmq = in_zmq
-        if any(conn in self.outboxes.backlogs for conn in room) and self._router is not None:
-            # Room in ZeroMQ's queue for answers held back by ZMQ_BYTES_PER_CLIENT: now,
-            # not at the retry timer's next (backed-off) turn.
-            if self._retry_timer is not None:
-                self._retry_timer.cancel()
-            self._retry_timer = self.loop.call_later(0.0, self._io_retry_held)
-        if kept and self._router is not None:
-            self._sweep_delay = FIRST_SWEEP_S if freed else min(LONGEST_SWEEP_S, self._sweep_delay * 2)
-            self._sweep_timer = self.loop.call_later(self._sweep_delay, self._io_sweep)
-
-    def _io_make_room(self, size: int) -> None:
-        """The node is over its memory budget, or new work of ``size`` bytes does not fit:
-        cut the clients whose answers have waited longest unread (past READ_GRACE), as
-        many as it takes, if cutting them makes it fit (meshnet.memory_budget)."""
-        self._io_sweep_now()
-        now = time.monotonic()
-        for conn in readers_to_cut(self._io_readers(), self.memory.used(), self.memory.limit, size, now):
-            self._io_cut(conn, now)
-
-    def _io_sweep_now(self) -> None:
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-        self._io_sweep()
-
-    def _io_readers(self) -> list[Reader]:
-        """The clients with unread answers, here or in ZeroMQ, but those cut already whose
-        connection could not be closed (what ZeroMQ holds for them, nothing frees)."""
-        readers: dict[bytes, Reader] = {}
-        for _, conn, size, sent_at in self._tracked:
-            if conn not in self._unclosable:
-                old = readers.get(conn)
-                readers[conn] = Reader(conn, old.since if old else sent_at, size + (old.unread if old else 0))
-        for conn, backlog in self.outboxes.backlogs.items():
-            old = readers.get(conn)
-            since = min(backlog.progress_at, old.since) if old else backlog.progress_at
-            readers[conn] = Reader(conn, since, backlog.size + (old.unread if old else 0))
-        return list(readers.values())
-
-    def _io_cut(self, conn: bytes, now: float) -> None:
-        """Drop client ``conn``: what waits for it here is discarded, and its connection
-        closed, which makes ZeroMQ drop what it queued for it."""
-        held = self.outboxes.cut(conn, now)
-        queued = self._in_zmq.get(conn, 0)
-        closed = self._guard is not None and self._guard.disconnect(conn)
-        if closed:
-            self._tracked = [entry for entry in self._tracked if entry[1] != conn]
-            self.tracked_bytes -= queued
-            self._in_zmq.pop(conn, None)
-        else:
-            # Not known or gone (ipc, or it left): what ZeroMQ holds for it goes when it
-            # does; it is not tried again meanwhile.
-            self._unclosable[conn] = None
-            while len(self._unclosable) > MAX_DROPPED:
-                self._unclosable.popitem(last=False)
-            if not held:
-                return
-        self.memory.cut += 1
-        self.log.warning(
-            "client_cut",
-            client=client_tag(conn),
-            unread_bytes=held + queued,
-            reason=f"the node holds more than its memory budget ({self.memory.limit} bytes), and this client "
-            "has left its answers unread longest",
-            action="its answers were discarded" + (" and its connection closed" if closed else ""),
-        )
-
-    def _log_dropped(self, conn: bytes, unread: int) -> None:
-        self.log.warning(
-            "client_dropped",
-            client=client_tag(conn),
-            reason=f"it stopped reading: {unread} bytes of answers waited for it (api.max_unread_bytes is "
-            f"{self.outboxes.budget})",
-            action="its waiting answers were discarded; its jobs are refused until it reads",
-        )
-
-    def _io_retry_held(self) -> None:
-        """Send what waits for slow clients, as far as ZeroMQ takes it."""
-        self._retry_timer = None
-        router = self._router
-        if router is None:
-            return
-        outboxes = self.outboxes
-        now = time.monotonic()
-        for conn in list(outboxes.backlogs):
-            while (frames := outboxes.head(conn)) is not None:
-                try:
-                    if not self._io_try_send(router, conn, frames):
-                        break
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno != errno.EHOSTUNREACH:
-                        raise
-                    outboxes.gone(conn)
-                    break
-                if outboxes.head(conn) is not frames:
-                    break  # following it made room by cutting this very client: its backlog is gone
-                outboxes.sent_head(conn, now)
-        for conn, unread in outboxes.drop_stalled(now):
-            self._log_dropped(conn, unread)
-        delay = outboxes.next_retry()
-        if delay is not None and self._retry_timer is None:  # (a sweep above may have set one)
-            self._retry_timer = self.loop.call_later(delay, self._io_retry_held)
 
     def _io_readable(self) -> None:
         router, guard, last = self._router, self._guard, self._last

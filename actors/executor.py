@@ -20,27 +20,21 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
 from actors.base import NodeActor
+from actors.worker_process import Worker, outcome_of, spawn_worker, stop_helper_processes
 from meshnet.errors import ProtocolError
-from meshnet.jobs.framing import FrameReader, frame_buffers, unsent
+from meshnet.jobs.framing import frame_buffers, unsent
 from meshnet.jobs.model import JobSpec, Outcome, job_id_text
-from meshnet.jobs.worker import serve
 from meshnet.logs import debug_enabled
-from meshnet.socket_loop import SocketLoop, TimerHandle
+from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.executor")
-
-#: Socket buffer asked for each worker's socket pair (the kernel caps it): fewer
-#: wake-ups per large payload.
-SOCKET_BUFFER_BYTES = 1024 * 1024
 
 Report = Callable[[list[tuple[bytes, Outcome]]], None]
 #: Longest wait before replacing a worker after workers kept failing to start.
@@ -48,45 +42,12 @@ MAX_REPLACE_DELAY = 10.0
 SHUTTING_DOWN = "the node is shutting down"
 #: Ids of jobs cancelled before the call that starts them reached the loop, kept at most.
 MAX_EARLY_CANCELS = 4096
-#: The most a worker's status line can be: status, and error type and message clipped
-#: to the wire's text limits, in UTF-8.
-STATUS_LINE_BYTES = 64 * 1024
 
 
 def _timed_out_text(job: JobSpec, *, started: bool) -> str:
     if started:
         return f"job ran past its timeout of {job.timeout:g} s (counted from its arrival) and was killed"
     return f"job reached an executor after its timeout of {job.timeout:g} s and never started"
-
-
-def outcome_of(status_line: bytes | bytearray, result: bytes | bytearray) -> Outcome:
-    """The outcome a worker's two reply frames stand for."""
-    status, error_type, message = status_line.decode("utf-8", "replace").split("\0", 2)
-    if status == "succeeded":
-        return Outcome(status, result=result)
-    return Outcome(status, error_type=error_type, message=message)
-
-
-class Worker:
-    """One worker process, as the pool sees it (loop thread only)."""
-
-    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "job", "timer", "ending", "dead", "ran")
-
-    def __init__(self, process: Any, sock: socket.socket, max_frame: int):
-        self.process = process
-        self.sock = sock
-        self.sentinel: int = process.sentinel
-        self.reader = FrameReader(max_frame)
-        self.frames: list[bytes | bytearray] = []
-        self.outbox: list[memoryview] = []
-        self.job: JobSpec | None = None
-        self.timer: TimerHandle | None = None
-        #: Set when the pool kills the worker: the outcome its job ends with.
-        self.ending: Outcome | None = None
-        #: Its socket reached its end (or refused a write): it takes no more jobs.
-        self.dead = False
-        #: It has finished a job: it started fine.
-        self.ran = False
 
 
 class WorkerPool:
@@ -165,21 +126,7 @@ class WorkerPool:
     # -- loop thread --
 
     def _spawn(self) -> Worker:
-        ours, theirs = socket.socketpair()
-        for end in (ours, theirs):
-            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                end.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-        process = self._context.Process(
-            target=serve, args=(theirs, self.enabled, self.max_payload), name="meshnet-worker", daemon=True
-        )
-        try:
-            process.start()
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        # A frame is a result (at most max_payload: the worker fails larger ones) or a
-        # status line (clipped texts: a few KiB at most).
-        return Worker(process, ours, max_frame=max(self.max_payload, STATUS_LINE_BYTES))
+        return spawn_worker(self._context, self.enabled, self.max_payload)
 
     def _io_adopt(self, workers: list[Worker]) -> None:
         for worker in workers:
@@ -440,24 +387,5 @@ class ExecutorActor(NodeActor):
                 self._pool.close()
             finally:
                 self.loop.stop()
-        _stop_helper_processes()
+        stop_helper_processes(log)
         log.info("executors_stopped")
-
-
-def _stop_helper_processes() -> None:
-    """Stop multiprocessing's forkserver and resource tracker now, and wait for them.
-
-    Both would exit on their own once this process is gone, but a moment later: a
-    supervisor that checks, right after the node exits, that nothing it started is
-    left would find them. These ``_stop`` methods are private but have been stable
-    since Python 3.8 (the standard library's own tests use them); a new pool restarts
-    both on demand."""
-    from multiprocessing import forkserver, resource_tracker
-
-    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except (OSError, ChildProcessError) as exc:
-                log.warning("helper_stop_failed", helper=type(helper).__name__, error=str(exc))
