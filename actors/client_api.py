@@ -405,7 +405,7 @@ class ClientApiActor(NodeActor):
                 self._io_send_results(conn, self._results.pop(conn))
             elif not self._results_flush_asked:
                 self._results_flush_asked = True
-                self.loop.call_soon(self._io_flush_results)
+                self.loop.at_turn_end(self._io_flush_results)
             return
         if waiting is not None:  # what waits goes first
             self._io_send_results(conn, self._results.pop(conn))

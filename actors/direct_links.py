@@ -268,7 +268,7 @@ class DirectLinks:
             return self._send_frames(link, box_frames([data]))
         link.outbox.append(data)
         if len(link.outbox) == 1:
-            self.loop.call_soon(self._flush, link)
+            self.loop.at_turn_end(functools.partial(self._flush, link))
         elif len(link.outbox) >= MAX_BATCH:
             self._flush(link)
         return True

@@ -251,7 +251,7 @@ class RelayClient:
                 log_job_end(self.log, effect.job.id, effect.job.kind, effect.outcome, to=effect.peer)
             self.answers.answer(effect.job, effect.outcome)
         elif isinstance(effect, FlushSoon):
-            self.loop.call_soon(self._flush)  # after the readers of this turn
+            self.loop.at_turn_end(self._flush)  # after the rest of what this turn reads
         elif isinstance(effect, SetTimer):
             old = self._timers.pop(effect.key, None)
             if old is not None:

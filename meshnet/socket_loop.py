@@ -16,6 +16,11 @@ timer, and a loop under load keeps its freed buffers for reuse (trimming under l
 made every new large buffer fault its pages in again: measured, a third more CPU in a
 node moving 4 MiB payloads to its workers). Traffic that never pauses that long still
 gets a trim every ``TRIM_AT_LEAST_EVERY`` windows.
+
+A turn of the loop runs the timers that are due, polls, calls the readers of every
+socket that has something, then the queued calls, then what asked to run at the turn's
+end (:meth:`SocketLoop.at_turn_end`): the batches of messages a turn gathered for one
+destination leave there, after everything the turn read, and before the loop sleeps.
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ class SocketLoop:
         self._busy_since_armed = False
         self._trim_armed_at = 0.0
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        #: What runs once this turn has read and called what it had (loop thread only).
+        self._turn_end: list[Callable[[], None]] = []
         self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -183,6 +190,12 @@ class SocketLoop:
                         os.write(self._wake_w, b"\0")
                     except BlockingIOError:
                         pass  # pipe full: a wake-up is pending anyway
+
+    def at_turn_end(self, fn: Callable[[], None]) -> None:
+        """Loop thread: run ``fn()`` once this turn has called its readers and queued
+        calls (and before the loop sleeps): after the rest of what the turn read, not
+        a whole poll later. A caller asks once per turn (it keeps its own flag)."""
+        self._turn_end.append(fn)
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
         """Run ``fn(*args)`` on the loop thread and return its result, or raise what it
@@ -306,6 +319,13 @@ class SocketLoop:
             fn, args = calls.popleft()
             self._guard(fn, args)
 
+    def _run_turn_end(self) -> None:
+        # What these ask for at the turn's end (a flush that ended a job, say) runs in
+        # the next turn, which does not sleep while any is waiting.
+        waiting, self._turn_end = self._turn_end, []
+        for fn in waiting:
+            self._guard(fn, ())
+
     def _guard(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
             fn(*args)
@@ -358,7 +378,7 @@ class SocketLoop:
         try:
             while self._running:
                 timeout = self._run_timers()
-                if self._calls:
+                if self._calls or self._turn_end:
                     timeout = 0
                 woken = bool(self._calls)
                 for sock, events in self._poller.poll(timeout):
@@ -381,6 +401,8 @@ class SocketLoop:
                             self.call_later(self._trim_delay, self._trim_if_quiet)
                 if woken:
                     self._run_calls()
+                if self._turn_end:
+                    self._run_turn_end()
         finally:
             for sock in list(self._readers):
                 self.remove_reader(sock)
@@ -391,4 +413,5 @@ class SocketLoop:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
             self._calls.clear()
+            self._turn_end.clear()
             self._ident = None  # thread ids are reused: no later thread is "in" this loop

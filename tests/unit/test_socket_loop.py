@@ -242,3 +242,46 @@ def test_a_loop_profile_counts_cpu_time_when_asked(tmp_path, monkeypatch, clock:
         assert seconds < 0.1
     else:
         assert seconds >= 0.3
+
+
+def test_turn_end_work_runs_after_everything_the_turn_read_and_before_the_loop_sleeps() -> None:
+    """Two messages readable at once: both readers run, then the turn's end once; one
+    asked from a timer runs without waiting for another event."""
+    loop = SocketLoop("test").start()
+    context = zmq.Context()
+    order: list[str] = []
+    done = threading.Event()
+    try:
+        # inproc: a send returns with the message in the receiver's queue, so both are
+        # there before the loop first reads.
+        pull = context.socket(zmq.PULL)
+        pull.bind("inproc://turn-end")
+        push = context.socket(zmq.PUSH)
+        push.connect("inproc://turn-end")
+        asked = [False]
+
+        def readable() -> None:
+            while True:
+                try:
+                    order.append(pull.recv(zmq.NOBLOCK).decode())
+                except zmq.Again:
+                    break
+                if not asked[0]:
+                    asked[0] = True
+                    loop.at_turn_end(lambda: (order.append("end"), asked.__setitem__(0, False)))
+
+        def from_timer() -> None:
+            loop.at_turn_end(lambda: (order.append("timer end"), done.set()))
+
+        push.send(b"a")
+        push.send(b"b")
+        loop.run_sync(loop.add_reader, pull, readable)
+        loop.call_soon(lambda: loop.call_later(0.01, from_timer))
+        assert done.wait(5), order
+        assert order == ["a", "b", "end", "timer end"]
+    finally:
+        loop.run_sync(loop.remove_reader, pull)
+        loop.stop()
+        pull.close(0)
+        push.close(0)
+        context.term()
