@@ -136,8 +136,9 @@ class Link:
 
 class DirectLinks:
     """Loop thread only. ``on_up(peer, attempt)``, ``on_down(peer, attempt, reason)`` and
-    ``on_message(peer, carried)`` are called on the loop (``carried``: one node-to-node
-    message as the link brought it, for :func:`meshnet.protocol.direct.decode_carried`)."""
+    ``on_messages(peer, carried)`` are called on the loop (``carried``: the node-to-node
+    messages one link message brought, each for
+    :func:`meshnet.protocol.direct.decode_carried`)."""
 
     def __init__(
         self,
@@ -147,12 +148,12 @@ class DirectLinks:
         max_message: int,
         on_up: Callable[[str, int], None],
         on_down: Callable[[str, int, str], None],
-        on_message: Callable[[str, Carried], None],
+        on_messages: Callable[[str, tuple[Carried, ...]], None],
     ):
         self.identity = identity
         self.loop = loop
         self.max_message = max_message
-        self.on_up, self.on_down, self.on_message = on_up, on_down, on_message
+        self.on_up, self.on_down, self.on_messages = on_up, on_down, on_messages
         self.links: dict[str, Link] = {}
         #: The listener's routing id of each accepted link -> its peer.
         self._accepted: dict[bytes, str] = {}
@@ -390,14 +391,15 @@ class DirectLinks:
             return None
 
     def _deliver(self, link: Link, message: LinkMessage) -> bool:
-        """Hand the node-to-node messages ``message`` carries to ``on_message``. True when
-        the reader is to stop for this turn: a batch is a turn's worth (the loop serves
-        its other sockets, the workers whose jobs it just queued, before it reads
-        another), and a message may have closed the link."""
-        for item in carried(message):
-            self.on_message(link.peer, item)
+        """Hand the node-to-node messages ``message`` carries to ``on_messages``, all at
+        once. True when the reader is to stop for this turn: a batch is a turn's worth
+        (the loop serves its other sockets, the workers whose jobs it just queued, before
+        it reads another), and the messages may have closed the link."""
+        items = carried(message)
+        if items:
+            self.on_messages(link.peer, items)
             if self.links.get(link.peer) is not link:
-                return True  # the message closed the link
+                return True  # the messages closed the link
         return isinstance(message, Boxes) and len(message.messages) > 1
 
     def _monitor(self, link: Link) -> None:

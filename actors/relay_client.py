@@ -129,7 +129,7 @@ class RelayClient:
             max_message=frame_limit(self.core.max_deliver_body),
             on_up=self._on_direct_up,
             on_down=self._on_direct_down,
-            on_message=self._on_direct_message,
+            on_messages=self._on_direct_messages,
         )
         #: The core's effects not yet carried out, and whether they are being.
         self._effects: deque[Effect] = deque()
@@ -328,8 +328,8 @@ class RelayClient:
     def _on_direct_down(self, peer: str, attempt: int, reason: str) -> None:
         self._drive(self.core.on_link_down(peer, attempt, reason, time.monotonic()))
 
-    def _on_direct_message(self, peer: str, item: Carried) -> None:
-        self._drive(self.core.on_link_message(peer, item, time.monotonic()))
+    def _on_direct_messages(self, peer: str, items: tuple[Carried, ...]) -> None:
+        self._drive(self.core.on_link_messages(peer, items, time.monotonic()))
 
 
 class RelayClientActor(NodeActor):

@@ -448,4 +448,4 @@ class NodeSimulation:
         link = self.links.get(frozenset((node.name, sender.name)))
         if link is None or link.generation != generation:
             return  # the link broke with it on the wire
-        self._drive(node, node.core.on_link_message(sender.identity.peer_id, data, self.now))
+        self._drive(node, node.core.on_link_messages(sender.identity.peer_id, [data], self.now))

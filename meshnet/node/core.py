@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -271,6 +271,7 @@ class NodeCore:
         #: When the sessions' and the punch's timers are set for (inf: not set).
         self._sessions_at = math.inf
         self._punch_at = math.inf
+        self._punch_asked = False
         #: Boxes for each peer gathered in this loop turn, and their bytes (sealed as one
         #: batch when the turn ends), and whether the shell was asked to end it.
         self._batching: dict[str, list[Sealed]] = {}
@@ -525,17 +526,21 @@ class NodeCore:
             self._punch(self.punch.on_link_down(peer, attempt, reason, now))
         return self._settle()
 
-    def on_link_message(self, peer: str, item: Carried, now: float) -> list[Effect]:
-        """A node-to-node message ``peer``'s direct link carried."""
+    def on_link_messages(self, peer: str, items: Sequence[Carried], now: float) -> list[Effect]:
+        """The node-to-node messages one message of ``peer``'s direct link carried (a
+        ``boxes`` carries a turn's worth): one input, so one settling for them all. One
+        that does not decode is dropped alone (logged); its sender sends it again."""
         if self.stopped:
             return []
         self._now = now
-        try:
-            box = decode_carried(item, NODE_TO_NODE, max_size=self.max_deliver_body)
-        except ProtocolError as exc:
-            self._rejected(peer, "direct_message_rejected", str(exc))
-            return self._settle()
-        self._apply(self.sessions.on_box(peer, cast(Sealed, box), now, self.punch.link(peer)))
+        path = self.punch.link(peer)
+        for item in items:
+            try:
+                box = decode_carried(item, NODE_TO_NODE, max_size=self.max_deliver_body)
+            except ProtocolError as exc:
+                self._rejected(peer, "direct_message_rejected", str(exc))
+                continue
+            self._apply(self.sessions.on_box(peer, cast(Sealed, box), now, path))
         return self._settle()
 
     def on_direct_sent(self, path: str) -> None:
@@ -608,6 +613,9 @@ class NodeCore:
         self._work.extend(work)
 
     def _punch(self, events: list[PunchEvent]) -> None:
+        """What the punch coordinator decided (it was asked something: its next deadline
+        is looked at again when this input settles)."""
+        self._punch_asked = True
         self._work.extend(events)
 
     def _settle(self) -> list[Effect]:
@@ -644,10 +652,12 @@ class NodeCore:
             if deadline is not None and deadline < self._sessions_at:
                 self._sessions_at = deadline
                 self._effects.append(SetTimer(SESSIONS, deadline))
-        due = self.punch.next_deadline()
-        if due is not None and due < self._punch_at:
-            self._punch_at = due
-            self._effects.append(SetTimer(PUNCH, due))
+        if self._punch_asked:  # its deadline scans every peer: not for an input it never saw
+            self._punch_asked = False
+            due = self.punch.next_deadline()
+            if due is not None and due < self._punch_at:
+                self._punch_at = due
+                self._effects.append(SetTimer(PUNCH, due))
 
     def _on_session_event(self, event: Event) -> None:
         if isinstance(event, Transmit):
@@ -1012,8 +1022,11 @@ class NodeCore:
     def _want_direct(self, peer: str) -> None:
         """Jobs go between this node and ``peer``: a direct link is worth trying."""
         if self.link.registered and self.local_port is not None:
-            # Runs for every job: most find a link up or under way, and change nothing.
-            self._punch(self.punch.want(peer, self._now))
+            # Runs for every job: most find a link up or under way, and change nothing
+            # (no events, no new deadline): the deadline's scan is for the rest.
+            events = self.punch.want(peer, self._now)
+            if events:
+                self._punch(events)
 
     def _on_observed(self, observed: str) -> None:
         """Registered, and seen by the relay at ``observed``: this node's candidates. A

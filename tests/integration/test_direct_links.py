@@ -37,16 +37,17 @@ class Listener:
                 max_message=1 << 20,
                 on_up=lambda peer, attempt: self._note(self.ups, (peer, attempt)),
                 on_down=lambda *args: None,
-                on_message=self._on_message,
+                on_messages=self._on_messages,
             )
         )
         self.port = self.loop.run_sync(self.links.listen, 0)
 
-    def _on_message(self, peer: str, item: Any) -> None:
-        if isinstance(item, Parts):
-            self._note(self.parts, (peer, bytes(item.message), item.field, bytes(item.bulk)))
-        else:
-            self._note(self.messages, (peer, bytes(item)))
+    def _on_messages(self, peer: str, items: tuple[Any, ...]) -> None:
+        for item in items:
+            if isinstance(item, Parts):
+                self._note(self.parts, (peer, bytes(item.message), item.field, bytes(item.bulk)))
+            else:
+                self._note(self.messages, (peer, bytes(item)))
 
     def _note(self, into: list, item: object) -> None:
         with self.changed:
