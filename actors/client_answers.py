@@ -1,4 +1,5 @@
-"""How a node's answers reach its clients: held in bytes while a client does not read,
+"""How a node's answers reach its clients: the results of one loop turn as one
+``results`` to a client that reads batches, held in bytes while a client does not read,
 followed while ZeroMQ holds large ones, a client that never reads dropped, the slowest
 readers cut when the node is over its memory budget.
 
@@ -25,6 +26,7 @@ from meshnet.flow import frames_size
 from meshnet.listener_guard import ListenerGuard
 from meshnet.memory_budget import MemoryBudget, Reader, readers_to_cut
 from meshnet.outbox import MAX_DROPPED, Outboxes
+from meshnet.protocol import BATCH_RESULT_BYTES, MAX_RESULTS, Result, Results, encode
 from meshnet.socket_loop import SocketLoop, TimerHandle, send_message, send_tracked
 
 #: Answers of at least this many bytes are followed until ZeroMQ lets go of them, and
@@ -73,6 +75,10 @@ class AnswerDelivery:
         self._unclosable: OrderedDict[bytes, None] = OrderedDict()
         self._sweep_timer: TimerHandle | None = None
         self._sweep_delay = FIRST_SWEEP_S
+        #: The results of this loop turn for each client that reads batches, sent as one
+        #: ``results`` when the turn has read what it had; and whether that is asked.
+        self._results: dict[bytes, list[Result]] = {}
+        self._results_flush_asked = False
         memory.add_part("answers", lambda: self.outboxes.total + self.tracked_bytes)
         memory.add_reliever(self.make_room)
 
@@ -86,6 +92,35 @@ class AnswerDelivery:
                 timer.cancel()
         self._sweep_timer = self._retry_timer = None
         self.router = self.guard = None
+
+    def result(self, conn: bytes, result: Result, batch: bool) -> None:
+        """A job's one result for client ``conn``. To a client that reads batches
+        (``batch``), a small one waits for the turn's end, with the others of the turn
+        (an idle client waits for nothing: its turn ends now)."""
+        body = result.body
+        waiting = self._results.get(conn)
+        if batch and (body is None or len(body) < BATCH_RESULT_BYTES):
+            if waiting is None:
+                waiting = self._results[conn] = []
+            waiting.append(result)
+            if len(waiting) >= MAX_RESULTS:
+                self._send_results(conn, self._results.pop(conn))
+            elif not self._results_flush_asked:
+                self._results_flush_asked = True
+                self.loop.at_turn_end(self._flush_results)
+            return
+        if waiting is not None:  # what waits goes first
+            self._send_results(conn, self._results.pop(conn))
+        self.send(conn, encode(result))
+
+    def _flush_results(self) -> None:
+        self._results_flush_asked = False
+        results, self._results = self._results, {}
+        for conn, waiting in results.items():
+            self._send_results(conn, waiting)
+
+    def _send_results(self, conn: bytes, results: list[Result]) -> None:
+        self.send(conn, encode(results[0] if len(results) == 1 else Results(results=tuple(results))))
 
     def send(self, conn: bytes, frames: list[Any]) -> None:
         """Send one answer to client ``conn``, or hold it (in bytes) while ZeroMQ cannot take it."""

@@ -37,10 +37,8 @@ from meshnet.memory_budget import MemoryBudget
 from meshnet.node.effects import PeersAnswered, PingAnswered
 from meshnet.outbox import API_SEND_HWM, DEFAULT_MAX_UNREAD_BYTES
 from meshnet.protocol import (
-    BATCH_RESULT_BYTES,
     CLIENT_TO_NODE,
     MAX_FRAMES,
-    MAX_RESULTS,
     Cancel,
     Error,
     PeersReply,
@@ -48,7 +46,6 @@ from meshnet.protocol import (
     PingPeer,
     PingReply,
     Result,
-    Results,
     StatusReply,
     StatusRequest,
     Submit,
@@ -154,10 +151,6 @@ class ClientApiActor(NodeActor):
         #: Ids of the jobs submitted here that have no result yet (loop thread only): a
         #: submit reusing one is refused with an ``error``, never a ``result``.
         self.in_flight: set[bytes] = set()
-        #: The results of this loop turn for each client that reads batches, sent as one
-        #: ``results`` when the turn has read what it had; and whether that is asked.
-        self._results: dict[bytes, list[Result]] = {}
-        self._results_flush_asked = False
         self.log = log.bind(peer_id=self.peer_id)
         self.rejections = LogBudget(self.loop, self.log, "client_messages_rejected", "client")
         self.memory = memory or MemoryBudget()
@@ -390,35 +383,10 @@ class ClientApiActor(NodeActor):
             self.relay(RunThere([(job, peer)]))
 
     def _io_answer(self, job: JobSpec, back: ToClient, outcome: Outcome) -> None:
-        """Job ``job`` of client ``back.conn`` ended with ``outcome``: its one result. To a
-        client that reads batches, a small result waits for the turn's end, with the
-        others of the turn (an idle client waits for nothing: its turn ends now)."""
+        """Job ``job`` of client ``back.conn`` ended with ``outcome``: its one result."""
         self.in_flight.discard(job.id)
-        conn, body = back.conn, outcome.result
-        result = Result(id=job.id, status=outcome.status, error=outcome.error, body=body, peer=back.peer)
-        waiting = self._results.get(conn)
-        if back.batch and (body is None or len(body) < BATCH_RESULT_BYTES):
-            if waiting is None:
-                waiting = self._results[conn] = []
-            waiting.append(result)
-            if len(waiting) >= MAX_RESULTS:
-                self._io_send_results(conn, self._results.pop(conn))
-            elif not self._results_flush_asked:
-                self._results_flush_asked = True
-                self.loop.at_turn_end(self._io_flush_results)
-            return
-        if waiting is not None:  # what waits goes first
-            self._io_send_results(conn, self._results.pop(conn))
-        self._io_send(conn, encode(result))
-
-    def _io_flush_results(self) -> None:
-        self._results_flush_asked = False
-        results, self._results = self._results, {}
-        for conn, waiting in results.items():
-            self._io_send_results(conn, waiting)
-
-    def _io_send_results(self, conn: bytes, results: list[Result]) -> None:
-        self._io_send(conn, encode(results[0] if len(results) == 1 else Results(results=tuple(results))))
+        result = Result(id=job.id, status=outcome.status, error=outcome.error, body=outcome.result, peer=back.peer)
+        self.delivery.result(back.conn, result, back.batch)
 
     def _io_ping(self, conn: bytes, message: PingPeer) -> None:
         peer = message.peer

@@ -17,13 +17,10 @@ one that stops answering is disconnected, and reported down at once.
 
 Some peers are dialled rather than punched (meshnet.holepunch decides which): a node
 whose NAT forwards any port (or that has none) and two nodes behind one NAT. For them
-each node binds one listener, a ROUTER on ``relay.direct_port`` (CurveZMQ server; ZAP
-admits a key only while an attempt with its peer expects it). A dialler says ``[b"hi"]``
-first: that ties the connection's routing id to the key that said it, and every later
-frame on it must come with that key. Dialled links are pinged every second and answer
-``[b"pong"]``; a link of either kind silent for ``HEARTBEAT_TIMEOUT_MS`` is down (one
-ROUTER serves every accepted link, so libzmq's per-connection events cannot say which
-peer went), and a listener that drops an accepted link says ``[b"bye"]``.
+each node binds one listener (actors/direct_listener.py). Dialled links are pinged every
+second and answer ``[b"pong"]``; a link of either kind silent for
+``HEARTBEAT_TIMEOUT_MS`` is down (one ROUTER serves every accepted link, so libzmq's
+per-connection events cannot say which peer went).
 
 What a link carries (hi, box, boxes, parts, ping, pong, bye) is
 :mod:`meshnet.protocol.direct`'s: every frame read here goes through its ``decode_link``.
@@ -41,7 +38,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -49,13 +45,11 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from actors.direct_listener import LINK_HWM, DirectListener, Link
 from meshnet.errors import RemoteProtocolError
 from meshnet.identity import Identity, curve_public_z85
-from meshnet.listener_guard import ListenerGuard, guard_listener
 from meshnet.protocol.codec import BULK_BYTES
 from meshnet.protocol.direct import (
-    BYE,
-    HI,
     MAX_BATCH,
     MAX_FRAMES,
     OUR_HI,
@@ -66,7 +60,6 @@ from meshnet.protocol.direct import (
     Carried,
     Hi,
     LinkMessage,
-    Parts,
     Ping,
     box_frames,
     carried,
@@ -78,14 +71,11 @@ from meshnet.watched import close_watched, watch
 
 log = structlog.get_logger("meshnet.direct")
 
-LISTEN_DOMAIN = "direct-listen"
 
 #: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
 #: disconnected (reported down; the session moves the peer back to the relay at once).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
-#: Messages queued per link before a send is dropped (the session sends it again).
-LINK_HWM = 10_000
 MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 MONITORED |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
@@ -98,40 +88,6 @@ class _ExactKey:
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key == self.key
-
-
-class _ExpectedKeys:
-    """ZAP credentials for the listener: the keys of peers an attempt expects now, as an
-    immutable snapshot the loop replaces whenever they change (the ZAP thread reads no
-    state the loop changes under it)."""
-
-    def __init__(self) -> None:
-        self.keys: frozenset[bytes] = frozenset()
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
-
-
-@dataclass
-class Link:
-    peer: str
-    attempt: int
-    sock: zmq.Socket
-    #: None for a link accepted by the listener (its connection is one of the ROUTER's).
-    monitor: zmq.Socket | None
-    remote: str
-    up: bool = False
-    #: The dialler's routing id on the listener (accepted links only).
-    routing_id: bytes = b""
-    last_heard: float = 0.0
-    #: The Z85 key that said hi on an accepted link (every later frame must carry it).
-    key: bytes = b""
-    #: The peer reads ``[boxes, ...]`` (its hi said so).
-    batches: bool = False
-    #: The peer reads ``[parts, field, message, bulk]`` (its hi said so).
-    parts: bool = False
-    #: Small messages of this loop turn, sent when it ends (see _flush).
-    outbox: list[Any] = field(default_factory=list)
 
 
 class DirectLinks:
@@ -155,81 +111,42 @@ class DirectLinks:
         self.max_message = max_message
         self.on_up, self.on_down, self.on_messages = on_up, on_down, on_messages
         self.links: dict[str, Link] = {}
-        #: The listener's routing id of each accepted link -> its peer.
-        self._accepted: dict[bytes, str] = {}
-        #: Z85 key -> (peer, attempt) of the peers the listener admits now.
-        self._expected: dict[bytes, tuple[str, int]] = {}
-        #: What the listener's ZAP handler admits: a snapshot of ``_expected``'s keys.
-        self._admitted = _ExpectedKeys()
-        self._listener: zmq.Socket | None = None
-        self._guard: ListenerGuard | None = None
-        self.listen_port: int | None = None
+        #: The listener peers dial (meshnet.holepunch decides who listens).
+        self.listener = DirectListener(self)
         self._pinger: TimerHandle | None = None
-        self._context: zmq.Context | None = None
-        self._auth: ThreadAuthenticator | None = None
+        self._zmq_context: zmq.Context | None = None
+        self.auth: ThreadAuthenticator | None = None
         self.log = log.bind(peer_id=identity.peer_id)
 
-    def _ctx(self) -> zmq.Context:
-        if self._context is None:
-            self._context = zmq.Context()
-            self._auth = ThreadAuthenticator(self._context)
-            self._auth.start()
-        return self._context
+    def context(self) -> zmq.Context:
+        if self._zmq_context is None:
+            self._zmq_context = zmq.Context()
+            self.auth = ThreadAuthenticator(self._zmq_context)
+            self.auth.start()
+        return self._zmq_context
 
     def listen(self, port: int) -> int:
         """Bind the listener on ``port`` of every address (0: a free one); its port."""
-        if self._listener is not None:
-            assert self.listen_port is not None
-            return self.listen_port
-        context = self._ctx()
-        assert self._auth is not None
-        self._auth.configure_curve_callback(domain=LISTEN_DOMAIN, credentials_provider=self._admitted)
-        router = context.socket(zmq.ROUTER)
-        public, secret = self.identity.zmq_curve_keys()
-        router.curve_server = True
-        router.curve_publickey, router.curve_secretkey = public, secret
-        router.zap_domain = LISTEN_DOMAIN.encode()
-        router.setsockopt(zmq.LINGER, 0)
-        # Routing ids are the ROUTER's own (random): a dialler's is tied to its key by its
-        # first word, and every frame after is checked against that key.
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
-        router.setsockopt(zmq.SNDHWM, LINK_HWM)
-        router.setsockopt(zmq.RCVHWM, LINK_HWM)
-        guard_listener(router)
-        router.bind(f"tcp://0.0.0.0:{port or '*'}")
-        self.listen_port = int(router.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        self._listener = router
-        # It listens on every address: connections that sent nothing yet (a stranger's
-        # idle ones) are closed past a cap, and cannot hold the node's descriptors.
-        self._guard = ListenerGuard(self.loop, router, name="direct", logger=self.log)
-        self.log.info("direct_listening", port=self.listen_port)
-        self.loop.add_reader(router, self._listener_readable)
-        return self.listen_port
+        return self.listener.listen(port)
 
     def expect(self, peer: str, attempt: int) -> None:
         """Attempt ``attempt``: admit ``peer``'s key on the listener, for it to dial."""
         self.close(peer)
-        self._expected[curve_public_z85(peer)] = (peer, attempt)
-        self._admit_expected()
+        self.listener.expect(peer, attempt)
         self._arm_pinger()
-
-    def _admit_expected(self) -> None:
-        """Hand the ZAP thread the keys the listener admits now (a new snapshot)."""
-        self._admitted.keys = frozenset(self._expected)
 
     def dial(self, peer: str, attempt: int, remote: str, local_port: int | None, curve_server: bool) -> None:
         """Open attempt ``attempt`` to ``peer`` (replacing any link to it)."""
         self.close(peer)
-        context = self._ctx()
+        context = self.context()
         sock = context.socket(zmq.DEALER)
         public, secret = self.identity.zmq_curve_keys()
         sock.curve_publickey, sock.curve_secretkey = public, secret
         peer_key = curve_public_z85(peer)
         if curve_server:
             domain = f"direct:{peer}"
-            assert self._auth is not None
-            self._auth.configure_curve_callback(domain=domain, credentials_provider=_ExactKey(peer_key))
+            assert self.auth is not None
+            self.auth.configure_curve_callback(domain=domain, credentials_provider=_ExactKey(peer_key))
             sock.curve_server = True
             sock.zap_domain = domain.encode()
         else:
@@ -308,11 +225,7 @@ class DirectLinks:
 
     def close(self, peer: str, attempt: int | None = None) -> None:
         """Close ``peer``'s link (only if it is attempt ``attempt``, when given)."""
-        key = curve_public_z85(peer)
-        expected = self._expected.get(key)
-        if expected is not None and (attempt is None or expected[1] == attempt):
-            del self._expected[key]  # an attempt that expected the peer's dial, and ended
-            self._admit_expected()
+        self.listener.forget(peer, attempt)  # an attempt that expected the peer's dial, and ended
         link = self.links.get(peer)
         if link is None or (attempt is not None and link.attempt != attempt):
             return
@@ -326,35 +239,24 @@ class DirectLinks:
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
-        if self._guard is not None:
-            self._guard.close()
-            self._guard = None
-        self.loop.close_socket(self._listener)
-        self._listener = None
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
-        if self._context is not None:
-            self._context.destroy(linger=0)
-            self._context = None
+        self.listener.close()
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        if self._zmq_context is not None:
+            self._zmq_context.destroy(linger=0)
+            self._zmq_context = None
 
     def _close_link(self, link: Link) -> None:
-        if self._expected.pop(curve_public_z85(link.peer), None) is not None:
-            self._admit_expected()
+        self.listener.forget(link.peer, None)
         link.outbox.clear()
         if link.monitor is None:
-            # Accepted: the listener stays. The dialler is told, and takes its link down
-            # (its frames here are ignored from now on).
-            self._accepted.pop(link.routing_id, None)
-            try:
-                send_message(link.sock, [link.routing_id, BYE])
-            except zmq.ZMQError:
-                pass
+            self.listener.closed(link)
             return
         close_watched(self.loop, link.sock, link.monitor)
-        if self._auth is not None:
+        if self.auth is not None:
             # Disabled, not removed: the ZAP thread reads the providers without a lock.
-            provider = self._auth.credentials_providers.get(f"direct:{link.peer}")
+            provider = self.auth.credentials_providers.get(f"direct:{link.peer}")
             if isinstance(provider, _ExactKey):
                 provider.key = b""
 
@@ -367,20 +269,20 @@ class DirectLinks:
             except zmq.Again:
                 return
             link.last_heard = time.monotonic()
-            message = self._decode(link, frames)
+            message = self.decode(link, frames)
             if message is None:
                 continue
             if isinstance(message, Hi):
                 link.batches, link.parts = message.batches, message.parts
             elif isinstance(message, Ping):
-                self._send_quietly(link, [PONG])
+                self.send_quietly(link, [PONG])
             elif isinstance(message, Bye):
                 self._down(link, "the peer closed the direct link")
                 return
-            elif self._deliver(link, message):
+            elif self.deliver(link, message):
                 return
 
-    def _decode(self, link: Link, frames: list[Any] | None) -> LinkMessage | None:
+    def decode(self, link: Link, frames: list[Any] | None) -> LinkMessage | None:
         """The link message ``frames`` make, or None (logged) for what is none."""
         try:
             if frames is None:
@@ -390,7 +292,7 @@ class DirectLinks:
             self.log.warning("direct_message_rejected", peer=link.peer, error=str(exc))
             return None
 
-    def _deliver(self, link: Link, message: LinkMessage) -> bool:
+    def deliver(self, link: Link, message: LinkMessage) -> bool:
         """Hand the node-to-node messages ``message`` carries to ``on_messages``, all at
         once. True when the reader is to stop for this turn: a batch is a turn's worth
         (the loop serves its other sockets, the workers whose jobs it just queued, before
@@ -412,7 +314,7 @@ class DirectLinks:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and not link.up:
                 link.up, link.last_heard = True, time.monotonic()
-                self._send_quietly(link, OUR_HI.frames())  # a listener learns who we are from it
+                self.send_quietly(link, OUR_HI.frames())  # a listener learns who we are from it
                 self._arm_pinger()
                 self.on_up(link.peer, link.attempt)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -427,56 +329,7 @@ class DirectLinks:
         self.close(link.peer, link.attempt)
         self.on_down(link.peer, link.attempt, reason)
 
-    # -- the listener --
-
-    def _listener_readable(self) -> None:
-        router = self._listener
-        if router is None:
-            return
-        now = time.monotonic()
-        for _ in range(256):
-            try:
-                frames = recv_message(router, MAX_FRAMES + 1)
-            except zmq.Again:
-                return
-            if frames is None or len(frames) < 2:
-                continue
-            routing_id = frames[0].bytes
-            if self._guard is not None:
-                self._guard.seen(routing_id, frames[-1])
-            key = (frames[-1].get("User-Id") or "").encode()
-            peer = self._accepted.get(routing_id)
-            link = self.links.get(peer) if peer is not None else None
-            if link is not None and link.routing_id == routing_id:
-                if key != link.key:
-                    continue  # not the key that said hi on this connection
-                link.last_heard = now
-                message = self._decode(link, frames[1:])
-                if isinstance(message, Ping):
-                    self._send_quietly(link, [PONG])
-                elif isinstance(message, (Boxes, Parts)) and self._deliver(link, message):
-                    return
-                continue
-            expected = self._expected.get(key)
-            if expected is None or len(frames[1]) != len(HI) or bytes(frames[1]) != HI:
-                continue  # not a dialler this node expects, or not its first word
-            try:
-                hi = decode_link(frames[1:])
-            except RemoteProtocolError:
-                continue
-            assert isinstance(hi, Hi)
-            peer, attempt = expected
-            self.close(peer)  # an earlier connection of the same peer's, if any
-            self._expected[key] = expected  # (close forgot it)
-            self._admit_expected()
-            self._accepted[routing_id] = peer
-            link = Link(peer, attempt, router, None, "(accepted)", True, routing_id, now, key)
-            link.batches, link.parts = hi.batches, hi.parts
-            self.links[peer] = link
-            self._send_quietly(link, OUR_HI.frames())  # what this side reads, in turn
-            self.on_up(peer, attempt)
-
-    def _send_quietly(self, link: Link, frames: list[bytes]) -> None:
+    def send_quietly(self, link: Link, frames: list[bytes]) -> None:
         """A control word on ``link``; one that cannot go now is not needed later."""
         try:
             send_message(link.sock, [link.routing_id, *frames] if link.monitor is None else frames)
@@ -500,6 +353,6 @@ class DirectLinks:
             if now - link.last_heard > HEARTBEAT_TIMEOUT_MS / 1000:
                 self._down(link, "the direct link went silent (pings unanswered)")
             elif link.monitor is not None:
-                self._send_quietly(link, [PING])
-        if self.links or self._expected:
+                self.send_quietly(link, [PING])
+        if self.links or self.listener.expected:
             self._arm_pinger()

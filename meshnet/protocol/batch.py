@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshnet.errors import RemoteProtocolError
-from meshnet.protocol.codec import _head, encode_inner_parts
+from meshnet.protocol.codec import cbor_head, encode_inner_parts
 from meshnet.protocol.messages import Message
 
 #: The most messages a batch carries, and what this node tells its peers it reads.
@@ -34,10 +34,10 @@ def encode_batch_parts(messages: Sequence[Message]) -> list[Any]:
     """The plaintext of a batch of ``messages`` (2 to MAX_BATCH_MESSAGES), as pieces
     whose concatenation it is: a large field stays its own buffer, copied once, by the
     sealer."""
-    parts: list[Any] = [_head(_ARRAY, len(messages))]
+    parts: list[Any] = [cbor_head(_ARRAY, len(messages))]
     for message in messages:
         inner = encode_inner_parts(message)
-        parts.append(_head(_BYTES, sum(map(_size, inner))))
+        parts.append(cbor_head(_BYTES, sum(map(_size, inner))))
         parts += inner
     return parts
 

@@ -216,17 +216,17 @@ def encode_inner_parts(message: Message) -> list[Any]:
         fields[name] = value
     if not bulk:
         return [cbor2.dumps(fields)]
-    parts: list[Any] = [_head(5, len(fields))]
+    parts: list[Any] = [cbor_head(5, len(fields))]
     for name, value in fields.items():
         parts.append(cbor2.dumps(name))
         if isinstance(value, (bytes, memoryview)) and len(value) >= BULK_BYTES:
-            parts += [_head(2, len(value)), value]
+            parts += [cbor_head(2, len(value)), value]
         else:
             parts.append(cbor2.dumps(value))
     return parts
 
 
-def _head(major: int, n: int) -> bytes:
+def cbor_head(major: int, n: int) -> bytes:
     """A CBOR head in its shortest form (RFC 8949 §3), as cbor2 writes it."""
     if n < 24:
         return bytes([major << 5 | n])

@@ -28,6 +28,7 @@ import tomli_w
 from meshnet.config import NodeConfig, RelayConfig
 from meshnet.identity import B58_ALPHABET, ED25519_PUB_MULTICODEC, NONCE_SIZE, Identity, b58encode
 from meshnet.protocol import SEALED_OPS, STATUSES, Message, encode, encode_inner
+from meshnet.protocol.codec import cbor_head
 from tests.fuzz import cbor_shapes as shapes
 from tests.fuzz.cbor_shapes import cbor_map, integer, text
 from tests.fuzz.mutations import mutate_bytes, mutate_text, random_bytes, random_text
@@ -282,15 +283,15 @@ def batch_input(rng: random.Random, corpus: Corpus) -> Any:
     or not, of any count; heads in long forms, indefinite, cut short, with bytes after."""
     roll = rng.random()
     count = rng.choice((1, 2, 3, 8, 64, 65, rng.randint(0, 70)))
-    valid = roll < 0.45  # mostly valid messages: a batch is refused whole for one bad one
+    well_formed = roll < 0.45  # mostly valid messages: a batch is refused whole for one bad one
     items = [
-        rng.choice(corpus.inner) if valid and rng.random() < 0.95 else inner_plaintext(rng, corpus)
+        rng.choice(corpus.inner) if well_formed and rng.random() < 0.95 else inner_plaintext(rng, corpus)
         for _ in range(min(count, 70))
     ]
-    data = _cbor_head(4, count) + b"".join(_cbor_head(2, len(item)) + item for item in items)
-    if valid:
-        pass
-    elif roll < 0.75:
+    data = cbor_head(4, count) + b"".join(cbor_head(2, len(item)) + item for item in items)
+    if well_formed:
+        return as_buffer(rng, data, bytearray_share=0.4)
+    if roll < 0.75:
         data = mutate_bytes(rng, data, corpus.inner[:2], max_rounds=3)
     elif roll < 0.85:  # a head in a longer form than it needs, or indefinite
         data = rng.choice((b"\x98\x02", b"\x99\x00\x02", b"\x9f", b"\x82\x5f")) + data[1:]
@@ -299,15 +300,6 @@ def batch_input(rng: random.Random, corpus: Corpus) -> Any:
     else:
         data = bytes([0x80 | rng.randrange(32)]) + random_bytes(rng)
     return as_buffer(rng, data, bytearray_share=0.4)
-
-
-def _cbor_head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes([major << 5 | n])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
-    raise ValueError(n)
 
 
 #: The kinds of a direct link's messages (docs/protocol.md §7.8).
