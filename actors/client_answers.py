@@ -86,7 +86,9 @@ class AnswerDelivery:
         self.router, self.guard = router, guard
 
     def close(self) -> None:
-        """The API closes its ROUTER: nothing more is sent or looked at."""
+        """The API closes its ROUTER: the results gathered this turn go out first (the
+        socket's linger sends them), then nothing more is sent or looked at."""
+        self._flush_results()
         for timer in (self._sweep_timer, self._retry_timer):
             if timer is not None:
                 timer.cancel()

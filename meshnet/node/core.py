@@ -344,8 +344,10 @@ class NodeCore:
             self._ping_answered(key, None, "unavailable", "the node is shutting down")
         self._fail_peer_queries("the node is shutting down")
         effects = self._settle()
+        for peer in list(self._batching):  # what this turn gathered goes before the link closes
+            self._seal_and_send(peer, self._take_batch(peer))
         self.stopped = True
-        return [*effects, CloseRelay()]
+        return [*effects, *self._take(), CloseRelay()]
 
     def drain(self) -> list[Effect]:
         """Refuse peers' new jobs from now on."""

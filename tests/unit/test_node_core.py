@@ -18,7 +18,17 @@ from meshnet.identity import Sealer
 from meshnet.jobs.model import JobSpec
 from meshnet.natcheck import NatReport
 from meshnet.node.core import DISPLACED, PEERS_QUERY_TIMEOUT, NetworkChecked, NodeCore
-from meshnet.node.effects import AnswerJob, FlushSoon, Log, OpenRelay, PeersAnswered, PingAnswered, SendRelay, SetTimer
+from meshnet.node.effects import (
+    AnswerJob,
+    CloseRelay,
+    FlushSoon,
+    Log,
+    OpenRelay,
+    PeersAnswered,
+    PingAnswered,
+    SendRelay,
+    SetTimer,
+)
 from meshnet.protocol import NODE_TO_RELAY, Error, Pong, Registered, Send, Unroutable, decode, encode
 from meshnet.protocol.batch import is_batch, split_batch
 from tests.node_sim import Chaos, NodeSimulation
@@ -308,3 +318,14 @@ def test_a_bounced_batch_is_a_bounce_of_each_of_its_messages() -> None:
     node.core.on_relay_frames(node.core.generation, [bytes(f) for f in encode(bounce)], sim.now)
     bounced = [job for job in node.core.sessions.sent.values() if job.bounced == "relay_busy"]
     assert len(bounced) == 20
+
+
+def test_a_stopping_node_sends_what_its_last_turn_gathered_before_it_closes_the_link() -> None:
+    sim = NodeSimulation(random.Random(10), direct_works=lambda a, b: False)
+    _open_session(sim)
+    node = sim.nodes["A"]
+    node.core.submit(_twenty_jobs(sim), sim.now)  # gathered; the turn has not ended
+    effects = node.core.stop(sim.now)
+    kinds = [type(e).__name__ for e in effects if isinstance(e, (SendRelay, CloseRelay))]
+    assert kinds[-1] == "CloseRelay" and "SendRelay" in kinds[:-1]
+    assert len([e for e in effects if isinstance(e, AnswerJob)]) == 20  # each job still ends once
