@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.signing
+
 from meshnet.holepunch import Abandon, Dial, Expect
 from meshnet.identity import Identity, Sealer, curve_public_z85
 from meshnet.jobs.model import JobSpec, Outcome
@@ -109,6 +111,10 @@ class DirectLink:
     last: dict[str, float] = field(default_factory=dict)
 
 
+def _identity(rng: random.Random) -> Identity:
+    return Identity(nacl.signing.SigningKey(rng.randbytes(32)))
+
+
 class NodeSimulation:
     def __init__(
         self,
@@ -127,13 +133,15 @@ class NodeSimulation:
         self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._order = itertools.count()
         self._tokens = itertools.count(1)
-        self.relay_identity = Identity.generate()
+        # Keys from the seed too: which side dials and which is the CurveZMQ server follow
+        # from the peer ids, so a failing example replays exactly.
+        self.relay_identity = _identity(rng)
         self.relay: RelayCore | None = None
         self.relay_epoch = 0
         self._ports = itertools.count(40000)
         self.nodes: dict[str, SimNode] = {}
         for index, name in enumerate(names):
-            identity = Identity.generate()
+            identity = _identity(rng)
             core = NodeCore(
                 peer_id=identity.peer_id,
                 relay_peer_id=self.relay_identity.peer_id,
