@@ -137,10 +137,6 @@ class RelayClient:
         self._timers: dict[Any, TimerHandle] = {}
         self._stopped = False
 
-    @property
-    def sessions(self) -> Any:
-        return self.core.sessions
-
     # -- life cycle --
 
     def start(self) -> None:

@@ -12,7 +12,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -60,7 +59,7 @@ class RelayConnection:
         self.context = context
         self.loop = loop
         self.on_frames, self.on_event, self.on_unsent, self.after_read = on_frames, on_event, on_unsent, after_read
-        self.log = logger or structlog.get_logger("meshnet.relay_client")
+        self.log = logger
         self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
         self._handshakes = 0

@@ -255,7 +255,7 @@ class Node:
     def _waiting_for(self) -> tuple[int, int]:
         """Job loop: the jobs running here, and those sent to peers and not answered."""
         assert self.book is not None
-        forwarded = self.relay_client.sessions.in_flight if self.relay_client is not None else 0
+        forwarded = self.relay_client.core.in_flight if self.relay_client is not None else 0
         return len(self.book.queue.running), forwarded
 
     def stop(self, grace: float | None = None) -> None:

@@ -28,7 +28,7 @@ import psutil
 
 import tests.harness as harness
 from bench.cost import cpu_seconds
-from bench.direct_ab import _round, ab_parser, ab_payload
+from bench.direct_ab import _round, ab_parser, ab_payload, node_us_per_job
 from bench.load import Target
 from bench.run import CORES, until_linked
 from meshnet.identity import Identity
@@ -55,8 +55,7 @@ def _client_round(target: Target, processes: dict[str, psutil.Process], checkout
         client.stdin.flush()
         rate = float(client.stdout.readline())
         after = cpu_seconds(processes)
-    nodes = sum(after[k] - before.get(k, 0.0) for k in after if k != "load generator")
-    return rate, nodes * 1e6 / CLIENT_JOBS
+    return rate, node_us_per_job(before, after, CLIENT_JOBS)
 
 
 def _subject(

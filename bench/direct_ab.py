@@ -67,8 +67,14 @@ def _round(target: Target, processes: dict[str, psutil.Process], big: bytes | No
         after = cpu_seconds(processes)
     finally:
         driver.close()
+    return rate, node_us_per_job(before, after, jobs)
+
+
+def node_us_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> float:
+    """Microseconds of CPU per job of the nodes and their workers (not the load generator),
+    between two ``cpu_seconds`` readings."""
     nodes = sum(after[k] - before.get(k, 0.0) for k in after if k != "load generator")
-    return rate, nodes * 1e6 / jobs
+    return nodes * 1e6 / jobs
 
 
 def ab_parser(doc: str, rounds: int) -> argparse.ArgumentParser:

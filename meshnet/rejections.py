@@ -116,14 +116,18 @@ class RejectionLog:
                 other.last_error = entry.last_error
 
 
+def summary_fields(summary: Suppressed, now: float, source: str = "source") -> dict[str, Any]:
+    """A summary's log fields: how many rejections of a source were counted, over how
+    long, and the last one's error (``source`` names the field the source goes in)."""
+    return {
+        source: summary.source,
+        "count": summary.count,
+        "over_s": round(now - summary.since, 1),
+        "last_error": summary.last_error,
+    }
+
+
 def log_summaries(logger: Any, event: str, summaries: Iterable[Suppressed], now: float, source: str = "source") -> None:
-    """Log one warning per summary: how many rejections of a source were counted, over
-    how long, and the last one's error (``source`` names the field the source goes in)."""
+    """Log one warning per summary (:func:`summary_fields`)."""
     for summary in summaries:
-        logger.warning(
-            event,
-            **{source: summary.source},
-            count=summary.count,
-            over_s=round(now - summary.since, 1),
-            last_error=summary.last_error,
-        )
+        logger.warning(event, **summary_fields(summary, now, source))

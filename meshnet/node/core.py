@@ -98,7 +98,7 @@ from meshnet.protocol.batch import (
 )
 from meshnet.protocol.codec import BULK_FIELDS
 from meshnet.protocol.direct import Carried, decode_carried
-from meshnet.rejections import RejectionLog
+from meshnet.rejections import RejectionLog, summary_fields
 from meshnet.relay_link import LinkState, RelayLink
 from meshnet.session import (
     BOX_REF_BYTES,
@@ -224,7 +224,6 @@ class NodeCore:
         self.sessions = sessions or SessionCore(
             budget=max_queued_bytes, max_payload=max_payload, batch=MAX_BATCH_MESSAGES
         )
-        self.max_payload = max_payload
         #: The largest deliver body this node decodes: told to the relay, which refuses
         #: larger sends to us (our socket would drop the connection past it).
         self.max_deliver_body = max_payload + BODY_SLACK
@@ -344,8 +343,7 @@ class NodeCore:
             self._ping_answered(key, None, "unavailable", "the node is shutting down")
         self._fail_peer_queries("the node is shutting down")
         effects = self._settle()
-        for peer in list(self._batching):  # what this turn gathered goes before the link closes
-            self._seal_and_send(peer, self._take_batch(peer))
+        self._send_gathered()  # what this turn gathered goes before the link closes
         self.stopped = True
         return [*effects, *self._take(), CloseRelay()]
 
@@ -501,9 +499,13 @@ class NodeCore:
         sealed batch per peer."""
         self._now = now
         self._flush_asked = False
+        self._send_gathered()
+        return self._settle()
+
+    def _send_gathered(self) -> None:
+        """Seal and send what was gathered for each peer, one batch per peer."""
         for peer in list(self._batching):
             self._seal_and_send(peer, self._take_batch(peer))
-        return self._settle()
 
     # -- inputs: direct links --
 
@@ -879,8 +881,7 @@ class NodeCore:
     def _on_tick(self) -> None:
         now = self._now
         for summary in self.rejections.flush(now):
-            self._log("warning", "messages_rejected", source=summary.source, count=summary.count,
-                      over_s=round(now - summary.since, 1), last_error=summary.last_error)  # fmt: skip
+            self._log("warning", "messages_rejected", **summary_fields(summary, now))
         action = self.link.on_tick(now)
         if action == "ping":
             self._send_control(encode(Ping(seq=self.link.ping(now))))
