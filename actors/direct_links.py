@@ -42,12 +42,13 @@ from typing import Any
 
 import structlog
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.direct_listener import LINK_HWM, DirectListener, Link
+from actors.direct_auth import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, DirectAuth
+from actors.direct_listener import DirectListener, Link
 from meshnet.errors import RemoteProtocolError
-from meshnet.identity import Identity, curve_public_z85
+from meshnet.identity import Identity
+from meshnet.protocol import encode_inner, split_bulk
 from meshnet.protocol.codec import BULK_BYTES
 from meshnet.protocol.direct import (
     MAX_BATCH,
@@ -72,22 +73,8 @@ from meshnet.watched import close_watched, watch
 log = structlog.get_logger("meshnet.direct")
 
 
-#: libzmq heartbeats on a direct link: a ping this often, and a link silent this long is
-#: disconnected (reported down; the session moves the peer back to the relay at once).
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
 MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 MONITORED |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-
-
-class _ExactKey:
-    """ZAP credentials for one direct link: exactly the expected peer's key."""
-
-    def __init__(self, key: bytes):
-        self.key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key == self.key
 
 
 class DirectLinks:
@@ -114,16 +101,9 @@ class DirectLinks:
         #: The listener peers dial (meshnet.holepunch decides who listens).
         self.listener = DirectListener(self)
         self._pinger: TimerHandle | None = None
-        self._zmq_context: zmq.Context | None = None
-        self.auth: ThreadAuthenticator | None = None
+        #: The links' context and ZAP thread (made on first use), apart from the API's.
+        self.auth = DirectAuth(identity, max_message)
         self.log = log.bind(peer_id=identity.peer_id)
-
-    def context(self) -> zmq.Context:
-        if self._zmq_context is None:
-            self._zmq_context = zmq.Context()
-            self.auth = ThreadAuthenticator(self._zmq_context)
-            self.auth.start()
-        return self._zmq_context
 
     def listen(self, port: int) -> int:
         """Bind the listener on ``port`` of every address (0: a free one); its port."""
@@ -138,26 +118,7 @@ class DirectLinks:
     def dial(self, peer: str, attempt: int, remote: str, local_port: int | None, curve_server: bool) -> None:
         """Open attempt ``attempt`` to ``peer`` (replacing any link to it)."""
         self.close(peer)
-        context = self.context()
-        sock = context.socket(zmq.DEALER)
-        public, secret = self.identity.zmq_curve_keys()
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        peer_key = curve_public_z85(peer)
-        if curve_server:
-            domain = f"direct:{peer}"
-            assert self.auth is not None
-            self.auth.configure_curve_callback(domain=domain, credentials_provider=_ExactKey(peer_key))
-            sock.curve_server = True
-            sock.zap_domain = domain.encode()
-        else:
-            sock.curve_serverkey = peer_key
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
-        sock.setsockopt(zmq.SNDHWM, LINK_HWM)
-        sock.setsockopt(zmq.RCVHWM, LINK_HWM)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        sock = self.auth.dialled_socket(peer, curve_server)
         monitor = watch(sock, MONITORED, "direct")
         source = f"0.0.0.0:{local_port}" if local_port else "0.0.0.0:0"
         try:
@@ -190,6 +151,14 @@ class DirectLinks:
         elif len(link.outbox) >= MAX_BATCH:
             self._flush(link)
         return True
+
+    def send_box(self, peer: str, box: Any) -> bool:
+        """Send node-to-node message ``box`` (a dict) on ``peer``'s link, if it is up:
+        to a peer that reads parts, a large payload goes as a frame of its own."""
+        split = split_bulk(box) if self.reads_parts(peer) else None
+        if split is not None:
+            return self.send_parts(peer, *split)
+        return self.send(peer, encode_inner(box))
 
     def reads_parts(self, peer: str) -> bool:
         """Whether ``peer``'s link is up and takes a message's bulk field as a frame."""
@@ -240,12 +209,7 @@ class DirectLinks:
             self._pinger.cancel()
             self._pinger = None
         self.listener.close()
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-        if self._zmq_context is not None:
-            self._zmq_context.destroy(linger=0)
-            self._zmq_context = None
+        self.auth.close()
 
     def _close_link(self, link: Link) -> None:
         self.listener.forget(link.peer, None)
@@ -254,11 +218,7 @@ class DirectLinks:
             self.listener.closed(link)
             return
         close_watched(self.loop, link.sock, link.monitor)
-        if self.auth is not None:
-            # Disabled, not removed: the ZAP thread reads the providers without a lock.
-            provider = self.auth.credentials_providers.get(f"direct:{link.peer}")
-            if isinstance(provider, _ExactKey):
-                provider.key = b""
+        self.auth.forget(link.peer)
 
     def _readable(self, link: Link) -> None:
         if self.links.get(link.peer) is not link:

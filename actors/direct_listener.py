@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from actors.direct_auth import LINK_HWM
 from meshnet.errors import RemoteProtocolError
 from meshnet.identity import curve_public_z85
 from meshnet.listener_guard import ListenerGuard, guard_listener
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
     from actors.direct_links import DirectLinks
 
 LISTEN_DOMAIN = "direct-listen"
-#: Messages queued per link before a send is dropped (the session sends it again).
-LINK_HWM = 10_000
 
 
 @dataclass
@@ -86,10 +85,8 @@ class DirectListener:
             assert self.port is not None
             return self.port
         links = self.links
-        context = links.context()
-        assert links.auth is not None
-        links.auth.configure_curve_callback(domain=LISTEN_DOMAIN, credentials_provider=self._admitted)
-        router = context.socket(zmq.ROUTER)
+        links.auth.serve_domain(LISTEN_DOMAIN, self._admitted)
+        router = links.auth.context().socket(zmq.ROUTER)
         public, secret = links.identity.zmq_curve_keys()
         router.curve_server = True
         router.curve_publickey, router.curve_secretkey = public, secret

@@ -15,7 +15,6 @@ sent, and a peer's job reaches a worker, in the wake-up that read it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -26,6 +25,7 @@ import zmq
 from actors.answers import Answers
 from actors.base import NodeActor, log_job_end
 from actors.direct_links import DirectLinks
+from actors.drain_signals import DrainSignals
 from actors.job_queue import JobBook
 from actors.messages import Abort, CancelJob, Drain, PingThere, QueryPeers, RunThere
 from actors.network_check import CheckNetwork
@@ -34,6 +34,7 @@ from actors.supervision import Child
 from meshnet.holepunch import Abandon, Dial, Expect
 from meshnet.identity import Identity
 from meshnet.jobs.model import JobSpec, Outcome, ToPeer
+from meshnet.keyed_timers import KeyedTimers
 from meshnet.memory_budget import MemoryBudget
 from meshnet.natcheck import stun_server
 from meshnet.node.core import NetworkChecked, NodeCore
@@ -58,9 +59,9 @@ from meshnet.node.effects import (
     SetTimer,
     StopJob,
 )
-from meshnet.protocol import MAX_FRAMES, encode_inner, frame_limit, split_bulk
+from meshnet.protocol import MAX_FRAMES, frame_limit
 from meshnet.protocol.direct import Carried
-from meshnet.socket_loop import SocketLoop, TimerHandle
+from meshnet.socket_loop import SocketLoop
 
 log = structlog.get_logger("meshnet.relay_client")
 
@@ -100,15 +101,9 @@ class RelayClient:
         #: Where jobs' ends go, by their way back: this client answers the peers' (ToPeer).
         self.answers = answers if answers is not None else Answers(self.loop)
         self.answers.serve_peers(self._answer_peer)
-        #: Set while no job sent to a peer awaits its answer (the supervisor waits on it
-        #: to drain).
-        self.ledger_idle = threading.Event()
-        self.ledger_idle.set()
-        #: Set while every message to a peer has been acknowledged (a stopping node waits
-        #: on it within its grace: the answers of jobs it ran reach their submitters).
-        self.delivered = threading.Event()
-        self.delivered.set()
-        self._ledger_check_due = False
+        #: What the supervisor waits on to drain (the core's books, once per loop turn).
+        self.drain_signals = DrainSignals(self.loop, core)
+        self.ledger_idle, self.delivered = self.drain_signals.ledger_idle, self.drain_signals.delivered
         self.log = log.bind(peer_id=identity.peer_id, relay=core.endpoint)
         self.relay = RelayConnection(
             identity=identity,
@@ -120,7 +115,7 @@ class RelayClient:
             on_frames=self._on_relay_frames,
             on_event=self._handle,
             on_unsent=lambda counted: self._drive(self.core.on_relay_unsent(counted)),
-            after_read=self._update_ledger_idle,
+            after_read=self.drain_signals.changed,
             logger=self.log,
         )
         self.direct = DirectLinks(
@@ -134,7 +129,8 @@ class RelayClient:
         #: The core's effects not yet carried out, and whether they are being.
         self._effects: deque[Effect] = deque()
         self._driving = False
-        self._timers: dict[Any, TimerHandle] = {}
+        #: The core's timers, by the keys it names them with.
+        self.timers = KeyedTimers(self.loop, self._on_timer)
         self._stopped = False
 
     # -- life cycle --
@@ -157,9 +153,7 @@ class RelayClient:
             self.relay.close()
             self.direct.close_all()
             self._stopped = True
-            for timer in self._timers.values():
-                timer.cancel()
-            self._timers.clear()
+            self.timers.cancel_all()
 
     def post(self, message: Any) -> None:
         """Hand this relay client a message (thread-safe); on its loop, handled now."""
@@ -199,7 +193,7 @@ class RelayClient:
             self._drive(core.drain())
         elif isinstance(message, Abort):
             self._drive(core.abort(message.reason, now))
-        self._update_ledger_idle()
+        self.drain_signals.changed()
         return True
 
     def _answer_peer(self, job: JobSpec, back: ToPeer, outcome: Outcome) -> None:
@@ -225,20 +219,14 @@ class RelayClient:
                 self._do(queue.popleft())
         finally:
             self._driving = False
-            self._update_ledger_idle()
+            self.drain_signals.changed()
 
     def _do(self, effect: Effect) -> None:
         core = self.core
         if isinstance(effect, SendRelay):
             self.relay.send(effect.generation, effect.frames, effect.counted)
         elif isinstance(effect, SendDirect):
-            peer = effect.peer
-            split = split_bulk(effect.box) if self.direct.reads_parts(peer) else None
-            if split is not None:
-                sent = self.direct.send_parts(peer, *split)
-            else:
-                sent = self.direct.send(peer, encode_inner(effect.box))
-            if sent:
+            if self.direct.send_box(effect.peer, effect.box):
                 core.on_direct_sent(effect.path)
         elif isinstance(effect, RunJob):
             self.book.submit([effect.job])  # at once: a free worker starts it while the batch is read on
@@ -249,15 +237,9 @@ class RelayClient:
         elif isinstance(effect, FlushSoon):
             self.loop.at_turn_end(self._flush)  # after the rest of what this turn reads
         elif isinstance(effect, SetTimer):
-            old = self._timers.pop(effect.key, None)
-            if old is not None:
-                old.cancel()
-            delay = max(0.0, effect.at - time.monotonic())
-            self._timers[effect.key] = self.loop.call_later(delay, self._on_timer, effect.key)
+            self.timers.set(effect.key, effect.at)
         elif isinstance(effect, CancelTimer):
-            timer = self._timers.pop(effect.key, None)
-            if timer is not None:
-                timer.cancel()
+            self.timers.cancel(effect.key)
         elif isinstance(effect, StopJob):
             self.book.cancel(effect.job_id, effect.peer)
         elif isinstance(effect, (PingAnswered, PeersAnswered)):
@@ -291,23 +273,8 @@ class RelayClient:
             self._drive(self.core.flush(time.monotonic()))
 
     def _on_timer(self, key: Any) -> None:
-        self._timers.pop(key, None)
         if not self._stopped:
             self._drive(self.core.on_timer(key, time.monotonic()))
-
-    def _update_ledger_idle(self) -> None:
-        # Called per input, and done once per loop turn, after what the turn did:
-        # ``holding`` looks at every session. The loop runs its calls in order, so a
-        # Drain answered on the loop (run_sync) is answered after this.
-        if not self._ledger_check_due:
-            self._ledger_check_due = True
-            self.loop.call_soon(self._mirror_ledger)
-
-    def _mirror_ledger(self) -> None:
-        # An Event's set or clear takes its lock, is_set does not.
-        self._ledger_check_due = False
-        _mirror(self.ledger_idle, not self.core.in_flight)
-        _mirror(self.delivered, not self.core.holding)
 
     # -- what the links saw --
 
@@ -344,9 +311,3 @@ class RelayClientActor(NodeActor):
 
     def handle(self, message: Any) -> Any:
         return self.client.handle(message)
-
-
-def _mirror(event: threading.Event, value: bool) -> None:
-    """Make ``event`` show ``value``, touching it only when it changes."""
-    if value != event.is_set():
-        event.set() if value else event.clear()

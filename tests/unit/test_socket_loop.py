@@ -8,6 +8,7 @@ import time
 import pytest
 import zmq
 
+from meshnet.keyed_timers import KeyedTimers
 from meshnet.socket_loop import SocketLoop, recv_message
 
 
@@ -285,3 +286,42 @@ def test_turn_end_work_runs_after_everything_the_turn_read_and_before_the_loop_s
         pull.close(0)
         push.close(0)
         context.term()
+
+
+def test_keyed_timers_replace_a_key_and_fire_each_key_once() -> None:
+    loop = SocketLoop("test").start()
+    fired: list[str] = []
+    done = threading.Event()
+    try:
+
+        def on_fire(key: object) -> None:
+            fired.append(str(key))
+            if key == "last":
+                done.set()
+
+        timers = KeyedTimers(loop, on_fire)
+
+        def arm() -> None:
+            now = time.monotonic()
+            timers.set("a", now + 0.02)
+            timers.set("a", now + 0.04)  # replaces the first: "a" fires once
+            timers.set("gone", now + 0.01)
+            timers.cancel("gone")
+            timers.set("b", now + 0.03)
+            timers.set("last", now + 0.06)
+
+        loop.run_sync(arm)
+        assert done.wait(5)
+        assert fired == ["b", "a", "last"]
+        done.clear()
+
+        def cancel_then_probe() -> None:
+            timers.set("cancelled", time.monotonic() + 0.01)
+            timers.cancel_all()
+            timers.set("last", time.monotonic() + 0.03)  # fires after "cancelled" would have
+
+        loop.run_sync(cancel_then_probe)
+        assert done.wait(5)
+        assert fired == ["b", "a", "last", "last"]
+    finally:
+        loop.stop()
