@@ -48,6 +48,15 @@ class ClientRequest:
 
 
 @dataclass(frozen=True)
+class StatusFor:
+    """To the client API itself: gather the node's status (asking other actors, off the
+    job loop) and send it to client ``conn``."""
+
+    conn: bytes
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
 class QueryPeers:
     """Ask the relay for its peers; answered with a ``PeersAnswered`` naming ``request``."""
 
