@@ -1,5 +1,7 @@
 """A worker process as the node's pool sees it: the process, its Unix socket pair, and
-what it is doing; how one is started; and how multiprocessing's helpers are stopped.
+the state of that socket; how workers are started, read from, and reaped; and how
+multiprocessing's helpers are stopped. Which job a worker runs is decided and kept by
+the pool's ``JobDispatch`` (meshnet/jobs/dispatch.py), to which a worker is a handle.
 
 Workers are started by a ``forkserver``: forking the node itself, which runs threads
 holding locks (pykka, ZeroMQ), could deadlock a child.
@@ -7,13 +9,16 @@ holding locks (pykka, ZeroMQ), could deadlock a child.
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 from meshnet.jobs.framing import FrameReader
-from meshnet.jobs.model import JobSpec, Outcome
+from meshnet.jobs.model import Outcome
 from meshnet.jobs.worker import serve
-from meshnet.socket_loop import TimerHandle
+from meshnet.socket_loop import SocketLoop, TimerHandle
 
 #: Socket buffer asked for each worker's socket pair (the kernel caps it): fewer
 #: wake-ups per large payload.
@@ -34,7 +39,7 @@ def outcome_of(status_line: bytes | bytearray, result: bytes | bytearray) -> Out
 class Worker:
     """One worker process, as the pool sees it (loop thread only)."""
 
-    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "job", "timer", "ending", "dead", "ran")
+    __slots__ = ("process", "sock", "sentinel", "reader", "frames", "outbox", "timer", "dead")
 
     def __init__(self, process: Any, sock: socket.socket, max_frame: int):
         self.process = process
@@ -43,14 +48,40 @@ class Worker:
         self.reader = FrameReader(max_frame)
         self.frames: list[bytes | bytearray] = []
         self.outbox: list[memoryview] = []
-        self.job: JobSpec | None = None
+        #: The timer of the job it runs (it kills the worker at the job's timeout).
         self.timer: TimerHandle | None = None
-        #: Set when the pool kills the worker: the outcome its job ends with.
-        self.ending: Outcome | None = None
         #: Its socket reached its end (or refused a write): it takes no more jobs.
         self.dead = False
-        #: It has finished a job: it started fine.
-        self.ran = False
+
+    def receive(self) -> int:
+        """Read once from its socket into ``frames``: the bytes read, 0 at the socket's
+        end (the worker exited), -1 when nothing is there now. ``ProtocolError``: the
+        stream is corrupt."""
+        try:
+            n = self.sock.recv_into(self.reader.buffer())
+        except BlockingIOError:
+            return -1
+        except OSError:
+            return 0
+        if n:
+            self.frames += self.reader.received(n)
+        return n
+
+    def disarm(self) -> None:
+        """Cancel its job's timer: the job is no longer its (it ended, or went back to the
+        queue), and the timer must not kill the worker."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def worker_context() -> Any:
+    """The multiprocessing context that starts workers: a forkserver, which imports as
+    it starts the workers' code, and what makes it (and so every worker) ignore the
+    node's stop signals (meshnet.jobs.forkserver)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["meshnet.jobs.forkserver", "meshnet.jobs.worker"])
+    return context
 
 
 def spawn_worker(context: Any, enabled: list[str], max_payload: int) -> Worker:
@@ -68,6 +99,45 @@ def spawn_worker(context: Any, enabled: list[str], max_payload: int) -> Worker:
     # A frame is a result (at most max_payload: the worker fails larger ones) or a
     # status line (clipped texts: a few KiB at most).
     return Worker(process, ours, max_frame=max(max_payload, STATUS_LINE_BYTES))
+
+
+def spawn_workers(spawn: Callable[[], Worker], count: int) -> list[Worker]:
+    """Start ``count`` workers with ``spawn``: all of them, or none (and raise)."""
+    started: list[Worker] = []
+    try:
+        for _ in range(count):
+            started.append(spawn())
+    except BaseException:
+        for worker in started:
+            worker.sock.close()
+            _reap(worker)
+        raise
+    return started
+
+
+def discard(loop: SocketLoop, worker: Worker) -> None:
+    """Stop watching a worker's descriptors on ``loop`` and release them, and its process
+    (killed if it has not exited)."""
+    loop.remove_reader(worker.sentinel)
+    loop.close_socket(worker.sock)
+    _reap(worker)
+
+
+def end_workers(loop: SocketLoop, workers: list[Worker], timeout: float) -> None:
+    """Close the workers' sockets, which ends an idle worker's loop, and wait at most
+    ``timeout`` in all for their processes to exit."""
+    for worker in workers:
+        loop.close_socket(worker.sock)
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.process.join(max(0.0, deadline - time.monotonic()))
+
+
+def _reap(worker: Worker) -> None:
+    if worker.process.exitcode is None:
+        worker.process.kill()
+    worker.process.join()
+    worker.process.close()
 
 
 def stop_helper_processes(log: Any) -> None:

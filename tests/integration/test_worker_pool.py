@@ -54,7 +54,7 @@ def pool() -> Iterator[tuple[WorkerPool, Reports]]:
         yield pool, reports
     finally:
         workers = [psutil.Process(pid) for pid in worker_pids(pool)]
-        if not pool._closing:  # a test may have closed it
+        if not pool.dispatch.closing:  # a test may have closed it
             pool.close()
             assert len(workers) == 2
         loop.stop()
@@ -110,7 +110,7 @@ def test_a_worker_killed_from_outside_is_replaced(pool: tuple[WorkerPool, Report
     runner.run(job(b"victim", "sleep", 30))
     runner.run(job(b"probe", "echo", 2))
     reports.wait(b"probe")
-    busy = next(w for w in list(runner._workers) if w.job is not None and w.job.id == b"victim")
+    busy = next(w for w, running in list(runner.dispatch.running.items()) if running.id == b"victim")
     killed = busy.process.pid
     os.kill(killed, signal.SIGKILL)
     (outcome,) = reports.wait(b"victim")
