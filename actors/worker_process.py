@@ -28,11 +28,17 @@ SOCKET_BUFFER_BYTES = 1024 * 1024
 STATUS_LINE_BYTES = 64 * 1024
 
 
+#: A success's status line (meshnet.jobs.worker): compared whole, not parsed.
+SUCCEEDED_LINE = b"succeeded\0\0"
+
+
 def outcome_of(status_line: bytes | bytearray, result: bytes | bytearray) -> Outcome:
     """The outcome a worker's two reply frames stand for."""
+    if status_line == SUCCEEDED_LINE:
+        return Outcome.succeeded(result)
     status, error_type, message = status_line.decode("utf-8", "replace").split("\0", 2)
     if status == "succeeded":
-        return Outcome(status, result=result)
+        return Outcome.succeeded(result)
     return Outcome(status, error_type=error_type, message=message)
 
 

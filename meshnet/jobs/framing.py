@@ -23,26 +23,30 @@ LENGTH = struct.Struct("!Q")
 SCRATCH_BYTES = 256 * 1024
 
 
-def frame_buffers(frames: Sequence[Any]) -> list[memoryview]:
+def frame_buffers(frames: Sequence[Any]) -> list[Any]:
     """The buffers that send ``frames`` (bytes-like objects), none of them copied."""
-    buffers: list[memoryview] = []
+    buffers: list[Any] = []
     for frame in frames:
-        view = memoryview(frame).cast("B")
-        buffers.append(memoryview(LENGTH.pack(len(view))))
+        # bytes as they are (the usual small frame: no view to make); any other buffer
+        # as a view of its bytes, whatever its item format.
+        view = frame if type(frame) is bytes else memoryview(frame).cast("B")
+        buffers.append(LENGTH.pack(len(view)))
         buffers.append(view)
     return buffers
 
 
-def unsent(buffers: list[memoryview], sent: int) -> list[memoryview]:
-    """What is left of ``buffers`` after the first ``sent`` bytes of them went out."""
-    index = 0
-    while index < len(buffers) and sent >= len(buffers[index]):
-        sent -= len(buffers[index])
-        index += 1
-    rest = buffers[index:]
-    if rest and sent:
-        rest[0] = rest[0][sent:]
-    return rest
+def unsent(buffers: list[Any], sent: int) -> list[Any]:
+    """What is left of ``buffers`` (as :func:`frame_buffers` made them) after the first
+    ``sent`` bytes of them went out; a partly sent one is left as a view of its rest."""
+    for index, buffer in enumerate(buffers):
+        size = len(buffer)
+        if sent < size:
+            rest = buffers[index:]
+            if sent:
+                rest[0] = memoryview(buffer)[sent:]
+            return rest
+        sent -= size
+    return []
 
 
 class FrameReader:

@@ -77,6 +77,14 @@ class Outcome:
         return {"type": clip(self.error_type, 256), "message": clip(self.message), "reason": clip(self.reason, 64)}
 
     @classmethod
+    def succeeded(cls, result: Any) -> Outcome:
+        """A job's success with ``result``, made as ``__init__`` would make it but
+        without a frozen dataclass's ``object.__setattr__`` per field: once per job."""
+        outcome: Outcome = object.__new__(cls)
+        outcome.__dict__.update(status="succeeded", result=result, error_type="", message="", reason="")
+        return outcome
+
+    @classmethod
     def refused(cls, reason: str, message: str) -> Outcome:
         return cls("refused", reason=reason, message=message, error_type="Refused")
 
