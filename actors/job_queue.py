@@ -130,6 +130,13 @@ class JobBook:
         """Kill every running job; each ends as cancelled with ``reason``."""
         self.runner.cancel(None, reason)
 
+    def load(self) -> dict[str, int]:
+        """Executors busy and free, and jobs waiting, now (the loop thread): what the
+        node's heartbeat tells its relay for placement."""
+        queue = self.queue
+        busy = len(queue.running)
+        return {"busy": busy, "free": max(0, queue.slots - busy), "queued": queue.waiting_count}
+
     def status(self) -> dict[str, Any]:
         return {
             "queued": self.queue.waiting_count,

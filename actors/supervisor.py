@@ -151,6 +151,7 @@ class Node:
                     local_port=relay.local_port,
                     direct_port=relay.direct_port,
                     direct_links=relay.direct_links,
+                    load=self.book.load,
                 )
                 self.relay_client = RelayClient(
                     core=core,

@@ -271,10 +271,15 @@ def cmd_peers(args: argparse.Namespace) -> int:
     for peer in peers:
         caps = peer.get("caps", {})
         kinds = ",".join(caps.get("kinds", []))
-        executors = caps.get("executors", "?")
         path, observed = peer.get("path", "relayed"), peer.get("observed", "")
         rtt = f"{peer['rtt_ms']} ms" if peer.get("rtt_ms") is not None else "-"
-        print(f"{peer['peer_id']}  path={path}  rtt={rtt}  observed={observed}  executors={executors}  kinds={kinds}")
+        try:  # a relay of another implementation may list anything here
+            load = peer["load"]
+            busy = f"{load['busy']}/{load['busy'] + load['free']}  queued={load['queued']}"
+        except (KeyError, TypeError):
+            busy = "?"
+        device = f"tier={caps.get('tier', '?')}  gpus={caps.get('gpus', '?')}  busy={busy}"
+        print(f"{peer['peer_id']}  path={path}  rtt={rtt}  observed={observed}  {device}  kinds={kinds}")
     return 0
 
 

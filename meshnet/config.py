@@ -21,6 +21,7 @@ import cbor2
 import platformdirs
 import tomli_w
 
+from meshnet.capabilities import check_capabilities
 from meshnet.endpoints import host_port
 from meshnet.errors import ConfigError, IdentityError
 from meshnet.flow import DEFAULT_WINDOW
@@ -196,7 +197,7 @@ def _capabilities(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("a table of capabilities")
     # Sent to the relay as CBOR, within the wire's limits: no TOML dates or times.
-    checked = dict(capabilities(value))
+    checked = check_capabilities(capabilities(value))
     if len(cbor2.dumps(checked)) > MAX_CAPABILITIES_BYTES:
         raise ValueError(f"a table of capabilities of at most {MAX_CAPABILITIES_BYTES} bytes as CBOR")
     return checked
@@ -286,8 +287,9 @@ class JobsSection:
     max_running_per_submitter: int | str = field(default=0, metadata=_check(_running_cap))
     #: On SIGTERM, how long running jobs may take to finish before they are killed.
     drain_grace: float = field(default=10.0, metadata=_check(_positive_number))
-    #: Advertised to the relay (e.g. ``gpus = 1``, ``memory_gb = 16``); cores and
-    #: memory are filled in from the machine when absent.
+    #: Advertised to the relay, over what the node detects (meshnet.capabilities): any
+    #: of cores, memory_bytes, arch, os, gpus, gpu_models, gpu_memory_bytes, tier, and
+    #: labels of your own (e.g. ``gpus = 1``, ``tier = "server"``, ``labels = { site = "lab" }``).
     capabilities: dict[str, Any] = field(default_factory=dict, metadata=_check(_capabilities))
 
 

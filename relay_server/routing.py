@@ -91,11 +91,16 @@ class NodeEntry:
     #: within a header.
     described_size: int = 0
     described_items: int = 0
+    #: Its load as its last heartbeat told it (executors busy and free, jobs queued),
+    #: and that heartbeat's round trip before it: what placement ranks devices by.
+    load: dict[str, int] | None = None
+    rtt: float | None = None
 
     def __post_init__(self) -> None:
         described = cbor2.dumps(self.describe())
-        self.described_size = len(described) + 16
-        self.described_items = count_items(described, PEERS_REPLY_ITEMS, RELAY_TO_NODE.depth)
+        # Room for what changes after registration: connected_for, load and rtt.
+        self.described_size = len(described) + DESCRIBED_SLACK_BYTES
+        self.described_items = count_items(described, PEERS_REPLY_ITEMS, RELAY_TO_NODE.depth) + DESCRIBED_SLACK_ITEMS
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -106,6 +111,11 @@ class NodeEntry:
             "connected_for": 0.0,
         }
 
+
+#: A peers reply's room per entry for what is added after registration (connected_for,
+#: load, rtt): in bytes of CBOR, and in data items.
+DESCRIBED_SLACK_BYTES = 96
+DESCRIBED_SLACK_ITEMS = 10
 
 #: The sources under which the relay counts what it refused from strangers.
 UNREGISTERED = "unregistered connections"
@@ -190,6 +200,10 @@ class RelayCore:
             return self._release_held(entry)
         out = self._count_received(entry, frames)
         if isinstance(message, Ping):
+            if message.load is not None:
+                entry.load = message.load
+            if message.rtt is not None:
+                entry.rtt = message.rtt
             out += self._reply_to(entry, Pong(seq=message.seq))
             # On every heartbeat, whatever is read and not acknowledged yet: less than a
             # quarter window, which would otherwise stay unacknowledged on a quiet link.
@@ -475,4 +489,8 @@ def _described(entry: NodeEntry, now: float) -> dict[str, Any]:
     """``entry`` as a peers reply lists it, with its time connected as of ``now``."""
     info = entry.describe()
     info["connected_for"] = round(now - entry.since, 3)
+    if entry.load is not None:
+        info["load"] = entry.load
+    if entry.rtt is not None:
+        info["rtt"] = round(entry.rtt, 6)
     return info

@@ -204,6 +204,7 @@ class NodeCore:
         network_check: bool = True,
         sessions: SessionCore | None = None,
         link: RelayLink | None = None,
+        load: Callable[[], dict[str, int]] | None = None,
     ):
         self.peer_id = peer_id
         self.relay_peer_id = relay_peer_id
@@ -233,6 +234,9 @@ class NodeCore:
         #: The largest send body the relay takes (from its ``registered``).
         self.relay_max_body: int | None = None
         self.capabilities = capabilities
+        #: This node's load now (executors busy and free, jobs queued), told to the relay
+        #: on each heartbeat for placement; handed in (the job book knows it). None: not told.
+        self.load = load
         self.listen = listen
         self.generation = 0
         self.punch = PunchCoordinator(peer_id, enabled=direct_links)
@@ -878,13 +882,20 @@ class NodeCore:
 
     # -- the relay link --
 
+    def _heartbeat(self, now: float) -> Ping:
+        """A heartbeat, with this node's load and the last one's round trip."""
+        rtt = self.link.rtt
+        # The wire's seconds are above 0; a loopback round trip may read as 0.0.
+        rtt = None if rtt is None else max(rtt, 1e-6)
+        return Ping(seq=self.link.ping(now), load=self.load() if self.load else None, rtt=rtt)
+
     def _on_tick(self) -> None:
         now = self._now
         for summary in self.rejections.flush(now):
             self._log("warning", "messages_rejected", **summary_fields(summary, now))
         action = self.link.on_tick(now)
         if action == "ping":
-            self._send_control(encode(Ping(seq=self.link.ping(now))))
+            self._send_control(encode(self._heartbeat(now)))
         elif action == "lost":
             self._on_lost()
         for seq in [s for s, (_, deadline) in self.pending_peers.items() if deadline <= now]:
@@ -939,7 +950,7 @@ class NodeCore:
             # does every message queued before it, and the first of those answers draws
             # the one register (registering here as well made two at once).
             self._log("info", "relay_reconnected", action="asking whether it knows us")
-            self._send_control(encode(Ping(seq=self.link.ping(now))))
+            self._send_control(encode(self._heartbeat(now)))
         elif now - self._last_register < RECENT_REGISTER:
             # A register went out just now (the relay's not_registered, read before this
             # event, drew it): on the new connection, as that answer came on it.

@@ -339,6 +339,18 @@ def seq(value: Any) -> int:
     return value
 
 
+#: What a node's heartbeat says of its load (``ping.load``): each a count.
+LOAD_FIELDS = ("busy", "free", "queued")
+
+
+def load(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or set(value) != set(LOAD_FIELDS):
+        raise ValueError(f"a map of exactly {', '.join(LOAD_FIELDS)}")
+    for name in LOAD_FIELDS:
+        seq(value[name])
+    return value
+
+
 # -- messages --
 
 
@@ -569,9 +581,15 @@ class Register(Message):
 
 @dataclass(frozen=True)
 class Ping(Message):
+    """A node's heartbeat. ``load``: its executors busy and free and its jobs queued now;
+    ``rtt``: the round trip of its last heartbeat (seconds). Both optional: the relay's
+    registry keeps the last it was told."""
+
     TYPE = "ping"
-    RULES = {"seq": seq}
+    RULES = {"seq": seq, "load": optional(load), "rtt": optional(seconds)}
     seq: int = 0
+    load: dict[str, int] | None = None
+    rtt: float | None = None
 
 
 @dataclass(frozen=True)

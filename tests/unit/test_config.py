@@ -173,6 +173,9 @@ def test_good_values_are_loaded(tmp_path):
         ("jobs", 'enabled = "echo"', "jobs.enabled"),
         ("jobs", "default_timeout = 0", "jobs.default_timeout"),
         ("jobs", "capabilities = 3", "jobs.capabilities"),
+        ("jobs", "capabilities = { memory_gb = 16 }", "jobs.capabilities"),
+        ("jobs", 'capabilities = { tier = "mainframe" }', "jobs.capabilities"),
+        ("jobs", "capabilities = { gpus = -1 }", "jobs.capabilities"),
         ("relay", 'endpoint = "http://x"', "relay.endpoint"),
         ("relay", 'peer_id = "z6MkNotReally"', "relay.peer_id"),
         ("relay", "liveness = 0", "relay.liveness"),
@@ -352,3 +355,9 @@ def test_bad_stun_value_names_file_key_and_expectation(tmp_path, line, expected)
 def test_the_stun_responder_is_on_by_default_on_the_standard_ports(tmp_path):
     stun = load_relay_config(write(tmp_path, IDENTITY_TOML)).stun
     assert (stun.enabled, stun.addresses, stun.port, stun.alt_port) == (True, [], 3478, 3479)
+
+
+def test_an_unknown_capability_is_refused_pointing_at_labels(tmp_path):
+    path = write(tmp_path, f"{IDENTITY_TOML}[jobs]\ncapabilities = {{ memory_gb = 16 }}\n")
+    message = config_error(load_node_config, path)
+    assert "jobs.capabilities" in message and "not 'memory_gb'" in message and "labels" in message

@@ -11,6 +11,7 @@ import itertools
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from meshnet.node.effects import (
     SendRelay,
     SetTimer,
 )
-from meshnet.protocol import NODE_TO_RELAY, Error, Pong, Registered, Send, Unroutable, decode, encode
+from meshnet.protocol import NODE_TO_RELAY, Error, Ping, Pong, Registered, Send, Unroutable, decode, encode
 from meshnet.protocol.batch import is_batch, split_batch
 from tests.node_sim import Chaos, NodeSimulation
 
@@ -329,3 +330,24 @@ def test_a_stopping_node_sends_what_its_last_turn_gathered_before_it_closes_the_
     kinds = [type(e).__name__ for e in effects if isinstance(e, (SendRelay, CloseRelay))]
     assert kinds[-1] == "CloseRelay" and "SendRelay" in kinds[:-1]
     assert len([e for e in effects if isinstance(e, AnswerJob)]) == 20  # each job still ends once
+
+
+def test_each_heartbeat_tells_the_relay_the_load_now_and_the_last_round_trip() -> None:
+    loads = iter([{"busy": 0, "free": 2, "queued": 0}, {"busy": 2, "free": 0, "queued": 7}])
+    core = _core(direct_links=False, load=lambda: next(loads))
+    core.start(0.0)
+    _registered(core, 0.1)
+
+    def heartbeat(now: float) -> Ping:
+        sent = [e for e in core.on_timer("tick", now) if isinstance(e, SendRelay)]
+        pings = [m for m in (decode(e.frames, NODE_TO_RELAY, max_body=1 << 20) for e in sent) if isinstance(m, Ping)]
+        assert len(pings) == 1
+        return pings[0]
+
+    first = heartbeat(1.2)
+    assert first.load == {"busy": 0, "free": 2, "queued": 0}
+    assert first.rtt is None  # none answered yet
+    core.on_relay_frames(core.generation, [bytes(f) for f in encode(Pong(seq=first.seq))], 1.25)
+    second = heartbeat(2.4)
+    assert second.load == {"busy": 2, "free": 0, "queued": 7}
+    assert second.rtt == pytest.approx(0.05)

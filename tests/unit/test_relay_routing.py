@@ -262,6 +262,35 @@ def test_peers_request_lists_registered_peers(core, a, b):
     assert peers[b.peer_id]["connected_for"] == 2.0
 
 
+def test_a_heartbeat_load_and_round_trip_are_listed_until_the_next_heartbeat_says_otherwise(core, a, b):
+    register(core, a, 0.0)
+    register(core, b, 0.0)
+    listed = {p["peer_id"]: p for p in read(only(send_from(core, b, PeersRequest(), 1.0))).peers}
+    assert "load" not in listed[a.peer_id] and "rtt" not in listed[a.peer_id]  # nothing told yet
+    send_from(core, a, Ping(seq=1, load={"busy": 2, "free": 0, "queued": 5}, rtt=0.0015), 2.0)
+    listed = {p["peer_id"]: p for p in read(only(send_from(core, b, PeersRequest(), 3.0))).peers}
+    assert listed[a.peer_id]["load"] == {"busy": 2, "free": 0, "queued": 5}
+    assert listed[a.peer_id]["rtt"] == 0.0015
+    send_from(core, a, Ping(seq=2), 4.0)  # a heartbeat without them keeps the last told
+    send_from(core, a, Ping(seq=3, load={"busy": 0, "free": 2, "queued": 0}), 5.0)
+    listed = {p["peer_id"]: p for p in read(only(send_from(core, b, PeersRequest(), 6.0))).peers}
+    assert listed[a.peer_id]["load"] == {"busy": 0, "free": 2, "queued": 0}
+    assert listed[a.peer_id]["rtt"] == 0.0015
+
+
+@pytest.mark.parametrize(
+    "load",
+    [{"busy": 1, "free": 1}, {"busy": -1, "free": 1, "queued": 0}, {"busy": 1, "free": 1, "queued": 0, "x": 1}, [1]],
+)
+def test_a_heartbeat_with_a_malformed_load_is_refused_and_changes_nothing(core, a, load):
+    register(core, a, 0.0)
+    header = {"v": PROTOCOL_VERSION, "t": "ping", "seq": 1, "load": load}
+    replies = [read(out) for out in send_from(core, a, [cbor2.dumps(header)], 1.0)]
+    assert [type(r) for r in replies] == [Error]
+    assert "ping.load" in replies[0].message
+    assert core.nodes[a.peer_id].load is None
+
+
 def test_a_peers_request_naming_one_peer_says_where_the_relay_sees_it_alone(core, a, b):
     register(core, a, 0.0)
     register(core, b, 1.0)
