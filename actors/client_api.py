@@ -235,7 +235,7 @@ class ClientApiActor(NodeActor):
         elif isinstance(message, StatusRequest):
             self.actor_ref.tell(StatusFor(conn, message.seq))
         elif isinstance(message, PeersRequest):
-            self._io_peers(conn, message.seq)
+            self._io_peers(conn, message)
         elif isinstance(message, PingPeer):
             self._io_ping(conn, message)
 
@@ -276,12 +276,12 @@ class ClientApiActor(NodeActor):
         elif self.relay is not None:
             self.relay(PingThere(message.peer, ping_timeout(message.timeout), request))
 
-    def _io_peers(self, conn: bytes, seq: int | None) -> None:
-        request = ClientRequest(conn, seq)
+    def _io_peers(self, conn: bytes, message: PeersRequest) -> None:
+        request = ClientRequest(conn, message.seq)
         if self.relay is None:
             self._io_replied(PeersAnswered(request, []))  # a node alone has no peers: an answer, not an error
         else:
-            self.relay(QueryPeers(request))
+            self.relay(QueryPeers(request, message.requires, message.after, message.limit))
 
     def _io_replied(self, reply: PingAnswered | PeersAnswered) -> None:
         """The answer to a client's ping or peers query (from the relay client, by Answers)."""

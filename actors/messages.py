@@ -8,6 +8,7 @@ actors/answers.py); a ping's and a peer query's answer, by the request it names,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from meshnet.jobs.model import JobSpec
 
@@ -58,9 +59,14 @@ class StatusFor:
 
 @dataclass(frozen=True)
 class QueryPeers:
-    """Ask the relay for its peers; answered with a ``PeersAnswered`` naming ``request``."""
+    """Ask the relay for its peers; answered with a ``PeersAnswered`` naming ``request``.
+    ``requires``: only those that meet these, best first; ``after``, ``limit``: a page of
+    the listing (docs/protocol.md §4.3)."""
 
     request: ClientRequest
+    requires: dict[str, Any] | None = None
+    after: str | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,11 @@ class RelayClient:
         elif isinstance(message, CancelJob):
             self._drive(core.cancel(message.job_id, message.requester, now))
         elif isinstance(message, QueryPeers):
-            self._drive(core.query_peers(message.request, now))
+            self._drive(
+                core.query_peers(
+                    message.request, now, requires=message.requires, after=message.after, limit=message.limit
+                )
+            )
         elif isinstance(message, PingThere):
             self._drive(core.ping(message.peer, message.timeout, message.request, now))
         elif isinstance(message, NetworkChecked):

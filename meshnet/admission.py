@@ -170,7 +170,7 @@ def client_reply(
     if isinstance(reply, PeersAnswered):
         if reply.peers is None:
             return Error(code="no_relay", message=reply.error, seq=seq)
-        return PeersReply(peers=reply.peers, seq=seq)
+        return PeersReply(peers=reply.peers, seq=seq, more=reply.more, next=reply.next, unmet=reply.unmet)
     if reply.answer is None:
         return Error(code=reply.code, message=reply.why, seq=seq)
     # The wire's rtt is seconds greater than 0: one the clock measured as 0 goes as the least.

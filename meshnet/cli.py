@@ -28,6 +28,7 @@ from meshnet.config import (
 from meshnet.errors import JobError, MeshError
 from meshnet.logs import configure_logging
 from meshnet.memory import keep_freed_buffers
+from meshnet.requirements import check_requirements, describe
 
 EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
@@ -257,15 +258,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _requirements(text: str) -> dict[str, Any]:
+    try:
+        return check_requirements(json.loads(text))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"requirements as a JSON map, e.g. '{{\"gpus\": 1}}': {exc}") from None
+
+
 def cmd_peers(args: argparse.Namespace) -> int:
+    unmet = None
     with _client(args) as client:
-        peers = client.peers()
+        if args.requires is not None:
+            peers, unmet = client.devices(args.requires)
+        else:
+            peers = client.peers()
         alone = not peers and not args.json and client.status().get("relay") is None
     if args.json:
         print(json.dumps(peers, default=str))
         return 0
     if alone:
         print("no peers: this node runs alone (no relay configured)")
+    elif unmet:
+        print(f"no device meets {describe(args.requires)}: {unmet}")
     elif not peers:
         print("no peers connected to the relay")
     for peer in peers:
@@ -447,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--node", default=node_default)
         p.add_argument("--json", action="store_true")
+        if name == "peers":
+            p.add_argument(
+                "--requires",
+                type=_requirements,
+                help='only the devices that meet these, best first, as JSON: \'{"gpus": 1, "tier": "server"}\'',
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("ping", help="round trips to a peer, and the path each took")

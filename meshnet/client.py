@@ -21,10 +21,7 @@ import cbor2
 
 from meshnet.client_connection import NodeConnection
 from meshnet.config import DEFAULT_API_ENDPOINT, DEFAULT_MAX_PAYLOAD_BYTES
-from meshnet.errors import (
-    LocalProtocolError,
-    NodeUnreachable,
-)
+from meshnet.errors import LocalProtocolError, MeshError, NodeUnreachable
 from meshnet.identity import Identity
 from meshnet.protocol import (
     JOB_ID_BYTES,
@@ -160,8 +157,31 @@ class MeshClient:
         return self._request(StatusRequest(seq=next(self._seq)), StatusReply, timeout).info
 
     def peers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
-        """The peers the node's relay knows; none for a node that runs alone (no relay)."""
-        return self._request(PeersRequest(seq=next(self._seq)), PeersReply, timeout).peers
+        """Every peer the node's relay knows, in peer-id order (asked a page at a time:
+        a mesh of any size); none for a node that runs alone (no relay). ``timeout``
+        is per page."""
+        listed: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            reply = self._request(PeersRequest(seq=next(self._seq), after=after), PeersReply, timeout)
+            listed += reply.peers
+            if reply.next is None:
+                return listed
+            if after is not None and reply.next <= after:  # a cursor that goes back would loop for ever
+                raise MeshError(f"the node at {self.endpoint} listed peers out of order ({reply.next} after {after})")
+            after = reply.next
+
+    def devices(
+        self, requires: dict[str, Any], *, limit: int | None = None, timeout: float = REQUEST_TIMEOUT
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The devices that meet ``requires`` (docs/protocol.md §4.3.1: ``{"gpus": 1,
+        "tier": ["server", "desktop"]}``), best first: most free executors, fewest queued,
+        nearest; at most ``limit``. With an empty list, why none does (``no device has
+        gpus >= 1``)."""
+        request = PeersRequest(seq=next(self._seq), requires=requires, limit=limit)
+        validate(request)
+        reply = self._request(request, PeersReply, timeout)
+        return reply.peers, reply.unmet
 
     def ping(self, peer: str, timeout: float = 5.0) -> dict[str, Any]:
         """One round trip to ``peer`` through this node, on the node's current path to it

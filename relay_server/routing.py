@@ -10,7 +10,7 @@ attributed to that peer id, whatever the message claims.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +43,7 @@ from meshnet.protocol import (
 )
 from meshnet.protocol.strict_cbor import count_items
 from meshnet.rejections import RejectionLog, log_summaries
+from relay_server.registry import Registry
 
 log = structlog.get_logger("meshnet.relay")
 
@@ -91,10 +92,6 @@ class NodeEntry:
     #: within a header.
     described_size: int = 0
     described_items: int = 0
-    #: Its load as its last heartbeat told it (executors busy and free, jobs queued),
-    #: and that heartbeat's round trip before it: what placement ranks devices by.
-    load: dict[str, int] | None = None
-    rtt: float | None = None
 
     def __post_init__(self) -> None:
         described = cbor2.dumps(self.describe())
@@ -143,6 +140,8 @@ class RelayCore:
         #: before acknowledging them (meshnet.flow).
         self.window = window
         self.nodes: dict[str, NodeEntry] = {}
+        #: The same nodes as devices: capabilities, load, round trip (placement's view).
+        self.registry = Registry()
         self.by_conn: dict[bytes, str] = {}
         #: The IPs registered nodes connect from (each with how many), and whether that
         #: changed since the daemon last looked (its STUN responder answers them alone
@@ -200,10 +199,7 @@ class RelayCore:
             return self._release_held(entry)
         out = self._count_received(entry, frames)
         if isinstance(message, Ping):
-            if message.load is not None:
-                entry.load = message.load
-            if message.rtt is not None:
-                entry.rtt = message.rtt
+            self.registry.heard(entry.peer_id, message.load, message.rtt)
             out += self._reply_to(entry, Pong(seq=message.seq))
             # On every heartbeat, whatever is read and not acknowledged yet: less than a
             # quarter window, which would otherwise stay unacknowledged on a quiet link.
@@ -213,10 +209,12 @@ class RelayCore:
         else:
             assert isinstance(message, PeersRequest)
             if message.peer_id is not None:  # one peer: where the relay sees it (a punch's check)
-                peers, more = self.describe_peer(message.peer_id, now), 0
+                reply = PeersReply(peers=self.describe_peer(message.peer_id, now), seq=message.seq)
+            elif message.requires is not None:
+                reply = self.find_devices(message.requires, message.limit, message.seq, now)
             else:
-                peers, more = self.describe_peers(now)
-            out += self._reply_to(entry, PeersReply(peers=peers, seq=message.seq, more=more or None))
+                reply = self.describe_peers(now, message.after, message.limit, message.seq)
+            out += self._reply_to(entry, reply)
         return out
 
     def _count_received(self, entry: NodeEntry | None, frames: list[Any]) -> list[Outgoing]:
@@ -284,26 +282,59 @@ class RelayCore:
 
     # -- helpers --
 
-    def describe_peers(self, now: float) -> tuple[list[dict[str, Any]], int]:
-        """The registered peers that fit in one reply, and how many were left out."""
+    def describe_peers(
+        self, now: float, after: str | None = None, limit: int | None = None, seq: int | None = None
+    ) -> PeersReply:
+        """A page of the registered peers in peer-id order, from the first after
+        ``after``: as many as fit one reply (at most ``limit``); ``more`` counts those
+        left, ``next`` is where the next page starts."""
+        listed = self._fitting(now, (self.nodes[peer] for peer in self.registry.page(after)), limit)
+        left = self.registry.count_after(listed[-1]["peer_id"] if listed else after)
+        return PeersReply(
+            peers=listed, seq=seq, more=left or None, next=listed[-1]["peer_id"] if listed and left else None
+        )
+
+    def find_devices(self, requires: dict[str, Any], limit: int | None, seq: int | None, now: float) -> PeersReply:
+        """The devices that meet ``requires``, best first (relay_server.registry), as many
+        as fit one reply (at most ``limit``); ``unmet`` says why none does."""
+        fit = self.registry.candidates(requires)
+        listed = self._fitting(now, (self.nodes[device.peer_id] for device in fit), limit)
+        unmet = self.registry.unmet_by_all(requires) if not fit else None
+        return PeersReply(peers=listed, seq=seq, more=(len(fit) - len(listed)) or None, unmet=unmet)
+
+    def _fitting(self, now: float, entries: Iterable[NodeEntry], limit: int | None) -> list[dict[str, Any]]:
+        """``entries`` described, as many as fit one peers reply (and ``limit``)."""
         peers: list[dict[str, Any]] = []
         size = items = 0
-        for entry in self.nodes.values():
+        most = min(limit or MAX_LIST, MAX_LIST)
+        for entry in entries:
             if (
-                len(peers) >= MAX_LIST
+                len(peers) >= most
                 or size + entry.described_size > PEERS_REPLY_BUDGET
                 or items + entry.described_items > PEERS_REPLY_ITEMS
             ):
                 break
-            peers.append(_described(entry, now))
+            peers.append(self._described(entry, now))
             size += entry.described_size
             items += entry.described_items
-        return peers, len(self.nodes) - len(peers)
+        return peers
 
     def describe_peer(self, peer_id: str, now: float) -> list[dict[str, Any]]:
         """``peer_id``'s entry of a peers reply, alone (none if it is not registered)."""
         entry = self.nodes.get(peer_id)
-        return [_described(entry, now)] if entry is not None else []
+        return [self._described(entry, now)] if entry is not None else []
+
+    def _described(self, entry: NodeEntry, now: float) -> dict[str, Any]:
+        """``entry`` as a peers reply lists it: as registered, with its time connected as
+        of ``now``, and its last heartbeat's load and round trip."""
+        info = entry.describe()
+        info["connected_for"] = round(now - entry.since, 3)
+        device = self.registry.devices.get(entry.peer_id)
+        if device is not None and device.load is not None:
+            info["load"] = device.load
+        if device is not None and device.rtt is not None:
+            info["rtt"] = round(device.rtt, 6)
+        return info
 
     def _reply(self, conn: bytes, message: Message) -> Outgoing:
         """``message`` for a connection that is not registered (nothing is counted)."""
@@ -398,6 +429,7 @@ class RelayCore:
             self._count_member(old.observed, -1)
         self._count_member(observed, +1)
         self.nodes[message.peer_id] = entry
+        self.registry.join(message.peer_id, message.caps)
         self.by_conn[conn] = message.peer_id
         log.info("peer_registered", peer_id=message.peer_id, observed=observed, reconnected=old is not None)
         # Not counted: both ends count from the message after this one (meshnet.flow).
@@ -469,7 +501,8 @@ class RelayCore:
     def _remove(self, entry: NodeEntry) -> list[Outgoing]:
         if self.nodes.get(entry.peer_id) is entry:
             self._count_member(entry.observed, -1)
-        self.nodes.pop(entry.peer_id, None)
+        if self.nodes.pop(entry.peer_id, None) is not None:
+            self.registry.leave(entry.peer_id)
         if self.by_conn.get(entry.conn) == entry.peer_id:
             del self.by_conn[entry.conn]
         out: list[Outgoing] = []
@@ -483,14 +516,3 @@ class RelayCore:
             if peer in self.nodes:
                 out += self._reply_to(self.nodes[peer], notice)
         return out
-
-
-def _described(entry: NodeEntry, now: float) -> dict[str, Any]:
-    """``entry`` as a peers reply lists it, with its time connected as of ``now``."""
-    info = entry.describe()
-    info["connected_for"] = round(now - entry.since, 3)
-    if entry.load is not None:
-        info["load"] = entry.load
-    if entry.rtt is not None:
-        info["rtt"] = round(entry.rtt, 6)
-    return info

@@ -405,12 +405,22 @@ class NodeCore:
         self._want_direct(peer)
         return self._settle()
 
-    def query_peers(self, request: Any, now: float) -> list[Effect]:
-        """Ask the relay for its peers; the answer is a ``PeersAnswered`` naming ``request``."""
+    def query_peers(
+        self,
+        request: Any,
+        now: float,
+        *,
+        requires: dict[str, Any] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[Effect]:
+        """Ask the relay for its peers (those that meet ``requires``, best first; or the
+        page of its listing after ``after``); the answer is a ``PeersAnswered`` naming
+        ``request``."""
         self._now = now
         if self.stopped:
             return [PeersAnswered(request, None, "the node is shutting down")]
-        self._query_peers(request)
+        self._query_peers(request, requires=requires, after=after, limit=limit)
         return self._settle()
 
     # -- inputs: jobs run here --
@@ -848,14 +858,15 @@ class NodeCore:
             self._effects.append(CancelTimer(("ping", *key)))
         self._effects.append(PingAnswered(request, answer, code, why))
 
-    def _query_peers(self, asker: Any, peer: str | None = None) -> None:
-        """Ask the relay for its peers (``peer``: that one alone)."""
+    def _query_peers(self, asker: Any, peer: str | None = None, **query: Any) -> None:
+        """Ask the relay for its peers (``peer``: that one alone; ``query``: the
+        ``requires``, ``after`` and ``limit`` of a peers request)."""
         if not self.link.registered:
             self._answer_peers(asker, None, f"not connected to the relay at {self.endpoint}")
             return
         self.peers_seq += 1
         self.pending_peers[self.peers_seq] = (asker, self._now + PEERS_QUERY_TIMEOUT)
-        self._send_control(encode(PeersRequest(seq=self.peers_seq, peer_id=peer)))
+        self._send_control(encode(PeersRequest(seq=self.peers_seq, peer_id=peer, **query)))
 
     def _on_peers_reply(self, message: PeersReply) -> None:
         query = self.pending_peers.pop(message.seq, None) if message.seq is not None else None
@@ -864,16 +875,19 @@ class NodeCore:
         for peer in message.peers:  # what only this node knows: its path to each
             peer_id = peer.get("peer_id", "")
             peer.update(self.peer_link(peer_id) if peer_id != self.peer_id else {"path": "self"})
-        self._answer_peers(query[0], message.peers, "")
+        self._answer_peers(query[0], message.peers, "", message)
 
-    def _answer_peers(self, asker: Any, peers: list[dict[str, Any]] | None, error: str) -> None:
+    def _answer_peers(
+        self, asker: Any, peers: list[dict[str, Any]] | None, error: str, reply: PeersReply | None = None
+    ) -> None:
         if isinstance(asker, _Vouch):
             # The relay's word on where it sees the peer (none: it knows no address of it).
             observed = next((p.get("observed") for p in peers or () if p.get("peer_id") == asker.peer), None)
             vouched = observed if isinstance(observed, str) else None
             self._punch(self.punch.on_vouched(asker.peer, vouched, self._now))
         else:
-            self._effects.append(PeersAnswered(asker, peers, error))
+            more, after, unmet = (reply.more, reply.next, reply.unmet) if reply is not None else (None, None, None)
+            self._effects.append(PeersAnswered(asker, peers, error, more, after, unmet))
 
     def _fail_peer_queries(self, why: str) -> None:
         pending, self.pending_peers = self.pending_peers, {}

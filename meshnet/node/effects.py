@@ -128,6 +128,10 @@ class PeersAnswered:
     request: Any
     peers: list[dict[str, Any]] | None
     error: str = ""
+    #: The relay's ``more``, ``next`` and ``unmet`` (docs/protocol.md §4.2).
+    more: int | None = None
+    next: str | None = None
+    unmet: str | None = None
 
 
 @dataclass(slots=True)

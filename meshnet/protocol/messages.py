@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from meshnet.identity import is_peer_id
 from meshnet.protocol.strict_cbor import Limits
+from meshnet.requirements import check_requirements
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -339,6 +340,16 @@ def seq(value: Any) -> int:
     return value
 
 
+def requirements(value: Any) -> dict[str, Any]:
+    return check_requirements(value)
+
+
+def list_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST:
+        raise ValueError(f"an integer from 1 to {MAX_LIST}")
+    return value
+
+
 #: What a node's heartbeat says of its load (``ping.load``): each a count.
 LOAD_FIELDS = ("busy", "free", "queued")
 
@@ -419,9 +430,21 @@ class PeersRequest(Message):
     the address a peer gave (meshnet.holepunch)."""
 
     TYPE = "peers"
-    RULES = {"seq": optional(seq), "peer_id": optional(peer_id)}
+    RULES = {
+        "seq": optional(seq),
+        "peer_id": optional(peer_id),
+        "requires": optional(requirements),
+        "after": optional(peer_id),
+        "limit": optional(list_limit),
+    }
     seq: int | None = None
     peer_id: str | None = None
+    #: Only the devices that meet these requirements, best first (meshnet.requirements).
+    requires: dict[str, Any] | None = None
+    #: A listing's next page: the peers after this peer id (the last one's ``next``).
+    after: str | None = None
+    #: At most this many peers in the reply.
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -518,10 +541,21 @@ class PeersReply(Message):
     a header's size."""
 
     TYPE = "peers_reply"
-    RULES = {"peers": map_list, "seq": optional(seq), "more": optional(seq)}
+    RULES = {
+        "peers": map_list,
+        "seq": optional(seq),
+        "more": optional(seq),
+        "next": optional(peer_id),
+        "unmet": optional(text),
+    }
     peers: list[dict[str, Any]]
     seq: int | None = None
     more: int | None = None
+    #: Where the next page starts (a listing's, when ``more`` are left): ask again with
+    #: ``after`` = this.
+    next: str | None = None
+    #: Why no device meets a query's requirements (none listed).
+    unmet: str | None = None
 
 
 @dataclass(frozen=True)

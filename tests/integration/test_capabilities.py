@@ -11,6 +11,7 @@ from typing import Any
 
 from meshnet import JobCancelled, MeshClient
 from meshnet.capabilities import TIERS
+from meshnet.protocol import PeersReply, PeersRequest
 from tests.harness import Mesh, cli
 
 GPU_BOX = {"gpus": 1, "gpu_models": ["Test GPU 24GB"], "tier": "server", "labels": {"site": "lab"}}
@@ -52,6 +53,25 @@ def test_peers_list_each_devices_capabilities_and_its_load_from_heartbeats(mesh:
         assert shown.returncode == 0, shown.stderr
         [line] = [line for line in shown.stdout.splitlines() if line.startswith(a)]
         assert "tier=server  gpus=1  busy=2/2  queued=1" in line
+
+        # A query by requirements: the devices that meet them, or why none does.
+        found, unmet = b_client.devices({"gpus": 1, "labels": {"site": "lab"}})
+        assert [p["peer_id"] for p in found] == [a] and unmet is None
+        assert b_client.devices({"gpus": 2}) == ([], "no device has gpus >= 2")
+        shown = cli("peers", "--node", pair.b_api, "--requires", '{"tier": "server"}')
+        assert [line.split()[0] for line in shown.stdout.splitlines()] == [a]
+        shown = cli("peers", "--node", pair.b_api, "--requires", '{"gpus": 2}')
+        assert shown.stdout.strip() == "no device meets gpus >= 2: no device has gpus >= 2"
+        shown = cli("peers", "--node", pair.b_api, "--requires", '{"gpu": 2}')
+        assert shown.returncode == 2 and "a known requirement" in shown.stderr
+
+        # The listing pages, through the node: a page of one, then the rest.
+        first = b_client._request(PeersRequest(seq=1000, limit=1), PeersReply, 10)
+        assert len(first.peers) == 1 and first.more == 1 and first.next == first.peers[0]["peer_id"]
+        rest = b_client._request(PeersRequest(seq=1001, after=first.next, limit=1), PeersReply, 10)
+        assert rest.next is None and rest.more is None
+        assert [p["peer_id"] for p in first.peers + rest.peers] == sorted([a, b])
+        assert [p["peer_id"] for p in b_client.peers()] == sorted([a, b])
 
         for future in futures:
             a_client.cancel(future)

@@ -288,7 +288,64 @@ def test_a_heartbeat_with_a_malformed_load_is_refused_and_changes_nothing(core, 
     replies = [read(out) for out in send_from(core, a, [cbor2.dumps(header)], 1.0)]
     assert [type(r) for r in replies] == [Error]
     assert "ping.load" in replies[0].message
-    assert core.nodes[a.peer_id].load is None
+    assert core.registry.devices[a.peer_id].load is None
+
+
+def test_a_listing_pages_through_every_peer_in_peer_id_order(core):
+    nodes = [Node(f"conn-{n}".encode()) for n in range(5)]
+    for node in nodes:
+        register(core, node)
+    asker = nodes[0]
+    seen, after, pages = [], None, 0
+    while True:
+        reply = read(only(send_from(core, asker, PeersRequest(seq=pages, after=after, limit=2))))
+        pages += 1
+        seen += [p["peer_id"] for p in reply.peers]
+        assert reply.seq == pages - 1
+        if reply.next is None:
+            assert reply.more is None
+            break
+        assert reply.next == reply.peers[-1]["peer_id"] and reply.more == 5 - len(seen)
+        after = reply.next
+    assert pages == 3
+    assert seen == sorted(node.peer_id for node in nodes)
+
+
+def test_a_query_with_requirements_lists_the_devices_that_meet_them_most_free_first(core):
+    cpu, gpu, busy_gpu, asker = (Node(f"conn-{n}".encode()) for n in range(4))
+    register(core, cpu, caps={"gpus": 0, "executors": 2})
+    register(core, gpu, caps={"gpus": 1, "executors": 2})
+    register(core, busy_gpu, caps={"gpus": 2, "executors": 8})
+    register(core, asker)
+    send_from(core, busy_gpu, Ping(seq=1, load={"busy": 8, "free": 0, "queued": 4}), 1.0)
+    send_from(core, gpu, Ping(seq=1, load={"busy": 0, "free": 2, "queued": 0}), 1.0)
+    reply = read(only(send_from(core, asker, PeersRequest(seq=9, requires={"gpus": 1}), 2.0)))
+    assert [p["peer_id"] for p in reply.peers] == [gpu.peer_id, busy_gpu.peer_id]
+    assert reply.peers[0]["load"] == {"busy": 0, "free": 2, "queued": 0}
+    assert reply.unmet is None and reply.more is None
+    reply = read(only(send_from(core, asker, PeersRequest(requires={"gpus": 1}, limit=1), 2.0)))
+    assert [p["peer_id"] for p in reply.peers] == [gpu.peer_id] and reply.more == 1
+    reply = read(only(send_from(core, asker, PeersRequest(requires={"gpus": 4}), 2.0)))
+    assert reply.peers == [] and reply.unmet == "no device has gpus >= 4"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"requires": {"gpu": 1}}, {"requires": {"gpus": "one"}}, {"limit": 0}, {"limit": 5000}, {"after": "nope"}],
+)
+def test_a_malformed_query_is_refused_as_invalid(core, a, fields):
+    register(core, a)
+    header = {"v": PROTOCOL_VERSION, "t": "peers", **fields}
+    replies = [read(out) for out in send_from(core, a, [cbor2.dumps(header)], 1.0)]
+    assert [(type(r), r.code) for r in replies] == [(Error, "invalid")]
+
+
+def test_a_peer_that_leaves_leaves_the_registry(core, a, b):
+    register(core, a, caps={"gpus": 1})
+    register(core, b)
+    assert a.peer_id in core.registry.devices
+    core.on_tick(HEARTBEAT * (LIVENESS + 2))  # both silent past liveness: expired
+    assert len(core.registry) == 0 and not core.nodes
 
 
 def test_a_peers_request_naming_one_peer_says_where_the_relay_sees_it_alone(core, a, b):
