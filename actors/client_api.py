@@ -27,8 +27,9 @@ from actors.base import NodeActor
 from actors.client_answers import AnswerDelivery, client_tag
 from actors.client_endpoint import ClientEndpoint
 from actors.job_queue import JobBook
-from actors.messages import CancelJob, ClientRequest, Drain, PingThere, QueryPeers, RunThere, StatusFor
+from actors.messages import CancelJob, ClientRequest, Drain, PingThere, PlaceJobs, QueryPeers, RunThere, StatusFor
 from meshnet.admission import RUN_HERE, SEND_TO_PEER, Admission, Duplicate, client_reply, ping_timeout
+from meshnet.capabilities import read_capabilities
 from meshnet.errors import ProtocolError, StartupError
 from meshnet.identity import Identity
 from meshnet.jobs.model import JobSpec, Outcome, ToClient
@@ -51,6 +52,7 @@ from meshnet.protocol import (
     decode,
     encode,
 )
+from meshnet.requirements import describe, unmet
 from meshnet.socket_loop import SocketLoop, recv_message
 
 log = structlog.get_logger("meshnet.api")
@@ -81,8 +83,12 @@ class ClientApiActor(NodeActor):
         max_unread: int = DEFAULT_MAX_UNREAD_BYTES,
         memory: MemoryBudget | None = None,
         answers: Answers | None = None,
+        capabilities: dict[str, Any] | None = None,
     ):
         super().__init__()
+        #: What this node can do (meshnet.capabilities): a job's requirements are checked
+        #: against it here when no relay can place the job elsewhere.
+        self.own_caps = read_capabilities(capabilities or {})
         # First: an endpoint reachable from other machines without allowed clients is
         # refused (ConfigError) before anything is made.
         self.listener = ClientEndpoint(context, identity, endpoint, allowed_clients, max_payload, config_path)
@@ -246,14 +252,23 @@ class ClientApiActor(NodeActor):
         decision = self._decide(conn, job_id, peer, timeout, message.body, relay is not None)
         # Built before the decision is looked at, so that an admitted job (nearly every
         # one) is told apart with ``is`` alone; a duplicate's is thrown away.
-        back = ToClient(conn, peer, bool(message.batch))
+        back = ToClient(conn, peer or self.peer_id, bool(message.batch))
         job = JobSpec(
             id=job_id, kind=message.kind, payload=message.body, timeout=timeout, back=back, origin=client_origin(conn)
         )
         if decision is RUN_HERE:
-            # At once, not after the rest of this batch is read: a free worker starts it
-            # while the loop reads on.
-            self.book.submit([job])
+            placed = message.to is None  # to = this node: pinned here
+            if placed and relay is not None and (message.requires is not None or not self.book.has_free_executor()):
+                # No target, and this node is busy or the job has requirements: the node
+                # places it (here, or on the device that fits best: meshnet.placement).
+                relay(PlaceJobs([(job, message.requires or {})]))
+            elif placed and message.requires and (missed := unmet(self.own_caps, message.requires)) is not None:
+                why = f"no device meets {describe(message.requires)}: this node lacks {missed}, and has no relay"
+                self._io_answer(job, back, Outcome.refused("no_device", why))
+            else:
+                # At once, not after the rest of this batch is read: a free worker starts
+                # it while the loop reads on.
+                self.book.submit([job])
         elif decision is SEND_TO_PEER:
             assert relay is not None and peer is not None  # (admitted for a peer only with a relay)
             relay(RunThere([(job, peer)]))

@@ -130,6 +130,11 @@ class JobBook:
         """Kill every running job; each ends as cancelled with ``reason``."""
         self.runner.cancel(None, reason)
 
+    def has_free_executor(self) -> bool:
+        """Whether a job handed over now starts at once (the loop thread)."""
+        queue = self.queue
+        return len(queue.running) < queue.slots and not queue.waiting_count
+
     def load(self) -> dict[str, int]:
         """Executors busy and free, and jobs waiting, now (the loop thread): what the
         node's heartbeat tells its relay for placement."""

@@ -26,6 +26,13 @@ class RunThere:
 
 
 @dataclass(frozen=True)
+class PlaceJobs:
+    """Run each job where placement says (meshnet.placement): ``(job, requires)`` pairs."""
+
+    jobs: list[tuple[JobSpec, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
 class CancelJob:
     """Cancel job ``job_id`` if ``requester`` (``"client"`` or a peer id) submitted it."""
 

@@ -27,7 +27,7 @@ from actors.base import NodeActor, log_job_end
 from actors.direct_links import DirectLinks
 from actors.drain_signals import DrainSignals
 from actors.job_queue import JobBook
-from actors.messages import Abort, CancelJob, Drain, PingThere, QueryPeers, RunThere
+from actors.messages import Abort, CancelJob, Drain, PingThere, PlaceJobs, QueryPeers, RunThere
 from actors.network_check import CheckNetwork
 from actors.relay_connection import RelayConnection
 from actors.supervision import Child
@@ -179,6 +179,8 @@ class RelayClient:
         core, now = self.core, time.monotonic()
         if isinstance(message, RunThere):
             self._drive(core.submit(message.jobs, now))
+        elif isinstance(message, PlaceJobs):
+            self._drive(core.place(message.jobs, now))
         elif isinstance(message, CancelJob):
             self._drive(core.cancel(message.job_id, message.requester, now))
         elif isinstance(message, QueryPeers):

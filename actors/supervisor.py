@@ -109,6 +109,9 @@ class Node:
                 memory=memory,
                 answers=answers,
             )
+            # Detected once (nvidia-smi may take a moment), told to the relay and checked
+            # against jobs' requirements.
+            capabilities = node_capabilities(workers, jobs.enabled, jobs.capabilities)
             self.executor = self._start(ExecutorActor.start(loop=loop, pool=runner))
             self.queue = self._start(JobQueueActor.start(self.book))
             self.api = self._start(
@@ -127,6 +130,7 @@ class Node:
                     max_unread=config.api.max_unread_bytes,
                     memory=memory,
                     answers=answers,
+                    capabilities=capabilities,
                 )
             )
             self.endpoint = self.api.proxy().bind().get()
@@ -144,7 +148,7 @@ class Node:
                     backoff_min=relay.reconnect_min,
                     backoff_max=relay.reconnect_max,
                     max_payload=jobs.max_payload_bytes,
-                    capabilities=node_capabilities(workers, jobs.enabled, jobs.capabilities),
+                    capabilities=capabilities,
                     listen=relay.listen,
                     free_port=port_picker(relay.endpoint),
                     max_queued_bytes=relay.max_queued_bytes,

@@ -7,6 +7,7 @@ are for bugs only.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import signal
@@ -32,6 +33,10 @@ from meshnet.requirements import check_requirements, describe
 
 EXIT_FAILURE = 1
 EXIT_JOB_FAILED = 2
+#: What a shell expects of a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+#: How long ``submit`` waits, after Ctrl-C, for its cancelled job's end.
+CANCEL_WAIT = 5.0
 
 
 def _configure_logging(
@@ -248,12 +253,26 @@ def _printable(value: Any) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     payload = _parse_payload(args)
     with _client(args) as client:
+        future = client.submit(args.kind, payload, to=args.to, timeout=args.timeout, requires=args.requires)
+        print(f"job {future.job_id}", file=sys.stderr, flush=True)
         try:
-            result = client.run(args.kind, payload, to=args.to, timeout=args.timeout)
+            try:
+                result = future.result()
+            except KeyboardInterrupt:
+                # Ctrl-C: the job is ours to stop, not to leave running with nobody to read it.
+                client.cancel(future)
+                print(f"cancelling job {future.job_id}", file=sys.stderr, flush=True)
+                try:
+                    future.result(timeout=CANCEL_WAIT)
+                except (JobError, concurrent.futures.TimeoutError):
+                    pass
+                return EXIT_INTERRUPTED
         except JobError as exc:
             reason = f" ({exc.reason})" if exc.reason else ""
             print(f"error: job {exc.status}{reason}: {exc}", file=sys.stderr)
             return EXIT_JOB_FAILED
+    if future.device:
+        print(f"ran on {future.device}", file=sys.stderr)
     print(json.dumps(_printable(result), default=str))
     return 0
 
@@ -449,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind")
     p.add_argument("--payload", help="the payload as JSON, e.g. '\"hi\"' or '{\"seconds\": 1}'")
     p.add_argument("--payload-file", help="payload file: parsed as JSON if it ends in .json, else sent as bytes")
-    p.add_argument("--to", help="peer id of the node that should run it (default: the node itself)")
+    p.add_argument("--to", help="peer id of the device that must run it (default: the node places it)")
+    p.add_argument(
+        "--requires",
+        type=_requirements,
+        help="what the device that runs it must have, as JSON: '{\"gpus\": 1}' (without --to)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--node", default=node_default, help=f"node API endpoint (default {node_default}, or $MESHNET_NODE)")
     p.set_defaults(func=cmd_submit)

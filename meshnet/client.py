@@ -99,9 +99,21 @@ class MeshClient:
     # -- public API --
 
     def submit(
-        self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        to: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        requires: dict[str, Any] | None = None,
     ) -> concurrent.futures.Future[Any]:
-        """Submit one job; the future resolves to its decoded result.
+        """Submit one job; the future resolves to its decoded result, and its ``device``
+        names the device that ran it (or was to) once it has.
+
+        ``to``: run on that device only. Without it the node places the job: here while
+        it has an executor free, else on the least loaded device that meets
+        ``requires`` (e.g. ``{"gpus": 1}``; docs/protocol.md §4.3.1), retried on another
+        if one refuses it without running it.
 
         Raises ``NodeUnreachable`` at once while the client knows it cannot reach its
         node (see ``connect_timeout``)."""
@@ -109,18 +121,27 @@ class MeshClient:
         if len(body) > self.max_payload:
             raise LocalProtocolError(f"payload is {len(body)} bytes encoded; the limit is {self.max_payload}")
         job_id = os.urandom(JOB_ID_BYTES)
-        submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout, batch=True)
+        submit = Submit(id=job_id, kind=kind, body=body, to=to, timeout=timeout, batch=True, requires=requires)
         validate(submit)
         frames = encode(submit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.job_id = job_id.hex()  # type: ignore[attr-defined]
+        future.device = None  # type: ignore[attr-defined]
         self._node.add_job(job_id, future)
         self._loop.call_soon(self._node.io_submit, job_id, frames, timeout)
         return future
 
-    def run(self, kind: str, payload: Any = None, *, to: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    def run(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        to: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        requires: dict[str, Any] | None = None,
+    ) -> Any:
         """Submit one job and wait for its result (raises its ``JobError``)."""
-        return self.submit(kind, payload, to=to, timeout=timeout).result()
+        return self.submit(kind, payload, to=to, timeout=timeout, requires=requires).result()
 
     def map(
         self,
@@ -130,6 +151,7 @@ class MeshClient:
         to: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_MAP_WINDOW,
+        requires: dict[str, Any] | None = None,
     ) -> Iterator[Any]:
         """Run a job per payload; yield results in payload order.
 
@@ -143,7 +165,7 @@ class MeshClient:
         for payload in payloads:
             if len(in_flight) >= window:
                 yield in_flight.popleft().result()
-            in_flight.append(self.submit(kind, payload, to=to, timeout=timeout))
+            in_flight.append(self.submit(kind, payload, to=to, timeout=timeout, requires=requires))
         while in_flight:
             yield in_flight.popleft().result()
 

@@ -271,6 +271,7 @@ class NodeConnection:
         future, timer = entry
         if timer is not None:
             timer.cancel()
+        future.device = message.peer  # type: ignore[attr-defined]  # which device it went to
         value, error = job_outcome(message)
         _settle(future, result=value, exception=error)
 

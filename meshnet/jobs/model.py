@@ -12,7 +12,8 @@ from meshnet.protocol.messages import clip
 @dataclass(frozen=True, slots=True)
 class ToClient:
     """A job's way back: a client of this node's API, on connection ``conn``; ``peer``
-    is the peer the client sent it to (None: it ran here), which its result names;
+    is the device the job went to (the client's target, or where it was placed; this
+    node's own peer id when it ran here), which its result names;
     ``batch``: the client reads several results in one ``results`` message."""
 
     conn: bytes

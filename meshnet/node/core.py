@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from meshnet.capabilities import read_capabilities
 from meshnet.config import DEFAULT_RELAY_QUEUE_BYTES
 from meshnet.errors import ProtocolError, SealError
 from meshnet.flow import DEFAULT_WINDOW, LinkFlow, Queued, SendQueue, frames_size
@@ -42,7 +43,7 @@ from meshnet.holepunch import (
     SendPunch,
     address_ip,
 )
-from meshnet.jobs.model import REFUSED_DRAINING, JobSpec, Outcome, ToPeer
+from meshnet.jobs.model import CANCELLED_BY_SUBMITTER, REFUSED_DRAINING, JobSpec, Outcome, ToClient, ToPeer
 from meshnet.natcheck import NatReport
 from meshnet.node.effects import (
     AnswerJob,
@@ -65,6 +66,7 @@ from meshnet.node.effects import (
     SetTimer,
     StopJob,
 )
+from meshnet.placement import CANDIDATES_ASKED, Decision, Here, Local, Placement, Refuse, There
 from meshnet.protocol import (
     BODY_SLACK,
     NODE_TO_NODE,
@@ -100,6 +102,7 @@ from meshnet.protocol.codec import BULK_FIELDS
 from meshnet.protocol.direct import Carried, decode_carried
 from meshnet.rejections import RejectionLog, summary_fields
 from meshnet.relay_link import LinkState, RelayLink
+from meshnet.requirements import unmet
 from meshnet.session import (
     BOX_REF_BYTES,
     Control,
@@ -178,6 +181,13 @@ class _Vouch:
     peer: str
 
 
+@dataclass(frozen=True)
+class _Candidates:
+    """A peers query placement made: the devices that meet ``requires``, best first."""
+
+    requires: dict[str, Any]
+
+
 _Work = Event | PunchEvent | _Bounced
 
 
@@ -205,6 +215,7 @@ class NodeCore:
         sessions: SessionCore | None = None,
         link: RelayLink | None = None,
         load: Callable[[], dict[str, int]] | None = None,
+        placement: Placement | None = None,
     ):
         self.peer_id = peer_id
         self.relay_peer_id = relay_peer_id
@@ -234,6 +245,12 @@ class NodeCore:
         #: The largest send body the relay takes (from its ``registered``).
         self.relay_max_body: int | None = None
         self.capabilities = capabilities
+        #: This node's capabilities as placement reads them (meshnet.capabilities).
+        self.own_caps = read_capabilities(capabilities)
+        #: Where jobs submitted without a target run (meshnet.placement), and the jobs
+        #: that wait for the relay's list of candidates.
+        self.placement = placement or Placement()
+        self.placing: dict[bytes, JobSpec] = {}
         #: This node's load now (executors busy and free, jobs queued), told to the relay
         #: on each heartbeat for placement; handed in (the job book knows it). None: not told.
         self.load = load
@@ -346,6 +363,9 @@ class NodeCore:
         for key in list(self.pending_pings):
             self._ping_answered(key, None, "unavailable", "the node is shutting down")
         self._fail_peer_queries("the node is shutting down")
+        for job in self.placing.values():
+            self._effects.append(AnswerJob(job, REFUSED_DRAINING))
+        self.placing.clear()
         effects = self._settle()
         self._send_gathered()  # what this turn gathered goes before the link closes
         self.stopped = True
@@ -376,9 +396,26 @@ class NodeCore:
                 self._want_direct(peer)
         return self._settle()
 
+    def place(self, jobs: list[tuple[JobSpec, dict[str, Any]]], now: float) -> list[Effect]:
+        """Run each job where placement says (meshnet.placement): here, on a peer, or
+        nowhere (``no_device``). ``(job, requires)`` pairs; the job's kind is required too."""
+        self._now = now
+        for job, requires in jobs:
+            if self.stopped:
+                self._effects.append(AnswerJob(job, REFUSED_DRAINING))
+                continue
+            wants = _with_kind(requires, job.kind)
+            self._carry_placement(job, self.placement.place(job.id, wants, self._local(wants), now))
+        return self._settle()
+
     def cancel(self, job_id: bytes, requester: str, now: float) -> list[Effect]:
         self._now = now
-        if not self.stopped:
+        waiting = self.placing.get(job_id)
+        if waiting is not None and waiting.origin == requester:  # not placed yet: it ends here
+            del self.placing[job_id]
+            self.placement.forget(job_id)
+            self._effects.append(AnswerJob(waiting, Outcome.cancelled(CANCELLED_BY_SUBMITTER)))
+        elif not self.stopped:
             self._apply(self.sessions.cancel(job_id, requester, now))
         return self._settle()
 
@@ -681,7 +718,17 @@ class NodeCore:
         if isinstance(event, Transmit):
             self._transmit(event)
         elif isinstance(event, Settled):
-            self._effects.append(AnswerJob(event.job, event.outcome, event.peer))
+            job = event.job
+            placed = self.placement.placed.get(job.id)
+            if placed is not None:
+                here = self._local(placed.requires)
+                again = self.placement.ended(job.id, event.peer, event.outcome, here, self._now)
+                if again is not None:
+                    reason = event.outcome.reason
+                    self._log("info", "job_placed_again", job_id=job.id.hex(), refused_by=event.peer, reason=reason)
+                    self._carry_placement(job, again)
+                    return
+            self._effects.append(AnswerJob(job, event.outcome, event.peer))
         elif isinstance(event, Execute):
             self._run(event.peer, event.job)
             self._want_direct(event.peer)
@@ -885,14 +932,51 @@ class NodeCore:
             observed = next((p.get("observed") for p in peers or () if p.get("peer_id") == asker.peer), None)
             vouched = observed if isinstance(observed, str) else None
             self._punch(self.punch.on_vouched(asker.peer, vouched, self._now))
+        elif isinstance(asker, _Candidates):
+            here = self._local(asker.requires)
+            why = (reply.unmet if reply is not None else None) or error or None
+            paths = {p["peer_id"]: p.get("path") for p in peers or () if isinstance(p.get("peer_id"), str)}
+            decided = self.placement.on_candidates(
+                asker.requires, peers, why, here, self._now, self_id=self.peer_id, paths=paths
+            )
+            for job_id, decision in decided:
+                job = self.placing.pop(job_id, None)
+                if job is not None:
+                    self._carry_placement(job, decision)
+        elif reply is not None:
+            self._effects.append(PeersAnswered(asker, peers, error, reply.more, reply.next, reply.unmet))
         else:
-            more, after, unmet = (reply.more, reply.next, reply.unmet) if reply is not None else (None, None, None)
-            self._effects.append(PeersAnswered(asker, peers, error, more, after, unmet))
+            self._effects.append(PeersAnswered(asker, peers, error))
 
     def _fail_peer_queries(self, why: str) -> None:
         pending, self.pending_peers = self.pending_peers, {}
         for asker, _ in pending.values():
             self._answer_peers(asker, None, why)
+
+    # -- placement --
+
+    def _local(self, requires: dict[str, Any]) -> Local:
+        """This node as placement weighs it for ``requires``."""
+        executors = self.own_caps.get("executors", 1)
+        load = self.load() if self.load is not None else None
+        work = load["busy"] + load["queued"] if load is not None else 0
+        return Local(unmet(self.own_caps, requires), executors if isinstance(executors, int) else 1, work)
+
+    def _carry_placement(self, job: JobSpec, decision: Decision) -> None:
+        """Carry out where placement put ``job``: its result names the device it ran on."""
+        if isinstance(decision, Here):
+            _name_device(job, self.peer_id)
+            self._effects.append(RunJob(job))
+        elif isinstance(decision, There):
+            _name_device(job, decision.peer)
+            self._apply(self.sessions.submit(job, decision.peer, self._now))
+            self._want_direct(decision.peer)
+        elif isinstance(decision, Refuse):
+            self._effects.append(AnswerJob(job, decision.outcome()))
+        else:
+            self.placing[job.id] = job
+            if decision.ask is not None:
+                self._query_peers(_Candidates(decision.ask), requires=decision.ask, limit=CANDIDATES_ASKED)
 
     # -- the relay link --
 
@@ -1130,3 +1214,16 @@ def _bulk_size(box: Sealed) -> int:
     name = BULK_FIELDS.get(box.TYPE)
     value = getattr(box, name) if name is not None else None
     return memoryview(value).nbytes if value is not None else 0
+
+
+def _with_kind(requires: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``requires``, with the job's own kind among the kinds required."""
+    kinds = requires.get("kinds") or []
+    return requires if kind in kinds else {**requires, "kinds": [*kinds, kind]}
+
+
+def _name_device(job: JobSpec, device: str) -> None:
+    """A client's job placed on ``device``: its result names the device."""
+    back = job.back
+    if isinstance(back, ToClient):
+        job.back = ToClient(back.conn, device, back.batch)

@@ -387,8 +387,10 @@ def flag(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Submit(Message):
-    """Run ``kind`` on ``body`` (the CBOR-encoded payload) here (``to`` absent) or on peer
-    ``to``. ``batch``: the client reads ``results`` (several jobs' ends in one message)."""
+    """Run ``kind`` on ``body`` (the CBOR-encoded payload) on peer ``to``, or, ``to``
+    absent, where the node places it: on a device that meets ``requires``
+    (meshnet.placement). ``batch``: the client reads ``results`` (several jobs' ends in
+    one message)."""
 
     TYPE = "submit"
     BODY = Body.REQUIRED
@@ -398,6 +400,7 @@ class Submit(Message):
         "to": optional(peer_id),
         "timeout": optional(seconds),
         "batch": optional(flag),
+        "requires": optional(requirements),
     }
     id: bytes
     kind: str
@@ -405,6 +408,7 @@ class Submit(Message):
     to: str | None = None
     timeout: float | None = None
     batch: bool | None = None
+    requires: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

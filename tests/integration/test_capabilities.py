@@ -36,7 +36,7 @@ def test_peers_list_each_devices_capabilities_and_its_load_from_heartbeats(mesh:
         def listed() -> dict[str, dict[str, Any]]:
             return {p["peer_id"]: p for p in b_client.peers()}
 
-        futures = [a_client.submit("sleep", 30.0) for _ in range(3)]  # two run, one waits
+        futures = [a_client.submit("sleep", 30.0, to=a) for _ in range(3)]  # two run, one waits
         busy = {"busy": 2, "free": 0, "queued": 1}
         # The first heartbeat after registering has no round trip to tell yet.
         peers = poll(listed, lambda seen: seen[a].get("load") == busy and "rtt" in seen[a])

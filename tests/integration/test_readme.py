@@ -74,11 +74,13 @@ def test_setup_commands_run_as_shown(standalone: tuple[str, str]) -> None:
         documented = line.split(" #", 1)[1].strip() if " #" in line else ""
         done = cli(*args, env={"MESHNET_NODE": endpoint})  # the default node of the commands as shown
         if documented.startswith("error:"):
-            # "on any failure it prints one line starting with `error:` and exits non-zero
-            # (2 when the job ended in a status other than `succeeded`)"
+            # "first prints `job ID` on stderr ... on any failure it prints one line starting
+            # with `error:` and exits non-zero (2 when the job ended in a status other than
+            # `succeeded`)"
             assert done.returncode == EXIT_JOB_FAILED, (line, done.stderr)
-            assert done.stderr.splitlines() == [done.stderr.strip()], line
-            assert done.stderr.startswith(documented.removesuffix("...").rstrip()), (line, done.stderr)
+            job, *failure = done.stderr.splitlines()
+            assert job.startswith("job ") and len(failure) == 1, (line, done.stderr)
+            assert failure[0].startswith(documented.removesuffix("...").rstrip()), (line, done.stderr)
             continue
         assert done.returncode == 0, (line, done.stderr)
         if args[0] == "submit":  # "`submit` prints the result as JSON and exits 0"
