@@ -11,11 +11,13 @@ from meshnet.errors import (
     NodeUnreachable,
     PeerLost,
 )
+from meshnet.executor import MeshExecutor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MeshClient",
+    "MeshExecutor",
     "MeshError",
     "JobError",
     "JobFailed",
