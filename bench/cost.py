@@ -121,7 +121,13 @@ def _relayed_runs(mesh: Mesh, stack: list[Any]) -> list[Run]:
     entry, exit_node, raw_relay = (psutil.Process(p.pid) for p in reversed(chain.procs))
     return [
         ("baseline (a)", baseline.target, {"server": psutil.Process(baseline.proc.pid)}),
-        ("MeshNet local", Target("local", nodes["a"][1], "meshnet", batch=True), {"node": nodes["a"][0]}),
+        # Pinned to the node itself: on a node with a relay, untargeted jobs may be placed
+        # on its peers when its executors are busy.
+        (
+            "MeshNet local",
+            Target("local", nodes["a"][1], "meshnet", to=ids["a"].peer_id, batch=True),
+            {"node": nodes["a"][0]},
+        ),
         ("raw relayed route", chain.target, {"entry": entry, "relay": raw_relay, "exit": exit_node}),
         (
             "MeshNet relayed",

@@ -24,6 +24,7 @@ import cbor2
 import psutil
 import zmq
 
+from bench import placement
 from bench.load import Driver, Target, median, percentile
 from tests.harness import Mesh, free_port
 
@@ -280,7 +281,9 @@ def run() -> dict[str, Any]:
                     relay_settings=direct if name in ("da", "db") else None,
                 )
                 nodes[name] = (mesh.start_node(name, path, registered=linked), api)
-            local = Target("MeshNet local", nodes["a"][1], "meshnet", batch=True)
+            # Pinned to the node itself: untargeted jobs on a busy node with a relay are
+            # placed on its peers too (bench.placement measures that).
+            local = Target("MeshNet local", nodes["a"][1], "meshnet", to=ids["a"].peer_id, batch=True)
             relayed = Target("MeshNet relayed", nodes["a"][1], "meshnet", to=ids["b"].peer_id, batch=True)
             direct_target = Target("MeshNet direct", nodes["da"][1], "meshnet", to=ids["db"].peer_id, batch=True)
 
@@ -430,6 +433,8 @@ def targets(results: dict[str, Any]) -> str:
         ("idle node < 1% of a core", idle["idle_cpu_percent"], 1.0, False),
         ("idle node RSS < 80 MB", idle["rss_mb"], 80.0, False),
     ]
+    if "placement" in results:
+        checks.append(("placement wall <= 1.15x ideal", results["placement"]["ratio"], 1.15, False))
     lines = ["targets:"]
     for name, value, bound, at_least in checks:
         met = value >= bound if at_least else value < bound if "idle" in name else value <= bound
@@ -440,8 +445,10 @@ def targets(results: dict[str, Any]) -> str:
 def main() -> int:
     started = time.monotonic()
     results = run()
+    results["placement"] = placement.measure(rounds=3, progress=progress)
     results["seconds"] = round(time.monotonic() - started, 1)
     print(table(results))
+    print(placement.line(results["placement"]))
     print(targets(results))
     path = Path(os.environ.get("BENCH_JSON", "bench-results.json"))
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -168,6 +168,9 @@ class Placement:
         self.placed: dict[bytes, _Placed] = {}
         #: Jobs this node sent to each device and not ended yet (its share of their load).
         self.outstanding: dict[str, int] = {}
+        #: Jobs sent to each device less those ended since its list came: what its
+        #: listed load (a heartbeat old at most) does not show yet.
+        self._since_listed: dict[str, int] = {}
 
     def place(self, job_id: bytes, requires: dict[str, Any], here: Local, now: float) -> Decision:
         """Where job ``job_id`` (requiring ``requires``, its kind among them) runs first."""
@@ -211,6 +214,8 @@ class Placement:
                     devices[device.peer_id] = device
             listed = _Listed(now, devices, unmet)
             self._lists[key] = listed
+            for peer_id in devices:
+                self._since_listed.pop(peer_id, None)
         return [(job_id, self._choose(job_id, wants, key, here, listed, None)) for job_id, wants in waiting.items()]
 
     def ended(self, job_id: bytes, peer: str, outcome: Outcome, here: Local, now: float) -> Decision | None:
@@ -222,6 +227,7 @@ class Placement:
             self.outstanding[peer] = left
         else:
             self.outstanding.pop(peer, None)
+        self._since_listed[peer] = self._since_listed.get(peer, 0) - 1
         if placed is None or outcome.status != "refused" or outcome.reason not in RETRIED:
             return None
         if len(placed.tried) >= self.max_attempts:
@@ -244,7 +250,7 @@ class Placement:
         retry: the devices it went to are out)."""
         tried = placed.tried if placed is not None else set()
         devices = [
-            _with_outstanding(device, self.outstanding.get(peer_id, 0))
+            _with_outstanding(device, self._since_listed.get(peer_id, 0), self.outstanding.get(peer_id, 0))
             for peer_id, device in listed.devices.items()
             if peer_id not in tried
         ]
@@ -259,6 +265,7 @@ class Placement:
             placed.tried.add(choice.peer)
             self.placed[job_id] = placed
             self.outstanding[choice.peer] = self.outstanding.get(choice.peer, 0) + 1
+            self._since_listed[choice.peer] = self._since_listed.get(choice.peer, 0) + 1
         return choice
 
 
@@ -268,13 +275,14 @@ def _others(listed: _Listed, tried: set[str]) -> str:
     return listed.unmet or "no other device does"
 
 
-def _with_outstanding(device: Device, sent: int) -> Device:
-    """``device`` with this node's jobs there counted: the work it reported may be from
-    before they came (a heartbeat ago) or include them, so the larger of the two, which
-    never counts a job twice."""
-    if sent <= device.work:
+def _with_outstanding(device: Device, since_listed: int, outstanding: int) -> Device:
+    """``device`` with this node's jobs counted: its listed work, plus what this node
+    sent there less what ended since the list came, and never less than this node's
+    own jobs there that have not ended."""
+    work = max(device.work + since_listed, outstanding, 0)
+    if work == device.work:
         return device
-    return Device(device.peer_id, device.executors, sent, device.direct, device.rtt)
+    return Device(device.peer_id, device.executors, work, device.direct, device.rtt)
 
 
 def _device(peer: Mapping[str, Any], paths: Mapping[str, Any]) -> Device | None:
