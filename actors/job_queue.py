@@ -138,9 +138,10 @@ class JobBook:
     def load(self) -> dict[str, int]:
         """Executors busy and free, and jobs waiting, now (the loop thread): what the
         node's heartbeat tells its relay for placement."""
-        queue = self.queue
+        queue, counts = self.queue, self.queue.counts
         busy = len(queue.running)
-        return {"busy": busy, "free": max(0, queue.slots - busy), "queued": queue.waiting_count}
+        ran = counts["succeeded"] + counts["failed"] + counts["timed_out"]
+        return {"busy": busy, "free": max(0, queue.slots - busy), "queued": queue.waiting_count, "ran": ran}
 
     def status(self) -> dict[str, Any]:
         return {

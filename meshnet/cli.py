@@ -277,6 +277,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+MESH_COLUMNS = ("device", "tier", "cores", "gpus", "busy", "queued", "ran", "path", "rtt")
+
+
+def _mesh_table(args: argparse.Namespace) -> int:
+    """``status --mesh``: every device the relay lists, with what it has, how busy it is,
+    what it has run, and this node's path and round trip to it."""
+    with _client(args) as client:
+        peers = client.peers()
+        own = client.status()["peer_id"]
+    if args.json:
+        print(json.dumps(peers, default=str))
+        return 0
+    if not peers:
+        print("no devices: this node runs alone (no relay configured), or its relay lists none")
+        return 0
+    rows = [MESH_COLUMNS]
+    for peer in peers:
+        caps = peer.get("caps") if isinstance(peer.get("caps"), dict) else {}
+        load = peer.get("load") if isinstance(peer.get("load"), dict) else {}
+        peer_id = str(peer.get("peer_id", "?"))
+        executors = caps.get("executors", "?")
+        rtt = peer.get("rtt_ms")
+        rows.append(
+            (
+                f"{peer_id[:12]}…{peer_id[-6:]}" + (" (this node)" if peer_id == own else ""),
+                str(caps.get("tier", "?")),
+                str(caps.get("cores", "?")),
+                str(caps.get("gpus", "?")),
+                f"{load['busy']}/{executors}" if "busy" in load else f"?/{executors}",
+                str(load.get("queued", "?")),
+                str(load.get("ran", "?")),
+                str(peer.get("path", "?")),
+                f"{rtt} ms" if rtt is not None else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(MESH_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def _requirements(text: str) -> dict[str, Any]:
     try:
         return check_requirements(json.loads(text))
@@ -317,6 +358,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.mesh:
+        return _mesh_table(args)
     with _client(args) as client:
         info = client.status()
     if args.json:
@@ -485,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--node", default=node_default)
         p.add_argument("--json", action="store_true")
+        if name == "status":
+            p.add_argument(
+                "--mesh", action="store_true", help="every device of the mesh as a table: what it has, load, path"
+            )
         if name == "peers":
             p.add_argument(
                 "--requires",

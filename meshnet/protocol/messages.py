@@ -350,15 +350,17 @@ def list_limit(value: Any) -> int:
     return value
 
 
-#: What a node's heartbeat says of its load (``ping.load``): each a count.
+#: What a node's heartbeat says of its load (``ping.load``): each a count; ``ran``
+#: (the jobs it has run to an end since it started) may be left out.
 LOAD_FIELDS = ("busy", "free", "queued")
+LOAD_OPTIONAL = ("ran",)
 
 
 def load(value: Any) -> dict[str, int]:
-    if not isinstance(value, dict) or set(value) != set(LOAD_FIELDS):
-        raise ValueError(f"a map of exactly {', '.join(LOAD_FIELDS)}")
-    for name in LOAD_FIELDS:
-        seq(value[name])
+    if not isinstance(value, dict) or not set(LOAD_FIELDS) <= set(value) <= {*LOAD_FIELDS, *LOAD_OPTIONAL}:
+        raise ValueError(f"a map of {', '.join(LOAD_FIELDS)} (and optionally {', '.join(LOAD_OPTIONAL)})")
+    for number in value.values():
+        seq(number)
     return value
 
 

@@ -37,7 +37,7 @@ def test_peers_list_each_devices_capabilities_and_its_load_from_heartbeats(mesh:
             return {p["peer_id"]: p for p in b_client.peers()}
 
         futures = [a_client.submit("sleep", 30.0, to=a) for _ in range(3)]  # two run, one waits
-        busy = {"busy": 2, "free": 0, "queued": 1}
+        busy = {"busy": 2, "free": 0, "queued": 1, "ran": 0}
         # The first heartbeat after registering has no round trip to tell yet.
         peers = poll(listed, lambda seen: seen[a].get("load") == busy and "rtt" in seen[a])
         assert peers[a]["load"] == busy
@@ -53,6 +53,14 @@ def test_peers_list_each_devices_capabilities_and_its_load_from_heartbeats(mesh:
         assert shown.returncode == 0, shown.stderr
         [line] = [line for line in shown.stdout.splitlines() if line.startswith(a)]
         assert "tier=server  gpus=1  busy=2/2  queued=1" in line
+
+        table = cli("status", "--mesh", "--node", pair.b_api)
+        assert table.returncode == 0, table.stderr
+        header, *rows = table.stdout.splitlines()
+        assert header.split() == ["device", "tier", "cores", "gpus", "busy", "queued", "ran", "path", "rtt"]
+        [a_row] = [row for row in rows if row.startswith(a[:12])]
+        assert a_row.split()[1:8] == ["server", str(caps["cores"]), "1", "2/2", "1", "0", "relayed"]
+        assert any(row.startswith(b[:12]) and "(this node)" in row for row in rows)
 
         # A query by requirements: the devices that meet them, or why none does.
         found, unmet = b_client.devices({"gpus": 1, "labels": {"site": "lab"}})
@@ -77,5 +85,5 @@ def test_peers_list_each_devices_capabilities_and_its_load_from_heartbeats(mesh:
             a_client.cancel(future)
         ends = Counter(type(f.exception(timeout=30)).__name__ for f in futures)
         assert ends == Counter({JobCancelled.__name__: 3})
-        idle = {"busy": 0, "free": 2, "queued": 0}
+        idle = {"busy": 0, "free": 2, "queued": 0, "ran": 0}  # cancelled: not run to an end
         assert poll(listed, lambda seen: seen[a].get("load") == idle)[a]["load"] == idle
