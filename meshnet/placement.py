@@ -197,7 +197,6 @@ class Placement:
         now: float,
         *,
         self_id: str = "",
-        paths: Mapping[str, Any] = {},
     ) -> list[tuple[bytes, Decision]]:
         """The relay's list for ``requires`` (None: it could not be asked): the decision
         for each job that waited for it."""
@@ -209,7 +208,7 @@ class Placement:
         else:
             devices = {}
             for peer in peers:
-                device = _device(peer, paths)
+                device = _device(peer)
                 if device is not None and device.peer_id != self_id:
                     devices[device.peer_id] = device
             listed = _Listed(now, devices, unmet)
@@ -285,7 +284,7 @@ def _with_outstanding(device: Device, since_listed: int, outstanding: int) -> De
     return Device(device.peer_id, device.executors, work, device.direct, device.rtt)
 
 
-def _device(peer: Mapping[str, Any], paths: Mapping[str, Any]) -> Device | None:
+def _device(peer: Mapping[str, Any]) -> Device | None:
     """A relay's peers-reply entry as a candidate (None: not one to place on)."""
     peer_id = peer.get("peer_id")
     caps = peer.get("caps")
@@ -299,7 +298,7 @@ def _device(peer: Mapping[str, Any], paths: Mapping[str, Any]) -> Device | None:
     except (KeyError, TypeError, ValueError):
         work = 0
     rtt = peer.get("rtt")
-    path = paths.get(peer_id, peer.get("path"))
+    path = peer.get("path")  # the node adds its path to each before placement reads it
     return Device(
         peer_id,
         executors,

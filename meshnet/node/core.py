@@ -935,10 +935,7 @@ class NodeCore:
         elif isinstance(asker, _Candidates):
             here = self._local(asker.requires)
             why = (reply.unmet if reply is not None else None) or error or None
-            paths = {p["peer_id"]: p.get("path") for p in peers or () if isinstance(p.get("peer_id"), str)}
-            decided = self.placement.on_candidates(
-                asker.requires, peers, why, here, self._now, self_id=self.peer_id, paths=paths
-            )
+            decided = self.placement.on_candidates(asker.requires, peers, why, here, self._now, self_id=self.peer_id)
             for job_id, decision in decided:
                 job = self.placing.pop(job_id, None)
                 if job is not None:
